@@ -1,0 +1,84 @@
+//! The coordinator's one error type, and how each kind reaches a gRPC client.
+//!
+//! Messages are written for the operator who reads them: they say what was wrong and,
+//! where there is one, what to do instead.
+
+use pgquorum_proto::metadata;
+
+use crate::raft::codec::CodecError;
+use crate::raft::NodeId;
+use crate::state::CommandError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config file that cannot be used; names the file and the field.
+    #[error("config {path}: {message}")]
+    Config { path: String, message: String },
+
+    /// A request field that cannot be used; names the field.
+    #[error("invalid {field}: {message}")]
+    InvalidArgument { field: String, message: String },
+
+    /// A write or a linearizable read reached a coordinator that is not the leader.
+    #[error("this coordinator is not the Raft leader{}", match .leader {
+        Some((id, addr)) => format!("; the leader is node {id} at {addr}"),
+        None => "; no leader is known right now (election in progress or no quorum)".to_string(),
+    })]
+    NotLeader { leader: Option<(NodeId, String)> },
+
+    /// A membership change openraft refused, e.g. promoting a node that is not a learner.
+    #[error("membership change refused: {0}")]
+    Membership(String),
+
+    /// A command the state machine refused (unknown cluster, bad policy value, …).
+    #[error(transparent)]
+    Command(#[from] CommandError),
+
+    #[error("storage: {0}")]
+    Storage(#[from] sled::Error),
+
+    #[error("stored data: {0}")]
+    Codec(#[from] CodecError),
+
+    /// openraft stopped or failed in a way that is not the client's doing.
+    #[error("raft: {0}")]
+    Raft(String),
+
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        let message = e.to_string();
+        match e {
+            Error::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
+            Error::NotLeader { leader } => {
+                let mut status = tonic::Status::unavailable(message);
+                if let Some((id, addr)) = leader {
+                    let md = status.metadata_mut();
+                    if let (Ok(id), Ok(addr)) = (id.to_string().parse(), addr.parse()) {
+                        md.insert(metadata::LEADER_ID, id);
+                        md.insert(metadata::LEADER_ADDR, addr);
+                    }
+                }
+                status
+            }
+            Error::Membership(_) => tonic::Status::failed_precondition(message),
+            Error::Command(CommandError::UnknownCluster(_)) => tonic::Status::not_found(message),
+            Error::Command(CommandError::ClusterExists(_)) => tonic::Status::already_exists(message),
+            Error::Command(_) => tonic::Status::invalid_argument(message),
+            Error::Config { .. }
+            | Error::Storage(_)
+            | Error::Codec(_)
+            | Error::Raft(_)
+            | Error::Listen { .. }
+            | Error::Io(_) => tonic::Status::internal(message),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! AdminService: Raft membership and status, clusters and policy.
+//!
+//! Writes are proposed only on the leader; elsewhere the reply names the leader so the
+//! client can go there (a redirect rather than forwarding keeps a follower from doing
+//! the leader's work and makes "who is leader" visible to the operator). Reads are
+//! linearizable by default: the leader confirms with a quorum (read-index) and waits
+//! until its state machine has caught up before answering.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use pgquorum_proto::v1 as pb;
+use pgquorum_proto::v1::admin_service_server::AdminService;
+use tonic::{Request, Response, Status};
+
+use crate::config::check_host_port;
+use crate::raft::state_machine::StateHandle;
+use crate::raft::{CoordinatorNode, NodeId, Raft};
+use crate::state::policy::is_valid_name;
+use crate::state::{Cluster, ClusterState, Command, CommandOutput};
+use crate::{Error, Result};
+
+pub struct AdminServiceImpl {
+    id: NodeId,
+    raft: Raft,
+    state: StateHandle,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Who made a request, for the history: what the client said, else its address.
+fn actor<T>(request: &Request<T>, claimed: &str) -> String {
+    if !claimed.trim().is_empty() {
+        return claimed.trim().to_string();
+    }
+    request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into())
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Error {
+    Error::InvalidArgument { field: field.to_string(), message: message.into() }
+}
+
+impl AdminServiceImpl {
+    pub fn new(id: NodeId, raft: Raft, state: StateHandle) -> Self {
+        AdminServiceImpl { id, raft, state }
+    }
+
+    /// The leader as this node knows it, with its address.
+    fn leader_hint(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader { leader: self.leader_hint() }
+    }
+
+    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>) -> Error {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => Error::Membership(c.to_string()),
+            RaftError::Fatal(f) => Error::Raft(f.to_string()),
+        }
+    }
+
+    /// Proposes a command and waits for it to be committed and applied.
+    async fn propose(&self, command: Command) -> Result<CommandOutput> {
+        // Refuse what is certainly invalid without a Raft round trip; apply checks again.
+        self.state.read().state.check(&command)?;
+        let response = self.raft.client_write(command).await.map_err(|e| self.write_error(e))?;
+        Ok(response.data?)
+    }
+
+    /// Waits until this node may answer a read at the requested consistency.
+    async fn ready_to_read(&self, consistency: i32) -> Result<()> {
+        match pb::ReadConsistency::try_from(consistency) {
+            Ok(pb::ReadConsistency::Local) => Ok(()),
+            Ok(pb::ReadConsistency::Linearizable) => match self.raft.ensure_linearizable().await {
+                Ok(_) => Ok(()),
+                Err(RaftError::APIError(_)) => Err(self.not_leader()),
+                Err(RaftError::Fatal(f)) => Err(Error::Raft(f.to_string())),
+            },
+            Err(_) => Err(invalid("consistency", format!("unknown read consistency {consistency}"))),
+        }
+    }
+
+    async fn read<T>(&self, consistency: i32, f: impl FnOnce(&ClusterState) -> Result<T>) -> Result<T> {
+        self.ready_to_read(consistency).await?;
+        let applied = self.state.read();
+        f(&applied.state)
+    }
+
+    fn membership_reply(&self, log_index: u64) -> pb::MembershipReply {
+        pb::MembershipReply { log_index, members: self.members(None) }
+    }
+
+    fn members(&self, replication: Option<&BTreeMap<NodeId, Option<crate::raft::LogId>>>) -> Vec<pb::RaftMember> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| pb::RaftMember {
+                id: *id,
+                addr: node.addr.clone(),
+                region: node.region.clone(),
+                voter: voters.contains(id),
+                matched_index: replication.and_then(|r| r.get(id)).map(|l| l.map(|l| l.index).unwrap_or(0)),
+            })
+            .collect()
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft.metrics().borrow().membership_config.membership().voter_ids().collect()
+    }
+
+    fn learners(&self) -> BTreeSet<NodeId> {
+        self.raft.metrics().borrow().membership_config.membership().learner_ids().collect()
+    }
+
+    /// Membership changes are leader work; refuse early, naming the leader, so that the
+    /// checks below read the leader's membership rather than a follower's stale copy.
+    async fn require_leader(&self) -> Result<()> {
+        if self.raft.current_leader().await == Some(self.id) {
+            Ok(())
+        } else {
+            Err(self.not_leader())
+        }
+    }
+
+    async fn change_membership(&self, change: ChangeMembers<NodeId, CoordinatorNode>) -> Result<pb::MembershipReply> {
+        let response =
+            self.raft.change_membership(change, false).await.map_err(|e| self.write_error(e))?;
+        Ok(self.membership_reply(response.log_id.index))
+    }
+}
+
+fn cluster_reply(c: &Cluster) -> pb::ClusterReply {
+    pb::ClusterReply { cluster: Some(c.into()) }
+}
+
+fn checked_settings(settings: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    settings.iter().map(|(k, v)| (k.trim().to_string(), v.clone())).collect()
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminServiceImpl {
+    async fn raft_status(
+        &self,
+        _request: Request<pb::RaftStatusRequest>,
+    ) -> Result<Response<pb::RaftStatusReply>, Status> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let me = membership.get_node(&self.id).cloned().unwrap_or_default();
+        let is_voter = membership.voter_ids().any(|v| v == self.id);
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Candidate => "candidate",
+            ServerState::Follower if is_voter => "follower",
+            ServerState::Follower | ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let leader_addr =
+            m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone()).unwrap_or_default();
+        Ok(Response::new(pb::RaftStatusReply {
+            id: self.id,
+            addr: me.addr,
+            region: me.region,
+            state: state.to_string(),
+            term: m.current_term,
+            leader_id: m.current_leader,
+            leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            members: self.members(m.replication.as_ref()),
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+        }))
+    }
+
+    async fn add_learner(
+        &self,
+        request: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(invalid("id", "must be a positive integer").into());
+        }
+        check_host_port("addr", &req.addr).map_err(|(f, m)| invalid(&f, m))?;
+        if !is_valid_name(&req.region) {
+            return Err(invalid("region", format!("{:?} is not a region name", req.region)).into());
+        }
+        if self.voters().contains(&req.id) {
+            return Err(invalid("id", format!("coordinator {} is already a voter", req.id)).into());
+        }
+        self.require_leader().await?;
+        let node = CoordinatorNode { addr: req.addr, region: req.region };
+        // Blocking: returns once the learner has caught up, so a following promote does
+        // not stall commits behind a far-behind new voter.
+        let response = self.raft.add_learner(req.id, node, true).await.map_err(|e| self.write_error(e))?;
+        Ok(Response::new(self.membership_reply(response.log_id.index)))
+    }
+
+    async fn promote_voter(
+        &self,
+        request: Request<pb::PromoteVoterRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        let id = request.into_inner().id;
+        self.require_leader().await?;
+        if self.voters().contains(&id) {
+            return Err(invalid("id", format!("coordinator {id} is already a voter")).into());
+        }
+        if !self.learners().contains(&id) {
+            return Err(invalid(
+                "id",
+                format!("coordinator {id} is not a learner; add it first with `pgquorum raft add`"),
+            )
+            .into());
+        }
+        Ok(Response::new(self.change_membership(ChangeMembers::AddVoterIds([id].into())).await?))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        let id = request.into_inner().id;
+        self.require_leader().await?;
+        let voters = self.voters();
+        let change = if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(invalid("id", format!("coordinator {id} is the last voter; the group needs one")).into());
+            }
+            ChangeMembers::RemoveVoters([id].into())
+        } else if self.learners().contains(&id) {
+            ChangeMembers::RemoveNodes([id].into())
+        } else {
+            return Err(invalid("id", format!("coordinator {id} is not a member of the group")).into());
+        };
+        Ok(Response::new(self.change_membership(change).await?))
+    }
+
+    async fn create_cluster(
+        &self,
+        request: Request<pb::CreateClusterRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let command = Command::CreateCluster {
+            name: req.name,
+            settings: checked_settings(&req.settings),
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of create: {other:?}")).into()),
+        }
+    }
+
+    async fn list_clusters(
+        &self,
+        request: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersReply>, Status> {
+        let consistency = request.into_inner().consistency;
+        let clusters = self.read(consistency, |s| Ok(s.clusters.values().map(Into::into).collect())).await?;
+        Ok(Response::new(pb::ListClustersReply { clusters }))
+    }
+
+    async fn get_cluster(
+        &self,
+        request: Request<pb::GetClusterRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let req = request.into_inner();
+        let reply = self.read(req.consistency, |s| Ok(cluster_reply(s.cluster(&req.name)?))).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_policy(&self, request: Request<pb::GetPolicyRequest>) -> Result<Response<pb::PolicyReply>, Status> {
+        let req = request.into_inner();
+        let policy = self.read(req.consistency, |s| Ok((&s.cluster(&req.cluster)?.policy).into())).await?;
+        Ok(Response::new(pb::PolicyReply { cluster: req.cluster, policy: Some(policy) }))
+    }
+
+    async fn set_policy(&self, request: Request<pb::SetPolicyRequest>) -> Result<Response<pb::PolicyReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        if req.settings.is_empty() {
+            return Err(invalid("settings", "nothing to change; give at least one field=value").into());
+        }
+        let command = Command::SetPolicy {
+            cluster: req.cluster.clone(),
+            settings: checked_settings(&req.settings),
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.propose(command).await? {
+            CommandOutput::Policy(p) => Ok(Response::new(pb::PolicyReply { cluster: req.cluster, policy: Some((&*p).into()) })),
+            other => Err(Error::Raft(format!("unexpected result of set policy: {other:?}")).into()),
+        }
+    }
+}

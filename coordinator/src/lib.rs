@@ -1,0 +1,20 @@
+//! pgquorum coordinator: the group of nodes that agree, through Raft, on the state of
+//! every PostgreSQL cluster they guard.
+//!
+//! # Layout
+//! - [`state`]: the replicated state (clusters, policy, members, epoch, history) and the
+//!   pure function that applies a command to it. No I/O.
+//! - [`raft`]: openraft wired to sled storage and a gRPC transport.
+//! - [`grpc`]: the services other programs call.
+//! - [`config`]: the TOML config file.
+//! - [`server`]: start a node from a config, stop it cleanly.
+
+pub mod config;
+mod error;
+pub mod grpc;
+pub mod raft;
+pub mod server;
+pub mod state;
+
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,170 @@
+//! The Raft log and vote, stored in one sled tree.
+//!
+//! Keys: `v` the vote, `c` the committed log id, `p` the last purged log id, and
+//! `l` + big-endian index for each entry (big-endian so sled's byte order is log order).
+//! One tree means one `Batch` can purge entries and record `p` atomically, so a crash
+//! can never leave a hole or forget how far the log was purged (openraft#118).
+//!
+//! Durability contract: `save_vote` returns, and `append` signals its callback, only
+//! after sled has fsynced. A coordinator that acknowledged a vote or an entry and then
+//! lost it to a crash could vote twice in one term or lose a committed write; openraft's
+//! own storage suite cannot detect that, the kill -9 tests in `tests/` can.
+//! `save_committed` is not flushed: it only lets a restarted node re-apply sooner, and
+//! losing it costs nothing but time.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader, StorageIOError};
+
+use super::codec::{decode, encode};
+use super::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+const KEY_VOTE: &[u8] = b"v";
+const KEY_COMMITTED: &[u8] = b"c";
+const KEY_PURGED: &[u8] = b"p";
+const LOG_PREFIX: u8 = b'l';
+
+fn log_key(index: u64) -> [u8; 9] {
+    let mut k = [LOG_PREFIX; 9];
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Handle on the log; cheap to clone (replication tasks each get a clone as reader).
+#[derive(Clone)]
+pub struct LogStore {
+    tree: sled::Tree,
+}
+
+impl LogStore {
+    pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
+        Ok(LogStore { tree: db.open_tree("raft_log")? })
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        let Some(bytes) = self.tree.get(key).map_err(|e| StorageIOError::read(&e))? else {
+            return Ok(None);
+        };
+        decode(&bytes).map(Some).map_err(|e| StorageIOError::read(&e).into())
+    }
+
+    async fn flush(&self) -> Result<(), sled::Error> {
+        self.tree.flush_async().await.map(|_| ())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let mut entries = Vec::new();
+        for item in self.tree.range(log_key(start)..) {
+            let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            if key.first() != Some(&LOG_PREFIX) {
+                break;
+            }
+            let entry: Entry = decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+            if !range.contains(&entry.log_id.index) {
+                break;
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self.read_meta(KEY_PURGED)?;
+        let last = self
+            .tree
+            .scan_prefix([LOG_PREFIX])
+            .next_back()
+            .transpose()
+            .map_err(|e| StorageIOError::read_logs(&e))?;
+        let last_log_id = match last {
+            Some((_, value)) => Some(decode::<Entry>(&value).map_err(|e| StorageIOError::read_logs(&e))?.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.tree.insert(KEY_VOTE, encode(vote)).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.flush().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.read_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.tree.insert(KEY_COMMITTED, encode(&committed)).map_err(|e| StorageIOError::write(&e))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.read_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&log_key(entry.log_id.index), encode(&entry));
+        }
+        self.tree.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        // Entries are readable now (the contract for returning); they are acknowledged
+        // only once on disk.
+        let flushed = self.flush().await.map_err(std::io::Error::other);
+        let failed = flushed.as_ref().err().map(|e| StorageIOError::write_logs(e));
+        callback.log_io_completed(flushed);
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for key in self.tree.range(log_key(log_id.index)..).keys() {
+            let key = key.map_err(|e| StorageIOError::write_logs(&e))?;
+            if key.first() != Some(&LOG_PREFIX) {
+                break;
+            }
+            batch.remove(key);
+        }
+        self.tree.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(KEY_PURGED, encode(&log_id));
+        for key in self.tree.range(log_key(0)..=log_key(log_id.index)).keys() {
+            batch.remove(key.map_err(|e| StorageIOError::write_logs(&e))?);
+        }
+        self.tree.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,99 @@
+//! Starting and stopping one coordinator: storage, Raft node, gRPC server, bootstrap.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use pgquorum_proto::v1::admin_service_server::AdminServiceServer;
+use pgquorum_proto::v1::raft_service_server::RaftServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::grpc::admin_service::AdminServiceImpl;
+use crate::grpc::raft_service::RaftServiceImpl;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::Network;
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{CoordinatorNode, Raft};
+use crate::{Error, Result};
+
+/// Runs a coordinator until `shutdown` completes, then stops Raft and flushes storage.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Config {
+        path: config.data_dir.display().to_string(),
+        message: format!("field `data_dir`: cannot create: {e}"),
+    })?;
+    let db = sled::Config::new().path(config.data_dir.join("raft.sled")).open().map_err(|e| match e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::Config {
+            path: config.data_dir.display().to_string(),
+            message: "data_dir is in use by another running coordinator".into(),
+        },
+        e => Error::Storage(e),
+    })?;
+    let log_store = LogStore::open(&db)?;
+    let state_machine = StateMachineStore::open(&db)?;
+    let state = state_machine.handle();
+
+    let raft_config = Arc::new(config.openraft_config()?);
+    let raft = Raft::new(config.id, raft_config, Network::default(), log_store, state_machine)
+        .await
+        .map_err(|e| Error::Raft(e.to_string()))?;
+
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| Error::Listen { addr: config.listen.clone(), source })?;
+    info!(id = config.id, listen = %config.listen, advertise = config.advertise_addr(), "coordinator listening");
+
+    bootstrap(&config, &raft).await?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AdminServiceServer<AdminServiceImpl>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pgquorum_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Raft(format!("reflection: {e}")))?;
+
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(RaftServiceServer::new(RaftServiceImpl::new(config.id, raft.clone())))
+        .add_service(AdminServiceServer::new(AdminServiceImpl::new(config.id, raft.clone(), state)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let served = server.await;
+
+    info!("shutting down");
+    if let Err(e) = raft.shutdown().await {
+        warn!("raft shutdown: {e}");
+    }
+    db.flush_async().await?;
+    served.map_err(|e| Error::Raft(format!("gRPC server: {e}")))
+}
+
+/// Forms a new group on first start: every founding member initializes with the same
+/// membership, which openraft allows. A node with any Raft state skips this, so a
+/// restart never re-forms a group.
+async fn bootstrap(config: &Config, raft: &Raft) -> Result<()> {
+    if config.initial_members.is_empty() {
+        info!("no initial_members: waiting to be added to a running group (`pgquorum raft add`)");
+        return Ok(());
+    }
+    if raft.is_initialized().await.map_err(|e| Error::Raft(e.to_string()))? {
+        return Ok(());
+    }
+    let members: BTreeMap<_, _> = config
+        .initial_members
+        .iter()
+        .map(|m| (m.id, CoordinatorNode { addr: m.addr.clone(), region: m.region.clone() }))
+        .collect();
+    info!(?members, "forming a new coordinator group");
+    match raft.initialize(members).await {
+        Ok(()) => Ok(()),
+        // Another founding member's log already reached us: the group exists.
+        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(Error::Raft(format!("initialize: {e}"))),
+    }
+}

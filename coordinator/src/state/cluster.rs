@@ -1,0 +1,104 @@
+//! One database cluster as the coordinator group remembers it.
+//!
+//! Everything here is replicated through Raft and identical on every coordinator that
+//! has applied the same log. Heartbeat reports are deliberately absent: they change
+//! several times a second and live only in the leader's memory (DESIGN.md).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::policy::Policy;
+
+/// How many history events a cluster keeps; older ones are dropped first.
+pub const HISTORY_LIMIT: usize = 1000;
+
+/// A Postgres host in a cluster, as registered by its agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub region: String,
+    pub host: String,
+    pub port: u16,
+    /// Workload class (see [`super::policy::WORKLOADS`]).
+    pub workload: String,
+    /// Higher wins among equally caught-up candidates.
+    pub priority: i32,
+    /// Never promote this member automatically.
+    pub nofailover: bool,
+    /// May be chosen into the sync set.
+    pub sync_eligible: bool,
+}
+
+/// Where an in-flight failover or switchover stands, so that a new Raft leader resumes
+/// it instead of starting a second one (Invariant 4).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    /// `failover` or `switchover`.
+    pub kind: String,
+    /// The last step committed (`started`, `fenced`, `candidate_chosen`, `promoted`, …).
+    pub step: String,
+    pub from_epoch: u64,
+    pub to_epoch: u64,
+    pub old_primary: String,
+    pub candidate: String,
+    pub reason: String,
+    pub started_at_ms: u64,
+}
+
+/// One line of a cluster's history: who did what, when, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// Wall-clock time chosen by the proposer (apply must not read clocks).
+    pub at_ms: u64,
+    pub epoch: u64,
+    pub kind: String,
+    pub detail: String,
+    pub actor: String,
+    /// Raft log index of the entry that recorded it.
+    pub log_index: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    pub name: String,
+    pub policy: Policy,
+    pub members: BTreeMap<String, Member>,
+    /// Grows on every change of primary; the fencing token (Invariant 1).
+    pub epoch: u64,
+    /// Primary of the current epoch, once one is known.
+    pub primary: Option<String>,
+    /// Standbys the primary waits for, or is about to (Invariant 3).
+    pub sync_set: Vec<String>,
+    /// Bumped whenever what routers must know changes.
+    pub endpoint_version: u64,
+    pub failover: Option<FailoverRecord>,
+    pub history: VecDeque<HistoryEvent>,
+    pub created_at_ms: u64,
+}
+
+impl Cluster {
+    pub fn new(name: String, policy: Policy, created_at_ms: u64) -> Cluster {
+        Cluster {
+            name,
+            policy,
+            members: BTreeMap::new(),
+            epoch: 0,
+            primary: None,
+            sync_set: Vec::new(),
+            endpoint_version: 0,
+            failover: None,
+            history: VecDeque::new(),
+            created_at_ms,
+        }
+    }
+
+    /// Appends to the bounded history.
+    pub fn record(&mut self, mut event: HistoryEvent) {
+        event.epoch = self.epoch;
+        if self.history.len() == HISTORY_LIMIT {
+            self.history.pop_front();
+        }
+        self.history.push_back(event);
+    }
+}
