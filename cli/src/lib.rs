@@ -1,1 +1,17 @@
+//! The `pgquorum` operator CLI, as a library so that tests and benchmarks share its
+//! pieces.
+//!
+//! # Layout
+//! - [`commands`]: one module per command group (`raft`, `cluster`, `policy`).
+//! - [`launch`]: starting a coordinator group as local processes — the one way the
+//!   sandbox, the benchmarks and the end-to-end tests start a cluster.
+//! - [`bench`]: `pgquorum bench …`.
+//! - [`output`]: tables for people, JSON for scripts.
 
+pub mod bench;
+pub mod commands;
+mod error;
+pub mod launch;
+pub mod output;
+
+pub use error::{Error, Result};

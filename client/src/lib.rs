@@ -1,1 +1,256 @@
+//! Rust client for the pgquorum coordinators.
+//!
+//! Give it every coordinator address you know; it tries them in turn until one answers,
+//! and when a coordinator replies "not the leader, node N at ADDR is" it goes straight
+//! there. While the group has no leader (an election takes a few hundred milliseconds)
+//! it keeps trying until its deadline. The CLI, the benchmarks and the tests all use it,
+//! and so can any other program.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use pgquorum_proto::v1::admin_service_client::AdminServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+
+pub use pgquorum_proto::metadata;
+pub use pgquorum_proto::v1 as pb;
+
+/// Environment variable holding comma-separated coordinator addresses.
+pub const COORDINATORS_ENV: &str = "PGQUORUM_COORDINATORS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no coordinator addresses given: pass --coordinators host:port[,host:port…] or set {COORDINATORS_ENV}")]
+    NoAddresses,
+    #[error("invalid coordinator address {addr:?}: {reason}")]
+    InvalidAddress { addr: String, reason: String },
+    /// Nobody answered in time, or nobody knew a leader; says what each one said.
+    #[error("no coordinator could serve the request: {}", .attempts.join("; "))]
+    Unavailable { attempts: Vec<String> },
+    /// A coordinator answered and refused; its message says why.
+    #[error("{message}")]
+    Rejected { code: Code, message: String },
+}
+
+impl ClientError {
+    /// The gRPC code of a refusal, if the request was refused rather than unanswered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Rejected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Timeouts of a [`Coordinators`] client.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Per TCP connect.
+    pub connect: Duration,
+    /// Per request, once connected.
+    pub request: Duration,
+    /// For the whole call, retries included (elections, redirects).
+    pub overall: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_millis(500),
+            request: Duration::from_secs(10),
+            overall: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A handle on the coordinator group.
+pub struct Coordinators {
+    addrs: Vec<String>,
+    timeouts: Timeouts,
+    /// Where the last call succeeded; tried first next time.
+    preferred: Mutex<Option<String>>,
+    /// One HTTP/2 channel per address, reused across calls (tonic reconnects it).
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Parses `host:port[,host:port…]`.
+pub fn parse_addrs(list: &str) -> Result<Vec<String>, ClientError> {
+    let addrs: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if addrs.is_empty() {
+        return Err(ClientError::NoAddresses);
+    }
+    for a in &addrs {
+        let ok = a
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(ClientError::InvalidAddress {
+                addr: a.clone(),
+                reason: "expected host:port".into(),
+            });
+        }
+    }
+    Ok(addrs)
+}
+
+fn leader_hint(status: &Status) -> Option<String> {
+    let addr = status.metadata().get(metadata::LEADER_ADDR)?.to_str().ok()?;
+    (!addr.is_empty()).then(|| addr.to_string())
+}
+
+impl Coordinators {
+    pub fn new(addrs: Vec<String>, timeouts: Timeouts) -> Result<Coordinators, ClientError> {
+        if addrs.is_empty() {
+            return Err(ClientError::NoAddresses);
+        }
+        Ok(Coordinators {
+            addrs,
+            timeouts,
+            preferred: Mutex::new(None),
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// An admin client for one coordinator, on a cached channel when there is one.
+    pub async fn connect(&self, addr: &str) -> Result<AdminServiceClient<Channel>, String> {
+        if let Some(channel) = self.channels.lock().expect("lock").get(addr) {
+            return Ok(AdminServiceClient::new(channel.clone()));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(self.timeouts.connect)
+            .timeout(self.timeouts.request)
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        self.channels
+            .lock()
+            .expect("lock")
+            .insert(addr.to_string(), channel.clone());
+        Ok(AdminServiceClient::new(channel))
+    }
+
+    /// Calls one coordinator, without trying others.
+    pub async fn call_at<T, F, Fut>(&self, addr: &str, op: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(AdminServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let client = self.connect(addr).await.map_err(|e| ClientError::Unavailable {
+            attempts: vec![format!("{addr}: {e}")],
+        })?;
+        op(client)
+            .await
+            .map(Response::into_inner)
+            .map_err(|s| ClientError::Rejected {
+                code: s.code(),
+                message: s.message().to_string(),
+            })
+    }
+
+    /// Calls the group: tries coordinators until one serves the request, following
+    /// leader redirects, until the overall deadline. A refusal (bad argument, unknown
+    /// cluster, …) is returned at once: asking another coordinator would not change it.
+    pub async fn call<T, F, Fut>(&self, mut op: F) -> Result<T, ClientError>
+    where
+        F: FnMut(AdminServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let deadline = Instant::now() + self.timeouts.overall;
+        let mut attempts = Vec::new();
+        loop {
+            let preferred = self.preferred.lock().expect("lock").clone();
+            let mut queue: Vec<String> = preferred.iter().cloned().collect();
+            queue.extend(
+                self.addrs
+                    .iter()
+                    .filter(|a| preferred.as_ref() != Some(*a))
+                    .cloned(),
+            );
+            let mut redirects = 0;
+            while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
+                if Instant::now() >= deadline {
+                    return Err(ClientError::Unavailable { attempts });
+                }
+                let client = match self.connect(&addr).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        attempts.push(format!("{addr}: {e}"));
+                        continue;
+                    }
+                };
+                match op(client).await {
+                    Ok(r) => {
+                        *self.preferred.lock().expect("lock") = Some(addr);
+                        return Ok(r.into_inner());
+                    }
+                    Err(status) => {
+                        if let Some(leader) = leader_hint(&status) {
+                            if leader != addr && redirects < 3 {
+                                redirects += 1;
+                                queue.retain(|a| *a != leader);
+                                queue.insert(0, leader);
+                                continue;
+                            }
+                        }
+                        match status.code() {
+                            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                                attempts.push(format!("{addr}: {}", status.message()));
+                            }
+                            code => {
+                                return Err(ClientError::Rejected {
+                                    code,
+                                    message: status.message().to_string(),
+                                })
+                            }
+                        }
+                    }
+                }
+            }
+            // Nobody could serve it (election in progress, or all down): keep only the
+            // latest round of reasons and retry until the deadline.
+            if Instant::now() + Duration::from_millis(100) >= deadline {
+                return Err(ClientError::Unavailable { attempts });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let keep = self.addrs.len();
+            if attempts.len() > keep {
+                attempts.drain(..attempts.len() - keep);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked() {
+        assert_eq!(parse_addrs("a:1, b:2,").unwrap(), ["a:1", "b:2"]);
+        assert!(matches!(parse_addrs(" , "), Err(ClientError::NoAddresses)));
+        assert!(matches!(parse_addrs("a:1,b"), Err(ClientError::InvalidAddress { addr, .. }) if addr == "b"));
+        assert!(matches!(
+            parse_addrs("a:0"),
+            Err(ClientError::InvalidAddress { .. })
+        ));
+        assert!(matches!(
+            parse_addrs(":80"),
+            Err(ClientError::InvalidAddress { .. })
+        ));
+    }
+}

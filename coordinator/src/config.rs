@@ -106,15 +106,22 @@ impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, Error> {
         let where_ = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config { path: where_.clone(), message: format!("cannot read: {e}") })?;
-        Config::parse(&text).map_err(|message| Error::Config { path: where_, message })
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: where_.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text).map_err(|message| Error::Config {
+            path: where_,
+            message,
+        })
     }
 
     /// Parses and validates config text; the error names the offending field.
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
-        config.validate().map_err(|(field, message)| format!("field `{field}`: {message}"))?;
+        config
+            .validate()
+            .map_err(|(field, message)| format!("field `{field}`: {message}"))?;
         Ok(config)
     }
 
@@ -129,10 +136,19 @@ impl Config {
             return bad("id", "must be a positive integer (0 is reserved)".into());
         }
         if !is_valid_name(&self.region) {
-            return bad("region", format!("{:?} is not a region name (letters, digits, '-', '_', '.')", self.region));
+            return bad(
+                "region",
+                format!(
+                    "{:?} is not a region name (letters, digits, '-', '_', '.')",
+                    self.region
+                ),
+            );
         }
         if self.listen.parse::<SocketAddr>().is_err() {
-            return bad("listen", format!("expected ip:port such as 0.0.0.0:7101, got {:?}", self.listen));
+            return bad(
+                "listen",
+                format!("expected ip:port such as 0.0.0.0:7101, got {:?}", self.listen),
+            );
         }
         if let Some(a) = &self.advertise {
             check_host_port("advertise", a)?;
@@ -147,11 +163,17 @@ impl Config {
                 return bad(&format!("{field}.id"), "must be a positive integer".into());
             }
             if !ids.insert(m.id) {
-                return bad(&format!("{field}.id"), format!("node id {} is listed twice", m.id));
+                return bad(
+                    &format!("{field}.id"),
+                    format!("node id {} is listed twice", m.id),
+                );
             }
             check_host_port(&format!("{field}.addr"), &m.addr)?;
             if !is_valid_name(&m.region) {
-                return bad(&format!("{field}.region"), format!("{:?} is not a region name", m.region));
+                return bad(
+                    &format!("{field}.region"),
+                    format!("{:?} is not a region name", m.region),
+                );
             }
         }
         if !self.initial_members.is_empty() {
@@ -159,7 +181,10 @@ impl Config {
                 None => {
                     return bad(
                         "initial_members",
-                        format!("does not list this node (id {}); a founding member must list itself", self.id),
+                        format!(
+                            "does not list this node (id {}); a founding member must list itself",
+                            self.id
+                        ),
                     )
                 }
                 Some(me) if me.addr != self.advertise_addr() => {
@@ -216,7 +241,10 @@ impl Config {
             install_snapshot_timeout: 2_000.max(r.election_timeout_max_ms),
             ..Default::default()
         };
-        config.validate().map_err(|e| Error::Config { path: "raft".into(), message: e.to_string() })
+        config.validate().map_err(|e| Error::Config {
+            path: "raft".into(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -250,15 +278,39 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (GOOD.replace("id = 1\n        region", "id = 0\n        region"), "`id`"),
-            (GOOD.replace("127.0.0.1:7101\"\n        data_dir", "localhost\"\n        data_dir"), "`listen`"),
-            (GOOD.replace("us-west-2\"\n        listen", "us west\"\n        listen"), "`region`"),
+            (
+                GOOD.replace("id = 1\n        region", "id = 0\n        region"),
+                "`id`",
+            ),
+            (
+                GOOD.replace(
+                    "127.0.0.1:7101\"\n        data_dir",
+                    "localhost\"\n        data_dir",
+                ),
+                "`listen`",
+            ),
+            (
+                GOOD.replace("us-west-2\"\n        listen", "us west\"\n        listen"),
+                "`region`",
+            ),
             (GOOD.replace("id = 2", "id = 1"), "initial_members[1].id"),
-            (GOOD.replace("127.0.0.1:7102", "127.0.0.1"), "initial_members[1].addr"),
-            (GOOD.replace("addr = \"127.0.0.1:7101\"", "addr = \"127.0.0.1:7109\""), "`initial_members`"),
-            (format!("{GOOD}\n[raft]\nelection_timeout_min_ms = 10"), "raft.election_timeout_min_ms"),
+            (
+                GOOD.replace("127.0.0.1:7102", "127.0.0.1"),
+                "initial_members[1].addr",
+            ),
+            (
+                GOOD.replace("addr = \"127.0.0.1:7101\"", "addr = \"127.0.0.1:7109\""),
+                "`initial_members`",
+            ),
+            (
+                format!("{GOOD}\n[raft]\nelection_timeout_min_ms = 10"),
+                "raft.election_timeout_min_ms",
+            ),
             (GOOD.replace("data_dir", "datadir"), "datadir"),
-            (GOOD.replace("id = 1\n        region", "id = \"one\"\n        region"), "id"),
+            (
+                GOOD.replace("id = 1\n        region", "id = \"one\"\n        region"),
+                "id",
+            ),
         ];
         for (text, needle) in cases {
             let e = Config::parse(&text).unwrap_err();

@@ -9,6 +9,9 @@
 //! - [`config`]: the TOML config file.
 //! - [`server`]: start a node from a config, stop it cleanly.
 
+// openraft's StorageError is large and is what its storage traits must return.
+#![allow(clippy::result_large_err)]
+
 pub mod config;
 mod error;
 pub mod grpc;

@@ -9,7 +9,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(version, about = "pgquorum coordinator: one node of the Raft group that guards PostgreSQL clusters")]
+#[command(
+    version,
+    about = "pgquorum coordinator: one node of the Raft group that guards PostgreSQL clusters"
+)]
 struct Args {
     /// Path to the TOML config file.
     #[arg(long, short = 'c', env = "PGQUORUM_COORDINATOR_CONFIG")]
@@ -48,7 +51,8 @@ fn main() -> ExitCode {
 }
 
 async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         // Without signal handlers the process still stops on SIGKILL; keep serving.
         return std::future::pending().await;
     };

@@ -25,31 +25,45 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         path: config.data_dir.display().to_string(),
         message: format!("field `data_dir`: cannot create: {e}"),
     })?;
-    let db = sled::Config::new().path(config.data_dir.join("raft.sled")).open().map_err(|e| match e {
-        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::Config {
-            path: config.data_dir.display().to_string(),
-            message: "data_dir is in use by another running coordinator".into(),
-        },
-        e => Error::Storage(e),
-    })?;
+    let db = sled::Config::new()
+        .path(config.data_dir.join("raft.sled"))
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::Config {
+                path: config.data_dir.display().to_string(),
+                message: "data_dir is in use by another running coordinator".into(),
+            },
+            e => Error::Storage(e),
+        })?;
     let log_store = LogStore::open(&db)?;
     let state_machine = StateMachineStore::open(&db)?;
     let state = state_machine.handle();
 
     let raft_config = Arc::new(config.openraft_config()?);
-    let raft = Raft::new(config.id, raft_config, Network::default(), log_store, state_machine)
-        .await
-        .map_err(|e| Error::Raft(e.to_string()))?;
+    let raft = Raft::new(
+        config.id,
+        raft_config,
+        Network::default(),
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| Error::Raft(e.to_string()))?;
 
     let listener = TcpListener::bind(&config.listen)
         .await
-        .map_err(|source| Error::Listen { addr: config.listen.clone(), source })?;
+        .map_err(|source| Error::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?;
     info!(id = config.id, listen = %config.listen, advertise = config.advertise_addr(), "coordinator listening");
 
     bootstrap(&config, &raft).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<AdminServiceServer<AdminServiceImpl>>().await;
+    health_reporter
+        .set_serving::<AdminServiceServer<AdminServiceImpl>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pgquorum_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -60,8 +74,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(RaftServiceServer::new(RaftServiceImpl::new(config.id, raft.clone())))
-        .add_service(AdminServiceServer::new(AdminServiceImpl::new(config.id, raft.clone(), state)))
+        .add_service(RaftServiceServer::new(RaftServiceImpl::new(
+            config.id,
+            raft.clone(),
+        )))
+        .add_service(AdminServiceServer::new(AdminServiceImpl::new(
+            config.id,
+            raft.clone(),
+            state,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
     let served = server.await;
 
@@ -81,13 +102,25 @@ async fn bootstrap(config: &Config, raft: &Raft) -> Result<()> {
         info!("no initial_members: waiting to be added to a running group (`pgquorum raft add`)");
         return Ok(());
     }
-    if raft.is_initialized().await.map_err(|e| Error::Raft(e.to_string()))? {
+    if raft
+        .is_initialized()
+        .await
+        .map_err(|e| Error::Raft(e.to_string()))?
+    {
         return Ok(());
     }
     let members: BTreeMap<_, _> = config
         .initial_members
         .iter()
-        .map(|m| (m.id, CoordinatorNode { addr: m.addr.clone(), region: m.region.clone() }))
+        .map(|m| {
+            (
+                m.id,
+                CoordinatorNode {
+                    addr: m.addr.clone(),
+                    region: m.region.clone(),
+                },
+            )
+        })
         .collect();
     info!(?members, "forming a new coordinator group");
     match raft.initialize(members).await {

@@ -29,7 +29,10 @@ pub struct AdminServiceImpl {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Who made a request, for the history: what the client said, else its address.
@@ -37,11 +40,17 @@ fn actor<T>(request: &Request<T>, claimed: &str) -> String {
     if !claimed.trim().is_empty() {
         return claimed.trim().to_string();
     }
-    request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into())
+    request
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> Error {
-    Error::InvalidArgument { field: field.to_string(), message: message.into() }
+    Error::InvalidArgument {
+        field: field.to_string(),
+        message: message.into(),
+    }
 }
 
 impl AdminServiceImpl {
@@ -58,7 +67,9 @@ impl AdminServiceImpl {
     }
 
     fn not_leader(&self) -> Error {
-        Error::NotLeader { leader: self.leader_hint() }
+        Error::NotLeader {
+            leader: self.leader_hint(),
+        }
     }
 
     fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>) -> Error {
@@ -66,7 +77,9 @@ impl AdminServiceImpl {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
                 leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
             },
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => Error::Membership(c.to_string()),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+                Error::Membership(c.to_string())
+            }
             RaftError::Fatal(f) => Error::Raft(f.to_string()),
         }
     }
@@ -75,7 +88,11 @@ impl AdminServiceImpl {
     async fn propose(&self, command: Command) -> Result<CommandOutput> {
         // Refuse what is certainly invalid without a Raft round trip; apply checks again.
         self.state.read().state.check(&command)?;
-        let response = self.raft.client_write(command).await.map_err(|e| self.write_error(e))?;
+        let response = self
+            .raft
+            .client_write(command)
+            .await
+            .map_err(|e| self.write_error(e))?;
         Ok(response.data?)
     }
 
@@ -88,7 +105,10 @@ impl AdminServiceImpl {
                 Err(RaftError::APIError(_)) => Err(self.not_leader()),
                 Err(RaftError::Fatal(f)) => Err(Error::Raft(f.to_string())),
             },
-            Err(_) => Err(invalid("consistency", format!("unknown read consistency {consistency}"))),
+            Err(_) => Err(invalid(
+                "consistency",
+                format!("unknown read consistency {consistency}"),
+            )),
         }
     }
 
@@ -99,10 +119,16 @@ impl AdminServiceImpl {
     }
 
     fn membership_reply(&self, log_index: u64) -> pb::MembershipReply {
-        pb::MembershipReply { log_index, members: self.members(None) }
+        pb::MembershipReply {
+            log_index,
+            members: self.members(None),
+        }
     }
 
-    fn members(&self, replication: Option<&BTreeMap<NodeId, Option<crate::raft::LogId>>>) -> Vec<pb::RaftMember> {
+    fn members(
+        &self,
+        replication: Option<&BTreeMap<NodeId, Option<crate::raft::LogId>>>,
+    ) -> Vec<pb::RaftMember> {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -113,17 +139,31 @@ impl AdminServiceImpl {
                 addr: node.addr.clone(),
                 region: node.region.clone(),
                 voter: voters.contains(id),
-                matched_index: replication.and_then(|r| r.get(id)).map(|l| l.map(|l| l.index).unwrap_or(0)),
+                matched_index: replication
+                    .and_then(|r| r.get(id))
+                    .map(|l| l.map(|l| l.index).unwrap_or(0)),
             })
             .collect()
     }
 
     fn voters(&self) -> BTreeSet<NodeId> {
-        self.raft.metrics().borrow().membership_config.membership().voter_ids().collect()
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
     }
 
     fn learners(&self) -> BTreeSet<NodeId> {
-        self.raft.metrics().borrow().membership_config.membership().learner_ids().collect()
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .learner_ids()
+            .collect()
     }
 
     /// Membership changes are leader work; refuse early, naming the leader, so that the
@@ -136,19 +176,30 @@ impl AdminServiceImpl {
         }
     }
 
-    async fn change_membership(&self, change: ChangeMembers<NodeId, CoordinatorNode>) -> Result<pb::MembershipReply> {
-        let response =
-            self.raft.change_membership(change, false).await.map_err(|e| self.write_error(e))?;
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, CoordinatorNode>,
+    ) -> Result<pb::MembershipReply> {
+        let response = self
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| self.write_error(e))?;
         Ok(self.membership_reply(response.log_id.index))
     }
 }
 
 fn cluster_reply(c: &Cluster) -> pb::ClusterReply {
-    pb::ClusterReply { cluster: Some(c.into()) }
+    pb::ClusterReply {
+        cluster: Some(c.into()),
+    }
 }
 
 fn checked_settings(settings: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
-    settings.iter().map(|(k, v)| (k.trim().to_string(), v.clone())).collect()
+    settings
+        .iter()
+        .map(|(k, v)| (k.trim().to_string(), v.clone()))
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -168,8 +219,11 @@ impl AdminService for AdminServiceImpl {
             ServerState::Follower | ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
         };
-        let leader_addr =
-            m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone()).unwrap_or_default();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l))
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
         Ok(Response::new(pb::RaftStatusReply {
             id: self.id,
             addr: me.addr,
@@ -203,10 +257,17 @@ impl AdminService for AdminServiceImpl {
             return Err(invalid("id", format!("coordinator {} is already a voter", req.id)).into());
         }
         self.require_leader().await?;
-        let node = CoordinatorNode { addr: req.addr, region: req.region };
+        let node = CoordinatorNode {
+            addr: req.addr,
+            region: req.region,
+        };
         // Blocking: returns once the learner has caught up, so a following promote does
         // not stall commits behind a far-behind new voter.
-        let response = self.raft.add_learner(req.id, node, true).await.map_err(|e| self.write_error(e))?;
+        let response = self
+            .raft
+            .add_learner(req.id, node, true)
+            .await
+            .map_err(|e| self.write_error(e))?;
         Ok(Response::new(self.membership_reply(response.log_id.index)))
     }
 
@@ -226,7 +287,10 @@ impl AdminService for AdminServiceImpl {
             )
             .into());
         }
-        Ok(Response::new(self.change_membership(ChangeMembers::AddVoterIds([id].into())).await?))
+        Ok(Response::new(
+            self.change_membership(ChangeMembers::AddVoterIds([id].into()))
+                .await?,
+        ))
     }
 
     async fn remove_node(
@@ -238,7 +302,11 @@ impl AdminService for AdminServiceImpl {
         let voters = self.voters();
         let change = if voters.contains(&id) {
             if voters.len() == 1 {
-                return Err(invalid("id", format!("coordinator {id} is the last voter; the group needs one")).into());
+                return Err(invalid(
+                    "id",
+                    format!("coordinator {id} is the last voter; the group needs one"),
+                )
+                .into());
             }
             ChangeMembers::RemoveVoters([id].into())
         } else if self.learners().contains(&id) {
@@ -272,7 +340,9 @@ impl AdminService for AdminServiceImpl {
         request: Request<pb::ListClustersRequest>,
     ) -> Result<Response<pb::ListClustersReply>, Status> {
         let consistency = request.into_inner().consistency;
-        let clusters = self.read(consistency, |s| Ok(s.clusters.values().map(Into::into).collect())).await?;
+        let clusters = self
+            .read(consistency, |s| Ok(s.clusters.values().map(Into::into).collect()))
+            .await?;
         Ok(Response::new(pb::ListClustersReply { clusters }))
     }
 
@@ -281,17 +351,30 @@ impl AdminService for AdminServiceImpl {
         request: Request<pb::GetClusterRequest>,
     ) -> Result<Response<pb::ClusterReply>, Status> {
         let req = request.into_inner();
-        let reply = self.read(req.consistency, |s| Ok(cluster_reply(s.cluster(&req.name)?))).await?;
+        let reply = self
+            .read(req.consistency, |s| Ok(cluster_reply(s.cluster(&req.name)?)))
+            .await?;
         Ok(Response::new(reply))
     }
 
-    async fn get_policy(&self, request: Request<pb::GetPolicyRequest>) -> Result<Response<pb::PolicyReply>, Status> {
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyReply>, Status> {
         let req = request.into_inner();
-        let policy = self.read(req.consistency, |s| Ok((&s.cluster(&req.cluster)?.policy).into())).await?;
-        Ok(Response::new(pb::PolicyReply { cluster: req.cluster, policy: Some(policy) }))
+        let policy = self
+            .read(req.consistency, |s| Ok((&s.cluster(&req.cluster)?.policy).into()))
+            .await?;
+        Ok(Response::new(pb::PolicyReply {
+            cluster: req.cluster,
+            policy: Some(policy),
+        }))
     }
 
-    async fn set_policy(&self, request: Request<pb::SetPolicyRequest>) -> Result<Response<pb::PolicyReply>, Status> {
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyReply>, Status> {
         let actor = actor(&request, &request.get_ref().actor);
         let req = request.into_inner();
         if req.settings.is_empty() {
@@ -304,7 +387,10 @@ impl AdminService for AdminServiceImpl {
             at_ms: now_ms(),
         };
         match self.propose(command).await? {
-            CommandOutput::Policy(p) => Ok(Response::new(pb::PolicyReply { cluster: req.cluster, policy: Some((&*p).into()) })),
+            CommandOutput::Policy(p) => Ok(Response::new(pb::PolicyReply {
+                cluster: req.cluster,
+                policy: Some((&*p).into()),
+            })),
             other => Err(Error::Raft(format!("unexpected result of set policy: {other:?}")).into()),
         }
     }

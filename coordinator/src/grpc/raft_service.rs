@@ -35,7 +35,10 @@ impl RaftServiceImpl {
 }
 
 fn reply<T: Serialize>(result: &T) -> Result<Response<RaftMessage>, Status> {
-    Ok(Response::new(RaftMessage { target: 0, payload: encode(result) }))
+    Ok(Response::new(RaftMessage {
+        target: 0,
+        payload: encode(result),
+    }))
 }
 
 #[tonic::async_trait]

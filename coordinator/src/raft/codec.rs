@@ -45,7 +45,10 @@ mod tests {
         let v = vec![1u64, 2, 3];
         assert_eq!(decode::<Vec<u64>>(&encode(&v)).unwrap(), v);
         assert!(matches!(decode::<Vec<u64>>(&[]), Err(CodecError::Empty)));
-        assert!(matches!(decode::<Vec<u64>>(&[9, b'1']), Err(CodecError::UnknownFormat(9))));
+        assert!(matches!(
+            decode::<Vec<u64>>(&[9, b'1']),
+            Err(CodecError::UnknownFormat(9))
+        ));
         assert!(matches!(decode::<Vec<u64>>(&[1, b'{']), Err(CodecError::Json(_))));
     }
 }

@@ -40,14 +40,18 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
-        Ok(LogStore { tree: db.open_tree("raft_log")? })
+        Ok(LogStore {
+            tree: db.open_tree("raft_log")?,
+        })
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         let Some(bytes) = self.tree.get(key).map_err(|e| StorageIOError::read(&e))? else {
             return Ok(None);
         };
-        decode(&bytes).map(Some).map_err(|e| StorageIOError::read(&e).into())
+        decode(&bytes)
+            .map(Some)
+            .map_err(|e| StorageIOError::read(&e).into())
     }
 
     async fn flush(&self) -> Result<(), sled::Error> {
@@ -93,10 +97,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .transpose()
             .map_err(|e| StorageIOError::read_logs(&e))?;
         let last_log_id = match last {
-            Some((_, value)) => Some(decode::<Entry>(&value).map_err(|e| StorageIOError::read_logs(&e))?.log_id),
+            Some((_, value)) => Some(
+                decode::<Entry>(&value)
+                    .map_err(|e| StorageIOError::read_logs(&e))?
+                    .log_id,
+            ),
             None => last_purged_log_id,
         };
-        Ok(LogState { last_purged_log_id, last_log_id })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -104,7 +115,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.tree.insert(KEY_VOTE, encode(vote)).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.tree
+            .insert(KEY_VOTE, encode(vote))
+            .map_err(|e| StorageIOError::write_vote(&e))?;
         self.flush().await.map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
@@ -114,7 +127,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.tree.insert(KEY_COMMITTED, encode(&committed)).map_err(|e| StorageIOError::write(&e))?;
+        self.tree
+            .insert(KEY_COMMITTED, encode(&committed))
+            .map_err(|e| StorageIOError::write(&e))?;
         Ok(())
     }
 
@@ -131,11 +146,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             batch.insert(&log_key(entry.log_id.index), encode(&entry));
         }
-        self.tree.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         // Entries are readable now (the contract for returning); they are acknowledged
         // only once on disk.
         let flushed = self.flush().await.map_err(std::io::Error::other);
-        let failed = flushed.as_ref().err().map(|e| StorageIOError::write_logs(e));
+        let failed = flushed.as_ref().err().map(StorageIOError::write_logs);
         callback.log_io_completed(flushed);
         match failed {
             Some(e) => Err(e.into()),
@@ -152,7 +169,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             batch.remove(key);
         }
-        self.tree.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
@@ -163,7 +182,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for key in self.tree.range(log_key(0)..=log_key(log_id.index)).keys() {
             batch.remove(key.map_err(|e| StorageIOError::write_logs(&e))?);
         }
-        self.tree.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }

@@ -14,9 +14,7 @@ use std::error::Error as StdError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -63,7 +61,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &CoordinatorNode) -> Connection {
-        let client = self.channel(&node.addr).map(RaftServiceClient::new).map_err(|e| e.to_string());
+        let client = self
+            .channel(&node.addr)
+            .map(RaftServiceClient::new)
+            .map_err(|e| e.to_string());
         Connection { target, client }
     }
 }
@@ -101,9 +102,16 @@ impl Connection {
     {
         let client = match &mut self.client {
             Ok(c) => c,
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&TransportError(e.clone())))),
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&TransportError(
+                    e.clone(),
+                ))))
+            }
         };
-        let mut request = tonic::Request::new(RaftMessage { target: self.target, payload: encode(req) });
+        let mut request = tonic::Request::new(RaftMessage {
+            target: self.target,
+            payload: encode(req),
+        });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc {
             Rpc::AppendEntries => client.append_entries(request).await,

@@ -64,11 +64,17 @@ impl StateMachineStore {
     /// Opens the snapshot tree and loads the last snapshot, if any, as the state.
     pub fn open(db: &sled::Db) -> Result<StateMachineStore, crate::Error> {
         let tree = db.open_tree("raft_snapshot")?;
-        let store = StateMachineStore { state: StateHandle::default(), tree };
+        let store = StateMachineStore {
+            state: StateHandle::default(),
+            tree,
+        };
         if let Some(snap) = store.load()? {
             let state: ClusterState = decode(&snap.data)?;
-            *store.state.write() =
-                Applied { last_applied: snap.meta.last_log_id, membership: snap.meta.last_membership, state };
+            *store.state.write() = Applied {
+                last_applied: snap.meta.last_log_id,
+                membership: snap.meta.last_membership,
+                state,
+            };
         }
         Ok(store)
     }
@@ -83,14 +89,16 @@ impl StateMachineStore {
             None => Ok(None),
         }
     }
-
 }
 
 /// Writes the snapshot and fsyncs it; openraft may purge the log behind it afterwards.
 async fn save_snapshot(tree: &sled::Tree, snap: &StoredSnapshot) -> Result<(), StorageError> {
     let sig = Some(snap.meta.signature());
-    tree.insert(KEY_SNAPSHOT, encode(snap)).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    tree.flush_async().await.map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+    tree.insert(KEY_SNAPSHOT, encode(snap))
+        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+    tree.flush_async()
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
     Ok(())
 }
 
@@ -102,7 +110,10 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let millis = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
         let snapshot_id = match self.applied.last_applied {
             Some(id) => format!("{}-{}-{millis}", id.leader_id.term, id.index),
             None => format!("0-0-{millis}"),
@@ -112,9 +123,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.applied.membership.clone(),
             snapshot_id,
         };
-        let stored = StoredSnapshot { meta: meta.clone(), data: encode(&self.applied.state) };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: encode(&self.applied.state),
+        };
         save_snapshot(&self.tree, &stored).await?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
     }
 }
 
@@ -149,7 +166,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        SnapshotBuilder { applied: self.state.read().clone(), tree: self.tree.clone() }
+        SnapshotBuilder {
+            applied: self.state.read().clone(),
+            tree: self.tree.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -166,14 +186,27 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         // Durable first: if we crash between the two steps, the restart loads this
         // snapshot, which is what openraft was told is installed.
-        save_snapshot(&self.tree, &StoredSnapshot { meta: meta.clone(), data }).await?;
-        *self.state.write() =
-            Applied { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state };
+        save_snapshot(
+            &self.tree,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )
+        .await?;
+        *self.state.write() = Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state,
+        };
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let stored = self.load().map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }

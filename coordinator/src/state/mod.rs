@@ -29,7 +29,9 @@ fn settings_iter(settings: &BTreeMap<String, String>) -> impl Iterator<Item = (&
 
 impl ClusterState {
     pub fn cluster(&self, name: &str) -> Result<&Cluster, CommandError> {
-        self.clusters.get(name).ok_or_else(|| CommandError::UnknownCluster(name.to_string()))
+        self.clusters
+            .get(name)
+            .ok_or_else(|| CommandError::UnknownCluster(name.to_string()))
     }
 
     /// Checks a command against the current state without changing it. The gRPC layer
@@ -42,14 +44,21 @@ impl ClusterState {
     /// Applies one committed command. `log_index` is the Raft index of its entry.
     pub fn apply(&mut self, command: &Command, log_index: u64) -> CommandResult {
         match command {
-            Command::CreateCluster { name, settings, actor, at_ms } => {
+            Command::CreateCluster {
+                name,
+                settings,
+                actor,
+                at_ms,
+            } => {
                 if !policy::is_valid_name(name) {
                     return Err(CommandError::InvalidName(name.clone()));
                 }
                 if self.clusters.contains_key(name) {
                     return Err(CommandError::ClusterExists(name.clone()));
                 }
-                let policy = Policy::default().with_settings(settings_iter(settings)).map_err(CommandError::Policy)?;
+                let policy = Policy::default()
+                    .with_settings(settings_iter(settings))
+                    .map_err(CommandError::Policy)?;
                 let mut cluster = Cluster::new(name.clone(), policy, *at_ms);
                 cluster.record(HistoryEvent {
                     at_ms: *at_ms,
@@ -62,9 +71,20 @@ impl ClusterState {
                 self.clusters.insert(name.clone(), cluster.clone());
                 Ok(CommandOutput::Cluster(Box::new(cluster)))
             }
-            Command::SetPolicy { cluster, settings, actor, at_ms } => {
-                let c = self.clusters.get_mut(cluster).ok_or_else(|| CommandError::UnknownCluster(cluster.clone()))?;
-                let next = c.policy.with_settings(settings_iter(settings)).map_err(CommandError::Policy)?;
+            Command::SetPolicy {
+                cluster,
+                settings,
+                actor,
+                at_ms,
+            } => {
+                let c = self
+                    .clusters
+                    .get_mut(cluster)
+                    .ok_or_else(|| CommandError::UnknownCluster(cluster.clone()))?;
+                let next = c
+                    .policy
+                    .with_settings(settings_iter(settings))
+                    .map_err(CommandError::Policy)?;
                 let before = c.policy.to_settings();
                 let changes: Vec<String> = next
                     .to_settings()
@@ -93,7 +113,11 @@ fn describe_settings(settings: &BTreeMap<String, String>) -> String {
     if settings.is_empty() {
         "default policy".to_string()
     } else {
-        settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+        settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -104,7 +128,10 @@ mod tests {
     fn create(name: &str, settings: &[(&str, &str)]) -> Command {
         Command::CreateCluster {
             name: name.into(),
-            settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            settings: settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             actor: "test".into(),
             at_ms: 1,
         }
@@ -113,7 +140,10 @@ mod tests {
     fn set(cluster: &str, settings: &[(&str, &str)]) -> Command {
         Command::SetPolicy {
             cluster: cluster.into(),
-            settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            settings: settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             actor: "test".into(),
             at_ms: 2,
         }
@@ -140,14 +170,23 @@ mod tests {
         let before = s.clone();
         let refusals = [
             (create("main", &[]), CommandError::ClusterExists("main".into())),
-            (create("bad name", &[]), CommandError::InvalidName("bad name".into())),
-            (set("nope", &[("lease_ms", "2000")]), CommandError::UnknownCluster("nope".into())),
+            (
+                create("bad name", &[]),
+                CommandError::InvalidName("bad name".into()),
+            ),
+            (
+                set("nope", &[("lease_ms", "2000")]),
+                CommandError::UnknownCluster("nope".into()),
+            ),
         ];
         for (cmd, want) in refusals {
             assert_eq!(s.apply(&cmd, 9).unwrap_err(), want);
         }
         let e = s.apply(&set("main", &[("lease_ms", "10")]), 9).unwrap_err();
-        assert!(matches!(e, CommandError::Policy(ref p) if p.field == "lease_ms"), "{e}");
+        assert!(
+            matches!(e, CommandError::Policy(ref p) if p.field == "lease_ms"),
+            "{e}"
+        );
         assert!(s.apply(&create("other", &[("sync_mode", "maybe")]), 9).is_err());
         assert_eq!(s, before);
     }
@@ -162,7 +201,10 @@ mod tests {
         }
         let c = s.cluster("main").unwrap();
         assert_eq!(c.history.len(), cluster::HISTORY_LIMIT);
-        assert_eq!(c.history.back().unwrap().log_index, cluster::HISTORY_LIMIT as u64 + 11);
+        assert_eq!(
+            c.history.back().unwrap().log_index,
+            cluster::HISTORY_LIMIT as u64 + 11
+        );
     }
 
     #[test]

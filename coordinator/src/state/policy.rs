@@ -93,10 +93,16 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        let lag_threshold_ms = [("realtime", 50), ("reporting", 100), ("analytics", 300), ("dr", 1000), ("general", 500)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let lag_threshold_ms = [
+            ("realtime", 50),
+            ("reporting", 100),
+            ("analytics", 300),
+            ("dr", 1000),
+            ("general", 500),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
         Policy {
             heartbeat_interval_ms: 100,
             failure_timeout_ms: 1000,
@@ -130,7 +136,10 @@ impl fmt::Display for PolicyError {
 impl std::error::Error for PolicyError {}
 
 fn err(field: &str, message: impl Into<String>) -> PolicyError {
-    PolicyError { field: field.to_string(), message: message.into() }
+    PolicyError {
+        field: field.to_string(),
+        message: message.into(),
+    }
 }
 
 /// The names `set` accepts, for help texts and error messages.
@@ -184,33 +193,46 @@ impl Policy {
             }
             "sync_standbys" => {
                 let n = parse_u64(field, value)?;
-                self.sync_standbys =
-                    u32::try_from(n).map_err(|_| err(field, format!("at most {MAX_SYNC_STANDBYS}, got {n}")))?;
+                self.sync_standbys = u32::try_from(n)
+                    .map_err(|_| err(field, format!("at most {MAX_SYNC_STANDBYS}, got {n}")))?;
             }
             "max_lag_on_failover_bytes" => self.max_lag_on_failover_bytes = parse_u64(field, value)?,
             "alert_lag_warning_ms" => self.alert_lag_warning_ms = parse_u64(field, value)?,
             "alert_lag_critical_ms" => self.alert_lag_critical_ms = parse_u64(field, value)?,
             "alert_lag_emergency_ms" => self.alert_lag_emergency_ms = parse_u64(field, value)?,
             "auto_failover_regions" => {
-                self.auto_failover_regions =
-                    value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+                self.auto_failover_regions = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
             }
             "maintenance" => self.maintenance = parse_bool(field, value)?,
             _ => {
                 if let Some(workload) = field.strip_prefix("lag_threshold_ms.") {
                     if workload == "backup" {
-                        return Err(err(field, "backup replicas are never routed, so they have no lag threshold"));
+                        return Err(err(
+                            field,
+                            "backup replicas are never routed, so they have no lag threshold",
+                        ));
                     }
                     if !ROUTED_WORKLOADS.contains(&workload) {
                         return Err(err(
                             field,
-                            format!("unknown workload class {workload:?}; known: {}", ROUTED_WORKLOADS.join(", ")),
+                            format!(
+                                "unknown workload class {workload:?}; known: {}",
+                                ROUTED_WORKLOADS.join(", ")
+                            ),
                         ));
                     }
                     let ms = parse_u64(field, value)?;
                     self.lag_threshold_ms.insert(workload.to_string(), ms);
                 } else {
-                    return Err(err(field, format!("no such policy field; known: {}", setting_names().join(", "))));
+                    return Err(err(
+                        field,
+                        format!("no such policy field; known: {}", setting_names().join(", ")),
+                    ));
                 }
             }
         }
@@ -239,13 +261,19 @@ impl Policy {
         ];
         for (field, v) in timing {
             if v > MAX_TIMING_MS {
-                return Err(err(field, format!("at most {MAX_TIMING_MS} ms (10 minutes), got {v}")));
+                return Err(err(
+                    field,
+                    format!("at most {MAX_TIMING_MS} ms (10 minutes), got {v}"),
+                ));
             }
         }
         if self.heartbeat_interval_ms < MIN_HEARTBEAT_MS {
             return Err(err(
                 "heartbeat_interval_ms",
-                format!("at least {MIN_HEARTBEAT_MS} ms, got {}", self.heartbeat_interval_ms),
+                format!(
+                    "at least {MIN_HEARTBEAT_MS} ms, got {}",
+                    self.heartbeat_interval_ms
+                ),
             ));
         }
         // A failure timeout no longer than one heartbeat would declare a primary dead
@@ -273,15 +301,24 @@ impl Policy {
         if self.sync_mode != SyncMode::Off && self.sync_standbys == 0 {
             return Err(err(
                 "sync_standbys",
-                format!("must be at least 1 in {} sync mode (use sync_mode=off for none)", self.sync_mode.as_str()),
+                format!(
+                    "must be at least 1 in {} sync mode (use sync_mode=off for none)",
+                    self.sync_mode.as_str()
+                ),
             ));
         }
         if self.sync_standbys > MAX_SYNC_STANDBYS {
-            return Err(err("sync_standbys", format!("at most {MAX_SYNC_STANDBYS}, got {}", self.sync_standbys)));
+            return Err(err(
+                "sync_standbys",
+                format!("at most {MAX_SYNC_STANDBYS}, got {}", self.sync_standbys),
+            ));
         }
         for workload in self.lag_threshold_ms.keys() {
             if !ROUTED_WORKLOADS.contains(&workload.as_str()) {
-                return Err(err(&format!("lag_threshold_ms.{workload}"), "unknown workload class"));
+                return Err(err(
+                    &format!("lag_threshold_ms.{workload}"),
+                    "unknown workload class",
+                ));
             }
         }
         if self.alert_lag_warning_ms == 0 {
@@ -319,16 +356,34 @@ impl Policy {
     /// Field name -> value as text, in the form `set` accepts; for display and diffs.
     pub fn to_settings(&self) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
-        m.insert("heartbeat_interval_ms".into(), self.heartbeat_interval_ms.to_string());
+        m.insert(
+            "heartbeat_interval_ms".into(),
+            self.heartbeat_interval_ms.to_string(),
+        );
         m.insert("failure_timeout_ms".into(), self.failure_timeout_ms.to_string());
         m.insert("lease_ms".into(), self.lease_ms.to_string());
         m.insert("sync_mode".into(), self.sync_mode.as_str().into());
         m.insert("sync_standbys".into(), self.sync_standbys.to_string());
-        m.insert("max_lag_on_failover_bytes".into(), self.max_lag_on_failover_bytes.to_string());
-        m.insert("alert_lag_warning_ms".into(), self.alert_lag_warning_ms.to_string());
-        m.insert("alert_lag_critical_ms".into(), self.alert_lag_critical_ms.to_string());
-        m.insert("alert_lag_emergency_ms".into(), self.alert_lag_emergency_ms.to_string());
-        m.insert("auto_failover_regions".into(), self.auto_failover_regions.join(","));
+        m.insert(
+            "max_lag_on_failover_bytes".into(),
+            self.max_lag_on_failover_bytes.to_string(),
+        );
+        m.insert(
+            "alert_lag_warning_ms".into(),
+            self.alert_lag_warning_ms.to_string(),
+        );
+        m.insert(
+            "alert_lag_critical_ms".into(),
+            self.alert_lag_critical_ms.to_string(),
+        );
+        m.insert(
+            "alert_lag_emergency_ms".into(),
+            self.alert_lag_emergency_ms.to_string(),
+        );
+        m.insert(
+            "auto_failover_regions".into(),
+            self.auto_failover_regions.join(","),
+        );
         m.insert("maintenance".into(), self.maintenance.to_string());
         for (w, v) in &self.lag_threshold_ms {
             m.insert(format!("lag_threshold_ms.{w}"), v.to_string());
@@ -342,7 +397,8 @@ impl Policy {
 pub fn is_valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
 #[cfg(test)]
@@ -377,12 +433,18 @@ mod tests {
             (vec![("sync_mode", "sometimes")], "sync_mode"),
             (vec![("sync_standbys", "0")], "sync_standbys"),
             (vec![("sync_standbys", "-1")], "sync_standbys"),
-            (vec![("lag_threshold_ms.reporting", "-5")], "lag_threshold_ms.reporting"),
+            (
+                vec![("lag_threshold_ms.reporting", "-5")],
+                "lag_threshold_ms.reporting",
+            ),
             (vec![("lag_threshold_ms.batch", "5")], "lag_threshold_ms.batch"),
             (vec![("lag_threshold_ms.backup", "5")], "lag_threshold_ms.backup"),
             (vec![("alert_lag_critical_ms", "500")], "alert_lag_critical_ms"),
             (vec![("maintenance", "maybe")], "maintenance"),
-            (vec![("auto_failover_regions", "us west")], "auto_failover_regions"),
+            (
+                vec![("auto_failover_regions", "us west")],
+                "auto_failover_regions",
+            ),
             (vec![("failover_timeout", "1")], "failover_timeout"),
         ];
         for (settings, field) in cases {
@@ -398,15 +460,21 @@ mod tests {
         // Raising only the failure timeout above the lease is refused...
         assert!(p.with_settings([("failure_timeout_ms", "3000")]).is_err());
         // ...but raising both at once is fine, in either order.
-        let q = p.with_settings([("failure_timeout_ms", "3000"), ("lease_ms", "4000")]).unwrap();
+        let q = p
+            .with_settings([("failure_timeout_ms", "3000"), ("lease_ms", "4000")])
+            .unwrap();
         assert_eq!((q.failure_timeout_ms, q.lease_ms), (3000, 4000));
-        let q = p.with_settings([("lease_ms", "4000"), ("failure_timeout_ms", "3000")]).unwrap();
+        let q = p
+            .with_settings([("lease_ms", "4000"), ("failure_timeout_ms", "3000")])
+            .unwrap();
         assert_eq!((q.failure_timeout_ms, q.lease_ms), (3000, 4000));
     }
 
     #[test]
     fn sync_off_allows_zero_standbys() {
-        let p = Policy::default().with_settings([("sync_mode", "off"), ("sync_standbys", "0")]).unwrap();
+        let p = Policy::default()
+            .with_settings([("sync_mode", "off"), ("sync_standbys", "0")])
+            .unwrap();
         assert_eq!(p.sync_mode, SyncMode::Off);
     }
 

@@ -1,0 +1,401 @@
+//! Starting a coordinator group on this machine, as real processes on loopback.
+//!
+//! This is the one way pgquorum starts a local cluster: the sandbox, the benchmarks and
+//! the end-to-end tests all go through [`CoordinatorGroup`], so what the tests prove is
+//! what a newcomer runs. Each node gets its own directory (`coord-N/` with its config,
+//! data and log) and its own port (`base_port + N`); two groups with different
+//! directories and port bases never collide, so tests can run in parallel.
+//!
+//! Processes are killed when the group is dropped, also when a test panics (then the
+//! tail of every node's log is printed, since that is what one needs to see).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgquorum_client::{pb, Coordinators, Timeouts};
+use pgquorum_coordinator::config::{Config, MemberConfig, RaftTuning};
+
+use crate::error::{Error, Result};
+
+pub const COORDINATOR_BIN: &str = "pgquorum-coordinator";
+
+/// Finds a pgquorum binary: `$PGQUORUM_BIN_DIR`, else next to the running executable,
+/// else one directory up (test executables live in `target/<profile>/deps/`).
+pub fn find_binary(name: &str) -> Result<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os("PGQUORUM_BIN_DIR") {
+        candidates.push(PathBuf::from(dir).join(name));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join(name));
+            if let Some(up) = dir.parent() {
+                candidates.push(up.join(name));
+            }
+        }
+    }
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        Error::Launch(format!(
+            "cannot find the {name} binary (looked in {}); build it with `cargo build --workspace` \
+             or point PGQUORUM_BIN_DIR at the directory holding it",
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+/// The region a sandbox node is placed in: two in the primary region, the rest in the
+/// DR region, as in DESIGN.md's two-region layout.
+pub fn sandbox_region(id: u64) -> &'static str {
+    if id <= 2 {
+        "us-west-2"
+    } else {
+        "us-east-1"
+    }
+}
+
+/// What group to start.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    /// Parent directory for every node's files.
+    pub dir: PathBuf,
+    /// Node N listens on 127.0.0.1:(base_port + N).
+    pub base_port: u16,
+    /// Number of founding voters (ids 1..=size).
+    pub size: u64,
+    pub raft: RaftTuning,
+}
+
+impl GroupSpec {
+    pub fn new(dir: impl Into<PathBuf>, base_port: u16, size: u64) -> GroupSpec {
+        GroupSpec {
+            dir: dir.into(),
+            base_port,
+            size,
+            raft: RaftTuning::default(),
+        }
+    }
+}
+
+struct NodeProcess {
+    config_path: PathBuf,
+    log_path: PathBuf,
+    addr: String,
+    child: Option<Child>,
+}
+
+/// A running coordinator group whose processes this value owns.
+pub struct CoordinatorGroup {
+    spec: GroupSpec,
+    bin: PathBuf,
+    nodes: BTreeMap<u64, NodeProcess>,
+    /// Whether dropping the group kills its processes (false after [`Self::detach`]).
+    owned: bool,
+}
+
+impl CoordinatorGroup {
+    /// Writes configs for nodes 1..=size, starts them and waits for a leader.
+    pub async fn start(spec: GroupSpec) -> Result<CoordinatorGroup> {
+        let bin = find_binary(COORDINATOR_BIN)?;
+        std::fs::create_dir_all(&spec.dir)?;
+        let mut group = CoordinatorGroup {
+            spec,
+            bin,
+            nodes: BTreeMap::new(),
+            owned: true,
+        };
+        let founders: Vec<MemberConfig> = (1..=group.spec.size)
+            .map(|id| MemberConfig {
+                id,
+                addr: group.addr_of(id),
+                region: sandbox_region(id).into(),
+            })
+            .collect();
+        for id in 1..=group.spec.size {
+            group.create_node(id, founders.clone())?;
+        }
+        for id in 1..=group.spec.size {
+            group.start_node(id)?;
+        }
+        group.wait_for_leader(Duration::from_secs(20)).await?;
+        Ok(group)
+    }
+
+    pub fn addr_of(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.spec.base_port as u64 + id)
+    }
+
+    pub fn node_dir(&self, id: u64) -> PathBuf {
+        self.spec.dir.join(format!("coord-{id}"))
+    }
+
+    pub fn config_path(&self, id: u64) -> PathBuf {
+        self.node_dir(id).join("coordinator.toml")
+    }
+
+    /// Addresses of every node this group has created, running or not.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// A client over every node of the group.
+    pub fn client(&self) -> Coordinators {
+        Coordinators::new(self.addrs(), Timeouts::default()).expect("a group has at least one node")
+    }
+
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id)?.child.as_ref().map(Child::id)
+    }
+
+    /// Writes a node's config. `founders` empty: the node joins a running group later.
+    pub fn create_node(&mut self, id: u64, founders: Vec<MemberConfig>) -> Result<()> {
+        let dir = self.node_dir(id);
+        std::fs::create_dir_all(&dir)?;
+        let addr = self.addr_of(id);
+        let config = Config {
+            id,
+            region: sandbox_region(id).into(),
+            listen: addr.clone(),
+            advertise: None,
+            data_dir: dir.join("data"),
+            initial_members: founders,
+            raft: self.spec.raft.clone(),
+        };
+        let text =
+            toml::to_string(&config).map_err(|e| Error::Launch(format!("config for node {id}: {e}")))?;
+        let config_path = self.config_path(id);
+        std::fs::write(&config_path, text)?;
+        let log_path = dir.join("coordinator.log");
+        self.nodes.insert(
+            id,
+            NodeProcess {
+                config_path,
+                log_path,
+                addr,
+                child: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts (or restarts) a node's process from its config.
+    pub fn start_node(&mut self, id: u64) -> Result<()> {
+        let bin = self.bin.clone();
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| Error::Launch(format!("no node {id} in this group")))?;
+        if node.child.is_some() {
+            return Err(Error::Launch(format!("node {id} is already running")));
+        }
+        let port: u16 = node
+            .addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0);
+        ensure_port_free(port)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)?;
+        let child = Command::new(&bin)
+            .arg("--config")
+            .arg(&node.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| Error::Launch(format!("cannot start {}: {e}", bin.display())))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// kill -9: the node dies with no chance to flush or say goodbye.
+    pub fn kill(&mut self, id: u64) -> Result<()> {
+        self.stop(id, Signal::SIGKILL)
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn terminate(&mut self, id: u64) -> Result<()> {
+        self.stop(id, Signal::SIGTERM)
+    }
+
+    fn stop(&mut self, id: u64, signal: Signal) -> Result<()> {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| Error::Launch(format!("no node {id} in this group")))?;
+        let Some(mut child) = node.child.take() else {
+            return Ok(());
+        };
+        signal_and_wait(&mut child, signal, Duration::from_secs(10))
+    }
+
+    /// Hands the processes over: dropping the group no longer stops them. For the
+    /// sandbox, whose cluster outlives the command that started it.
+    pub fn detach(mut self) -> Vec<(u64, u32)> {
+        self.owned = false;
+        self.nodes
+            .iter()
+            .filter_map(|(id, n)| n.child.as_ref().map(|c| (*id, c.id())))
+            .collect()
+    }
+
+    /// This node's own view of the group.
+    pub async fn status_of(&self, id: u64) -> Result<pb::RaftStatusReply> {
+        let addr = self.addr_of(id);
+        let client = Coordinators::new(
+            vec![addr.clone()],
+            Timeouts {
+                connect: Duration::from_millis(300),
+                request: Duration::from_secs(2),
+                overall: Duration::from_secs(2),
+            },
+        )?;
+        Ok(client
+            .call_at(&addr, |mut c| async move {
+                c.raft_status(pb::RaftStatusRequest {}).await
+            })
+            .await?)
+    }
+
+    /// Waits until every running voter agrees on one leader, which knows it leads.
+    /// Returns the leader's id.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.agreed_leader().await {
+                Ok(id) => return Ok(id),
+                Err(why) if Instant::now() >= deadline => {
+                    return Err(Error::Timeout(format!(
+                        "no agreed leader within {timeout:?}: {why}"
+                    )))
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn agreed_leader(&self) -> std::result::Result<u64, String> {
+        let mut leader = None;
+        for (&id, node) in &self.nodes {
+            if node.child.is_none() {
+                continue;
+            }
+            let s = self.status_of(id).await.map_err(|e| format!("node {id}: {e}"))?;
+            if s.state == "learner" {
+                continue;
+            }
+            let l = s.leader_id.ok_or_else(|| format!("node {id} knows no leader"))?;
+            if *leader.get_or_insert(l) != l {
+                return Err(format!(
+                    "nodes disagree on the leader ({} vs {l})",
+                    leader.unwrap_or_default()
+                ));
+            }
+        }
+        let l = leader.ok_or("no running voter")?;
+        let s = self.status_of(l).await.map_err(|e| format!("leader {l}: {e}"))?;
+        if s.state != "leader" {
+            return Err(format!("node {l} is named leader but is {}", s.state));
+        }
+        Ok(l)
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64, timeout: Duration) -> Result<pb::RaftStatusReply> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status_of(id).await;
+            if let Ok(s) = &status {
+                if s.last_applied_index >= index {
+                    return status;
+                }
+            }
+            if Instant::now() >= deadline {
+                let seen = match status {
+                    Ok(s) => format!("applied {}", s.last_applied_index),
+                    Err(e) => e.to_string(),
+                };
+                return Err(Error::Timeout(format!(
+                    "node {id} did not apply index {index} within {timeout:?} ({seen})"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn print_logs(&self) {
+        for (id, node) in &self.nodes {
+            let text = std::fs::read_to_string(&node.log_path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "---- coordinator {id} log (last 40 lines of {}) ----",
+                node.log_path.display()
+            );
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for CoordinatorGroup {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Sends `signal` to the child and reaps it, escalating to SIGKILL after `grace`.
+fn signal_and_wait(child: &mut Child, signal: Signal, grace: Duration) -> Result<()> {
+    let pid = Pid::from_raw(child.id() as i32);
+    // The child may already have exited; reaping below handles that.
+    let _ = kill(pid, signal);
+    let deadline = Instant::now() + grace;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            child.wait()?;
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Fails early, naming the port, when something else already listens there.
+pub fn ensure_port_free(port: u16) -> Result<()> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .map_err(|e| {
+            Error::Launch(format!(
+                "port {port} on 127.0.0.1 is not free ({e}); choose another port base"
+            ))
+        })
+}

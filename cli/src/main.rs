@@ -1,0 +1,195 @@
+//! `pgquorum`: query and steer the coordinator group.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pgquorum::bench;
+use pgquorum::commands::{cluster, policy, raft, Ctx};
+use pgquorum_client::{parse_addrs, Coordinators, Timeouts, COORDINATORS_ENV};
+
+#[derive(Parser)]
+#[command(
+    name = "pgquorum",
+    version,
+    about = "Operate pgquorum: PostgreSQL failover coordinated by Raft"
+)]
+struct Cli {
+    /// Coordinator gRPC addresses, comma-separated; tried in turn until one answers.
+    #[arg(long, global = true, env = COORDINATORS_ENV, value_name = "HOST:PORT,...")]
+    coordinators: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up after this many seconds (retries and leader elections included).
+    #[arg(long, global = true, default_value_t = 15, value_name = "SECONDS")]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The coordinator group: status and membership.
+    #[command(subcommand)]
+    Raft(RaftCommand),
+    /// Database clusters guarded by the group.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// A cluster's failover policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Benchmarks on local processes; the last output line is JSON.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum RaftCommand {
+    /// Leader, term, and each member's role, region, log and applied index, reachability.
+    Status,
+    /// Add a coordinator as a learner (it must be running, started without initial_members).
+    Add {
+        #[arg(long)]
+        id: u64,
+        /// Its gRPC address, as other coordinators reach it.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: String,
+        #[arg(long)]
+        region: String,
+    },
+    /// Make a caught-up learner a voter.
+    Promote { id: u64 },
+    /// Remove a coordinator from the group (stop it afterwards).
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Start guarding a new database cluster.
+    Create {
+        name: String,
+        /// Policy fields that differ from the defaults, e.g. --set failure_timeout_ms=1500.
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        settings: Vec<String>,
+    },
+    /// Every cluster with its epoch and primary.
+    List {
+        /// Read this coordinator's applied state without asking the leader (may be stale).
+        #[arg(long)]
+        local: bool,
+    },
+    /// One cluster: members, epoch, sync set, failover in flight, recent history.
+    Show {
+        name: String,
+        #[arg(long)]
+        local: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print a cluster's policy.
+    Get {
+        cluster: String,
+        #[arg(long)]
+        local: bool,
+    },
+    /// Change policy fields: `pgquorum policy set main failure_timeout_ms=1500 lease_ms=2000`.
+    Set {
+        cluster: String,
+        #[arg(value_name = "FIELD=VALUE", required = true)]
+        settings: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Commit latency, throughput and leader failover of a local 3-node group.
+    Raft {
+        #[arg(long, default_value_t = 2000)]
+        writes: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: u64,
+        #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+        throughput_secs: u64,
+        #[arg(long, default_value_t = 7)]
+        rounds: u64,
+        /// Keep the group's files here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Coordinator N listens on 127.0.0.1:(PORT_BASE + N).
+        #[arg(long, default_value_t = 21900)]
+        port_base: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgquorum: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgquorum: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> pgquorum::Result<()> {
+    // Only commands that talk to a running group need coordinator addresses.
+    let (coordinators, json, timeout) = (cli.coordinators, cli.json, cli.timeout);
+    let ctx = || -> pgquorum::Result<Ctx> {
+        let addrs = parse_addrs(coordinators.as_deref().unwrap_or_default())?;
+        let timeouts = Timeouts {
+            overall: Duration::from_secs(timeout),
+            ..Timeouts::default()
+        };
+        Ok(Ctx {
+            coordinators: Coordinators::new(addrs, timeouts)?,
+            json,
+        })
+    };
+    match cli.command {
+        Command::Bench(BenchCommand::Raft {
+            writes,
+            concurrency,
+            throughput_secs,
+            rounds,
+            dir,
+            port_base,
+        }) => {
+            let opts = bench::raft::Options {
+                writes,
+                concurrency,
+                throughput_secs,
+                rounds,
+                dir,
+                base_port: port_base,
+            };
+            bench::raft::run(opts).await
+        }
+        Command::Raft(c) => match c {
+            RaftCommand::Status => raft::status(&ctx()?).await,
+            RaftCommand::Add { id, addr, region } => raft::add(&ctx()?, id, &addr, &region).await,
+            RaftCommand::Promote { id } => raft::promote(&ctx()?, id).await,
+            RaftCommand::Remove { id } => raft::remove(&ctx()?, id).await,
+        },
+        Command::Cluster(c) => match c {
+            ClusterCommand::Create { name, settings } => cluster::create(&ctx()?, &name, &settings).await,
+            ClusterCommand::List { local } => cluster::list(&ctx()?, local).await,
+            ClusterCommand::Show { name, local } => cluster::show(&ctx()?, &name, local).await,
+        },
+        Command::Policy(c) => match c {
+            PolicyCommand::Get { cluster, local } => policy::get(&ctx()?, &cluster, local).await,
+            PolicyCommand::Set { cluster, settings } => policy::set(&ctx()?, &cluster, &settings).await,
+        },
+    }
+}
