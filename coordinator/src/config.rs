@@ -275,6 +275,22 @@ mod tests {
         c.openraft_config().unwrap();
     }
 
+    /// The shipped examples must stay loadable (parsed only: their addresses are not
+    /// this machine's).
+    #[test]
+    fn deploy_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/two-region");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let c = Config::parse(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(c.initial_members.len(), 5);
+            n += 1;
+        }
+        assert_eq!(n, 5);
+    }
+
     #[test]
     fn errors_name_the_field() {
         let cases = [
