@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["pgquorum/v1/raft.proto", "pgquorum/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "pgquorum/v1/raft.proto",
+    "pgquorum/v1/admin.proto",
+    "pgquorum/v1/agent.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -6,12 +6,16 @@
 //! it keeps trying until its deadline. The CLI, the benchmarks and the tests all use it,
 //! and so can any other program.
 
+pub mod lsn;
+pub mod sync_names;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pgquorum_proto::v1::admin_service_client::AdminServiceClient;
+use pgquorum_proto::v1::agent_service_client::AgentServiceClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
@@ -125,8 +129,13 @@ impl Coordinators {
 
     /// An admin client for one coordinator, on a cached channel when there is one.
     pub async fn connect(&self, addr: &str) -> Result<AdminServiceClient<Channel>, String> {
+        self.channel(addr).await.map(AdminServiceClient::new)
+    }
+
+    /// The channel to one coordinator: cached, else connected now.
+    pub async fn channel(&self, addr: &str) -> Result<Channel, String> {
         if let Some(channel) = self.channels.lock().expect("lock").get(addr) {
-            return Ok(AdminServiceClient::new(channel.clone()));
+            return Ok(channel.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
@@ -141,7 +150,7 @@ impl Coordinators {
             .lock()
             .expect("lock")
             .insert(addr.to_string(), channel.clone());
-        Ok(AdminServiceClient::new(channel))
+        Ok(channel)
     }
 
     /// Calls one coordinator, without trying others.
@@ -170,6 +179,25 @@ impl Coordinators {
         F: FnMut(AdminServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
+        self.call_channel(|channel| op(AdminServiceClient::new(channel)))
+            .await
+    }
+
+    /// Sends an agent's heartbeat to the group (any coordinator takes it).
+    pub async fn heartbeat(&self, request: pb::HeartbeatRequest) -> Result<pb::HeartbeatReply, ClientError> {
+        self.call_channel(|channel| {
+            let request = request.clone();
+            async move { AgentServiceClient::new(channel).heartbeat(request).await }
+        })
+        .await
+    }
+
+    /// [`Self::call`] for any service: `op` gets a channel to wrap in its client.
+    pub async fn call_channel<T, F, Fut>(&self, mut op: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
         let deadline = Instant::now() + self.timeouts.overall;
         let mut attempts = Vec::new();
         loop {
@@ -186,7 +214,7 @@ impl Coordinators {
                 if Instant::now() >= deadline {
                     return Err(ClientError::Unavailable { attempts });
                 }
-                let client = match self.connect(&addr).await {
+                let client = match self.channel(&addr).await {
                     Ok(c) => c,
                     Err(e) => {
                         attempts.push(format!("{addr}: {e}"));

@@ -72,6 +72,11 @@ impl From<Error> for tonic::Status {
             Error::Membership(_) => tonic::Status::failed_precondition(message),
             Error::Command(CommandError::UnknownCluster(_)) => tonic::Status::not_found(message),
             Error::Command(CommandError::ClusterExists(_)) => tonic::Status::already_exists(message),
+            Error::Command(CommandError::UnknownMember(_)) => tonic::Status::not_found(message),
+            Error::Command(CommandError::AlreadyBootstrapped { .. }) => {
+                tonic::Status::failed_precondition(message)
+            }
+            Error::Command(CommandError::SyncSetChanged { .. }) => tonic::Status::aborted(message),
             Error::Command(_) => tonic::Status::invalid_argument(message),
             Error::Config { .. }
             | Error::Storage(_)

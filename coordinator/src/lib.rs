@@ -4,6 +4,9 @@
 //! # Layout
 //! - [`state`]: the replicated state (clusters, policy, members, epoch, history) and the
 //!   pure function that applies a command to it. No I/O.
+//! - [`observe`]: the leader's latest heartbeat reports, and the pure judgement of each
+//!   node's health and of what needs an alert.
+//! - [`sync`]: choosing the synchronous standby set (pure) and committing it (leader).
 //! - [`raft`]: openraft wired to sled storage and a gRPC transport.
 //! - [`grpc`]: the services other programs call.
 //! - [`config`]: the TOML config file.
@@ -15,9 +18,11 @@
 pub mod config;
 mod error;
 pub mod grpc;
+pub mod observe;
 pub mod raft;
 pub mod server;
 pub mod state;
+pub mod sync;
 
 pub use config::Config;
 pub use error::{Error, Result};

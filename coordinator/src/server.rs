@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use pgquorum_proto::v1::admin_service_server::AdminServiceServer;
+use pgquorum_proto::v1::agent_service_server::AgentServiceServer;
 use pgquorum_proto::v1::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -12,7 +13,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::grpc::admin_service::AdminServiceImpl;
+use crate::grpc::agent_service::AgentServiceImpl;
+use crate::grpc::proposer::Proposer;
 use crate::grpc::raft_service::RaftServiceImpl;
+use crate::observe::Reports;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachineStore;
@@ -70,6 +74,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .build_v1()
         .map_err(|e| Error::Raft(format!("reflection: {e}")))?;
 
+    let proposer = Proposer {
+        id: config.id,
+        raft: raft.clone(),
+        state: state.clone(),
+    };
+    let reports = Reports::default();
+    let keeper = tokio::spawn(crate::sync::keeper::run(
+        config.id,
+        raft.clone(),
+        state,
+        reports.clone(),
+    ));
+
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
@@ -79,14 +96,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             raft.clone(),
         )))
         .add_service(AdminServiceServer::new(AdminServiceImpl::new(
-            config.id,
-            raft.clone(),
-            state,
+            proposer.clone(),
+            reports.clone(),
         )))
+        .add_service(AgentServiceServer::new(AgentServiceImpl::new(proposer, reports)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
     let served = server.await;
 
     info!("shutting down");
+    keeper.abort();
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }

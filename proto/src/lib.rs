@@ -7,7 +7,8 @@
 //! Services (package `pgquorum.v1`):
 //! - `RaftService`: the coordinators' internal Raft transport.
 //! - `AdminService`: what operators and the `pgquorum` CLI use: Raft membership and
-//!   status, clusters and their policy.
+//!   status, clusters and their policy, live node status and alerts.
+//! - `AgentService`: heartbeats from the agent next to each Postgres server.
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 

@@ -9,23 +9,24 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use pgquorum_proto::v1 as pb;
 use pgquorum_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
+use super::proposer::Proposer;
 use crate::config::check_host_port;
-use crate::raft::state_machine::StateHandle;
-use crate::raft::{CoordinatorNode, NodeId, Raft};
+use crate::observe::alerts::alerts;
+use crate::observe::health::node_statuses;
+use crate::observe::Reports;
+use crate::raft::{CoordinatorNode, NodeId};
 use crate::state::policy::is_valid_name;
 use crate::state::{Cluster, ClusterState, Command, CommandOutput};
 use crate::{Error, Result};
 
 pub struct AdminServiceImpl {
-    id: NodeId,
-    raft: Raft,
-    state: StateHandle,
+    p: Proposer,
+    reports: Reports,
 }
 
 fn now_ms() -> u64 {
@@ -54,67 +55,13 @@ fn invalid(field: &str, message: impl Into<String>) -> Error {
 }
 
 impl AdminServiceImpl {
-    pub fn new(id: NodeId, raft: Raft, state: StateHandle) -> Self {
-        AdminServiceImpl { id, raft, state }
-    }
-
-    /// The leader as this node knows it, with its address.
-    fn leader_hint(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
-        let leader = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&leader)?;
-        Some((leader, node.addr.clone()))
-    }
-
-    fn not_leader(&self) -> Error {
-        Error::NotLeader {
-            leader: self.leader_hint(),
-        }
-    }
-
-    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>) -> Error {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-            },
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-                Error::Membership(c.to_string())
-            }
-            RaftError::Fatal(f) => Error::Raft(f.to_string()),
-        }
-    }
-
-    /// Proposes a command and waits for it to be committed and applied.
-    async fn propose(&self, command: Command) -> Result<CommandOutput> {
-        // Refuse what is certainly invalid without a Raft round trip; apply checks again.
-        self.state.read().state.check(&command)?;
-        let response = self
-            .raft
-            .client_write(command)
-            .await
-            .map_err(|e| self.write_error(e))?;
-        Ok(response.data?)
-    }
-
-    /// Waits until this node may answer a read at the requested consistency.
-    async fn ready_to_read(&self, consistency: i32) -> Result<()> {
-        match pb::ReadConsistency::try_from(consistency) {
-            Ok(pb::ReadConsistency::Local) => Ok(()),
-            Ok(pb::ReadConsistency::Linearizable) => match self.raft.ensure_linearizable().await {
-                Ok(_) => Ok(()),
-                Err(RaftError::APIError(_)) => Err(self.not_leader()),
-                Err(RaftError::Fatal(f)) => Err(Error::Raft(f.to_string())),
-            },
-            Err(_) => Err(invalid(
-                "consistency",
-                format!("unknown read consistency {consistency}"),
-            )),
-        }
+    pub fn new(p: Proposer, reports: Reports) -> Self {
+        AdminServiceImpl { p, reports }
     }
 
     async fn read<T>(&self, consistency: i32, f: impl FnOnce(&ClusterState) -> Result<T>) -> Result<T> {
-        self.ready_to_read(consistency).await?;
-        let applied = self.state.read();
+        self.p.ready_to_read(consistency).await?;
+        let applied = self.p.state.read();
         f(&applied.state)
     }
 
@@ -129,7 +76,7 @@ impl AdminServiceImpl {
         &self,
         replication: Option<&BTreeMap<NodeId, Option<crate::raft::LogId>>>,
     ) -> Vec<pb::RaftMember> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.p.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         membership
@@ -147,7 +94,8 @@ impl AdminServiceImpl {
     }
 
     fn voters(&self) -> BTreeSet<NodeId> {
-        self.raft
+        self.p
+            .raft
             .metrics()
             .borrow()
             .membership_config
@@ -157,7 +105,8 @@ impl AdminServiceImpl {
     }
 
     fn learners(&self) -> BTreeSet<NodeId> {
-        self.raft
+        self.p
+            .raft
             .metrics()
             .borrow()
             .membership_config
@@ -169,10 +118,39 @@ impl AdminServiceImpl {
     /// Membership changes are leader work; refuse early, naming the leader, so that the
     /// checks below read the leader's membership rather than a follower's stale copy.
     async fn require_leader(&self) -> Result<()> {
-        if self.raft.current_leader().await == Some(self.id) {
+        if self.p.is_leader().await {
             Ok(())
         } else {
-            Err(self.not_leader())
+            Err(self.p.not_leader())
+        }
+    }
+
+    /// The cluster a status or alerts request means: the named one, or the only one.
+    fn resolve_cluster(&self, name: &str) -> Result<Cluster> {
+        let applied = self.p.state.read();
+        if !name.is_empty() {
+            return Ok(applied.state.cluster(name)?.clone());
+        }
+        let mut all = applied.state.clusters.values();
+        match (all.next(), all.next()) {
+            (Some(c), None) => Ok(c.clone()),
+            (None, _) => Err(invalid(
+                "cluster",
+                "no cluster exists yet; create one with `pgquorum cluster create`",
+            )),
+            (Some(_), Some(_)) => Err(invalid(
+                "cluster",
+                format!(
+                    "several clusters exist ({}); name one",
+                    applied
+                        .state
+                        .clusters
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
         }
     }
 
@@ -181,10 +159,11 @@ impl AdminServiceImpl {
         change: ChangeMembers<NodeId, CoordinatorNode>,
     ) -> Result<pb::MembershipReply> {
         let response = self
+            .p
             .raft
             .change_membership(change, false)
             .await
-            .map_err(|e| self.write_error(e))?;
+            .map_err(|e| self.p.write_error(e))?;
         Ok(self.membership_reply(response.log_id.index))
     }
 }
@@ -208,10 +187,10 @@ impl AdminService for AdminServiceImpl {
         &self,
         _request: Request<pb::RaftStatusRequest>,
     ) -> Result<Response<pb::RaftStatusReply>, Status> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.p.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let me = membership.get_node(&self.id).cloned().unwrap_or_default();
-        let is_voter = membership.voter_ids().any(|v| v == self.id);
+        let me = membership.get_node(&self.p.id).cloned().unwrap_or_default();
+        let is_voter = membership.voter_ids().any(|v| v == self.p.id);
         let state = match m.state {
             ServerState::Leader => "leader",
             ServerState::Candidate => "candidate",
@@ -225,7 +204,7 @@ impl AdminService for AdminServiceImpl {
             .map(|n| n.addr.clone())
             .unwrap_or_default();
         Ok(Response::new(pb::RaftStatusReply {
-            id: self.id,
+            id: self.p.id,
             addr: me.addr,
             region: me.region,
             state: state.to_string(),
@@ -264,10 +243,11 @@ impl AdminService for AdminServiceImpl {
         // Blocking: returns once the learner has caught up, so a following promote does
         // not stall commits behind a far-behind new voter.
         let response = self
+            .p
             .raft
             .add_learner(req.id, node, true)
             .await
-            .map_err(|e| self.write_error(e))?;
+            .map_err(|e| self.p.write_error(e))?;
         Ok(Response::new(self.membership_reply(response.log_id.index)))
     }
 
@@ -329,7 +309,7 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.propose(command).await? {
+        match self.p.propose(command).await? {
             CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
             other => Err(Error::Raft(format!("unexpected result of create: {other:?}")).into()),
         }
@@ -386,12 +366,81 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.propose(command).await? {
+        match self.p.propose(command).await? {
             CommandOutput::Policy(p) => Ok(Response::new(pb::PolicyReply {
                 cluster: req.cluster,
                 policy: Some((&*p).into()),
             })),
             other => Err(Error::Raft(format!("unexpected result of set policy: {other:?}")).into()),
         }
+    }
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        // Reports live in the leader's memory only; a follower's view would be empty.
+        self.require_leader().await?;
+        self.p
+            .ready_to_read(pb::ReadConsistency::Linearizable as i32)
+            .await?;
+        let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
+        let statuses = node_statuses(&cluster, &self.reports.cluster(&cluster.name));
+        let raft = self
+            .raft_status(Request::new(pb::RaftStatusRequest {}))
+            .await?
+            .into_inner();
+        let nodes = statuses
+            .into_iter()
+            .map(|s| {
+                let m = &cluster.members[&s.name];
+                let r = s.report.unwrap_or_default();
+                pb::NodeStatus {
+                    name: s.name,
+                    role: s.role,
+                    health: s.health.into(),
+                    sync_state: s.sync_state.into(),
+                    timeline: s.timeline,
+                    lag_ms: s.lag_ms,
+                    lag_bytes: s.lag_bytes,
+                    workload: m.workload.clone(),
+                    region: m.region.clone(),
+                    heartbeat_age_ms: s.heartbeat_age_ms,
+                    current_lsn: r.current_lsn,
+                    receive_lsn: r.receive_lsn,
+                    replay_lsn: r.replay_lsn,
+                    host: m.host.clone(),
+                    port: m.port.into(),
+                    replay_paused: r.replay_paused,
+                    error: r.error,
+                    in_sync_set: s.in_sync_set,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusReply {
+            cluster: cluster.name.clone(),
+            epoch: cluster.epoch,
+            primary: cluster.primary.clone().unwrap_or_default(),
+            maintenance: cluster.policy.maintenance,
+            sync_set: cluster.sync_set.clone(),
+            raft: Some(raft),
+            nodes,
+            sync_mode: cluster.policy.sync_mode.as_str().into(),
+        }))
+    }
+
+    async fn alerts(&self, request: Request<pb::AlertsRequest>) -> Result<Response<pb::AlertsReply>, Status> {
+        self.require_leader().await?;
+        let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
+        let statuses = node_statuses(&cluster, &self.reports.cluster(&cluster.name));
+        let alerts = alerts(&cluster, &statuses)
+            .into_iter()
+            .map(|a| pb::Alert {
+                severity: a.severity.as_str().into(),
+                node: a.node,
+                message: a.message,
+            })
+            .collect();
+        Ok(Response::new(pb::AlertsReply {
+            cluster: cluster.name,
+            alerts,
+        }))
     }
 }

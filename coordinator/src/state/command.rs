@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::cluster::Cluster;
+use super::cluster::{Cluster, Member};
 use super::policy::{Policy, PolicyError};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,28 @@ pub enum Command {
         cluster: String,
         settings: BTreeMap<String, String>,
         actor: String,
+        at_ms: u64,
+    },
+    /// Add a Postgres member, or update how it describes itself (sent by its agent).
+    RegisterMember {
+        cluster: String,
+        member: Member,
+        at_ms: u64,
+    },
+    /// Let `node` create the cluster's first primary (initdb). Granted once per
+    /// cluster, at epoch 0: it makes `node` the primary of epoch 1.
+    ClaimBootstrap {
+        cluster: String,
+        node: String,
+        at_ms: u64,
+    },
+    /// Replace the committed sync set, if it still is `expected` (compare-and-set, so
+    /// a decision made on a stale view is refused rather than applied).
+    SetSyncSet {
+        cluster: String,
+        expected: Vec<String>,
+        sync_set: Vec<String>,
+        reason: String,
         at_ms: u64,
     },
 }
@@ -52,6 +74,18 @@ pub enum CommandError {
     InvalidName(String),
     #[error("{0}")]
     Policy(PolicyError),
+    #[error("invalid member {name:?}: {message}")]
+    InvalidMember { name: String, message: String },
+    #[error("cluster {cluster:?} already has a primary ({primary}) at epoch {epoch}")]
+    AlreadyBootstrapped {
+        cluster: String,
+        primary: String,
+        epoch: u64,
+    },
+    #[error("{0:?} is not a member of the cluster")]
+    UnknownMember(String),
+    #[error("the sync set changed meanwhile (now {actual:?}); decide again")]
+    SyncSetChanged { actual: Vec<String> },
 }
 
 /// What applying one log entry returned; travels back to the proposer.

@@ -105,8 +105,140 @@ impl ClusterState {
                 }
                 Ok(CommandOutput::Policy(Box::new(c.policy.clone())))
             }
+            Command::RegisterMember {
+                cluster,
+                member,
+                at_ms,
+            } => {
+                check_member(member)?;
+                let c = self.cluster_mut(cluster)?;
+                let kind = match c.members.get(&member.name) {
+                    Some(m) if m == member => return Ok(CommandOutput::None),
+                    Some(_) => "member_changed",
+                    None => "member_registered",
+                };
+                c.members.insert(member.name.clone(), member.clone());
+                c.endpoint_version += 1;
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: kind.into(),
+                    detail: format!(
+                        "{} at {}:{} ({}, region {}, priority {}{}{})",
+                        member.name,
+                        member.host,
+                        member.port,
+                        member.workload,
+                        member.region,
+                        member.priority,
+                        if member.nofailover { ", nofailover" } else { "" },
+                        if member.sync_eligible {
+                            ", sync eligible"
+                        } else {
+                            ""
+                        },
+                    ),
+                    actor: format!("agent {}", member.name),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
+            Command::ClaimBootstrap { cluster, node, at_ms } => {
+                let c = self.cluster_mut(cluster)?;
+                if !c.members.contains_key(node) {
+                    return Err(CommandError::UnknownMember(node.clone()));
+                }
+                if let Some(primary) = &c.primary {
+                    return Err(CommandError::AlreadyBootstrapped {
+                        cluster: cluster.clone(),
+                        primary: primary.clone(),
+                        epoch: c.epoch,
+                    });
+                }
+                c.primary = Some(node.clone());
+                c.epoch += 1;
+                c.endpoint_version += 1;
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "bootstrap".into(),
+                    detail: format!("{node} initializes the cluster as its first primary"),
+                    actor: format!("agent {node}"),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
+            Command::SetSyncSet {
+                cluster,
+                expected,
+                sync_set,
+                reason,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                if &c.sync_set != expected {
+                    return Err(CommandError::SyncSetChanged {
+                        actual: c.sync_set.clone(),
+                    });
+                }
+                if let Some(unknown) = sync_set.iter().find(|n| !c.members.contains_key(*n)) {
+                    return Err(CommandError::UnknownMember(unknown.clone()));
+                }
+                if c.primary.as_ref().is_some_and(|p| sync_set.contains(p)) {
+                    return Err(CommandError::InvalidMember {
+                        name: c.primary.clone().unwrap_or_default(),
+                        message: "the primary cannot be its own synchronous standby".into(),
+                    });
+                }
+                let before = c.sync_set.clone();
+                c.sync_set = sync_set.clone();
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "sync_set_changed".into(),
+                    detail: format!("[{}] -> [{}]: {reason}", before.join(", "), sync_set.join(", ")),
+                    actor: "coordinator".into(),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
         }
     }
+
+    fn cluster_mut(&mut self, name: &str) -> Result<&mut Cluster, CommandError> {
+        self.clusters
+            .get_mut(name)
+            .ok_or_else(|| CommandError::UnknownCluster(name.to_string()))
+    }
+}
+
+fn check_member(m: &Member) -> Result<(), CommandError> {
+    let bad = |message: String| {
+        Err(CommandError::InvalidMember {
+            name: m.name.clone(),
+            message,
+        })
+    };
+    if !policy::is_valid_name(&m.name) {
+        return bad("name: use 1-63 letters, digits, '-', '_' or '.'".into());
+    }
+    if !policy::is_valid_name(&m.region) {
+        return bad(format!("region {:?} is not a region name", m.region));
+    }
+    if m.host.trim().is_empty() {
+        return bad("host is empty".into());
+    }
+    if m.port == 0 {
+        return bad("port must be 1-65535".into());
+    }
+    if !policy::WORKLOADS.contains(&m.workload.as_str()) {
+        return bad(format!(
+            "unknown workload {:?}; known: {}",
+            m.workload,
+            policy::WORKLOADS.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 fn describe_settings(settings: &BTreeMap<String, String>) -> String {
@@ -205,6 +337,109 @@ mod tests {
             c.history.back().unwrap().log_index,
             cluster::HISTORY_LIMIT as u64 + 11
         );
+    }
+
+    fn member(name: &str) -> Member {
+        Member {
+            name: name.into(),
+            region: "us-west-2".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            workload: "general".into(),
+            priority: 100,
+            nofailover: false,
+            sync_eligible: true,
+        }
+    }
+
+    fn register(name: &str) -> Command {
+        Command::RegisterMember {
+            cluster: "main".into(),
+            member: member(name),
+            at_ms: 3,
+        }
+    }
+
+    #[test]
+    fn members_bootstrap_once_and_sync_set_is_compare_and_set() {
+        let mut s = ClusterState::default();
+        s.apply(&create("main", &[]), 1).unwrap();
+        s.apply(&register("node1"), 2).unwrap();
+        s.apply(&register("node2"), 3).unwrap();
+        // Registering again unchanged records nothing.
+        s.apply(&register("node2"), 4).unwrap();
+        assert_eq!(s.cluster("main").unwrap().history.len(), 3);
+
+        let claim = |node: &str| Command::ClaimBootstrap {
+            cluster: "main".into(),
+            node: node.into(),
+            at_ms: 5,
+        };
+        assert_eq!(
+            s.apply(&claim("ghost"), 5).unwrap_err(),
+            CommandError::UnknownMember("ghost".into())
+        );
+        s.apply(&claim("node1"), 5).unwrap();
+        let c = s.cluster("main").unwrap();
+        assert_eq!((c.primary.as_deref(), c.epoch), (Some("node1"), 1));
+        assert!(matches!(
+            s.apply(&claim("node2"), 6),
+            Err(CommandError::AlreadyBootstrapped { .. })
+        ));
+
+        let set = |expected: &[&str], to: &[&str]| Command::SetSyncSet {
+            cluster: "main".into(),
+            expected: expected.iter().map(|s| s.to_string()).collect(),
+            sync_set: to.iter().map(|s| s.to_string()).collect(),
+            reason: "test".into(),
+            at_ms: 7,
+        };
+        s.apply(&set(&[], &["node2"]), 7).unwrap();
+        assert!(matches!(
+            s.apply(&set(&[], &["node2"]), 8),
+            Err(CommandError::SyncSetChanged { .. })
+        ));
+        assert!(
+            s.apply(&set(&["node2"], &["node1"]), 8).is_err(),
+            "primary as its own standby"
+        );
+        assert!(s.apply(&set(&["node2"], &["ghost"]), 8).is_err());
+        assert_eq!(s.cluster("main").unwrap().sync_set, ["node2"]);
+    }
+
+    #[test]
+    fn bad_members_are_refused() {
+        let mut s = ClusterState::default();
+        s.apply(&create("main", &[]), 1).unwrap();
+        for broken in [
+            Member {
+                workload: "batch".into(),
+                ..member("a")
+            },
+            Member {
+                port: 0,
+                ..member("b")
+            },
+            Member {
+                host: " ".into(),
+                ..member("c")
+            },
+            Member {
+                name: "no spaces".into(),
+                ..member("d")
+            },
+        ] {
+            let cmd = Command::RegisterMember {
+                cluster: "main".into(),
+                member: broken,
+                at_ms: 1,
+            };
+            assert!(matches!(
+                s.apply(&cmd, 2),
+                Err(CommandError::InvalidMember { .. })
+            ));
+        }
+        assert!(s.cluster("main").unwrap().members.is_empty());
     }
 
     #[test]

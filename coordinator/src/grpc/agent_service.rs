@@ -1,0 +1,188 @@
+//! AgentService: heartbeats from the agents.
+//!
+//! The leader records each report in memory, registers the member through Raft when
+//! it is new or changed, grants the first bootstrap of a cluster, and answers with
+//! what the node must know: epoch, primary, and for the primary the standbys to wait
+//! for. A follower passes the heartbeat on to the leader, so an agent that reaches any
+//! coordinator is heard (a primary cut off from the leader alone keeps reporting).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pgquorum_proto::v1 as pb;
+use pgquorum_proto::v1::agent_service_client::AgentServiceClient;
+use pgquorum_proto::v1::agent_service_server::AgentService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::proposer::Proposer;
+use crate::observe::Reports;
+use crate::state::{Command, CommandError, Member};
+use crate::sync::plan;
+use crate::Error;
+
+pub struct AgentServiceImpl {
+    proposer: Proposer,
+    reports: Reports,
+    /// Channels to leaders, for forwarding; tonic reconnects them as needed.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn member_of(spec: &pb::MemberSpec) -> Result<Member, Error> {
+    let port = u16::try_from(spec.port).map_err(|_| Error::InvalidArgument {
+        field: "member.port".into(),
+        message: format!("must be 1-65535, got {}", spec.port),
+    })?;
+    Ok(Member {
+        name: spec.name.clone(),
+        region: spec.region.clone(),
+        host: spec.host.clone(),
+        port,
+        workload: spec.workload.clone(),
+        priority: spec.priority,
+        nofailover: spec.nofailover,
+        sync_eligible: spec.sync_eligible,
+    })
+}
+
+impl AgentServiceImpl {
+    pub fn new(proposer: Proposer, reports: Reports) -> Self {
+        AgentServiceImpl {
+            proposer,
+            reports,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn forward(&self, mut request: pb::HeartbeatRequest) -> Result<pb::HeartbeatReply, Status> {
+        let Error::NotLeader {
+            leader: Some((_, addr)),
+        } = self.proposer.not_leader()
+        else {
+            return Err(self.proposer.not_leader().into());
+        };
+        let channel = {
+            let mut channels = self.channels.lock().expect("channel cache lock poisoned");
+            match channels.get(&addr) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Endpoint::from_shared(format!("http://{addr}"))
+                        .map_err(|e| Status::internal(format!("leader address {addr:?}: {e}")))?
+                        .connect_timeout(Duration::from_millis(500))
+                        .timeout(Duration::from_secs(2))
+                        .tcp_nodelay(true)
+                        .connect_lazy();
+                    channels.insert(addr.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        request.forwarded = true;
+        Ok(AgentServiceClient::new(channel)
+            .heartbeat(request)
+            .await?
+            .into_inner())
+    }
+
+    async fn handle(&self, request: pb::HeartbeatRequest) -> Result<pb::HeartbeatReply, Error> {
+        let spec = request.member.ok_or_else(|| Error::InvalidArgument {
+            field: "member".into(),
+            message: "missing: say which node this is".into(),
+        })?;
+        let report = request.report.unwrap_or_default();
+        let member = member_of(&spec)?;
+        let name = member.name.clone();
+        let cluster_name = request.cluster;
+
+        let known = self
+            .proposer
+            .state
+            .read()
+            .state
+            .cluster(&cluster_name)
+            .map(|c| c.members.get(&name).cloned());
+        match known {
+            Err(CommandError::UnknownCluster(c)) => {
+                return Err(Error::Command(CommandError::UnknownCluster(c)));
+            }
+            Ok(Some(m)) if m == member => {}
+            _ => {
+                let cmd = Command::RegisterMember {
+                    cluster: cluster_name.clone(),
+                    member,
+                    at_ms: now_ms(),
+                };
+                self.proposer.propose(cmd).await?;
+            }
+        }
+        let initializing = report.initializing;
+        self.reports.record(&cluster_name, &name, report);
+
+        let has_primary = self
+            .proposer
+            .state
+            .read()
+            .state
+            .cluster(&cluster_name)?
+            .primary
+            .is_some();
+        if initializing && !has_primary {
+            let cmd = Command::ClaimBootstrap {
+                cluster: cluster_name.clone(),
+                node: name.clone(),
+                at_ms: now_ms(),
+            };
+            match self.proposer.propose(cmd).await {
+                Ok(_) | Err(Error::Command(CommandError::AlreadyBootstrapped { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
+
+        let applied = self.proposer.state.read();
+        let cluster = applied.state.cluster(&cluster_name)?;
+        let primary = cluster.primary.as_ref().and_then(|p| cluster.members.get(p));
+        let is_primary = primary.is_some_and(|p| p.name == name);
+        let synchronous_standby_names = if is_primary {
+            plan(cluster, &self.reports.cluster(&cluster_name)).synchronous_standby_names
+        } else {
+            String::new()
+        };
+        Ok(pb::HeartbeatReply {
+            epoch: cluster.epoch,
+            primary: primary.map(|p| pb::PostgresEndpoint {
+                name: p.name.clone(),
+                host: p.host.clone(),
+                port: p.port.into(),
+            }),
+            bootstrap: initializing && is_primary,
+            synchronous_standby_names,
+            heartbeat_interval_ms: cluster.policy.heartbeat_interval_ms,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentServiceImpl {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let request = request.into_inner();
+        if !self.proposer.is_leader().await {
+            if request.forwarded {
+                // Forwarded to us because we were leader a moment ago; do not bounce it on.
+                return Err(self.proposer.not_leader().into());
+            }
+            return Ok(Response::new(self.forward(request).await?));
+        }
+        Ok(Response::new(self.handle(request).await?))
+    }
+}

@@ -1,0 +1,77 @@
+//! The services' one door into Raft: propose a command, wait to read, know the leader.
+
+use openraft::error::{ClientWriteError, RaftError};
+
+use crate::raft::state_machine::StateHandle;
+use crate::raft::{CoordinatorNode, NodeId, Raft};
+use crate::state::{Command, CommandOutput};
+use crate::{Error, Result};
+use pgquorum_proto::v1 as pb;
+
+#[derive(Clone)]
+pub struct Proposer {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: StateHandle,
+}
+
+impl Proposer {
+    /// The leader as this node knows it, with its address.
+    pub fn leader_hint(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
+    }
+
+    pub fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            leader: self.leader_hint(),
+        }
+    }
+
+    /// Whether this node currently believes it leads (no quorum round trip).
+    pub async fn is_leader(&self) -> bool {
+        self.raft.current_leader().await == Some(self.id)
+    }
+
+    pub fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, CoordinatorNode>>) -> Error {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+                Error::Membership(c.to_string())
+            }
+            RaftError::Fatal(f) => Error::Raft(f.to_string()),
+        }
+    }
+
+    /// Proposes a command and waits for it to be committed and applied.
+    pub async fn propose(&self, command: Command) -> Result<CommandOutput> {
+        // Refuse what is certainly invalid without a Raft round trip; apply checks again.
+        self.state.read().state.check(&command)?;
+        let response = self
+            .raft
+            .client_write(command)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(response.data?)
+    }
+
+    /// Waits until this node may answer a read at the requested consistency.
+    pub async fn ready_to_read(&self, consistency: i32) -> Result<()> {
+        match pb::ReadConsistency::try_from(consistency) {
+            Ok(pb::ReadConsistency::Local) => Ok(()),
+            Ok(pb::ReadConsistency::Linearizable) => match self.raft.ensure_linearizable().await {
+                Ok(_) => Ok(()),
+                Err(RaftError::APIError(_)) => Err(self.not_leader()),
+                Err(RaftError::Fatal(f)) => Err(Error::Raft(f.to_string())),
+            },
+            Err(_) => Err(Error::InvalidArgument {
+                field: "consistency".into(),
+                message: format!("unknown read consistency {consistency}"),
+            }),
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Judging each node from the replicated state and the latest reports. Pure.
+//!
+//! A report counts only while it is fresher than the cluster's `failure_timeout_ms`;
+//! an older one says nothing about now, so the node shows as `unknown`/DISCONNECTED.
+//! A standby is HEALTHY when the primary lists it as streaming and its replay lag is
+//! under the WARNING threshold; streaming but behind is CATCHING_UP; anything else
+//! (agent silent, Postgres down, not connected to the primary) is DISCONNECTED.
+
+use std::time::Duration;
+
+use pgquorum_client::lsn::Lsn;
+use pgquorum_client::pb;
+
+use super::reports::{ClusterReports, Observed};
+use crate::state::Cluster;
+
+pub const HEALTHY: &str = "HEALTHY";
+pub const CATCHING_UP: &str = "CATCHING_UP";
+pub const DISCONNECTED: &str = "DISCONNECTED";
+
+/// One node as `pgquorum status` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeStatus {
+    pub name: String,
+    pub role: String,
+    pub health: &'static str,
+    pub sync_state: &'static str,
+    pub timeline: u32,
+    pub lag_ms: u64,
+    pub lag_bytes: u64,
+    pub heartbeat_age_ms: Option<u64>,
+    /// The report it was judged from, when fresh.
+    pub report: Option<pb::NodeReport>,
+    pub in_sync_set: bool,
+}
+
+/// The report of `node`, if it is fresh enough to judge by.
+pub fn fresh<'a>(cluster: &Cluster, reports: &'a ClusterReports, node: &str) -> Option<&'a Observed> {
+    let limit = Duration::from_millis(cluster.policy.failure_timeout_ms);
+    reports.nodes.get(node).filter(|o| o.age <= limit)
+}
+
+/// The primary's fresh report, if the committed primary reports as one.
+pub fn primary_report<'a>(cluster: &Cluster, reports: &'a ClusterReports) -> Option<&'a pb::NodeReport> {
+    let primary = cluster.primary.as_deref()?;
+    fresh(cluster, reports, primary)
+        .map(|o| &o.report)
+        .filter(|r| r.postgres_up && r.role == "primary")
+}
+
+/// The primary's view of one standby (pg_stat_replication), if it has a connection.
+pub fn replication_of<'a>(
+    primary: Option<&'a pb::NodeReport>,
+    node: &str,
+) -> Option<&'a pb::ReplicationInfo> {
+    primary?
+        .replicas
+        .iter()
+        .find(|r| r.application_name.eq_ignore_ascii_case(node))
+}
+
+pub fn node_statuses(cluster: &Cluster, reports: &ClusterReports) -> Vec<NodeStatus> {
+    let primary = primary_report(cluster, reports);
+    let primary_lsn = primary.and_then(|p| Lsn::parse(&p.current_lsn));
+    cluster
+        .members
+        .keys()
+        .map(|name| {
+            let observed = reports.nodes.get(name);
+            let heartbeat_age_ms = observed.map(|o| o.age.as_millis() as u64);
+            let report = fresh(cluster, reports, name).map(|o| o.report.clone());
+            let in_sync_set = cluster.sync_set.contains(name);
+            let Some(r) = report else {
+                return NodeStatus {
+                    name: name.clone(),
+                    role: "unknown".into(),
+                    health: DISCONNECTED,
+                    sync_state: "none",
+                    timeline: 0,
+                    lag_ms: 0,
+                    lag_bytes: 0,
+                    heartbeat_age_ms,
+                    report: None,
+                    in_sync_set,
+                };
+            };
+            let role = if !r.postgres_up {
+                "stopped".to_string()
+            } else {
+                r.role.clone()
+            };
+            let is_primary = role == "primary";
+            let replication = replication_of(primary, name);
+            let streaming = replication.is_some_and(|s| s.state == "streaming");
+            let lag_bytes = match (is_primary, primary_lsn, Lsn::parse(&r.replay_lsn)) {
+                (false, Some(p), Some(replayed)) => p.bytes_since(replayed),
+                _ => 0,
+            };
+            let lag_ms = if is_primary { 0 } else { r.replay_lag_ms };
+            let health = if is_primary {
+                if cluster.primary.as_deref() == Some(name.as_str()) {
+                    HEALTHY
+                } else {
+                    // A node that says "primary" but is not the committed one is not a
+                    // usable member of this cluster.
+                    DISCONNECTED
+                }
+            } else if role != "standby" || !streaming {
+                DISCONNECTED
+            } else if replication.is_some_and(|s| s.state == "catchup")
+                || lag_ms > cluster.policy.alert_lag_warning_ms
+            {
+                CATCHING_UP
+            } else {
+                HEALTHY
+            };
+            let sync_state = if is_primary {
+                "primary"
+            } else {
+                match replication.map(|s| s.sync_state.as_str()) {
+                    Some("sync" | "quorum") => "sync",
+                    Some(_) => "async",
+                    None => "none",
+                }
+            };
+            NodeStatus {
+                name: name.clone(),
+                role,
+                health,
+                sync_state,
+                timeline: r.timeline,
+                lag_ms,
+                lag_bytes,
+                heartbeat_age_ms,
+                report: Some(r),
+                in_sync_set,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::{Member, Policy};
+
+    pub fn member(name: &str, eligible: bool) -> Member {
+        Member {
+            name: name.into(),
+            region: "us-west-2".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            workload: "general".into(),
+            priority: 100,
+            nofailover: false,
+            sync_eligible: eligible,
+        }
+    }
+
+    /// node1 primary, node2 and node3 standbys, all eligible.
+    pub fn cluster() -> Cluster {
+        let mut c = Cluster::new("main".into(), Policy::default(), 0);
+        for (n, e) in [("node1", true), ("node2", true), ("node3", true)] {
+            c.members.insert(n.into(), member(n, e));
+        }
+        c.primary = Some("node1".into());
+        c.epoch = 1;
+        c
+    }
+
+    pub fn replica(name: &str, state: &str, sync_state: &str, flush: &str) -> pb::ReplicationInfo {
+        pb::ReplicationInfo {
+            application_name: name.into(),
+            state: state.into(),
+            sync_state: sync_state.into(),
+            flush_lsn: flush.into(),
+            replay_lsn: flush.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn primary(lsn: &str, names: &str, replicas: Vec<pb::ReplicationInfo>) -> pb::NodeReport {
+        pb::NodeReport {
+            postgres_up: true,
+            role: "primary".into(),
+            timeline: 1,
+            current_lsn: lsn.into(),
+            synchronous_standby_names: names.into(),
+            replicas,
+            ..Default::default()
+        }
+    }
+
+    pub fn standby(replay: &str, lag_ms: u64) -> pb::NodeReport {
+        pb::NodeReport {
+            postgres_up: true,
+            role: "standby".into(),
+            timeline: 1,
+            receive_lsn: replay.into(),
+            replay_lsn: replay.into(),
+            replay_lag_ms: lag_ms,
+            wal_receiver_status: "streaming".into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn reports(entries: Vec<(&str, pb::NodeReport, u64)>) -> ClusterReports {
+        let mut nodes = BTreeMap::new();
+        for (name, report, age_ms) in entries {
+            nodes.insert(
+                name.to_string(),
+                Observed {
+                    report,
+                    age: Duration::from_millis(age_ms),
+                },
+            );
+        }
+        ClusterReports {
+            nodes,
+            applied_sync: None,
+        }
+    }
+
+    #[test]
+    fn healthy_catching_up_disconnected_and_unknown() {
+        let mut c = cluster();
+        c.members.insert("node4".into(), member("node4", false));
+        c.sync_set = vec!["node2".into()];
+        let r = reports(vec![
+            (
+                "node1",
+                primary(
+                    "0/3000100",
+                    "ANY 1 (\"node2\")",
+                    vec![
+                        replica("node2", "streaming", "quorum", "0/3000100"),
+                        replica("node3", "streaming", "async", "0/3000000"),
+                    ],
+                ),
+                50,
+            ),
+            ("node2", standby("0/3000100", 0), 50),
+            ("node3", standby("0/3000000", 2500), 50),
+            ("node4", standby("0/3000000", 0), 5_000),
+        ]);
+        let s = node_statuses(&c, &r);
+        let by = |n: &str| s.iter().find(|x| x.name == n).unwrap().clone();
+        assert_eq!(
+            (
+                by("node1").role.as_str(),
+                by("node1").health,
+                by("node1").sync_state
+            ),
+            ("primary", HEALTHY, "primary")
+        );
+        assert_eq!(
+            (
+                by("node2").health,
+                by("node2").sync_state,
+                by("node2").in_sync_set
+            ),
+            (HEALTHY, "sync", true)
+        );
+        assert_eq!(
+            (by("node3").health, by("node3").sync_state, by("node3").lag_bytes),
+            (CATCHING_UP, "async", 0x100)
+        );
+        assert_eq!(
+            (
+                by("node4").role.as_str(),
+                by("node4").health,
+                by("node4").heartbeat_age_ms
+            ),
+            ("unknown", DISCONNECTED, Some(5000))
+        );
+    }
+
+    #[test]
+    fn a_standby_the_primary_does_not_list_is_disconnected() {
+        let c = cluster();
+        let r = reports(vec![
+            ("node1", primary("0/3000100", "", vec![]), 10),
+            ("node2", standby("0/3000100", 0), 10),
+            (
+                "node3",
+                pb::NodeReport {
+                    postgres_up: false,
+                    error: "connection refused".into(),
+                    ..Default::default()
+                },
+                10,
+            ),
+        ]);
+        let s = node_statuses(&c, &r);
+        assert_eq!(s[1].health, DISCONNECTED);
+        assert_eq!((s[2].role.as_str(), s[2].health), ("stopped", DISCONNECTED));
+    }
+}
