@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pgquorum::bench;
-use pgquorum::commands::{cluster, policy, raft, Ctx};
+use pgquorum::commands::{cluster, policy, raft, sandbox, status, Ctx};
 use pgquorum_client::{parse_addrs, Coordinators, Timeouts, COORDINATORS_ENV};
 
 #[derive(Parser)]
@@ -31,6 +31,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Every node of a cluster: role, health, lag, LSNs, sync state; Raft leader, epoch.
+    Status {
+        /// The cluster; may be left out when only one exists.
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
+    /// What needs attention: replication lag, nodes not streaming, no sync standby.
+    Alerts {
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
+    /// A whole local cluster on loopback: 3 coordinators, 3 Postgres servers with agents.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
     /// The coordinator group: status and membership.
     #[command(subcommand)]
     Raft(RaftCommand),
@@ -105,6 +119,34 @@ enum PolicyCommand {
 }
 
 #[derive(Subcommand)]
+enum SandboxCommand {
+    /// Start the sandbox and return once every node is healthy.
+    Up {
+        #[arg(long, default_value = sandbox::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Coordinator N listens on 127.0.0.1:(BASE + N).
+        #[arg(long, default_value_t = 7100, value_name = "BASE")]
+        coordinator_base: u16,
+        /// nodeN's Postgres listens on 127.0.0.1:(BASE + N).
+        #[arg(long, default_value_t = 25000, value_name = "BASE")]
+        postgres_base: u16,
+    },
+    /// Stop everything the sandbox started (by pid).
+    Down {
+        #[arg(long, default_value = sandbox::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Also delete its directory (data, logs, configs).
+        #[arg(long)]
+        clean: bool,
+    },
+    /// Which sandbox processes run, and the cluster's status.
+    Status {
+        #[arg(long, default_value = sandbox::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Commit latency, throughput and leader failover of a local 3-node group.
     Raft {
@@ -158,6 +200,17 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
         })
     };
     match cli.command {
+        Command::Status { cluster } => status::status(&ctx()?, &cluster).await,
+        Command::Alerts { cluster } => status::alerts(&ctx()?, &cluster).await,
+        Command::Sandbox(c) => match c {
+            SandboxCommand::Up {
+                dir,
+                coordinator_base,
+                postgres_base,
+            } => sandbox::up(&dir, coordinator_base, postgres_base, json).await,
+            SandboxCommand::Down { dir, clean } => sandbox::down(&dir, clean),
+            SandboxCommand::Status { dir } => sandbox::status(&dir, json).await,
+        },
         Command::Bench(BenchCommand::Raft {
             writes,
             concurrency,

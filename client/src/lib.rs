@@ -22,6 +22,10 @@ use tonic::{Code, Response, Status};
 pub use pgquorum_proto::metadata;
 pub use pgquorum_proto::v1 as pb;
 
+/// Workload classes a Postgres member can serve (DESIGN.md's topology); shared by the
+/// agent's config check and the coordinators' validation.
+pub const WORKLOADS: &[&str] = &["realtime", "reporting", "analytics", "backup", "dr", "general"];
+
 /// Environment variable holding comma-separated coordinator addresses.
 pub const COORDINATORS_ENV: &str = "PGQUORUM_COORDINATORS";
 

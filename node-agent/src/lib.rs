@@ -1,3 +1,15 @@
 //! pgquorum agent: runs next to one PostgreSQL server, reports its state to the
-//! coordinators and carries out their decisions (start, stop, promote, follow, rewind,
-//! self-fence). Built in a later step; see DESIGN.md and the open issues.
+//! coordinators several times a second and carries out what they decide.
+//!
+//! # Layout
+//! - [`config`]: the TOML config file.
+//! - [`postgres`]: running Postgres's tools as the right OS user, and observing the
+//!   server over one kept-open connection.
+//! - [`agent`]: the observe → report → act loop.
+
+pub mod agent;
+pub mod config;
+mod error;
+pub mod postgres;
+
+pub use error::{Error, Result};

@@ -4,6 +4,8 @@
 pub mod cluster;
 pub mod policy;
 pub mod raft;
+pub mod sandbox;
+pub mod status;
 
 use pgquorum_client::{pb, Coordinators};
 

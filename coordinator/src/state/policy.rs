@@ -16,8 +16,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Workload classes a Postgres member can serve (DESIGN.md's topology).
-pub const WORKLOADS: &[&str] = &["realtime", "reporting", "analytics", "backup", "dr", "general"];
+pub use pgquorum_client::WORKLOADS;
 
 /// Workload classes that take routed reads, so they carry a lag threshold. `backup`
 /// replicas exist for base backups and PITR and are never routed.

@@ -1,56 +1,21 @@
-//! Starting a coordinator group on this machine, as real processes on loopback.
+//! A coordinator group as real processes on loopback.
 //!
-//! This is the one way pgquorum starts a local cluster: the sandbox, the benchmarks and
-//! the end-to-end tests all go through [`CoordinatorGroup`], so what the tests prove is
-//! what a newcomer runs. Each node gets its own directory (`coord-N/` with its config,
-//! data and log) and its own port (`base_port + N`); two groups with different
-//! directories and port bases never collide, so tests can run in parallel.
-//!
-//! Processes are killed when the group is dropped, also when a test panics (then the
-//! tail of every node's log is printed, since that is what one needs to see).
+//! Each node gets its own directory (`coord-N/` with its config, data and log) and its
+//! own port (`base_port + N`). Processes are killed when the group is dropped, also
+//! when a test panics (then the tail of every node's log is printed, since that is
+//! what one needs to see).
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use pgquorum_client::{pb, Coordinators, Timeouts};
 use pgquorum_coordinator::config::{Config, MemberConfig, RaftTuning};
 
+use super::{ensure_port_free, find_binary, print_log_tail, signal_and_wait, spawn_logged, COORDINATOR_BIN};
 use crate::error::{Error, Result};
-
-pub const COORDINATOR_BIN: &str = "pgquorum-coordinator";
-
-/// Finds a pgquorum binary: `$PGQUORUM_BIN_DIR`, else next to the running executable,
-/// else one directory up (test executables live in `target/<profile>/deps/`).
-pub fn find_binary(name: &str) -> Result<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(dir) = std::env::var_os("PGQUORUM_BIN_DIR") {
-        candidates.push(PathBuf::from(dir).join(name));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            candidates.push(dir.join(name));
-            if let Some(up) = dir.parent() {
-                candidates.push(up.join(name));
-            }
-        }
-    }
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        Error::Launch(format!(
-            "cannot find the {name} binary (looked in {}); build it with `cargo build --workspace` \
-             or point PGQUORUM_BIN_DIR at the directory holding it",
-            candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })
-}
 
 /// The region a sandbox node is placed in: two in the primary region, the rest in the
 /// DR region, as in DESIGN.md's two-region layout.
@@ -206,18 +171,8 @@ impl CoordinatorGroup {
             .and_then(|(_, p)| p.parse().ok())
             .unwrap_or(0);
         ensure_port_free(port)?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)?;
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(&node.config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| Error::Launch(format!("cannot start {}: {e}", bin.display())))?;
+        let args = [std::ffi::OsStr::new("--config"), node.config_path.as_os_str()];
+        let child = spawn_logged(&bin, &args, &node.log_path)?;
         node.child = Some(child);
         Ok(())
     }
@@ -246,6 +201,11 @@ impl CoordinatorGroup {
     /// Hands the processes over: dropping the group no longer stops them. For the
     /// sandbox, whose cluster outlives the command that started it.
     pub fn detach(mut self) -> Vec<(u64, u32)> {
+        self.release()
+    }
+
+    /// Like [`Self::detach`], for an owner that keeps the value.
+    pub fn release(&mut self) -> Vec<(u64, u32)> {
         self.owned = false;
         self.nodes
             .iter()
@@ -338,17 +298,9 @@ impl CoordinatorGroup {
         }
     }
 
-    fn print_logs(&self) {
+    pub fn print_logs(&self) {
         for (id, node) in &self.nodes {
-            let text = std::fs::read_to_string(&node.log_path).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!(
-                "---- coordinator {id} log (last 40 lines of {}) ----",
-                node.log_path.display()
-            );
-            for line in &lines[lines.len().saturating_sub(40)..] {
-                eprintln!("{line}");
-            }
+            print_log_tail(&format!("coordinator {id}"), &node.log_path);
         }
     }
 }
@@ -368,34 +320,4 @@ impl Drop for CoordinatorGroup {
             }
         }
     }
-}
-
-/// Sends `signal` to the child and reaps it, escalating to SIGKILL after `grace`.
-fn signal_and_wait(child: &mut Child, signal: Signal, grace: Duration) -> Result<()> {
-    let pid = Pid::from_raw(child.id() as i32);
-    // The child may already have exited; reaping below handles that.
-    let _ = kill(pid, signal);
-    let deadline = Instant::now() + grace;
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            child.wait()?;
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Fails early, naming the port, when something else already listens there.
-pub fn ensure_port_free(port: u16) -> Result<()> {
-    std::net::TcpListener::bind(("127.0.0.1", port))
-        .map(drop)
-        .map_err(|e| {
-            Error::Launch(format!(
-                "port {port} on 127.0.0.1 is not free ({e}); choose another port base"
-            ))
-        })
 }

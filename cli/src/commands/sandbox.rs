@@ -1,0 +1,140 @@
+//! `pgquorum sandbox up|down|status`: a whole pgquorum cluster on this machine.
+
+use std::path::Path;
+
+use pgquorum_client::{Coordinators, Timeouts};
+
+use super::status::status_json;
+use super::Ctx;
+use crate::error::{Error, Result};
+use crate::launch::{
+    runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec, AGENT_BIN, COORDINATOR_BIN, SANDBOX_FILE,
+};
+
+pub const DEFAULT_DIR: &str = "/tmp/pgquorum-sandbox";
+
+fn addrs(file: &SandboxFile) -> String {
+    file.coordinators
+        .iter()
+        .map(|c| c.grpc.clone())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn alive(pid: u32) -> bool {
+    pid != 0 && (runs(pid, AGENT_BIN) || runs(pid, COORDINATOR_BIN))
+}
+
+fn read_file(dir: &Path) -> Option<SandboxFile> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(SANDBOX_FILE)).ok()?).ok()
+}
+
+pub async fn up(dir: &Path, coordinator_base: u16, postgres_base: u16, json: bool) -> Result<()> {
+    if let Some(file) = read_file(dir) {
+        if file.coordinators.iter().any(|c| alive(c.pid)) || file.nodes.iter().any(|n| alive(n.agent_pid)) {
+            return Err(Error::Usage(format!(
+                "a sandbox is already running from {}; stop it with `pgquorum sandbox down --dir {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
+    }
+    eprintln!(
+        "starting the sandbox in {} (3 coordinators, 3 Postgres servers with agents)…",
+        dir.display()
+    );
+    let sandbox = Sandbox::start(SandboxSpec::new(dir, coordinator_base, postgres_base)).await?;
+    let status = sandbox.status().await?;
+    let file = sandbox.detach()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&file).unwrap_or_default());
+        return Ok(());
+    }
+    let coordinators = addrs(&file);
+    let primary = file.nodes.iter().find(|n| n.name == status.primary);
+    println!(
+        "sandbox is up and healthy; everything is recorded in {}",
+        dir.join(SANDBOX_FILE).display()
+    );
+    println!();
+    println!("try:");
+    println!("  export PGQUORUM_COORDINATORS={coordinators}");
+    println!("  pgquorum status");
+    println!("  pgquorum alerts");
+    println!("  pgquorum cluster show main");
+    if let Some(p) = primary {
+        println!(
+            "  psql \"host={} port={} user={} dbname={}\"   # the primary",
+            p.host, p.port, p.superuser, p.database
+        );
+    }
+    println!("  pgquorum sandbox down");
+    Ok(())
+}
+
+pub fn down(dir: &Path, clean: bool) -> Result<()> {
+    let file = stop_recorded(dir)?;
+    println!(
+        "stopped {} agents, their Postgres servers and {} coordinators",
+        file.nodes.len(),
+        file.coordinators.len()
+    );
+    if clean {
+        std::fs::remove_dir_all(dir)?;
+        println!("removed {}", dir.display());
+    }
+    Ok(())
+}
+
+pub async fn status(dir: &Path, json: bool) -> Result<()> {
+    let file = read_file(dir).ok_or_else(|| {
+        Error::Usage(format!(
+            "no sandbox in {} (no readable {SANDBOX_FILE})",
+            dir.display()
+        ))
+    })?;
+    let addrs: Vec<String> = file.coordinators.iter().map(|c| c.grpc.clone()).collect();
+    let ctx = Ctx {
+        coordinators: Coordinators::new(addrs, Timeouts::default())?,
+        json,
+    };
+    if json {
+        let request = pgquorum_client::pb::StatusRequest {
+            cluster: file.cluster.clone(),
+        };
+        let reply = ctx
+            .coordinators
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.status(request).await }
+            })
+            .await?;
+        let value = serde_json::json!({ "sandbox": file, "status": status_json(&reply) });
+        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        return Ok(());
+    }
+    for c in &file.coordinators {
+        println!(
+            "coordinator {} at {}: pid {} {}",
+            c.id,
+            c.grpc,
+            c.pid,
+            if alive(c.pid) { "running" } else { "NOT RUNNING" }
+        );
+    }
+    for n in &file.nodes {
+        println!(
+            "{} postgres {}:{} agent pid {} {}",
+            n.name,
+            n.host,
+            n.port,
+            n.agent_pid,
+            if alive(n.agent_pid) {
+                "running"
+            } else {
+                "NOT RUNNING"
+            }
+        );
+    }
+    super::status::status(&ctx, &file.cluster).await
+}

@@ -1,0 +1,163 @@
+//! `pgquorum status` and `pgquorum alerts`: the live state of a cluster's nodes.
+
+use pgquorum_client::pb;
+use serde_json::{json, Value};
+
+use super::Ctx;
+use crate::error::Result;
+use crate::output::{emit, table};
+
+pub async fn status(ctx: &Ctx, cluster: &str) -> Result<()> {
+    let request = pb::StatusRequest {
+        cluster: cluster.to_string(),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.status(request).await }
+        })
+        .await?;
+    emit(ctx.json, &status_json(&reply), || status_table(&reply));
+    Ok(())
+}
+
+/// The JSON of `status --json` (keys fixed by DESIGN.md; add, never rename).
+pub fn status_json(s: &pb::StatusReply) -> Value {
+    let raft = s.raft.clone().unwrap_or_default();
+    json!({
+        "cluster": s.cluster,
+        "epoch": s.epoch,
+        "primary": if s.primary.is_empty() { Value::Null } else { Value::from(s.primary.clone()) },
+        "maintenance": s.maintenance,
+        "sync_mode": s.sync_mode,
+        "sync_set": s.sync_set,
+        "raft": {
+            "leader": raft.leader_id,
+            "term": raft.term,
+            "members": raft.members.iter().map(|m| json!({
+                "id": m.id,
+                "role": if Some(m.id) == raft.leader_id { "leader" } else if m.voter { "follower" } else { "learner" },
+                "region": m.region,
+                "addr": m.addr,
+            })).collect::<Vec<_>>(),
+        },
+        "nodes": s.nodes.iter().map(|n| json!({
+            "name": n.name,
+            "role": n.role,
+            "health": n.health,
+            "sync_state": n.sync_state,
+            "timeline": n.timeline,
+            "lag_ms": n.lag_ms,
+            "lag_bytes": n.lag_bytes,
+            "workload": n.workload,
+            "region": n.region,
+            "heartbeat_age_ms": n.heartbeat_age_ms,
+            "host": n.host,
+            "port": n.port,
+            "current_lsn": n.current_lsn,
+            "receive_lsn": n.receive_lsn,
+            "replay_lsn": n.replay_lsn,
+            "replay_paused": n.replay_paused,
+            "in_sync_set": n.in_sync_set,
+            "error": n.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn status_table(s: &pb::StatusReply) -> String {
+    let raft = s.raft.clone().unwrap_or_default();
+    let rows = s
+        .nodes
+        .iter()
+        .map(|n| {
+            let lsn = match n.role.as_str() {
+                "primary" => n.current_lsn.clone(),
+                _ if !n.replay_lsn.is_empty() => format!("{} / {}", n.receive_lsn, n.replay_lsn),
+                _ => "-".into(),
+            };
+            let health = if n.replay_paused {
+                format!("{} (replay paused)", n.health)
+            } else {
+                n.health.clone()
+            };
+            vec![
+                n.name.clone(),
+                format!("{}:{}", n.host, n.port),
+                n.role.clone(),
+                health,
+                n.sync_state.clone(),
+                n.lag_ms.to_string(),
+                n.lag_bytes.to_string(),
+                lsn,
+                n.timeline.to_string(),
+                n.workload.clone(),
+                n.region.clone(),
+                n.heartbeat_age_ms
+                    .map(|a| format!("{a} ms"))
+                    .unwrap_or_else(|| "never".into()),
+            ]
+        })
+        .collect();
+    format!(
+        "cluster {}   epoch {}   primary {}   sync {} {:?}{}   raft leader {} (term {})\n{}",
+        s.cluster,
+        s.epoch,
+        if s.primary.is_empty() { "-" } else { &s.primary },
+        s.sync_mode,
+        s.sync_set,
+        if s.maintenance { "   MAINTENANCE" } else { "" },
+        raft.leader_id
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "-".into()),
+        raft.term,
+        table(
+            &[
+                "NODE",
+                "ADDRESS",
+                "ROLE",
+                "HEALTH",
+                "SYNC",
+                "LAG MS",
+                "LAG BYTES",
+                "LSN (RECEIVED / REPLAYED)",
+                "TL",
+                "WORKLOAD",
+                "REGION",
+                "HEARTBEAT",
+            ],
+            rows
+        )
+    )
+}
+
+pub async fn alerts(ctx: &Ctx, cluster: &str) -> Result<()> {
+    let request = pb::AlertsRequest {
+        cluster: cluster.to_string(),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.alerts(request).await }
+        })
+        .await?;
+    let value = json!({
+        "cluster": reply.cluster,
+        "alerts": reply.alerts.iter().map(|a| json!({
+            "severity": a.severity, "node": a.node, "message": a.message,
+        })).collect::<Vec<_>>(),
+    });
+    emit(ctx.json, &value, || {
+        if reply.alerts.is_empty() {
+            return format!("cluster {}: no alerts", reply.cluster);
+        }
+        let rows = reply
+            .alerts
+            .iter()
+            .map(|a| vec![a.severity.clone(), a.node.clone(), a.message.clone()])
+            .collect();
+        table(&["SEVERITY", "NODE", "MESSAGE"], rows)
+    });
+    Ok(())
+}

@@ -1,0 +1,554 @@
+//! The sandbox: three coordinators and three Postgres servers with their agents, on
+//! loopback, as DESIGN.md describes it.
+//!
+//! `node1` becomes the primary (it is started first and asks for the bootstrap), `node2`
+//! the synchronous standby (started next, so it is the first eligible standby to
+//! stream), `node3` an asynchronous standby for the `reporting` workload that may step
+//! in as synchronous standby. Everything lives under one directory:
+//!
+//! ```text
+//! DIR/sandbox.json            addresses, ports, data dirs and pids (DESIGN.md keys)
+//! DIR/coord-N/                coordinator config, data, log
+//! DIR/nodeN/agent.toml        agent config; agent.log next to it
+//! DIR/nodeN/pg/data           Postgres data directory; pg/postgres.log its log
+//! ```
+//!
+//! When run as root, Postgres runs as the `postgres` user (it refuses root); the
+//! directories it needs are created for that user by its agent.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Pid, Uid};
+use pgquorum_agent::config::{AgentConfig, PostgresConfig};
+use pgquorum_client::{pb, Coordinators};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ensure_port_free, find_binary, print_log_tail, signal_and_wait, spawn_logged, CoordinatorGroup, GroupSpec,
+};
+use crate::error::{Error, Result};
+
+pub const AGENT_BIN: &str = "pgquorum-agent";
+pub const SANDBOX_FILE: &str = "sandbox.json";
+
+/// How long a node may take to come up (initdb or a base backup included).
+const NODE_START_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Clone, Debug)]
+pub struct SandboxSpec {
+    pub dir: PathBuf,
+    /// Coordinator N listens on 127.0.0.1:(coordinator_base + N).
+    pub coordinator_base: u16,
+    /// nodeN's Postgres listens on 127.0.0.1:(postgres_base + N).
+    pub postgres_base: u16,
+    pub cluster: String,
+    /// Policy settings for the cluster, if it is created.
+    pub settings: Vec<(String, String)>,
+}
+
+impl SandboxSpec {
+    pub fn new(dir: impl Into<PathBuf>, coordinator_base: u16, postgres_base: u16) -> SandboxSpec {
+        SandboxSpec {
+            dir: dir.into(),
+            coordinator_base,
+            postgres_base,
+            cluster: "main".into(),
+            settings: Vec::new(),
+        }
+    }
+}
+
+/// One Postgres member of the sandbox.
+struct NodePlan {
+    name: &'static str,
+    workload: &'static str,
+    priority: i32,
+}
+
+const NODES: [NodePlan; 3] = [
+    NodePlan {
+        name: "node1",
+        workload: "general",
+        priority: 100,
+    },
+    NodePlan {
+        name: "node2",
+        workload: "realtime",
+        priority: 100,
+    },
+    NodePlan {
+        name: "node3",
+        workload: "reporting",
+        priority: 50,
+    },
+];
+
+/// `DIR/sandbox.json`: what a script needs to find every part (keys per DESIGN.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SandboxFile {
+    pub cluster: String,
+    pub coordinators: Vec<CoordinatorEntry>,
+    pub nodes: Vec<NodeEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CoordinatorEntry {
+    pub id: u64,
+    pub grpc: String,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub agent_pid: u32,
+    pub os_user: String,
+    pub superuser: String,
+    pub database: String,
+}
+
+struct AgentProcess {
+    config: AgentConfig,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running sandbox whose processes this value owns (until [`Sandbox::detach`]).
+pub struct Sandbox {
+    spec: SandboxSpec,
+    group: CoordinatorGroup,
+    agents: BTreeMap<String, AgentProcess>,
+    owned: bool,
+}
+
+/// The OS user Postgres runs as: `postgres` when we are root, else ourselves.
+fn os_user() -> String {
+    if Uid::effective().is_root() {
+        return "postgres".into();
+    }
+    std::env::var("USER").unwrap_or_else(|_| "postgres".into())
+}
+
+impl Sandbox {
+    /// Starts coordinators, creates the cluster (unless it exists), then starts the
+    /// three nodes one at a time, each waited for; returns once all are HEALTHY.
+    /// A directory from an earlier `up` is reused: the cluster resumes where it was.
+    pub async fn start(spec: SandboxSpec) -> Result<Sandbox> {
+        std::fs::create_dir_all(&spec.dir)?;
+        // Postgres may run as another user, who must be able to reach its directory.
+        std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o755))?;
+        let agent_bin = find_binary(AGENT_BIN)?;
+        let group = CoordinatorGroup::start(GroupSpec::new(&spec.dir, spec.coordinator_base, 3)).await?;
+        let mut sandbox = Sandbox {
+            spec,
+            group,
+            agents: BTreeMap::new(),
+            owned: true,
+        };
+        sandbox.ensure_cluster().await?;
+        for (i, plan) in NODES.iter().enumerate() {
+            sandbox.create_agent(i as u16 + 1, plan)?;
+        }
+        for plan in &NODES {
+            sandbox.start_agent_with(plan.name, &agent_bin)?;
+            let name = plan.name;
+            let ready = |s: &pb::StatusReply| {
+                let node = s.nodes.iter().find(|n| n.name == name);
+                let healthy = node.is_some_and(|n| n.health == "HEALTHY");
+                match name {
+                    "node1" => healthy && s.primary == "node1",
+                    "node2" => healthy && node.is_some_and(|n| n.sync_state == "sync"),
+                    _ => healthy,
+                }
+            };
+            if let Err(e) = sandbox
+                .wait_for(&format!("{name} to be ready"), NODE_START_TIMEOUT, ready)
+                .await
+            {
+                sandbox.print_logs();
+                return Err(e);
+            }
+        }
+        Ok(sandbox)
+    }
+
+    async fn ensure_cluster(&self) -> Result<()> {
+        let request = pb::CreateClusterRequest {
+            name: self.spec.cluster.clone(),
+            settings: self.spec.settings.iter().cloned().collect(),
+            actor: "pgquorum sandbox".into(),
+        };
+        let created = self
+            .client()
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.create_cluster(request).await }
+            })
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(tonic::Code::AlreadyExists) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn node_dir(&self, name: &str) -> PathBuf {
+        self.spec.dir.join(name)
+    }
+
+    fn create_agent(&mut self, index: u16, plan: &NodePlan) -> Result<()> {
+        let dir = self.node_dir(plan.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let config = AgentConfig {
+            cluster: self.spec.cluster.clone(),
+            name: plan.name.into(),
+            region: "us-west-2".into(),
+            workload: plan.workload.into(),
+            priority: plan.priority,
+            nofailover: false,
+            sync_eligible: true,
+            coordinators: self.group.addrs(),
+            heartbeat_interval_ms: 100,
+            postgres: PostgresConfig {
+                bin_dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
+                data_dir: dir.join("pg").join("data"),
+                port: self.spec.postgres_base + index,
+                listen_addresses: "127.0.0.1".into(),
+                advertise_host: "127.0.0.1".into(),
+                os_user: os_user(),
+                superuser: "postgres".into(),
+                password: String::new(),
+                database: "postgres".into(),
+                replication_user: None,
+                log_file: None,
+                parameters: [
+                    ("shared_buffers", "32MB"),
+                    ("max_connections", "100"),
+                    ("fsync", "on"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            },
+        };
+        let text = toml::to_string(&config).map_err(|e| Error::Launch(format!("agent config: {e}")))?;
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, text)?;
+        let log_path = dir.join("agent.log");
+        self.agents.insert(
+            plan.name.into(),
+            AgentProcess {
+                config,
+                config_path,
+                log_path,
+                child: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn agent(&self, name: &str) -> Result<&AgentProcess> {
+        self.agents
+            .get(name)
+            .ok_or_else(|| Error::Launch(format!("no node {name} in this sandbox")))
+    }
+
+    fn agent_mut(&mut self, name: &str) -> Result<&mut AgentProcess> {
+        self.agents
+            .get_mut(name)
+            .ok_or_else(|| Error::Launch(format!("no node {name} in this sandbox")))
+    }
+
+    /// Starts (or restarts) a node's agent, which starts its Postgres if needed.
+    pub fn start_agent(&mut self, name: &str) -> Result<()> {
+        let bin = find_binary(AGENT_BIN)?;
+        self.start_agent_with(name, &bin)
+    }
+
+    fn start_agent_with(&mut self, name: &str, bin: &Path) -> Result<()> {
+        let agent = self.agent_mut(name)?;
+        if agent.child.is_some() {
+            return Err(Error::Launch(format!("the agent of {name} is already running")));
+        }
+        if !agent.config.postgres.data_dir.join("postmaster.pid").exists() {
+            ensure_port_free(agent.config.postgres.port)?;
+        }
+        let args = [std::ffi::OsStr::new("--config"), agent.config_path.as_os_str()];
+        agent.child = Some(spawn_logged(bin, &args, &agent.log_path)?);
+        Ok(())
+    }
+
+    /// kill -9 a node's agent (its Postgres keeps running).
+    pub fn kill_agent(&mut self, name: &str) -> Result<()> {
+        if let Some(mut child) = self.agent_mut(name)?.child.take() {
+            signal_and_wait(&mut child, Signal::SIGKILL, Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    /// The pid of a node's postmaster, if it runs.
+    pub fn postmaster_pid(&self, name: &str) -> Option<i32> {
+        postmaster_pid(&self.agent(name).ok()?.config.postgres.data_dir)
+    }
+
+    /// Stops a node's Postgres (fast shutdown) and waits until it is gone. Stop its
+    /// agent first, or the agent starts it again.
+    pub fn stop_postgres(&self, name: &str) -> Result<()> {
+        stop_postmaster(&self.agent(name)?.config.postgres.data_dir, Signal::SIGINT)
+    }
+
+    /// Host loss for one node: its agent and its Postgres stop.
+    pub fn stop_node(&mut self, name: &str) -> Result<()> {
+        self.kill_agent(name)?;
+        self.stop_postgres(name)
+    }
+
+    pub fn port(&self, name: &str) -> Result<u16> {
+        Ok(self.agent(name)?.config.postgres.port)
+    }
+
+    /// A libpq connection string for a node's Postgres.
+    pub fn conninfo(&self, name: &str) -> Result<String> {
+        let pg = &self.agent(name)?.config.postgres;
+        Ok(format!(
+            "host=127.0.0.1 port={} user={} dbname={}",
+            pg.port, pg.superuser, pg.database
+        ))
+    }
+
+    pub fn client(&self) -> Coordinators {
+        self.group.client()
+    }
+
+    pub fn coordinators(&mut self) -> &mut CoordinatorGroup {
+        &mut self.group
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.spec.cluster
+    }
+
+    pub async fn status(&self) -> Result<pb::StatusReply> {
+        let request = pb::StatusRequest {
+            cluster: self.spec.cluster.clone(),
+        };
+        Ok(self
+            .client()
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.status(request).await }
+            })
+            .await?)
+    }
+
+    pub async fn alerts(&self) -> Result<pb::AlertsReply> {
+        let request = pb::AlertsRequest {
+            cluster: self.spec.cluster.clone(),
+        };
+        Ok(self
+            .client()
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.alerts(request).await }
+            })
+            .await?)
+    }
+
+    /// Polls `status` until `ready` holds; on timeout says what it last saw.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&pb::StatusReply) -> bool,
+    ) -> Result<pb::StatusReply> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status().await;
+            if let Ok(s) = &status {
+                if ready(s) {
+                    return status;
+                }
+            }
+            if Instant::now() >= deadline {
+                let seen = match status {
+                    Ok(s) => s
+                        .nodes
+                        .iter()
+                        .map(|n| format!("{} {} {} {} {}", n.name, n.role, n.health, n.sync_state, n.error))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    Err(e) => e.to_string(),
+                };
+                return Err(Error::Timeout(format!(
+                    "waiting for {what} ({timeout:?}); last seen: {seen}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What `sandbox.json` records.
+    pub fn file(&self) -> SandboxFile {
+        let pids: BTreeMap<u64, u32> = self
+            .group
+            .ids()
+            .into_iter()
+            .filter_map(|id| Some((id, self.group.pid(id)?)))
+            .collect();
+        SandboxFile {
+            cluster: self.spec.cluster.clone(),
+            coordinators: pids
+                .iter()
+                .map(|(id, pid)| CoordinatorEntry {
+                    id: *id,
+                    grpc: self.group.addr_of(*id),
+                    pid: *pid,
+                })
+                .collect(),
+            nodes: self
+                .agents
+                .iter()
+                .map(|(name, a)| {
+                    let pg = &a.config.postgres;
+                    NodeEntry {
+                        name: name.clone(),
+                        host: pg.advertise_host.clone(),
+                        port: pg.port,
+                        data_dir: std::path::absolute(&pg.data_dir).unwrap_or_else(|_| pg.data_dir.clone()),
+                        agent_pid: a.child.as_ref().map(Child::id).unwrap_or(0),
+                        os_user: pg.os_user.clone(),
+                        superuser: pg.superuser.clone(),
+                        database: pg.database.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes `sandbox.json` and hands the processes over: they keep running after
+    /// this value (and the command that started them) is gone.
+    pub fn detach(mut self) -> Result<SandboxFile> {
+        let file = self.file();
+        let text = serde_json::to_string_pretty(&file).map_err(|e| Error::Launch(e.to_string()))?;
+        std::fs::write(self.spec.dir.join(SANDBOX_FILE), text + "\n")?;
+        self.owned = false;
+        for agent in self.agents.values_mut() {
+            agent.child = None;
+        }
+        self.group.release();
+        Ok(file)
+    }
+
+    pub fn print_logs(&self) {
+        self.group.print_logs();
+        for (name, a) in &self.agents {
+            print_log_tail(&format!("agent {name}"), &a.log_path);
+            print_log_tail(&format!("postgres {name}"), &a.config.postgres.log_file());
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        // Agents first, or they would start Postgres again.
+        for agent in self.agents.values_mut() {
+            if let Some(mut child) = agent.child.take() {
+                let _ = signal_and_wait(&mut child, Signal::SIGKILL, Duration::from_secs(5));
+            }
+        }
+        for agent in self.agents.values() {
+            let _ = stop_postmaster(&agent.config.postgres.data_dir, Signal::SIGQUIT);
+        }
+    }
+}
+
+/// The postmaster's pid from `postmaster.pid`, if that process exists.
+pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    kill(Pid::from_raw(pid), None).ok().map(|_| pid)
+}
+
+/// Signals the postmaster of `data_dir` (SIGINT fast shutdown, SIGQUIT immediate) and
+/// waits until it has exited, escalating to SIGKILL after 30 s.
+fn stop_postmaster(data_dir: &Path, signal: Signal) -> Result<()> {
+    let Some(pid) = postmaster_pid(data_dir) else {
+        return Ok(());
+    };
+    let pid = Pid::from_raw(pid);
+    let _ = kill(pid, signal);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kill(pid, None).is_ok() {
+        if Instant::now() >= deadline {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Whether `pid` runs the program `name` (guards against pid reuse before a signal).
+pub fn runs(pid: u32, name: &str) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|exe| {
+            exe.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(name))
+        })
+        .unwrap_or(false)
+}
+
+fn terminate_pid(pid: u32, name: &str) {
+    if pid == 0 || !runs(pid, name) {
+        return;
+    }
+    let p = Pid::from_raw(pid as i32);
+    let _ = kill(p, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runs(pid, name) {
+        if Instant::now() >= deadline {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `sandbox down`: stops what `sandbox.json` in `dir` records — agents, then Postgres,
+/// then coordinators — by pid, never by name.
+pub fn stop_recorded(dir: &Path) -> Result<SandboxFile> {
+    let path = dir.join(SANDBOX_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::Usage(format!(
+            "no sandbox in {}: cannot read {}: {e}",
+            dir.display(),
+            path.display()
+        ))
+    })?;
+    let file: SandboxFile = serde_json::from_str(&text)
+        .map_err(|e| Error::Launch(format!("{} is not a sandbox file: {e}", path.display())))?;
+    for node in &file.nodes {
+        terminate_pid(node.agent_pid, AGENT_BIN);
+    }
+    for node in &file.nodes {
+        stop_postmaster(&node.data_dir, Signal::SIGINT)?;
+    }
+    for c in &file.coordinators {
+        terminate_pid(c.pid, super::COORDINATOR_BIN);
+    }
+    Ok(file)
+}

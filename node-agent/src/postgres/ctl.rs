@@ -1,0 +1,397 @@
+//! Managing the Postgres server as a process: create, start, stop, check.
+//!
+//! Everything goes through Postgres's own tools (initdb, pg_basebackup, pg_ctl), run as
+//! the configured OS user when the agent runs as root, because Postgres refuses to run
+//! as root. The postmaster is started detached (pg_ctl), so the agent can stop and
+//! restart without disturbing it: Postgres is started and stopped only on purpose.
+//!
+//! Every node's own settings (port, addresses, replication) live in `pgquorum.conf`,
+//! included from `postgresql.conf`. A base backup copies the primary's file; the clone
+//! then writes its own over it.
+
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::kill;
+use nix::unistd::{chown, Gid, Pid, Uid, User};
+use tracing::info;
+
+use crate::config::PostgresConfig;
+use crate::error::{Error, Result};
+
+/// The file with this node's settings, next to postgresql.conf.
+const NODE_CONF: &str = "pgquorum.conf";
+
+/// Who Postgres runs as: the agent's own user, or `os_user` when the agent is root.
+#[derive(Clone, Copy, Debug)]
+struct RunAs {
+    uid: Uid,
+    gid: Gid,
+}
+
+/// Where the standby streams from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+}
+
+pub struct PostgresCtl {
+    cfg: PostgresConfig,
+    /// Set when the agent is root: the user Postgres must run as.
+    run_as: Option<RunAs>,
+    /// The member name: application_name and replication slot name.
+    name: String,
+}
+
+/// Replication slot name for a member: Postgres allows lower-case letters, digits
+/// and underscores only.
+pub fn slot_name(member: &str) -> String {
+    member
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// Quotes a value for postgresql.conf or a SQL literal.
+pub fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+impl PostgresCtl {
+    pub fn new(cfg: PostgresConfig, name: &str) -> Result<PostgresCtl> {
+        let run_as = if Uid::effective().is_root() {
+            let user = User::from_name(&cfg.os_user)
+                .map_err(|e| Error::Config { path: "postgres.os_user".into(), message: e.to_string() })?
+                .ok_or_else(|| Error::Config {
+                    path: "postgres.os_user".into(),
+                    message: format!(
+                        "the agent runs as root, so Postgres must run as another user, but no user {:?} exists",
+                        cfg.os_user
+                    ),
+                })?;
+            Some(RunAs {
+                uid: user.uid,
+                gid: user.gid,
+            })
+        } else {
+            None
+        };
+        Ok(PostgresCtl {
+            cfg,
+            run_as,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+
+    fn incomplete_marker(&self) -> PathBuf {
+        let mut name = self.cfg.data_dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".pgquorum-incomplete");
+        self.cfg.data_dir.with_file_name(name)
+    }
+
+    /// Whether the data directory holds a complete Postgres cluster.
+    pub fn initialized(&self) -> bool {
+        self.cfg.data_dir.join("PG_VERSION").is_file() && !self.incomplete_marker().exists()
+    }
+
+    /// The postmaster's pid, if one runs on this data directory.
+    pub fn running_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        // Signal 0 checks existence. EPERM also means it exists (another user's process).
+        match kill(Pid::from_raw(pid), None) {
+            Ok(()) | Err(nix::errno::Errno::EPERM) => Some(pid),
+            Err(_) => None,
+        }
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.cfg.bin_dir.join(tool));
+        cmd.stdin(Stdio::null());
+        if let Some(r) = self.run_as {
+            cmd.uid(r.uid.as_raw()).gid(r.gid.as_raw());
+        }
+        if !self.cfg.password.is_empty() {
+            cmd.env("PGPASSWORD", &self.cfg.password);
+        }
+        // Tools must not pick up a client environment meant for something else.
+        cmd.env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .env_remove("PGDATA")
+            .env_remove("PGSERVICE");
+        cmd
+    }
+
+    async fn run(&self, tool: &str, cmd: Command) -> Result<()> {
+        let mut cmd = tokio::process::Command::from(cmd);
+        let out = cmd.output().await.map_err(|e| Error::Tool {
+            tool: tool.into(),
+            detail: format!("cannot run: {e}"),
+        })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let detail = format!("{} ({})", stderr.trim(), out.status).replace('\n', " | ");
+        let detail = if stderr.trim().is_empty() {
+            format!("{} ({})", stdout.trim(), out.status)
+        } else {
+            detail
+        };
+        Err(Error::Tool {
+            tool: tool.into(),
+            detail,
+        })
+    }
+
+    /// Makes `dir` exist, owned by the Postgres user.
+    fn make_dir(&self, dir: &Path, mode: u32) -> Result<()> {
+        let fail = |e: std::io::Error| Error::Tool {
+            tool: "prepare data_dir".into(),
+            detail: format!("{}: {e}", dir.display()),
+        };
+        std::fs::create_dir_all(dir).map_err(fail)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+        if let Some(r) = self.run_as {
+            chown(dir, Some(r.uid), Some(r.gid)).map_err(|e| fail(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// An empty data directory (and its parent, for the log file), owned by the
+    /// Postgres user. Leftovers of a failed attempt are removed first.
+    ///
+    /// A directory with other contents is never wiped: only one this agent left
+    /// behind, marked by `<data_dir>.pgquorum-incomplete` while it was being created.
+    fn fresh_data_dir(&self) -> Result<()> {
+        let dir = &self.cfg.data_dir;
+        let marker = self.incomplete_marker();
+        let empty = std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        if dir.exists() && !empty {
+            if !marker.exists() {
+                return Err(Error::Config {
+                    path: "postgres.data_dir".into(),
+                    message: format!(
+                        "{} is not empty but holds no Postgres cluster; move its contents away or choose another data_dir",
+                        dir.display()
+                    ),
+                });
+            }
+            std::fs::remove_dir_all(dir)?;
+        }
+
+        if let Some(parent) = dir.parent() {
+            if !parent.exists() {
+                self.make_dir(parent, 0o755)?;
+            }
+        }
+        let log = self.cfg.log_file();
+        if let Some(log_dir) = log.parent() {
+            if !log_dir.exists() {
+                self.make_dir(log_dir, 0o755)?;
+            }
+        }
+        std::fs::write(&marker, "pgquorum-agent is creating this data directory\n").map_err(|e| {
+            Error::Tool {
+                tool: "prepare data_dir".into(),
+                detail: format!("{}: {e}", marker.display()),
+            }
+        })?;
+        self.make_dir(dir, 0o700)
+    }
+
+    /// Creates a new cluster for a first primary: initdb with data checksums, so that
+    /// pg_rewind can work on it later, then this node's settings.
+    pub async fn init_primary(&self) -> Result<()> {
+        self.fresh_data_dir()?;
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .args(["--data-checksums", "--encoding=UTF8", "--locale=C"]);
+        cmd.arg(format!("--username={}", self.cfg.superuser));
+        let pwfile = self.cfg.data_dir.with_extension("pwfile");
+        if self.cfg.password.is_empty() {
+            cmd.arg("--auth=trust");
+        } else {
+            std::fs::write(&pwfile, &self.cfg.password)?;
+            if let Some(r) = self.run_as {
+                chown(&pwfile, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
+            }
+            cmd.args(["--auth-local=peer", "--auth-host=scram-sha-256"])
+                .arg(format!("--pwfile={}", pwfile.display()));
+        }
+        let result = self.run("initdb", cmd).await;
+        let _ = std::fs::remove_file(&pwfile);
+        result?;
+        self.include_node_conf()?;
+        self.write_node_conf(None)?;
+        std::fs::remove_file(self.incomplete_marker())?;
+        info!(data_dir = %self.cfg.data_dir.display(), "initialized a new cluster");
+        Ok(())
+    }
+
+    /// Clones the primary with pg_basebackup, streaming from a replication slot that
+    /// is created first, so the primary keeps WAL for this standby from the start.
+    pub async fn clone_from(&self, upstream: &Upstream) -> Result<()> {
+        self.ensure_slot_on(upstream).await?;
+        self.fresh_data_dir()?;
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .args([
+                "-h",
+                &upstream.host,
+                "-p",
+                &upstream.port.to_string(),
+                "-U",
+                self.cfg.replication_user(),
+            ])
+            .args([
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-S",
+                &slot_name(&self.name),
+                "--no-password",
+            ]);
+        self.run("pg_basebackup", cmd).await?;
+        self.write_node_conf(Some(upstream))?;
+        std::fs::remove_file(self.incomplete_marker())?;
+        info!(upstream = ?upstream, "cloned from the primary");
+        Ok(())
+    }
+
+    async fn ensure_slot_on(&self, upstream: &Upstream) -> Result<()> {
+        let client = super::connect(&self.cfg, &upstream.host, upstream.port, "pgquorum-agent").await?;
+        let slot = slot_name(&self.name);
+        let sql = format!(
+            "SELECT pg_create_physical_replication_slot({0}) WHERE NOT EXISTS \
+             (SELECT 1 FROM pg_replication_slots WHERE slot_name = {0})",
+            quote(&slot)
+        );
+        client.simple_query(&sql).await.map_err(|e| Error::Postgres {
+            target: format!("{}:{}", upstream.host, upstream.port),
+            detail: format!("creating replication slot {slot}: {e}"),
+        })?;
+        Ok(())
+    }
+
+    fn include_node_conf(&self) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.cfg.data_dir.join("postgresql.conf"))?;
+        writeln!(
+            f,
+            "\n# Settings of this node, managed by pgquorum-agent.\ninclude_if_exists = '{NODE_CONF}'"
+        )?;
+        Ok(())
+    }
+
+    /// Writes this node's settings; with an upstream, also what makes it a standby.
+    pub fn write_node_conf(&self, upstream: Option<&Upstream>) -> Result<()> {
+        let c = &self.cfg;
+        let mut s = String::from("# Written by pgquorum-agent; changes are overwritten.\n");
+        let mut set = |k: &str, v: &str| {
+            let _ = writeln!(s, "{k} = {}", quote(v));
+        };
+        set("listen_addresses", &c.listen_addresses);
+        set("port", &c.port.to_string());
+        // TCP only: socket paths would depend on directories the OS user may not own.
+        set("unix_socket_directories", "");
+        set("cluster_name", &self.name);
+        set("wal_level", "replica");
+        set("max_wal_senders", "16");
+        set("max_replication_slots", "16");
+        set("hot_standby", "on");
+        set("hot_standby_feedback", "on");
+        set("wal_log_hints", "on");
+        set("wal_keep_size", "256MB");
+        if let Some(up) = upstream {
+            let conninfo = format!(
+                "host={} port={} user={} application_name={} connect_timeout=2",
+                up.host,
+                up.port,
+                c.replication_user(),
+                self.name
+            );
+            set("primary_conninfo", &conninfo);
+            set("primary_slot_name", &slot_name(&self.name));
+        }
+        for (k, v) in &c.parameters {
+            set(k, v);
+        }
+        let path = c.data_dir.join(NODE_CONF);
+        std::fs::write(&path, s)?;
+        if let Some(r) = self.run_as {
+            chown(&path, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
+        }
+        let signal = c.data_dir.join("standby.signal");
+        if upstream.is_some() {
+            std::fs::write(&signal, "")?;
+            if let Some(r) = self.run_as {
+                chown(&signal, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the postmaster, detached, and waits until it accepts connections.
+    pub async fn start(&self) -> Result<()> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .arg("-l")
+            .arg(self.cfg.log_file())
+            .args(["-w", "-t", "60", "start"]);
+        // The postmaster must not die with the agent's process group (Ctrl-C, a test
+        // harness killing the agent): start it in its own session.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        }
+        self.run("pg_ctl start", cmd).await?;
+        info!(port = self.cfg.port, "postgres started");
+        Ok(())
+    }
+
+    /// Stops the postmaster (`fast`: roll back sessions, checkpoint, exit).
+    pub async fn stop(&self) -> Result<()> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .args(["-m", "fast", "-w", "-t", "60", "stop"]);
+        self.run("pg_ctl stop", cmd).await
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.cfg.log_file()
+    }
+}
+
+/// How long an observation query may take before Postgres counts as hung.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_and_quoting() {
+        assert_eq!(slot_name("Node-2.a"), "node_2_a");
+        assert_eq!(quote("it's"), "'it''s'");
+    }
+}

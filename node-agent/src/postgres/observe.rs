@@ -1,0 +1,188 @@
+//! Reading the state of the local Postgres through one kept-open connection.
+//!
+//! One connection, reused every heartbeat: opening a backend per probe would cost the
+//! server a fork each time. Every query runs under a timeout, because a frozen server
+//! keeps its TCP connection open and would otherwise hang the agent; after any error
+//! the connection is dropped and opened again on the next round.
+
+use pgquorum_client::pb;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::ctl::{quote, QUERY_TIMEOUT};
+use crate::config::PostgresConfig;
+use crate::error::{Error, Result};
+
+pub struct Observer {
+    cfg: PostgresConfig,
+    client: Option<Client>,
+}
+
+/// Runs a query whose single row is read as text columns (NULL as empty).
+async fn row(client: &Client, sql: &str) -> std::result::Result<Vec<String>, String> {
+    let messages = tokio::time::timeout(QUERY_TIMEOUT, client.simple_query(sql))
+        .await
+        .map_err(|_| format!("query timed out after {} ms", QUERY_TIMEOUT.as_millis()))?
+        .map_err(|e| e.to_string())?;
+    Ok(rows(&messages).into_iter().next().unwrap_or_default())
+}
+
+async fn all_rows(client: &Client, sql: &str) -> std::result::Result<Vec<Vec<String>>, String> {
+    let messages = tokio::time::timeout(QUERY_TIMEOUT, client.simple_query(sql))
+        .await
+        .map_err(|_| format!("query timed out after {} ms", QUERY_TIMEOUT.as_millis()))?
+        .map_err(|e| e.to_string())?;
+    Ok(rows(&messages))
+}
+
+fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn num(s: &str) -> u64 {
+    s.trim().parse::<f64>().map(|f| f.max(0.0) as u64).unwrap_or(0)
+}
+
+const ROLE: &str = "SELECT pg_is_in_recovery()";
+
+const PRIMARY: &str = "SELECT pg_current_wal_lsn(), \
+     ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int, \
+     current_setting('synchronous_standby_names')";
+
+const REPLICAS: &str = "SELECT application_name, state, coalesce(sync_state, ''), \
+     coalesce(sent_lsn::text, ''), coalesce(flush_lsn::text, ''), coalesce(replay_lsn::text, ''), \
+     coalesce(extract(epoch FROM replay_lag) * 1000, 0) FROM pg_stat_replication";
+
+// Replay lag in time: zero when everything received is replayed, else the age of the
+// last replayed transaction (which stops moving while replay is paused or stuck).
+const STANDBY: &str = "SELECT coalesce(pg_last_wal_receive_lsn()::text, ''), \
+     coalesce(pg_last_wal_replay_lsn()::text, ''), \
+     CASE WHEN pg_last_wal_receive_lsn() IS NULL OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0 \
+          ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END, \
+     pg_get_wal_replay_pause_state() <> 'not paused', \
+     (SELECT timeline_id FROM pg_control_checkpoint())";
+
+const WAL_RECEIVER: &str =
+    "SELECT status, coalesce(sender_host, ''), coalesce(sender_port, 0), received_tli FROM pg_stat_wal_receiver";
+
+impl Observer {
+    pub fn new(cfg: PostgresConfig) -> Observer {
+        Observer { cfg, client: None }
+    }
+
+    async fn client(&mut self) -> Result<&Client> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let host = if self.cfg.listen_addresses == "*" || self.cfg.listen_addresses.contains(',') {
+                "127.0.0.1".to_string()
+            } else {
+                self.cfg.listen_addresses.clone()
+            };
+            self.client = Some(super::connect(&self.cfg, &host, self.cfg.port, "pgquorum-agent").await?);
+        }
+        Ok(self.client.as_ref().expect("just connected"))
+    }
+
+    /// What Postgres is doing now. `running` says whether a postmaster process exists.
+    pub async fn observe(&mut self, running: bool) -> pb::NodeReport {
+        if !running {
+            self.client = None;
+            return pb::NodeReport {
+                postgres_up: false,
+                role: "stopped".into(),
+                error: "postgres is not running".into(),
+                ..Default::default()
+            };
+        }
+        match self.query().await {
+            Ok(report) => report,
+            Err(error) => {
+                self.client = None;
+                pb::NodeReport {
+                    postgres_up: false,
+                    role: "unknown".into(),
+                    error,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    async fn query(&mut self) -> std::result::Result<pb::NodeReport, String> {
+        let client = self.client().await.map_err(|e| e.to_string())?;
+        let in_recovery = row(client, ROLE)
+            .await?
+            .first()
+            .map(|v| v == "t")
+            .unwrap_or(false);
+        let mut r = pb::NodeReport {
+            postgres_up: true,
+            ..Default::default()
+        };
+        if in_recovery {
+            r.role = "standby".into();
+            let s = row(client, STANDBY).await?;
+            r.receive_lsn = s[0].clone();
+            r.replay_lsn = s[1].clone();
+            r.replay_lag_ms = num(&s[2]);
+            r.replay_paused = s[3] == "t";
+            r.timeline = num(&s[4]) as u32;
+            if let Some(w) = all_rows(client, WAL_RECEIVER).await?.into_iter().next() {
+                r.wal_receiver_status = w[0].clone();
+                r.upstream_host = w[1].clone();
+                r.upstream_port = num(&w[2]) as u32;
+                if num(&w[3]) > 0 {
+                    r.timeline = num(&w[3]) as u32;
+                }
+            }
+        } else {
+            r.role = "primary".into();
+            let p = row(client, PRIMARY).await?;
+            r.current_lsn = p[0].clone();
+            r.timeline = num(&p[1]) as u32;
+            r.synchronous_standby_names = p[2].clone();
+            r.replicas = all_rows(client, REPLICAS)
+                .await?
+                .into_iter()
+                .map(|x| pb::ReplicationInfo {
+                    application_name: x[0].clone(),
+                    state: x[1].clone(),
+                    sync_state: x[2].clone(),
+                    sent_lsn: x[3].clone(),
+                    flush_lsn: x[4].clone(),
+                    replay_lsn: x[5].clone(),
+                    replay_lag_ms: num(&x[6]),
+                })
+                .collect();
+        }
+        Ok(r)
+    }
+
+    /// Makes the primary wait for exactly these standbys: ALTER SYSTEM, then reload.
+    pub async fn set_synchronous_standby_names(&mut self, value: &str) -> Result<()> {
+        let target = format!("local postgres port {}", self.cfg.port);
+        let client = self.client().await?;
+        let sql = format!("ALTER SYSTEM SET synchronous_standby_names = {}", quote(value));
+        for statement in [sql.as_str(), "SELECT pg_reload_conf()"] {
+            tokio::time::timeout(QUERY_TIMEOUT, client.simple_query(statement))
+                .await
+                .map_err(|_| Error::Postgres {
+                    target: target.clone(),
+                    detail: format!("{statement}: timed out"),
+                })?
+                .map_err(|e| Error::Postgres {
+                    target: target.clone(),
+                    detail: format!("{statement}: {e}"),
+                })?;
+        }
+        Ok(())
+    }
+}
