@@ -14,10 +14,10 @@
 use std::time::{Duration, Instant};
 
 use pgquorum_client::{pb, ClientError, Coordinators, Timeouts};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::AgentConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::postgres::ctl::{PostgresCtl, Upstream};
 use crate::postgres::observe::Observer;
 
@@ -39,7 +39,7 @@ impl Agent {
             request: Duration::from_secs(2),
             overall: Duration::from_secs(2),
         };
-        let coordinators = Coordinators::new(addrs, timeouts).map_err(|e| crate::error::Error::Config {
+        let coordinators = Coordinators::new(addrs, timeouts).map_err(|e| Error::Config {
             path: "coordinators".into(),
             message: e.to_string(),
         })?;
@@ -89,7 +89,25 @@ impl Agent {
     async fn round(&mut self) {
         let initialized = self.ctl.initialized();
         let report = if initialized {
-            self.observer.observe(self.ctl.running_pid().is_some()).await
+            // A hung server must not silence the agent: observation gets a bounded
+            // share of the round, so heartbeats keep flowing and say it hangs.
+            let budget = (self.interval * 3).clamp(Duration::from_millis(300), Duration::from_secs(1));
+            let running = self.ctl.running_pid().is_some();
+            match tokio::time::timeout(budget, self.observer.observe(running)).await {
+                Ok(report) => report,
+                Err(_) => {
+                    self.observer.reset();
+                    pb::NodeReport {
+                        postgres_up: false,
+                        role: "unknown".into(),
+                        error: format!(
+                            "postgres runs but did not answer within {} ms",
+                            budget.as_millis()
+                        ),
+                        ..Default::default()
+                    }
+                }
+            }
         } else {
             pb::NodeReport {
                 initializing: true,
@@ -184,7 +202,10 @@ impl Agent {
                 .await?;
         }
         if report.role == "unknown" {
-            error!("postgres runs but does not answer: {}", report.error);
+            return Err(Error::Postgres {
+                target: "local server".into(),
+                detail: report.error.clone(),
+            });
         }
         Ok(())
     }

@@ -8,7 +8,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use pgquorum::launch::{find_binary, CoordinatorGroup, GroupSpec};
+use pgquorum::launch::{find_binary, CoordinatorGroup, GroupSpec, Sandbox, SandboxSpec};
 use pgquorum_client::{pb, Coordinators, Timeouts};
 
 /// Runs the `pgquorum` CLI with `args`, never reading the caller's environment for
@@ -35,19 +35,46 @@ pub fn cli_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("JSON output")
 }
 
-/// A started three-node group in a fresh temporary directory.
-pub async fn start_group(
-    base_port: u16,
-    spec: impl FnOnce(&mut GroupSpec),
-) -> (CoordinatorGroup, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .prefix("pgquorum-test-")
+/// Something started in a temporary directory, which is removed only after the thing
+/// itself is dropped (stopped): fields drop in declaration order.
+pub struct InTempDir<T> {
+    inner: T,
+    dir: tempfile::TempDir,
+}
+
+impl<T> InTempDir<T> {
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl<T> std::ops::Deref for InTempDir<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T> std::ops::DerefMut for InTempDir<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
         .tempdir()
-        .expect("tempdir");
+        .expect("tempdir")
+}
+
+/// A started three-node group in a fresh temporary directory.
+pub async fn start_group(base_port: u16, spec: impl FnOnce(&mut GroupSpec)) -> InTempDir<CoordinatorGroup> {
+    let dir = temp_dir("pgquorum-test-");
     let mut s = GroupSpec::new(dir.path(), base_port, 3);
     spec(&mut s);
     let group = CoordinatorGroup::start(s).await.expect("start coordinator group");
-    (group, dir)
+    InTempDir { inner: group, dir }
 }
 
 /// A client that talks to exactly one coordinator, for checks of that node's state.
@@ -126,4 +153,42 @@ pub async fn read_cluster(client: &Coordinators, name: &str) -> pb::Cluster {
         .expect("linearizable read")
         .cluster
         .expect("cluster in reply")
+}
+
+/// A started sandbox (3 coordinators, 3 Postgres servers with agents, all HEALTHY) in
+/// a fresh temporary directory.
+pub async fn start_sandbox(coordinator_base: u16, postgres_base: u16) -> InTempDir<Sandbox> {
+    let dir = temp_dir("pgquorum-sandbox-test-");
+    let sandbox = Sandbox::start(SandboxSpec::new(dir.path(), coordinator_base, postgres_base))
+        .await
+        .expect("start sandbox");
+    InTempDir { inner: sandbox, dir }
+}
+
+/// A connection to one sandbox node's Postgres.
+pub async fn pg(sandbox: &Sandbox, node: &str) -> tokio_postgres::Client {
+    let conninfo = sandbox.conninfo(node).expect("node");
+    let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// Retries `check` every 100 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -83,7 +83,7 @@ fn bad_cli_arguments_are_refused_before_anything_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_requests_name_the_problem_and_change_nothing() {
-    let (group, _dir) = start_group(21600, |_| {}).await;
+    let group = start_group(21600, |_| {}).await;
     let client = group.client();
     create_cluster(&client, "main").await;
     let before = read_cluster(&client, "main").await;

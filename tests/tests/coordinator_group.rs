@@ -21,7 +21,7 @@ fn lag_values(c: &pb::Cluster) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_a_leader_commit_and_all_apply() {
-    let (group, _dir) = start_group(21100, |_| {}).await;
+    let group = start_group(21100, |_| {}).await;
     let client = group.client();
 
     // --- A write through any node reaches the leader and is committed.
@@ -43,7 +43,7 @@ async fn three_nodes_elect_a_leader_commit_and_all_apply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_committed_write_and_it_rejoins() {
-    let (mut group, _dir) = start_group(21200, |_| {}).await;
+    let mut group = start_group(21200, |_| {}).await;
     let client = group.client();
     create_cluster(&client, "main").await;
     let mut written = Vec::new();
@@ -81,7 +81,7 @@ async fn killing_the_leader_loses_no_committed_write_and_it_rejoins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
-    let (mut group, _dir) = start_group(21300, |s| {
+    let mut group = start_group(21300, |s| {
         s.raft.snapshot_every_logs = 20;
         s.raft.logs_kept_after_snapshot = 0;
     })
@@ -144,7 +144,7 @@ async fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_group_restarted_keeps_its_state() {
-    let (mut group, _dir) = start_group(21400, |s| {
+    let mut group = start_group(21400, |s| {
         // Snapshot now and then, so the restart reads both a snapshot and a log tail.
         s.raft.snapshot_every_logs = 7;
         s.raft.logs_kept_after_snapshot = 2;
@@ -191,7 +191,7 @@ async fn the_whole_group_restarted_keeps_its_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_grows_and_shrinks_while_the_group_keeps_committing() {
-    let (mut group, _dir) = start_group(21500, |_| {}).await;
+    let mut group = start_group(21500, |_| {}).await;
     let client = group.client();
     create_cluster(&client, "main").await;
     let addrs = group.addrs().join(",");

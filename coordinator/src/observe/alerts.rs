@@ -40,6 +40,9 @@ fn why_down(cluster: &Cluster, s: &NodeStatus) -> String {
             "its agent has been silent for {age} ms (failure timeout {} ms)",
             cluster.policy.failure_timeout_ms
         ),
+        (Some(r), _) if !r.postgres_up && r.role == "unknown" => {
+            format!("Postgres does not answer: {}", r.error)
+        }
         (Some(r), _) if !r.postgres_up => format!("Postgres is down: {}", r.error),
         (Some(r), _) if r.role == "primary" => "it runs as a primary but is not this epoch's primary".into(),
         (Some(r), _) if r.wal_receiver_status.is_empty() => "it has no WAL receiver".into(),

@@ -84,7 +84,8 @@ pub fn node_statuses(cluster: &Cluster, reports: &ClusterReports) -> Vec<NodeSta
                     in_sync_set,
                 };
             };
-            let role = if !r.postgres_up {
+            // `stopped` (no postmaster) or `unknown` (runs, does not answer) as reported.
+            let role = if !r.postgres_up && r.role.is_empty() {
                 "stopped".to_string()
             } else {
                 r.role.clone()

@@ -91,6 +91,11 @@ impl Observer {
         Ok(self.client.as_ref().expect("just connected"))
     }
 
+    /// Drops the connection (after a timeout left it in an unknown state).
+    pub fn reset(&mut self) {
+        self.client = None;
+    }
+
     /// What Postgres is doing now. `running` says whether a postmaster process exists.
     pub async fn observe(&mut self, running: bool) -> pb::NodeReport {
         if !running {

@@ -1,0 +1,179 @@
+//! The agent facing bad input and broken surroundings: a bad config, a cluster that
+//! does not exist, a Postgres that hangs. It says clearly what is wrong and keeps
+//! going where going on makes sense.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgquorum::launch::find_binary;
+use pgquorum_tests::{eventually, start_group, start_sandbox};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn agent_config(cluster: &str, coordinators: &[String], data_dir: &std::path::Path, port: u16) -> String {
+    let coordinators: Vec<String> = coordinators.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "cluster = {cluster:?}\nname = \"node1\"\nregion = \"us-west-2\"\ncoordinators = [{}]\n\
+         [postgres]\ndata_dir = {:?}\nport = {port}\n",
+        coordinators.join(", "),
+        data_dir.display().to_string()
+    )
+}
+
+#[test]
+fn a_bad_agent_config_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = agent_config("main", &["127.0.0.1:1".into()], &dir.path().join("data"), 22790);
+    let cases = [
+        (good.replace("name = \"node1\"", "name = \"node 1\""), "`name`"),
+        (
+            good.replace(
+                "region = \"us-west-2\"",
+                "region = \"us-west-2\"\nworkload = \"batch\"",
+            ),
+            "`workload`",
+        ),
+        (good.replace("127.0.0.1:1", "nowhere"), "`coordinators`"),
+        (good.replace("port = 22790", "port = 70000"), "port"),
+        (
+            good.replace("[postgres]", "[postgres]\nbin_dir = \"/nonexistent\""),
+            "`postgres.bin_dir`",
+        ),
+        (good.replace("cluster = ", "clutser = "), "clutser"),
+    ];
+    for (i, (text, needle)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("agent{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(find_binary("pgquorum-agent").unwrap())
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
+        assert!(
+            err.contains(needle) && err.contains(&path.display().to_string()),
+            "case {i}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_an_unknown_cluster_says_so_and_keeps_trying() {
+    let group = start_group(22700, |_| {}).await;
+    let data_dir = group.path().join("node1").join("data");
+    let config = group.path().join("agent.toml");
+    std::fs::write(&config, agent_config("nope", &group.addrs(), &data_dir, 22711)).unwrap();
+    let log_path = group.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = Command::new(find_binary("pgquorum-agent").unwrap())
+        .arg("--config")
+        .arg(&config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    eventually("the agent to name the missing cluster", WAIT, || async {
+        read_log().contains("cluster \"nope\" does not exist")
+            && read_log().contains("pgquorum cluster create nope")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still_running = agent.try_wait().unwrap().is_none();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(still_running, "the agent gave up: {}", read_log());
+    assert!(
+        !data_dir.exists(),
+        "nothing was created for a cluster that does not exist"
+    );
+}
+
+/// Every process whose parent is `pid` (a postmaster's backends and helpers).
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, …
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        if after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok())
+            == Some(pid)
+        {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_postgres_is_reported_and_left_alone() {
+    let sandbox = start_sandbox(22800, 22810).await;
+    let postmaster = sandbox.postmaster_pid("node3").unwrap();
+    let mut frozen = vec![postmaster];
+    frozen.extend(children(postmaster));
+    let signal_all = |s: Signal| {
+        for pid in &frozen {
+            let _ = kill(Pid::from_raw(*pid), s);
+        }
+    };
+    // Continue the processes whatever happens, so the sandbox can be stopped.
+    struct Thaw(Vec<i32>);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            for pid in &self.0 {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGCONT);
+            }
+        }
+    }
+    let thaw = Thaw(frozen.clone());
+
+    // --- Every process of node3's Postgres frozen: its queries time out.
+    signal_all(Signal::SIGSTOP);
+    let status = sandbox
+        .wait_for("node3 reported unreachable", WAIT, |s| {
+            s.nodes
+                .iter()
+                .any(|n| n.name == "node3" && n.role == "unknown" && !n.error.is_empty())
+        })
+        .await
+        .unwrap();
+    let n3 = status.nodes.iter().find(|n| n.name == "node3").unwrap();
+    assert_eq!(n3.health, "DISCONNECTED");
+    assert!(
+        n3.heartbeat_age_ms.unwrap() < 1000,
+        "the agent itself keeps reporting: {n3:?}"
+    );
+    let alerts = sandbox.alerts().await.unwrap().alerts;
+    assert!(
+        alerts.iter().any(|a| a.node == "node3"
+            && a.severity == "CRITICAL"
+            && a.message.contains("Postgres does not answer")),
+        "{alerts:?}"
+    );
+    // The agent does not restart a Postgres that runs but hangs.
+    assert_eq!(sandbox.postmaster_pid("node3"), Some(postmaster));
+
+    // --- Thawed, it serves and streams again: same postmaster.
+    signal_all(Signal::SIGCONT);
+    drop(thaw);
+    sandbox
+        .wait_for("node3 HEALTHY", WAIT, |s| {
+            s.nodes.iter().any(|n| n.name == "node3" && n.health == "HEALTHY")
+        })
+        .await
+        .unwrap();
+    assert_eq!(sandbox.postmaster_pid("node3"), Some(postmaster));
+}
