@@ -6,7 +6,9 @@
 //!   pure function that applies a command to it. No I/O.
 //! - [`observe`]: the leader's latest heartbeat reports, and the pure judgement of each
 //!   node's health and of what needs an alert.
-//! - [`sync`]: choosing the synchronous standby set (pure) and committing it (leader).
+//! - [`sync`]: choosing the synchronous standby set (pure).
+//! - [`failover`]: detecting a failed primary and choosing its successor (pure).
+//! - [`leader`]: the leader's loop that commits what those decide.
 //! - [`raft`]: openraft wired to sled storage and a gRPC transport.
 //! - [`grpc`]: the services other programs call.
 //! - [`config`]: the TOML config file.
@@ -17,7 +19,9 @@
 
 pub mod config;
 mod error;
+pub mod failover;
 pub mod grpc;
+pub mod leader;
 pub mod observe;
 pub mod raft;
 pub mod server;

@@ -80,7 +80,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         state: state.clone(),
     };
     let reports = Reports::default();
-    let keeper = tokio::spawn(crate::sync::keeper::run(
+    let leader_loop = tokio::spawn(crate::leader::run(
         config.id,
         raft.clone(),
         state,
@@ -104,7 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let served = server.await;
 
     info!("shutting down");
-    keeper.abort();
+    leader_loop.abort();
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }

@@ -16,13 +16,16 @@ use tonic::{Request, Response, Status};
 
 use super::proposer::Proposer;
 use crate::config::check_host_port;
+use crate::failover::{choose, decide, lease_expired, Step};
 use crate::observe::alerts::alerts;
+use crate::observe::health::fresh;
 use crate::observe::health::node_statuses;
 use crate::observe::Reports;
 use crate::raft::{CoordinatorNode, NodeId};
 use crate::state::policy::is_valid_name;
-use crate::state::{Cluster, ClusterState, Command, CommandOutput};
+use crate::state::{Cluster, ClusterState, Command, CommandError, CommandOutput};
 use crate::{Error, Result};
+use pgquorum_client::lsn::Lsn;
 
 pub struct AdminServiceImpl {
     p: Proposer,
@@ -429,8 +432,19 @@ impl AdminService for AdminServiceImpl {
     async fn alerts(&self, request: Request<pb::AlertsRequest>) -> Result<Response<pb::AlertsReply>, Status> {
         self.require_leader().await?;
         let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
-        let statuses = node_statuses(&cluster, &self.reports.cluster(&cluster.name));
-        let alerts = alerts(&cluster, &statuses)
+        let reports = self.reports.cluster(&cluster.name);
+        let statuses = node_statuses(&cluster, &reports);
+        let old = cluster
+            .failover
+            .as_ref()
+            .map(|f| f.old_primary.clone())
+            .or_else(|| cluster.primary.clone());
+        let expired = old.is_some_and(|o| lease_expired(&cluster, &reports, &o));
+        let stuck = match decide(&cluster, &reports, expired) {
+            Step::Stuck(why) => Some(why),
+            _ => None,
+        };
+        let alerts = alerts(&cluster, &statuses, stuck)
             .into_iter()
             .map(|a| pb::Alert {
                 severity: a.severity.as_str().into(),
@@ -441,6 +455,87 @@ impl AdminService for AdminServiceImpl {
         Ok(Response::new(pb::AlertsReply {
             cluster: cluster.name,
             alerts,
+        }))
+    }
+
+    async fn failover(
+        &self,
+        request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::FailoverReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        self.require_leader().await?;
+        let cluster = self.resolve_cluster(&req.cluster)?;
+        let to = req.to.trim().to_string();
+        if !cluster.members.contains_key(&to) {
+            return Err(Error::Command(CommandError::UnknownMember(to)).into());
+        }
+        if cluster.primary.as_deref() == Some(to.as_str()) {
+            return Err(invalid("to", format!("{to} is already the primary")).into());
+        }
+        if let Some(f) = &cluster.failover {
+            return Err(Error::Command(CommandError::FailoverStep(format!(
+                "a {} to epoch {} is in flight (step {}, candidate {:?}); wait for it",
+                f.kind, f.to_epoch, f.step, f.candidate
+            )))
+            .into());
+        }
+        let Some(old_primary) = cluster.primary.clone() else {
+            return Err(invalid("cluster", "the cluster has no primary yet (not bootstrapped)").into());
+        };
+        let reports = self.reports.cluster(&cluster.name);
+        let running = fresh(&cluster, &reports, &to)
+            .is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
+        if !running {
+            return Err(Error::Command(CommandError::FailoverStep(format!(
+                "{to} is not a running standby reporting to the coordinators"
+            )))
+            .into());
+        }
+        if !req.accept_data_loss {
+            let safe = choose(&cluster, &reports, &old_primary);
+            let to_lsn = fresh(&cluster, &reports, &to).and_then(|o| Lsn::parse(&o.report.receive_lsn));
+            let why = match safe {
+                Ok(best)
+                    if Some(best.lsn) == to_lsn && (cluster.sync_set.contains(&to) || best.name == to) =>
+                {
+                    None
+                }
+                Ok(best) => Some(format!("{} is more caught up or in the sync set", best.name)),
+                Err(e) => Some(e),
+            };
+            if let Some(why) = why {
+                return Err(Error::Command(CommandError::FailoverStep(format!(
+                    "{to} may lack acknowledged commits ({why}); to promote it anyway, add --accept-data-loss"
+                )))
+                .into());
+            }
+        }
+        let command = Command::StartFailover {
+            cluster: cluster.name.clone(),
+            from_epoch: cluster.epoch,
+            old_primary,
+            candidate: Some(to.clone()),
+            accept_data_loss: req.accept_data_loss,
+            kind: "manual".into(),
+            reason: format!(
+                "operator asked for {to}{}",
+                if req.accept_data_loss {
+                    " accepting data loss"
+                } else {
+                    ""
+                }
+            ),
+            actor,
+            at_ms: now_ms(),
+        };
+        self.p.propose(command).await?;
+        let applied = self.p.state.read();
+        let c = applied.state.cluster(&cluster.name).map_err(Error::from)?;
+        Ok(Response::new(pb::FailoverReply {
+            cluster: c.name.clone(),
+            epoch: c.epoch,
+            failover: c.failover.as_ref().map(Into::into),
         }))
     }
 }

@@ -49,6 +49,10 @@ impl From<&FailoverRecord> for pb::FailoverRecord {
             candidate: f.candidate.clone(),
             reason: f.reason.clone(),
             started_at_ms: f.started_at_ms,
+            fenced_by: f.fenced_by.clone(),
+            fenced_at_ms: f.fenced_at_ms,
+            chosen_at_ms: f.chosen_at_ms,
+            candidate_lsn: f.candidate_lsn.clone(),
         }
     }
 }

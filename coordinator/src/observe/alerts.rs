@@ -53,8 +53,16 @@ fn why_down(cluster: &Cluster, s: &NodeStatus) -> String {
     }
 }
 
-pub fn alerts(cluster: &Cluster, statuses: &[NodeStatus]) -> Vec<Alert> {
+/// `stuck`: why a needed failover cannot proceed on its own (from the decision).
+pub fn alerts(cluster: &Cluster, statuses: &[NodeStatus], stuck: Option<String>) -> Vec<Alert> {
     let mut out = Vec::new();
+    if let Some(why) = stuck {
+        out.push(Alert {
+            severity: Severity::Critical,
+            node: String::new(),
+            message: why,
+        });
+    }
     let p = &cluster.policy;
     let mut push = |severity, node: &str, message: String| {
         out.push(Alert {
@@ -140,7 +148,7 @@ mod tests {
             ("node2", standby("0/3000000", 6_000), 10),
             ("node3", standby("0/3000000", 0), 60_000),
         ]);
-        let a = alerts(&c, &node_statuses(&c, &r));
+        let a = alerts(&c, &node_statuses(&c, &r), None);
         let summary: Vec<(&str, &str)> = a.iter().map(|a| (a.severity.as_str(), a.node.as_str())).collect();
         assert_eq!(
             summary,
@@ -177,13 +185,13 @@ mod tests {
                 ("node3", standby("0/3000100", lag), 10),
             ])
         };
-        assert_eq!(alerts(&c, &node_statuses(&c, &mk(1_000))), vec![]);
-        let a = alerts(&c, &node_statuses(&c, &mk(1_001)));
+        assert_eq!(alerts(&c, &node_statuses(&c, &mk(1_000)), None), vec![]);
+        let a = alerts(&c, &node_statuses(&c, &mk(1_001)), None);
         assert_eq!(
             (a.len(), a[0].severity, a[0].node.as_str()),
             (1, Severity::Warning, "node3")
         );
-        let a = alerts(&c, &node_statuses(&c, &mk(30_001)));
+        let a = alerts(&c, &node_statuses(&c, &mk(30_001)), None);
         assert_eq!(a[0].severity, Severity::Emergency);
     }
 }

@@ -210,17 +210,22 @@ pub(crate) mod tests {
     pub fn reports(entries: Vec<(&str, pb::NodeReport, u64)>) -> ClusterReports {
         let mut nodes = BTreeMap::new();
         for (name, report, age_ms) in entries {
+            let age = Duration::from_millis(age_ms);
+            let up_ago = report.postgres_up.then_some(age);
             nodes.insert(
                 name.to_string(),
                 Observed {
                     report,
-                    age: Duration::from_millis(age_ms),
+                    age,
+                    up_ago,
+                    lease_granted_ago: None,
                 },
             );
         }
         ClusterReports {
             nodes,
             applied_sync: None,
+            leader_for: Duration::from_secs(3600),
         }
     }
 

@@ -12,6 +12,10 @@ use pgquorum_client::{pb, sync_names};
 pub struct Observed {
     pub report: pb::NodeReport,
     pub age: Duration,
+    /// Since a report last said its Postgres answers; None: not while we lead.
+    pub up_ago: Option<Duration>,
+    /// Since this leader last granted the node a primary lease; None: never.
+    pub lease_granted_ago: Option<Duration>,
 }
 
 /// What a primary reported it waits for, and its WAL position when that started.
@@ -31,22 +35,45 @@ pub struct AppliedSync {
 pub struct ClusterReports {
     pub nodes: BTreeMap<String, Observed>,
     pub applied_sync: Option<AppliedSync>,
+    /// How long this coordinator has been collecting reports (leading).
+    pub leader_for: Duration,
+}
+
+struct NodeEntry {
+    report: pb::NodeReport,
+    at: Instant,
+    last_up: Option<Instant>,
+    lease_granted: Option<Instant>,
 }
 
 #[derive(Default)]
 struct ClusterEntry {
-    nodes: HashMap<String, (pb::NodeReport, Instant)>,
+    nodes: HashMap<String, NodeEntry>,
     applied_sync: Option<AppliedSync>,
 }
 
+struct Table {
+    clusters: HashMap<String, ClusterEntry>,
+    since: Instant,
+}
+
 /// Shared, cheap to clone; each operation holds the lock briefly.
-#[derive(Clone, Default)]
-pub struct Reports(Arc<Mutex<HashMap<String, ClusterEntry>>>);
+#[derive(Clone)]
+pub struct Reports(Arc<Mutex<Table>>);
+
+impl Default for Reports {
+    fn default() -> Self {
+        Reports(Arc::new(Mutex::new(Table {
+            clusters: HashMap::new(),
+            since: Instant::now(),
+        })))
+    }
+}
 
 impl Reports {
     pub fn record(&self, cluster: &str, node: &str, report: pb::NodeReport) {
         let mut all = self.0.lock().expect("reports lock poisoned");
-        let entry = all.entry(cluster.to_string()).or_default();
+        let entry = all.clusters.entry(cluster.to_string()).or_default();
         if report.role == "primary" && report.postgres_up {
             let names = sync_names::parse(&report.synchronous_standby_names);
             let changed = entry
@@ -62,36 +89,68 @@ impl Reports {
                 });
             }
         }
-        entry.nodes.insert(node.to_string(), (report, Instant::now()));
+        let now = Instant::now();
+        let previous = entry.nodes.remove(node);
+        let last_up = if report.postgres_up {
+            Some(now)
+        } else {
+            previous.as_ref().and_then(|p| p.last_up)
+        };
+        let lease_granted = previous.and_then(|p| p.lease_granted);
+        entry.nodes.insert(
+            node.to_string(),
+            NodeEntry {
+                report,
+                at: now,
+                last_up,
+                lease_granted,
+            },
+        );
+    }
+
+    /// Notes that the node was just granted a primary lease.
+    pub fn lease_granted(&self, cluster: &str, node: &str) {
+        let mut all = self.0.lock().expect("reports lock poisoned");
+        if let Some(n) = all.clusters.get_mut(cluster).and_then(|c| c.nodes.get_mut(node)) {
+            n.lease_granted = Some(Instant::now());
+        }
     }
 
     pub fn cluster(&self, cluster: &str) -> ClusterReports {
         let all = self.0.lock().expect("reports lock poisoned");
-        let Some(entry) = all.get(cluster) else {
-            return ClusterReports::default();
-        };
         let now = Instant::now();
+        let leader_for = now.saturating_duration_since(all.since);
+        let Some(entry) = all.clusters.get(cluster) else {
+            return ClusterReports {
+                leader_for,
+                ..Default::default()
+            };
+        };
+        let ago = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t));
         ClusterReports {
             nodes: entry
                 .nodes
                 .iter()
-                .map(|(n, (r, at))| {
-                    (
-                        n.clone(),
-                        Observed {
-                            report: r.clone(),
-                            age: now.saturating_duration_since(*at),
-                        },
-                    )
+                .map(|(name, n)| {
+                    let observed = Observed {
+                        report: n.report.clone(),
+                        age: now.saturating_duration_since(n.at),
+                        up_ago: ago(n.last_up),
+                        lease_granted_ago: ago(n.lease_granted),
+                    };
+                    (name.clone(), observed)
                 })
                 .collect(),
             applied_sync: entry.applied_sync.clone(),
+            leader_for,
         }
     }
 
     /// Forgets everything: a node that stops leading must not serve stale reports if it
     /// leads again later.
     pub fn clear(&self) {
-        self.0.lock().expect("reports lock poisoned").clear();
+        let mut all = self.0.lock().expect("reports lock poisoned");
+        all.clusters.clear();
+        all.since = Instant::now();
     }
 }

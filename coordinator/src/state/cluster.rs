@@ -34,16 +34,24 @@ pub struct Member {
 /// it instead of starting a second one (Invariant 4).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverRecord {
-    /// `failover` or `switchover`.
+    /// `failover` (automatic) or `manual` (`pgquorum failover --to`).
     pub kind: String,
-    /// The last step committed (`started`, `fenced`, `candidate_chosen`, `promoted`, …).
+    /// The last step committed: `started`, then `candidate_chosen`; the promotion
+    /// itself completes the record and clears it.
     pub step: String,
     pub from_epoch: u64,
     pub to_epoch: u64,
     pub old_primary: String,
+    /// Chosen candidate; for a manual failover, the operator's choice from the start.
     pub candidate: String,
     pub reason: String,
     pub started_at_ms: u64,
+    pub fenced_by: String,
+    pub fenced_at_ms: u64,
+    pub chosen_at_ms: u64,
+    pub candidate_lsn: String,
+    /// A manual failover that may lose acknowledged commits.
+    pub accept_data_loss: bool,
 }
 
 /// One line of a cluster's history: who did what, when, and why.

@@ -50,6 +50,37 @@ pub enum Command {
         reason: String,
         at_ms: u64,
     },
+    /// Step 1 of a failover: epoch+1, no primary until the promotion. Only from
+    /// `from_epoch` with `old_primary` primary and no failover in flight, so a repeat
+    /// (a new leader resuming) is refused instead of starting a second one.
+    StartFailover {
+        cluster: String,
+        from_epoch: u64,
+        old_primary: String,
+        /// Set for a manual failover: the operator's choice.
+        candidate: Option<String>,
+        accept_data_loss: bool,
+        kind: String,
+        reason: String,
+        actor: String,
+        at_ms: u64,
+    },
+    /// Step 2: the old primary is fenced and the candidate chosen.
+    ChooseCandidate {
+        cluster: String,
+        to_epoch: u64,
+        candidate: String,
+        lsn: String,
+        fenced_by: String,
+        at_ms: u64,
+    },
+    /// Step 3: the candidate runs as primary of `to_epoch`; publish it.
+    CompletePromotion {
+        cluster: String,
+        to_epoch: u64,
+        primary: String,
+        at_ms: u64,
+    },
 }
 
 /// The successful outcome of a command.
@@ -86,6 +117,10 @@ pub enum CommandError {
     UnknownMember(String),
     #[error("the sync set changed meanwhile (now {actual:?}); decide again")]
     SyncSetChanged { actual: Vec<String> },
+    /// A failover step that does not fit the committed record (already done, or
+    /// another failover in flight); a resuming leader treats it as "move on".
+    #[error("failover step refused: {0}")]
+    FailoverStep(String),
 }
 
 /// What applying one log entry returned; travels back to the proposer.

@@ -202,7 +202,167 @@ impl ClusterState {
                 });
                 Ok(CommandOutput::None)
             }
+            Command::StartFailover { .. } => self.start_failover(command, log_index),
+            Command::ChooseCandidate {
+                cluster,
+                to_epoch,
+                candidate,
+                lsn,
+                fenced_by,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                let f = match &mut c.failover {
+                    Some(f) if f.to_epoch == *to_epoch && f.step == "started" => f,
+                    other => {
+                        return Err(CommandError::FailoverStep(format!(
+                            "no failover to epoch {to_epoch} waiting for a candidate ({:?})",
+                            other.as_ref().map(|f| (&f.step, f.to_epoch))
+                        )))
+                    }
+                };
+                if !c.members.contains_key(candidate) || candidate == &f.old_primary {
+                    return Err(CommandError::UnknownMember(candidate.clone()));
+                }
+                f.step = "candidate_chosen".into();
+                f.candidate = candidate.clone();
+                f.candidate_lsn = lsn.clone();
+                f.fenced_by = fenced_by.clone();
+                f.fenced_at_ms = *at_ms;
+                f.chosen_at_ms = *at_ms;
+                let detail = format!(
+                    "{candidate} at {lsn}; old primary {} fenced: {fenced_by}",
+                    f.old_primary
+                );
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "candidate_chosen".into(),
+                    detail,
+                    actor: "coordinator".into(),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
+            Command::CompletePromotion {
+                cluster,
+                to_epoch,
+                primary,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                let f = match &c.failover {
+                    Some(f)
+                        if f.to_epoch == *to_epoch
+                            && f.step == "candidate_chosen"
+                            && &f.candidate == primary =>
+                    {
+                        f.clone()
+                    }
+                    other => {
+                        return Err(CommandError::FailoverStep(format!(
+                            "no promotion of {primary} to epoch {to_epoch} in flight ({:?})",
+                            other.as_ref().map(|f| (&f.step, f.to_epoch, &f.candidate))
+                        )))
+                    }
+                };
+                c.primary = Some(primary.clone());
+                c.sync_set.retain(|s| s != primary);
+                c.endpoint_version += 1;
+                c.failover = None;
+                let total = at_ms.saturating_sub(f.started_at_ms);
+                let detail = format!(
+                    "{} -> {primary}, epoch {} -> {}, LSN {}; fenced by {} after {} ms, promoted after {} ms more \
+                     (total {total} ms; {})",
+                    f.old_primary,
+                    f.from_epoch,
+                    f.to_epoch,
+                    f.candidate_lsn,
+                    f.fenced_by,
+                    f.fenced_at_ms.saturating_sub(f.started_at_ms),
+                    at_ms.saturating_sub(f.chosen_at_ms),
+                    f.reason,
+                );
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: format!("{}_completed", f.kind),
+                    detail,
+                    actor: "coordinator".into(),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
         }
+    }
+
+    fn start_failover(&mut self, command: &Command, log_index: u64) -> CommandResult {
+        let Command::StartFailover {
+            cluster,
+            from_epoch,
+            old_primary,
+            candidate,
+            accept_data_loss,
+            kind,
+            reason,
+            actor,
+            at_ms,
+        } = command
+        else {
+            unreachable!("called with StartFailover only")
+        };
+        let c = self.cluster_mut(cluster)?;
+        let step = |m: String| Err(CommandError::FailoverStep(m));
+        if let Some(f) = &c.failover {
+            return step(format!(
+                "a {} to epoch {} is already in flight (step {})",
+                f.kind, f.to_epoch, f.step
+            ));
+        }
+        if c.epoch != *from_epoch {
+            return step(format!("the cluster is at epoch {}, not {from_epoch}", c.epoch));
+        }
+        if c.primary.as_deref().unwrap_or("") != old_primary {
+            return step(format!(
+                "{old_primary:?} is not the primary of epoch {from_epoch}"
+            ));
+        }
+        if let Some(to) = candidate {
+            if !c.members.contains_key(to) {
+                return Err(CommandError::UnknownMember(to.clone()));
+            }
+        }
+        c.epoch += 1;
+        c.primary = None;
+        c.endpoint_version += 1;
+        c.failover = Some(FailoverRecord {
+            kind: kind.clone(),
+            step: "started".into(),
+            from_epoch: *from_epoch,
+            to_epoch: c.epoch,
+            old_primary: old_primary.clone(),
+            candidate: candidate.clone().unwrap_or_default(),
+            reason: reason.clone(),
+            started_at_ms: *at_ms,
+            fenced_by: String::new(),
+            fenced_at_ms: 0,
+            chosen_at_ms: 0,
+            candidate_lsn: String::new(),
+            accept_data_loss: *accept_data_loss,
+        });
+        let to = candidate
+            .as_deref()
+            .map(|t| format!(" to {t}"))
+            .unwrap_or_default();
+        c.record(HistoryEvent {
+            at_ms: *at_ms,
+            epoch: 0,
+            kind: format!("{kind}_started"),
+            detail: format!("{old_primary} -> epoch {}{to}: {reason}", c.epoch),
+            actor: actor.clone(),
+            log_index,
+        });
+        Ok(CommandOutput::None)
     }
 
     fn cluster_mut(&mut self, name: &str) -> Result<&mut Cluster, CommandError> {

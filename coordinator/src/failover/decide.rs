@@ -1,0 +1,452 @@
+//! The failover decision: given the replicated state and the latest reports, what is
+//! the next step? Pure: no I/O, no clock (ages come in the reports), so it is tested
+//! exhaustively and driven by the simulation in `tests`.
+//!
+//! A failover moves through steps committed in the cluster's failover record, so a new
+//! Raft leader resumes it where it stands and never starts a second one:
+//!
+//! 1. **Detect** — the primary counts as failed when
+//!    - its agent is alive and reports Postgres stopped after this leader saw it
+//!      running (*fast path*: the agent's report is the fence), or
+//!    - its agent reports Postgres not answering for `failure_timeout`, or its agent
+//!      is silent for `failure_timeout`, **and** no standby's agent reached the
+//!      primary's Postgres within `failure_timeout` either (a silent agent on a
+//!      healthy primary raises an alert, not a failover).
+//!    A failover starts only if a candidate exists (below); otherwise the cluster
+//!    keeps its epoch and primary and an alert asks for an operator.
+//! 2. **Start** — commit epoch+1 with no primary: the old primary's agent, on its
+//!    next reply, learns it is no longer primary and stops Postgres.
+//! 3. **Fence, then choose** — wait until the old primary is certainly not taking
+//!    writes: its agent reports Postgres stopped, or its lease has certainly run out
+//!    (`lease_expired`, computed by the caller from the last grant and, for a new
+//!    leader, one full lease from its election). Then commit the candidate.
+//! 4. **Promote** — the candidate's agent promotes on its next heartbeat reply; when it
+//!    reports itself primary, commit the promotion (new primary, endpoint version).
+//!
+//! Choosing (Invariant 2): in `strict` mode only members of the committed sync set
+//! qualify, and only after hearing the received LSN of n − k + 1 of its n members
+//! (with the primary waiting for k), so that one of them holds every acknowledged
+//! commit; the most caught up wins, then priority, then name. A candidate must not be
+//! `nofailover` and must be in an allowed region; if the most caught-up member is not
+//! allowed, promoting a less caught-up one could lose commits, so nobody is chosen.
+
+use std::time::Duration;
+
+use pgquorum_client::lsn::Lsn;
+
+use crate::observe::health::fresh;
+use crate::observe::{ClusterReports, Observed};
+use crate::state::{Cluster, Member, SyncMode};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do now (healthy, or waiting for a fence or a promotion).
+    Wait,
+    Start {
+        old_primary: String,
+        reason: String,
+    },
+    Choose {
+        candidate: String,
+        lsn: String,
+        fenced_by: String,
+    },
+    Complete {
+        primary: String,
+    },
+    /// A failover is needed (or in flight) but cannot proceed on its own.
+    Stuck(String),
+}
+
+/// A promotable member and the LSN it has received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub name: String,
+    pub lsn: Lsn,
+}
+
+fn standby_up(o: &Observed) -> bool {
+    o.report.postgres_up && o.report.role == "standby"
+}
+
+/// Whether some standby's agent reached the primary's Postgres within `limit`.
+fn a_standby_reaches_primary(
+    cluster: &Cluster,
+    reports: &ClusterReports,
+    primary: &str,
+    limit: Duration,
+) -> bool {
+    cluster.members.keys().filter(|m| m.as_str() != primary).any(|m| {
+        fresh(cluster, reports, m)
+            .and_then(|o| o.report.primary_probe_age_ms)
+            .is_some_and(|age| Duration::from_millis(age) < limit)
+    })
+}
+
+/// Why the primary counts as failed, if it does.
+pub fn detect(cluster: &Cluster, reports: &ClusterReports) -> Option<String> {
+    let primary = cluster.primary.as_deref()?;
+    let limit = Duration::from_millis(cluster.policy.failure_timeout_ms);
+    let reached = a_standby_reaches_primary(cluster, reports, primary, limit);
+    match fresh(cluster, reports, primary) {
+        Some(o) if o.report.postgres_up => None,
+        Some(o) if o.report.role == "stopped" => {
+            // Only a stop seen happening counts: after a restart of the whole
+            // cluster the primary is simply not started yet.
+            o.up_ago
+                .map(|_| format!("Postgres on {primary} stopped (its agent confirms)"))
+        }
+        Some(o) => {
+            let hung_for = o.up_ago.unwrap_or(reports.leader_for);
+            (hung_for >= limit && !reached).then(|| {
+                format!(
+                    "Postgres on {primary} has not answered for {} ms and no standby reaches it ({})",
+                    hung_for.as_millis(),
+                    o.report.error
+                )
+            })
+        }
+        None => {
+            let silent_for = reports
+                .nodes
+                .get(primary)
+                .map(|o| o.age)
+                .unwrap_or(reports.leader_for);
+            (silent_for >= limit && !reached).then(|| {
+                format!(
+                    "the agent of {primary} has been silent for {} ms and no standby reaches its Postgres",
+                    silent_for.as_millis()
+                )
+            })
+        }
+    }
+}
+
+fn region_allowed(cluster: &Cluster, member: &Member, old_primary: &str) -> bool {
+    let allowed = &cluster.policy.auto_failover_regions;
+    if allowed.is_empty() {
+        cluster
+            .members
+            .get(old_primary)
+            .is_none_or(|p| p.region == member.region)
+    } else {
+        allowed.contains(&member.region)
+    }
+}
+
+/// The member to promote in place of `old_primary`, or why there is none.
+pub fn choose(cluster: &Cluster, reports: &ClusterReports, old_primary: &str) -> Result<Candidate, String> {
+    let policy = &cluster.policy;
+    let heard = |name: &String| fresh(cluster, reports, name).filter(|o| standby_up(o));
+    let lsn_of =
+        |o: &Observed| Lsn::parse(&o.report.receive_lsn).or_else(|| Lsn::parse(&o.report.replay_lsn));
+
+    let pool: Vec<&String> = if policy.sync_mode == SyncMode::Strict {
+        let n = cluster.sync_set.len();
+        if n == 0 {
+            return Err("strict sync mode and the committed sync set is empty".into());
+        }
+        let k = (policy.sync_standbys as usize).clamp(1, n);
+        let heard_count = cluster.sync_set.iter().filter(|s| heard(s).is_some()).count();
+        if heard_count < n - k + 1 {
+            return Err(format!(
+                "strict sync mode: heard {heard_count} of the sync set [{}], need {} to be sure of every \
+                 acknowledged commit",
+                cluster.sync_set.join(", "),
+                n - k + 1
+            ));
+        }
+        cluster.sync_set.iter().collect()
+    } else {
+        cluster
+            .members
+            .keys()
+            .filter(|m| m.as_str() != old_primary)
+            .collect()
+    };
+    let mut heard_lsns: Vec<(&String, Lsn)> = pool
+        .into_iter()
+        .filter_map(|name| heard(name).and_then(|o| lsn_of(o).map(|l| (name, l))))
+        .collect();
+    if heard_lsns.is_empty() {
+        return Err("no standby that could take over is reporting".into());
+    }
+    heard_lsns.sort_by(|a, b| b.1.cmp(&a.1));
+    let best = heard_lsns[0].1;
+    if policy.sync_mode != SyncMode::Strict {
+        let last_primary = reports
+            .nodes
+            .get(old_primary)
+            .and_then(|o| Lsn::parse(&o.report.current_lsn))
+            .unwrap_or_default();
+        if last_primary.bytes_since(best) > policy.max_lag_on_failover_bytes {
+            return Err(format!(
+                "the most caught-up standby is {} bytes behind the primary's last known position, more than \
+                 max_lag_on_failover_bytes ({})",
+                last_primary.bytes_since(best),
+                policy.max_lag_on_failover_bytes
+            ));
+        }
+    }
+    let mut eligible: Vec<&Member> = heard_lsns
+        .iter()
+        .filter(|(_, lsn)| *lsn == best)
+        .filter_map(|(name, _)| cluster.members.get(*name))
+        .filter(|m| !m.nofailover && region_allowed(cluster, m, old_primary))
+        .collect();
+    eligible.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+    match eligible.first() {
+        Some(m) => Ok(Candidate {
+            name: m.name.clone(),
+            lsn: best,
+        }),
+        None => Err(format!(
+            "the most caught-up standby ({}) may not be promoted automatically (nofailover or region)",
+            heard_lsns
+                .iter()
+                .filter(|(_, l)| *l == best)
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// How the old primary is known not to take writes, if it is.
+fn fenced(
+    cluster: &Cluster,
+    reports: &ClusterReports,
+    old_primary: &str,
+    lease_expired: bool,
+) -> Option<String> {
+    if let Some(o) = fresh(cluster, reports, old_primary) {
+        if !o.report.postgres_up && o.report.role == "stopped" {
+            return Some("its agent confirmed Postgres stopped".into());
+        }
+        if o.report.postgres_up && o.report.role == "standby" {
+            return Some("it runs as a standby".into());
+        }
+    }
+    lease_expired.then(|| "its lease expired".into())
+}
+
+/// Whether `node`'s primary lease has certainly run out by this coordinator's clock:
+/// one full lease since this coordinator last granted it, and since it became leader
+/// (a lease granted by a previous leader lasts at most that long).
+pub fn lease_expired(cluster: &Cluster, reports: &ClusterReports, node: &str) -> bool {
+    let lease = Duration::from_millis(cluster.policy.lease_ms);
+    let since_grant = reports
+        .nodes
+        .get(node)
+        .and_then(|o| o.lease_granted_ago)
+        .unwrap_or(Duration::MAX);
+    since_grant >= lease && reports.leader_for >= lease
+}
+
+/// The next step for `cluster`. `lease_expired`: the old primary's lease has certainly
+/// run out by this coordinator's clock.
+pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) -> Step {
+    let Some(f) = &cluster.failover else {
+        if cluster.policy.maintenance {
+            return Step::Wait;
+        }
+        let Some(reason) = detect(cluster, reports) else {
+            return Step::Wait;
+        };
+        let primary = cluster.primary.clone().unwrap_or_default();
+        return match choose(cluster, reports, &primary) {
+            Ok(_) => Step::Start {
+                old_primary: primary,
+                reason,
+            },
+            Err(why) => Step::Stuck(format!(
+                "primary {primary} failed ({reason}) but no failover is possible: {why}"
+            )),
+        };
+    };
+    match f.step.as_str() {
+        "started" => {
+            let Some(fenced_by) = fenced(cluster, reports, &f.old_primary, lease_expired) else {
+                return Step::Wait;
+            };
+            if !f.candidate.is_empty() {
+                // The operator's choice (manual failover): checked when it was made.
+                let lsn = fresh(cluster, reports, &f.candidate)
+                    .map(|o| o.report.receive_lsn.clone())
+                    .unwrap_or_default();
+                return Step::Choose {
+                    candidate: f.candidate.clone(),
+                    lsn,
+                    fenced_by,
+                };
+            }
+            match choose(cluster, reports, &f.old_primary) {
+                Ok(c) => Step::Choose {
+                    candidate: c.name,
+                    lsn: c.lsn.to_string(),
+                    fenced_by,
+                },
+                Err(why) => Step::Stuck(format!("failover from {} has no candidate: {why}", f.old_primary)),
+            }
+        }
+        "candidate_chosen" => match fresh(cluster, reports, &f.candidate) {
+            Some(o) if o.report.postgres_up && o.report.role == "primary" && o.report.epoch >= f.to_epoch => {
+                Step::Complete {
+                    primary: f.candidate.clone(),
+                }
+            }
+            _ => Step::Wait,
+        },
+        other => Step::Stuck(format!("unknown failover step {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::health::tests::{cluster, primary, replica, reports, standby};
+    use pgquorum_client::pb;
+
+    fn probing(mut r: pb::NodeReport, age_ms: u64) -> pb::NodeReport {
+        r.primary_probe_age_ms = Some(age_ms);
+        r
+    }
+
+    fn strict() -> Cluster {
+        let mut c = cluster();
+        c.sync_set = vec!["node2".into()];
+        c
+    }
+
+    #[test]
+    fn a_silent_agent_on_a_reachable_primary_is_not_a_failure() {
+        let c = strict();
+        let r = reports(vec![
+            ("node1", primary("0/5000000", "", vec![]), 5_000),
+            ("node2", probing(standby("0/5000000", 0), 50), 10),
+            ("node3", probing(standby("0/5000000", 0), 50), 10),
+        ]);
+        assert_eq!(decide(&c, &r, true), Step::Wait);
+    }
+
+    #[test]
+    fn silence_everywhere_starts_a_failover_to_the_sync_standby() {
+        let c = strict();
+        let r = reports(vec![
+            ("node1", primary("0/5000000", "", vec![]), 1_500),
+            ("node2", probing(standby("0/5000000", 0), 1_400), 10),
+            ("node3", probing(standby("0/6000000", 0), 1_400), 10),
+        ]);
+        let step = decide(&c, &r, false);
+        assert!(
+            matches!(step, Step::Start { ref old_primary, .. } if old_primary == "node1"),
+            "{step:?}"
+        );
+        // node3 is further ahead but not in the sync set: strict mode picks node2.
+        assert_eq!(choose(&c, &r, "node1").unwrap().name, "node2");
+    }
+
+    #[test]
+    fn the_fast_path_needs_a_stop_seen_happening() {
+        let c = strict();
+        let stopped = pb::NodeReport {
+            role: "stopped".into(),
+            ..Default::default()
+        };
+        let mut r = reports(vec![
+            ("node1", stopped, 10),
+            ("node2", standby("0/5000000", 0), 10),
+        ]);
+        assert_eq!(decide(&c, &r, false), Step::Wait, "never seen up by this leader");
+        r.nodes.get_mut("node1").unwrap().up_ago = Some(Duration::from_millis(150));
+        assert!(matches!(decide(&c, &r, false), Step::Start { .. }));
+    }
+
+    #[test]
+    fn strict_without_the_sync_standby_is_stuck() {
+        let c = strict();
+        let r = reports(vec![("node3", probing(standby("0/5000000", 0), 5_000), 10)]);
+        let step = decide(&c, &r, true);
+        assert!(
+            matches!(&step, Step::Stuck(m) if m.contains("heard 0 of the sync set")),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn fence_then_choose_then_complete() {
+        let mut c = strict();
+        c.epoch = 2;
+        c.primary = None;
+        c.failover = Some(crate::state::FailoverRecord {
+            kind: "failover".into(),
+            step: "started".into(),
+            from_epoch: 1,
+            to_epoch: 2,
+            old_primary: "node1".into(),
+            candidate: String::new(),
+            reason: "test".into(),
+            started_at_ms: 0,
+            fenced_by: String::new(),
+            fenced_at_ms: 0,
+            chosen_at_ms: 0,
+            candidate_lsn: String::new(),
+            accept_data_loss: false,
+        });
+        let r = reports(vec![("node2", standby("0/5000000", 0), 10)]);
+        assert_eq!(decide(&c, &r, false), Step::Wait, "not fenced yet");
+        let step = decide(&c, &r, true);
+        assert_eq!(
+            step,
+            Step::Choose {
+                candidate: "node2".into(),
+                lsn: "0/5000000".into(),
+                fenced_by: "its lease expired".into()
+            }
+        );
+        let f = c.failover.as_mut().unwrap();
+        f.step = "candidate_chosen".into();
+        f.candidate = "node2".into();
+        assert_eq!(decide(&c, &r, true), Step::Wait, "not promoted yet");
+        let mut promoted = primary("0/5000100", "", vec![]);
+        promoted.epoch = 2;
+        let r = reports(vec![("node2", promoted, 10)]);
+        assert_eq!(
+            decide(&c, &r, true),
+            Step::Complete {
+                primary: "node2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn quorum_sync_sets_need_n_minus_k_plus_one_and_take_the_highest() {
+        let mut c = cluster();
+        c.sync_set = vec!["node2".into(), "node3".into()];
+        // ANY 1 of 2: need both heard.
+        let r = reports(vec![("node2", standby("0/5000000", 0), 10)]);
+        assert!(choose(&c, &r, "node1").is_err());
+        let r = reports(vec![
+            ("node2", standby("0/5000000", 0), 10),
+            ("node3", standby("0/6000000", 0), 10),
+        ]);
+        assert_eq!(choose(&c, &r, "node1").unwrap().name, "node3");
+        // The most caught up may not be promoted: nobody is.
+        c.members.get_mut("node3").unwrap().nofailover = true;
+        assert!(choose(&c, &r, "node1").is_err());
+        // Another region is allowed only when the policy says so.
+        c.members.get_mut("node3").unwrap().nofailover = false;
+        c.members.get_mut("node3").unwrap().region = "us-east-1".into();
+        assert!(choose(&c, &r, "node1").is_err());
+        c.policy.auto_failover_regions = vec!["us-west-2".into(), "us-east-1".into()];
+        assert_eq!(choose(&c, &r, "node1").unwrap().name, "node3");
+    }
+
+    #[test]
+    fn maintenance_pauses_detection() {
+        let mut c = strict();
+        c.policy.maintenance = true;
+        let r = reports(vec![("node2", standby("0/5000000", 0), 10)]);
+        assert_eq!(decide(&c, &r, true), Step::Wait);
+    }
+}
