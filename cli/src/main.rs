@@ -42,6 +42,18 @@ enum Command {
         #[arg(long, default_value = "")]
         cluster: String,
     },
+    /// Promote a chosen node now (the old primary is fenced first). Without
+    /// --accept-data-loss only a node that holds every acknowledged commit is accepted.
+    Failover {
+        #[arg(long, default_value = "")]
+        cluster: String,
+        /// The node to promote.
+        #[arg(long)]
+        to: String,
+        /// Promote it even if it may lack acknowledged commits.
+        #[arg(long)]
+        accept_data_loss: bool,
+    },
     /// A whole local cluster on loopback: 3 coordinators, 3 Postgres servers with agents.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -202,6 +214,11 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
     match cli.command {
         Command::Status { cluster } => status::status(&ctx()?, &cluster).await,
         Command::Alerts { cluster } => status::alerts(&ctx()?, &cluster).await,
+        Command::Failover {
+            cluster,
+            to,
+            accept_data_loss,
+        } => status::failover(&ctx()?, &cluster, &to, accept_data_loss).await,
         Command::Sandbox(c) => match c {
             SandboxCommand::Up {
                 dir,

@@ -4,18 +4,19 @@
 
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::Table;
+use std::io::Write;
+
 use serde_json::Value;
 
 /// Prints either the table or the JSON value, as the user asked.
 pub fn emit(json: bool, value: &Value, table: impl FnOnce() -> String) {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-        );
+    let text = if json {
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
     } else {
-        println!("{}", table());
-    }
+        table()
+    };
+    // A closed pipe (`pgquorum status | head`) is the reader's choice, not an error.
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {

@@ -1,10 +1,27 @@
-//! The agent's loop: observe, report, act on the reply.
+//! The agent's loop: check the lease, observe, report, act on the reply.
 //!
-//! Every heartbeat interval the agent reads its Postgres, sends the report to the
-//! coordinators and does what the reply calls for:
-//! - no cluster on disk yet: initdb when granted the bootstrap, else clone the primary;
-//! - Postgres stopped though it should run: start it (nothing else starts it);
-//! - primary: run with the `synchronous_standby_names` the coordinators decided.
+//! Every heartbeat interval the agent reads its Postgres (and, on a standby, probes
+//! the primary), sends the report to the coordinators and does what the reply calls
+//! for. What it does depends on what the data directory is and what the coordinators
+//! say, never on what the agent remembers alone:
+//!
+//! - no cluster on disk: initdb when granted the bootstrap, else clone the primary;
+//! - a primary's data, but not this epoch's primary: stop Postgres (fence), then,
+//!   once a new primary is published, rejoin as its standby (pg_rewind, or a fresh
+//!   base backup);
+//! - told to promote: set the standbys to wait for, `pg_promote`, create slots;
+//! - this epoch's primary: run with the sync standbys decided; restart a stopped
+//!   Postgres only when the coordinators say so (otherwise they are failing over);
+//! - a standby: follow the published primary (primary_conninfo + reload), keep
+//!   Postgres running.
+//!
+//! **Leases.** A primary's agent holds a lease counted from when it *sent* the
+//! heartbeat that earned it, so it runs out no later than the coordinators believe.
+//! The lease is checked first thing every round — also right after the process wakes
+//! from being frozen — and when it has run out the agent stops Postgres at once.
+//!
+//! **Epochs.** The agent persists the newest epoch it has seen before acting on it and
+//! ignores any reply from an older one.
 //!
 //! Errors are reported and retried on the next round, never fatal: a coordinator
 //! outage, a primary still starting or an unknown cluster all heal by themselves or by
@@ -18,40 +35,69 @@ use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
-use crate::postgres::ctl::{PostgresCtl, Upstream};
+use crate::postgres::ctl::{slot_name, PostgresCtl, Upstream};
 use crate::postgres::observe::Observer;
+use crate::postgres::probe::PrimaryProbe;
+use crate::state::{AgentState, StateFile};
 
 pub struct Agent {
     config: AgentConfig,
     coordinators: Coordinators,
     ctl: PostgresCtl,
     observer: Observer,
+    probe: PrimaryProbe,
+    state_file: StateFile,
+    state: AgentState,
     interval: Duration,
+    /// When this node's primary lease runs out; None: it holds none.
+    lease_until: Option<Instant>,
+    /// The primary published in the last reply.
+    primary: Option<(String, Upstream)>,
+    /// The upstream this standby's configuration points at, once written.
+    following: Option<Upstream>,
     /// The last problem logged, to log each one once rather than every round.
     last_problem: Option<String>,
 }
 
+fn upstream(p: &pb::PostgresEndpoint) -> Upstream {
+    Upstream {
+        host: p.host.clone(),
+        port: u16::try_from(p.port).unwrap_or(0),
+    }
+}
+
 impl Agent {
     pub fn new(config: AgentConfig) -> Result<Agent> {
-        let addrs = config.coordinators.clone();
         let timeouts = Timeouts {
             connect: Duration::from_millis(300),
             request: Duration::from_secs(2),
             overall: Duration::from_secs(2),
         };
-        let coordinators = Coordinators::new(addrs, timeouts).map_err(|e| Error::Config {
-            path: "coordinators".into(),
-            message: e.to_string(),
-        })?;
+        let coordinators =
+            Coordinators::new(config.coordinators.clone(), timeouts).map_err(|e| Error::Config {
+                path: "coordinators".into(),
+                message: e.to_string(),
+            })?;
         let ctl = PostgresCtl::new(config.postgres.clone(), &config.name)?;
+        // Before the state file is written next to the data directory.
+        ctl.prepare_dirs()?;
         let observer = Observer::new(config.postgres.clone());
+        let probe = PrimaryProbe::new(config.postgres.clone());
+        let state_file = StateFile::next_to(&config.postgres.data_dir);
+        let state = state_file.load()?;
         let interval = Duration::from_millis(config.heartbeat_interval_ms);
         Ok(Agent {
             config,
             coordinators,
             ctl,
             observer,
+            probe,
+            state_file,
+            state,
             interval,
+            lease_until: None,
+            primary: None,
+            following: None,
             last_problem: None,
         })
     }
@@ -69,10 +115,10 @@ impl Agent {
         }
     }
 
-    /// Runs until `shutdown` completes. Leaves Postgres running: stopping the agent
+    /// Runs until `shutdown` completes. Leaves Postgres as it is: stopping the agent
     /// must not stop the database.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
-        info!(cluster = %self.config.cluster, name = %self.config.name, "agent started");
+        info!(cluster = %self.config.cluster, name = %self.config.name, epoch = self.state.epoch, "agent started");
         tokio::pin!(shutdown);
         loop {
             let started = Instant::now();
@@ -86,48 +132,82 @@ impl Agent {
         info!("agent stopped; postgres left as it is");
     }
 
-    async fn round(&mut self) {
-        let initialized = self.ctl.initialized();
-        let report = if initialized {
-            // A hung server must not silence the agent: observation gets a bounded
-            // share of the round, so heartbeats keep flowing and say it hangs.
-            let budget = (self.interval * 3).clamp(Duration::from_millis(300), Duration::from_secs(1));
-            let running = self.ctl.running_pid().is_some();
-            match tokio::time::timeout(budget, self.observer.observe(running)).await {
-                Ok(report) => report,
-                Err(_) => {
-                    self.observer.reset();
-                    pb::NodeReport {
-                        postgres_up: false,
-                        role: "unknown".into(),
-                        error: format!(
-                            "postgres runs but did not answer within {} ms",
-                            budget.as_millis()
-                        ),
-                        ..Default::default()
-                    }
-                }
+    /// Stops a primary whose lease has run out. Returns whether it fenced.
+    async fn enforce_lease(&mut self) -> bool {
+        let Some(until) = self.lease_until else {
+            return false;
+        };
+        if Instant::now() < until || self.ctl.is_standby_data() || self.ctl.running_pid().is_none() {
+            return false;
+        }
+        warn!("primary lease ran out without renewal: stopping postgres (fence)");
+        self.lease_until = None;
+        match self.ctl.fence().await {
+            Ok(()) => true,
+            Err(e) => {
+                self.problem(format!("fencing after lease expiry failed: {e}"));
+                false
             }
-        } else {
-            pb::NodeReport {
+        }
+    }
+
+    async fn observe(&mut self) -> pb::NodeReport {
+        if !self.ctl.initialized() {
+            return pb::NodeReport {
                 initializing: true,
                 role: "stopped".into(),
                 error: "not initialized yet".into(),
+                epoch: self.state.epoch,
                 ..Default::default()
+            };
+        }
+        // A hung server must not silence the agent: observation gets a bounded share
+        // of the round, so heartbeats keep flowing and say it hangs.
+        let budget = (self.interval * 3).clamp(Duration::from_millis(300), Duration::from_secs(1));
+        let running = self.ctl.running_pid().is_some();
+        let probe_target = match &self.primary {
+            Some((name, up)) if name != &self.config.name => Some(up.clone()),
+            _ => None,
+        };
+        let (observed, probe_age) = tokio::join!(
+            tokio::time::timeout(budget, self.observer.observe(running)),
+            self.probe.check(probe_target.as_ref())
+        );
+        let mut report = match observed {
+            Ok(report) => report,
+            Err(_) => {
+                self.observer.reset();
+                pb::NodeReport {
+                    postgres_up: false,
+                    role: "unknown".into(),
+                    error: format!(
+                        "postgres runs but did not answer within {} ms",
+                        budget.as_millis()
+                    ),
+                    ..Default::default()
+                }
             }
         };
+        report.primary_probe_age_ms = probe_age;
+        report.epoch = self.state.epoch;
+        report.data_is_standby = self.ctl.is_standby_data();
+        report
+    }
+
+    async fn round(&mut self) {
+        // First, before anything else (this may be the first instant after a freeze).
+        self.enforce_lease().await;
+        let report = self.observe().await;
         let request = pb::HeartbeatRequest {
             cluster: self.config.cluster.clone(),
             member: Some(self.config.member_spec()),
             report: Some(report.clone()),
             forwarded: false,
         };
+        let sent_at = Instant::now();
         let reply = match self.coordinators.heartbeat(request).await {
             Ok(r) => r,
-            Err(ClientError::Rejected {
-                code: tonic_code,
-                message,
-            }) => {
+            Err(ClientError::Rejected { code, message }) => {
                 let hint = if message.contains("does not exist") {
                     format!(
                         "; create it with `pgquorum cluster create {}`",
@@ -137,7 +217,7 @@ impl Agent {
                     String::new()
                 };
                 self.problem(format!(
-                    "coordinators refused the heartbeat ({tonic_code:?}): {message}{hint}"
+                    "coordinators refused the heartbeat ({code:?}): {message}{hint}"
                 ));
                 return;
             }
@@ -146,60 +226,141 @@ impl Agent {
                 return;
             }
         };
+        if reply.epoch < self.state.epoch {
+            self.problem(format!(
+                "ignoring a reply for epoch {} older than epoch {} already seen (stale coordinator)",
+                reply.epoch, self.state.epoch
+            ));
+            return;
+        }
+        if reply.epoch > self.state.epoch {
+            let next = AgentState { epoch: reply.epoch };
+            if let Err(e) = self.state_file.save(&next) {
+                self.problem(format!(
+                    "cannot persist epoch {}: {e}; not acting on it",
+                    reply.epoch
+                ));
+                return;
+            }
+            info!(from = self.state.epoch, to = reply.epoch, "new epoch");
+            self.state = next;
+        }
         if reply.heartbeat_interval_ms >= 10 {
             self.interval = Duration::from_millis(reply.heartbeat_interval_ms);
         }
-        match self.act(&reply, &report).await {
+        let is_primary = reply.primary.as_ref().is_some_and(|p| p.name == self.config.name);
+        self.lease_until =
+            (is_primary && reply.lease_ms > 0).then(|| sent_at + Duration::from_millis(reply.lease_ms));
+        self.primary = reply.primary.as_ref().map(|p| (p.name.clone(), upstream(p)));
+        match self.act(&reply, &report, is_primary).await {
             Ok(()) => self.resolved(),
             Err(e) => self.problem(e.to_string()),
         }
     }
 
-    async fn act(&mut self, reply: &pb::HeartbeatReply, report: &pb::NodeReport) -> Result<()> {
-        let me = &self.config.name;
+    async fn act(
+        &mut self,
+        reply: &pb::HeartbeatReply,
+        report: &pb::NodeReport,
+        is_primary: bool,
+    ) -> Result<()> {
+        let me = self.config.name.clone();
+        let other_primary = reply.primary.as_ref().filter(|p| p.name != me).map(upstream);
         if !self.ctl.initialized() {
-            if reply.bootstrap {
-                info!(
-                    epoch = reply.epoch,
-                    "granted the bootstrap: creating the cluster's first primary"
-                );
-                self.ctl.init_primary().await?;
-                return self.ctl.start().await;
-            }
-            return match &reply.primary {
-                Some(p) if &p.name != me => {
-                    let port = u16::try_from(p.port).unwrap_or(0);
-                    let upstream = Upstream {
-                        host: p.host.clone(),
-                        port,
-                    };
-                    info!(primary = %p.name, "cloning the primary into a new standby");
-                    self.ctl.clone_from(&upstream).await?;
-                    self.ctl.start().await
-                }
-                _ => {
-                    self.problem("waiting for a primary to clone, or for the bootstrap grant".into());
-                    Ok(())
-                }
-            };
+            return self.create(reply, other_primary.as_ref()).await;
         }
-        if self.ctl.running_pid().is_none() {
-            warn!("postgres is not running; starting it");
+        let running = self.ctl.running_pid().is_some();
+
+        if !self.ctl.is_standby_data() && !is_primary && !reply.promote {
+            // A primary's data, but not this epoch's primary: fence, then rejoin.
+            if running {
+                warn!(
+                    epoch = reply.epoch,
+                    "this node is no longer the primary: stopping postgres (fence)"
+                );
+                return self.ctl.fence().await;
+            }
+            let Some(new_primary) = other_primary else {
+                return Err(Error::Tool {
+                    tool: "rejoin".into(),
+                    detail: "fenced; waiting for the new primary to be published".into(),
+                });
+            };
+            info!(primary = ?new_primary, "rejoining as a standby of the new primary");
+            let how = self.ctl.rejoin(&new_primary).await?;
+            info!("rejoined by {how}");
+            self.following = Some(new_primary);
             return self.ctl.start().await;
         }
-        let is_primary = reply.primary.as_ref().is_some_and(|p| &p.name == me);
-        if is_primary
-            && report.role == "primary"
-            && report.synchronous_standby_names != reply.synchronous_standby_names
-        {
-            info!(
-                from = %report.synchronous_standby_names,
-                to = %reply.synchronous_standby_names,
-                "applying synchronous_standby_names"
-            );
-            self.observer
-                .set_synchronous_standby_names(&reply.synchronous_standby_names)
-                .await?;
+
+        if reply.promote && report.role == "primary" {
+            // Promoted already; the coordinators have not committed it yet.
+            return Ok(());
+        }
+        if reply.promote {
+            if !running || report.role != "standby" {
+                return Err(Error::Tool {
+                    tool: "promote".into(),
+                    detail: format!("asked to promote but postgres is {}", report.role),
+                });
+            }
+            info!(epoch = reply.epoch, "promoting to primary");
+            self.observer.promote(&reply.synchronous_standby_names).await?;
+            let slots: Vec<String> = reply.standby_slots.iter().map(|s| slot_name(s)).collect();
+            self.observer.ensure_slots(&slots).await?;
+            self.following = None;
+            info!(epoch = reply.epoch, "promoted");
+            return Ok(());
+        }
+
+        if is_primary {
+            if !running {
+                if reply.start_primary {
+                    warn!("postgres is stopped; the coordinators ask to start it as primary");
+                    return self.ctl.start().await;
+                }
+                return Err(Error::Tool {
+                    tool: "primary".into(),
+                    detail: "postgres is stopped; reported to the coordinators, who decide to fail over or restart it"
+                        .into(),
+                });
+            }
+            if report.role == "primary" && report.synchronous_standby_names != reply.synchronous_standby_names
+            {
+                info!(
+                    from = %report.synchronous_standby_names,
+                    to = %reply.synchronous_standby_names,
+                    "applying synchronous_standby_names"
+                );
+                self.observer
+                    .set_synchronous_standby_names(&reply.synchronous_standby_names)
+                    .await?;
+            }
+            if report.role == "primary" {
+                let wanted: Vec<String> = reply.standby_slots.iter().map(|s| slot_name(s)).collect();
+                let missing: Vec<String> = wanted
+                    .into_iter()
+                    .filter(|s| !report_has_slot(report, s))
+                    .collect();
+                if !missing.is_empty() {
+                    self.observer.ensure_slots(&missing).await?;
+                }
+            }
+        } else if let Some(up) = &other_primary {
+            // A standby follows the published primary.
+            if self.following.as_ref() != Some(up) {
+                info!(primary = ?up, "following the primary");
+                self.ctl.ensure_slot_on(up).await?;
+                self.ctl.write_node_conf(Some(up))?;
+                if running && report.postgres_up {
+                    self.observer.reload().await?;
+                }
+                self.following = Some(up.clone());
+            }
+        }
+        if !running && self.ctl.is_standby_data() {
+            warn!("postgres (standby) is not running; starting it");
+            return self.ctl.start().await;
         }
         if report.role == "unknown" {
             return Err(Error::Postgres {
@@ -209,4 +370,37 @@ impl Agent {
         }
         Ok(())
     }
+
+    /// No cluster on disk yet: initdb when granted the bootstrap, else clone.
+    async fn create(&mut self, reply: &pb::HeartbeatReply, primary: Option<&Upstream>) -> Result<()> {
+        if reply.bootstrap {
+            info!(
+                epoch = reply.epoch,
+                "granted the bootstrap: creating the cluster's first primary"
+            );
+            self.ctl.init_primary().await?;
+            return self.ctl.start().await;
+        }
+        match primary {
+            Some(up) => {
+                info!(primary = ?up, "cloning the primary into a new standby");
+                self.ctl.clone_from(up).await?;
+                self.following = Some(up.clone());
+                self.ctl.start().await
+            }
+            None => Err(Error::Tool {
+                tool: "create".into(),
+                detail: "waiting for a primary to clone, or for the bootstrap grant".into(),
+            }),
+        }
+    }
+}
+
+/// Whether the primary's report shows a standby connected through `slot` — then the
+/// slot certainly exists and no query is needed.
+fn report_has_slot(report: &pb::NodeReport, slot: &str) -> bool {
+    report
+        .replicas
+        .iter()
+        .any(|r| slot_name(&r.application_name) == slot)
 }

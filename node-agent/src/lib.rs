@@ -5,11 +5,13 @@
 //! - [`config`]: the TOML config file.
 //! - [`postgres`]: running Postgres's tools as the right OS user, and observing the
 //!   server over one kept-open connection.
+//! - [`state`]: the newest epoch seen, kept across restarts.
 //! - [`agent`]: the observe → report → act loop.
 
 pub mod agent;
 pub mod config;
 mod error;
 pub mod postgres;
+pub mod state;
 
 pub use error::{Error, Result};

@@ -167,14 +167,21 @@ pub async fn start_sandbox(coordinator_base: u16, postgres_base: u16) -> InTempD
 
 /// A connection to one sandbox node's Postgres.
 pub async fn pg(sandbox: &Sandbox, node: &str) -> tokio_postgres::Client {
-    let conninfo = sandbox.conninfo(node).expect("node");
+    try_pg(sandbox, node)
+        .await
+        .unwrap_or_else(|| panic!("cannot connect to {node}'s Postgres"))
+}
+
+/// A connection to one sandbox node's Postgres, if it accepts one within a second.
+pub async fn try_pg(sandbox: &Sandbox, node: &str) -> Option<tokio_postgres::Client> {
+    let conninfo = format!("{} connect_timeout=1", sandbox.conninfo(node).ok()?);
     let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
         .await
-        .expect("connect");
+        .ok()?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    client
+    Some(client)
 }
 
 /// Retries `check` every 100 ms until it returns true or `timeout` passes.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use pgquorum::launch::find_binary;
+use pgquorum::launch::{children, find_binary};
 use pgquorum_tests::{eventually, start_group, start_sandbox};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -92,30 +92,6 @@ async fn an_agent_of_an_unknown_cluster_says_so_and_keeps_trying() {
         !data_dir.exists(),
         "nothing was created for a cluster that does not exist"
     );
-}
-
-/// Every process whose parent is `pid` (a postmaster's backends and helpers).
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command name: state, ppid, …
-        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-        if after
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<i32>().ok())
-            == Some(pid)
-        {
-            out.push(child);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

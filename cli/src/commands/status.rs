@@ -161,3 +161,33 @@ pub async fn alerts(ctx: &Ctx, cluster: &str) -> Result<()> {
     });
     Ok(())
 }
+
+pub async fn failover(ctx: &Ctx, cluster: &str, to: &str, accept_data_loss: bool) -> Result<()> {
+    let request = pb::FailoverRequest {
+        cluster: cluster.to_string(),
+        to: to.to_string(),
+        accept_data_loss,
+        actor: super::actor(),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.failover(request).await }
+        })
+        .await?;
+    let f = reply.failover.clone().unwrap_or_default();
+    let value = json!({
+        "cluster": reply.cluster, "epoch": reply.epoch,
+        "failover": {"kind": f.kind, "step": f.step, "old_primary": f.old_primary, "candidate": f.candidate,
+                     "from_epoch": f.from_epoch, "to_epoch": f.to_epoch, "reason": f.reason},
+    });
+    emit(ctx.json, &value, || {
+        format!(
+            "failover of {} to {} started (epoch {} -> {}); the old primary {} is fenced first.\n\
+             follow it with `pgquorum status` and `pgquorum cluster show {}`",
+            reply.cluster, f.candidate, f.from_epoch, f.to_epoch, f.old_primary, reply.cluster
+        )
+    });
+    Ok(())
+}

@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 
 pub use coordinators::{sandbox_region, CoordinatorGroup, GroupSpec};
 pub use sandbox::{
-    postmaster_pid, runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec, AGENT_BIN, SANDBOX_FILE,
+    children, postmaster_pid, runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec, AGENT_BIN, SANDBOX_FILE,
 };
 
 use crate::error::{Error, Result};

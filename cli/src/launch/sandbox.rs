@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Pid, Uid};
 use pgquorum_agent::config::{AgentConfig, PostgresConfig};
+pub use pgquorum_agent::postgres::ctl::postmaster_pid;
+use pgquorum_agent::postgres::ctl::process_alive;
 use pgquorum_client::{pb, Coordinators};
 use serde::{Deserialize, Serialize};
 
@@ -313,6 +315,37 @@ impl Sandbox {
         self.stop_postgres(name)
     }
 
+    /// kill -9 of a node's postmaster and every process under it.
+    pub fn kill_postgres(&self, name: &str) -> Result<()> {
+        if let Some(pid) = self.postmaster_pid(name) {
+            for p in std::iter::once(pid).chain(children(pid)) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while process_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sudden host loss: kill -9 of the agent and of every Postgres process.
+    pub fn kill_host(&mut self, name: &str) -> Result<()> {
+        self.kill_agent(name)?;
+        self.kill_postgres(name)
+    }
+
+    /// The pids of a node's agent and Postgres processes, e.g. to freeze the host.
+    pub fn host_pids(&self, name: &str) -> Result<Vec<i32>> {
+        let agent = self.agent(name)?;
+        let mut pids: Vec<i32> = agent.child.iter().map(|c| c.id() as i32).collect();
+        if let Some(pm) = self.postmaster_pid(name) {
+            pids.push(pm);
+            pids.extend(children(pm));
+        }
+        Ok(pids)
+    }
+
     pub fn port(&self, name: &str) -> Result<u16> {
         Ok(self.agent(name)?.config.postgres.port)
     }
@@ -478,11 +511,25 @@ impl Drop for Sandbox {
     }
 }
 
-/// The postmaster's pid from `postmaster.pid`, if that process exists.
-pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
-    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    kill(Pid::from_raw(pid), None).ok().map(|_| pid)
+/// Every process whose parent is `pid` (a postmaster's backends and helpers).
+pub fn children(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // Fields after the parenthesised command name: state, ppid, …
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            after
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<i32>().ok())
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// Signals the postmaster of `data_dir` (SIGINT fast shutdown, SIGQUIT immediate) and
@@ -494,7 +541,7 @@ fn stop_postmaster(data_dir: &Path, signal: Signal) -> Result<()> {
     let pid = Pid::from_raw(pid);
     let _ = kill(pid, signal);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while kill(pid, None).is_ok() {
+    while process_alive(pid.as_raw()) {
         if Instant::now() >= deadline {
             let _ = kill(pid, Signal::SIGKILL);
         }

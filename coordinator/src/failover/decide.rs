@@ -12,6 +12,7 @@
 //!      is silent for `failure_timeout`, **and** no standby's agent reached the
 //!      primary's Postgres within `failure_timeout` either (a silent agent on a
 //!      healthy primary raises an alert, not a failover).
+//!
 //!    A failover starts only if a candidate exists (below); otherwise the cluster
 //!    keeps its epoch and primary and an alert asks for an operator.
 //! 2. **Start** — commit epoch+1 with no primary: the old primary's agent, on its
@@ -171,7 +172,7 @@ pub fn choose(cluster: &Cluster, reports: &ClusterReports, old_primary: &str) ->
     if heard_lsns.is_empty() {
         return Err("no standby that could take over is reporting".into());
     }
-    heard_lsns.sort_by(|a, b| b.1.cmp(&a.1));
+    heard_lsns.sort_by_key(|(_, lsn)| std::cmp::Reverse(*lsn));
     let best = heard_lsns[0].1;
     if policy.sync_mode != SyncMode::Strict {
         let last_primary = reports
@@ -304,7 +305,7 @@ pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::health::tests::{cluster, primary, replica, reports, standby};
+    use crate::observe::health::tests::{cluster, primary, reports, standby};
     use pgquorum_client::pb;
 
     fn probing(mut r: pb::NodeReport, age_ms: u64) -> pb::NodeReport {

@@ -48,6 +48,31 @@ pub struct PostgresCtl {
     name: String,
 }
 
+/// Whether `pid` is a live process: it exists and is not a zombie (an exited
+/// postmaster whose parent has not reaped it still answers signal 0).
+pub fn process_alive(pid: i32) -> bool {
+    match kill(Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(_) => return false,
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// The pid of the postmaster running on `data_dir`, from `postmaster.pid`, if alive.
+pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    process_alive(pid).then_some(pid)
+}
+
 /// Replication slot name for a member: Postgres allows lower-case letters, digits
 /// and underscores only.
 pub fn slot_name(member: &str) -> String {
@@ -106,13 +131,7 @@ impl PostgresCtl {
 
     /// The postmaster's pid, if one runs on this data directory.
     pub fn running_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        // Signal 0 checks existence. EPERM also means it exists (another user's process).
-        match kill(Pid::from_raw(pid), None) {
-            Ok(()) | Err(nix::errno::Errno::EPERM) => Some(pid),
-            Err(_) => None,
-        }
+        postmaster_pid(&self.cfg.data_dir)
     }
 
     fn command(&self, tool: &str) -> Command {
@@ -193,17 +212,7 @@ impl PostgresCtl {
             std::fs::remove_dir_all(dir)?;
         }
 
-        if let Some(parent) = dir.parent() {
-            if !parent.exists() {
-                self.make_dir(parent, 0o755)?;
-            }
-        }
-        let log = self.cfg.log_file();
-        if let Some(log_dir) = log.parent() {
-            if !log_dir.exists() {
-                self.make_dir(log_dir, 0o755)?;
-            }
-        }
+        self.prepare_dirs()?;
         std::fs::write(&marker, "pgquorum-agent is creating this data directory\n").map_err(|e| {
             Error::Tool {
                 tool: "prepare data_dir".into(),
@@ -211,6 +220,21 @@ impl PostgresCtl {
             }
         })?;
         self.make_dir(dir, 0o700)
+    }
+
+    /// Creates the data directory's parent and the log's directory, owned by the
+    /// Postgres user, if they are missing.
+    pub fn prepare_dirs(&self) -> Result<()> {
+        let log_file = self.cfg.log_file();
+        for dir in [self.cfg.data_dir.parent(), log_file.parent()]
+            .into_iter()
+            .flatten()
+        {
+            if !dir.exists() {
+                self.make_dir(dir, 0o755)?;
+            }
+        }
+        Ok(())
     }
 
     /// Creates a new cluster for a first primary: initdb with data checksums, so that
@@ -275,7 +299,7 @@ impl PostgresCtl {
         Ok(())
     }
 
-    async fn ensure_slot_on(&self, upstream: &Upstream) -> Result<()> {
+    pub async fn ensure_slot_on(&self, upstream: &Upstream) -> Result<()> {
         let client = super::connect(&self.cfg, &upstream.host, upstream.port, "pgquorum-agent").await?;
         let slot = slot_name(&self.name);
         let sql = format!(
@@ -321,6 +345,10 @@ impl PostgresCtl {
         set("hot_standby_feedback", "on");
         set("wal_log_hints", "on");
         set("wal_keep_size", "256MB");
+        // How long a standby waits before retrying a lost WAL source; PG 15 sleeps it
+        // out even when asked to promote, so the default 5 s would add 5 s to every
+        // failover.
+        set("wal_retrieve_retry_interval", "100ms");
         if let Some(up) = upstream {
             let conninfo = format!(
                 "host={} port={} user={} application_name={} connect_timeout=2",
@@ -366,6 +394,75 @@ impl PostgresCtl {
         self.run("pg_ctl start", cmd).await?;
         info!(port = self.cfg.port, "postgres started");
         Ok(())
+    }
+
+    /// Whether the data directory is a standby's (it has `standby.signal`).
+    pub fn is_standby_data(&self) -> bool {
+        self.cfg.data_dir.join("standby.signal").exists()
+    }
+
+    /// Fences: stops Postgres at once (`immediate`, no checkpoint) and makes sure the
+    /// postmaster is gone, killing it if pg_ctl cannot (a frozen server).
+    pub async fn fence(&self) -> Result<()> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .args(["-m", "immediate", "-w", "-t", "5", "stop"]);
+        let stopped = self.run("pg_ctl stop", cmd).await;
+        if let Some(pid) = self.running_pid() {
+            let _ = kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            for _ in 0..100 {
+                if self.running_pid().is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        match self.running_pid() {
+            None => Ok(()),
+            Some(pid) => Err(Error::Tool {
+                tool: "fence".into(),
+                detail: format!("postmaster {pid} survives pg_ctl stop and SIGKILL ({stopped:?})"),
+            }),
+        }
+    }
+
+    /// Turns a former primary into a standby of `upstream`: pg_rewind against it (which
+    /// runs crash recovery first when the server was not shut down cleanly), falling
+    /// back to a fresh base backup when rewinding cannot work.
+    pub async fn rejoin(&self, upstream: &Upstream) -> Result<&'static str> {
+        let source = format!(
+            "host={} port={} user={} dbname={} connect_timeout=5",
+            upstream.host, upstream.port, self.cfg.superuser, self.cfg.database
+        );
+        // A just-promoted primary's control file still names the old timeline until
+        // its end-of-recovery checkpoint is done, and pg_rewind would then see nothing
+        // to rewind: make it checkpoint first.
+        let client = super::connect(&self.cfg, &upstream.host, upstream.port, "pgquorum-agent").await?;
+        client
+            .simple_query("CHECKPOINT")
+            .await
+            .map_err(|e| Error::Postgres {
+                target: format!("{}:{}", upstream.host, upstream.port),
+                detail: format!("CHECKPOINT before pg_rewind: {e}"),
+            })?;
+        let mut cmd = self.command("pg_rewind");
+        cmd.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .arg(format!("--source-server={source}"));
+        match self.run("pg_rewind", cmd).await {
+            Ok(()) => {
+                self.ensure_slot_on(upstream).await?;
+                self.write_node_conf(Some(upstream))?;
+                Ok("pg_rewind")
+            }
+            Err(e) => {
+                tracing::warn!("{e}; falling back to a fresh base backup");
+                std::fs::write(self.incomplete_marker(), "rebuilding from a base backup\n")?;
+                self.clone_from(upstream).await?;
+                Ok("base backup")
+            }
+        }
     }
 
     /// Stops the postmaster (`fast`: roll back sessions, checkpoint, exit).

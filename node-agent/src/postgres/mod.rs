@@ -3,6 +3,7 @@
 
 pub mod ctl;
 pub mod observe;
+pub mod probe;
 
 use tokio_postgres::{Client, NoTls};
 

@@ -173,11 +173,18 @@ impl Observer {
 
     /// Makes the primary wait for exactly these standbys: ALTER SYSTEM, then reload.
     pub async fn set_synchronous_standby_names(&mut self, value: &str) -> Result<()> {
+        let sql = format!("ALTER SYSTEM SET synchronous_standby_names = {}", quote(value));
+        self.exec(&[sql.as_str(), "SELECT pg_reload_conf()"], QUERY_TIMEOUT)
+            .await
+    }
+}
+
+impl Observer {
+    async fn exec(&mut self, statements: &[&str], timeout: std::time::Duration) -> Result<()> {
         let target = format!("local postgres port {}", self.cfg.port);
         let client = self.client().await?;
-        let sql = format!("ALTER SYSTEM SET synchronous_standby_names = {}", quote(value));
-        for statement in [sql.as_str(), "SELECT pg_reload_conf()"] {
-            tokio::time::timeout(QUERY_TIMEOUT, client.simple_query(statement))
+        for statement in statements {
+            tokio::time::timeout(timeout, client.simple_query(statement))
                 .await
                 .map_err(|_| Error::Postgres {
                     target: target.clone(),
@@ -189,5 +196,43 @@ impl Observer {
                 })?;
         }
         Ok(())
+    }
+
+    /// Re-reads the configuration files (a changed primary_conninfo restarts the WAL
+    /// receiver; no restart of Postgres needed).
+    pub async fn reload(&mut self) -> Result<()> {
+        self.exec(&["SELECT pg_reload_conf()"], QUERY_TIMEOUT).await
+    }
+
+    /// Promotes this standby: first the standbys to wait for (effective once it is
+    /// primary), then `pg_promote`, waiting until it accepts writes.
+    pub async fn promote(&mut self, synchronous_standby_names: &str) -> Result<()> {
+        let names = format!(
+            "ALTER SYSTEM SET synchronous_standby_names = {}",
+            quote(synchronous_standby_names)
+        );
+        self.exec(&[names.as_str(), "SELECT pg_reload_conf()"], QUERY_TIMEOUT)
+            .await?;
+        self.exec(
+            &["SELECT pg_promote(wait => true, wait_seconds => 30)"],
+            std::time::Duration::from_secs(35),
+        )
+        .await
+    }
+
+    /// Makes sure a physical replication slot exists for each standby.
+    pub async fn ensure_slots(&mut self, slots: &[String]) -> Result<()> {
+        let statements: Vec<String> = slots
+            .iter()
+            .map(|s| {
+                format!(
+                    "SELECT pg_create_physical_replication_slot({0}) WHERE NOT EXISTS \
+                     (SELECT 1 FROM pg_replication_slots WHERE slot_name = {0})",
+                    quote(s)
+                )
+            })
+            .collect();
+        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+        self.exec(&refs, QUERY_TIMEOUT).await
     }
 }

@@ -1,0 +1,73 @@
+//! What the agent must remember across restarts: the newest epoch it has seen.
+//!
+//! The epoch is the fencing token (DESIGN.md, Invariant 1): an agent that has seen
+//! epoch E refuses anything older, also after a restart, so a stale coordinator (or a
+//! delayed reply) can never make it act for a past epoch. The file is replaced
+//! atomically (write, fsync, rename) so a crash leaves the old value or the new one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub epoch: u64,
+}
+
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    /// Kept next to the data directory (not inside it: a base backup or rewind
+    /// replaces the data directory, and the epoch must survive that).
+    pub fn next_to(data_dir: &Path) -> StateFile {
+        let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".pgquorum-agent.toml");
+        StateFile {
+            path: data_dir.with_file_name(name),
+        }
+    }
+
+    pub fn load(&self) -> Result<AgentState> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| Error::Config {
+                path: self.path.display().to_string(),
+                message: format!("agent state file is damaged ({e}); it holds the last epoch seen"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn save(&self, state: &AgentState) -> Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(toml::to_string(state).unwrap_or_default().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_round_trips_and_starts_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::next_to(&dir.path().join("data"));
+        assert_eq!(file.load().unwrap().epoch, 0);
+        file.save(&AgentState { epoch: 7 }).unwrap();
+        assert_eq!(file.load().unwrap().epoch, 7);
+        std::fs::write(&file.path, "epoch = \"x\"").unwrap();
+        assert!(file.load().is_err());
+    }
+}

@@ -1,0 +1,377 @@
+//! Automatic failover with fencing, against real Postgres and real faults: kill -9 of
+//! hosts, postmasters, agents and the Raft leader, frozen processes. Each test has
+//! its own ports and directory.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgquorum::launch::Sandbox;
+use pgquorum_client::pb;
+use pgquorum_tests::{cli, eventually, pg, read_cluster, start_sandbox, try_pg};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn node<'a>(s: &'a pb::StatusReply, name: &str) -> &'a pb::NodeStatus {
+    s.nodes
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("{name} in {s:?}"))
+}
+
+/// Whether a node's Postgres answers and is writable (not in recovery).
+async fn writable(sandbox: &Sandbox, name: &str) -> Option<bool> {
+    let client = try_pg(sandbox, name).await?;
+    let row = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.query_one("SELECT pg_is_in_recovery()", &[]),
+    );
+    row.await.ok()?.ok().map(|r| !r.get::<_, bool>(0))
+}
+
+/// The history events of the cluster, as (kind, detail).
+async fn history(sandbox: &Sandbox) -> Vec<(String, String)> {
+    read_cluster(&sandbox.client(), "main")
+        .await
+        .history
+        .into_iter()
+        .map(|e| (e.kind, e.detail))
+        .collect()
+}
+
+/// Inserts sequential ids into `acked` on `node` until stopped; records each id whose
+/// commit was acknowledged.
+fn start_writer(sandbox: &Sandbox, node: &str) -> (Arc<Mutex<Vec<i64>>>, tokio::task::JoinHandle<()>) {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let conninfo = sandbox.conninfo(node).unwrap();
+    let record = acked.clone();
+    let task = tokio::spawn(async move {
+        let Ok((client, conn)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await else {
+            return;
+        };
+        tokio::spawn(conn);
+        for id in 1i64.. {
+            match client.execute("INSERT INTO acked (id) VALUES ($1)", &[&id]).await {
+                Ok(_) => record.lock().unwrap().push(id),
+                Err(_) => return,
+            }
+        }
+    });
+    (acked, task)
+}
+
+async fn wait_promoted(sandbox: &Sandbox, to: &str, epoch: u64) -> pb::StatusReply {
+    sandbox
+        .wait_for(&format!("{to} primary of epoch {epoch}"), WAIT, |s| {
+            s.primary == to && s.epoch == epoch && node(s, to).role == "primary"
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_loss_promotes_the_sync_standby_without_losing_an_acknowledged_write() {
+    let mut sandbox = start_sandbox(23200, 23210).await;
+    pg(&sandbox, "node1")
+        .await
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let (acked, writer) = start_writer(&sandbox, "node1");
+    eventually("some acknowledged writes", WAIT, || async {
+        acked.lock().unwrap().len() > 50
+    })
+    .await;
+
+    // --- Host loss: agent and every Postgres process of the primary, kill -9.
+    sandbox.kill_host("node1").unwrap();
+    let status = wait_promoted(&sandbox, "node2", 2).await;
+    let _ = writer.await;
+
+    // --- The async standby follows the new primary; exactly one node is writable.
+    sandbox
+        .wait_for("node3 streaming from node2", WAIT, |s| {
+            node(s, "node3").health == "HEALTHY"
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.epoch, 2, "the epoch grew by one");
+    assert_eq!(writable(&sandbox, "node1").await, None, "the old primary is down");
+    assert_eq!(writable(&sandbox, "node2").await, Some(true));
+    assert_eq!(writable(&sandbox, "node3").await, Some(false));
+
+    // --- Every acknowledged id is on the new primary.
+    let acked: Vec<i64> = acked.lock().unwrap().clone();
+    let new_primary = pg(&sandbox, "node2").await;
+    let present: Vec<i64> = new_primary
+        .query("SELECT id FROM acked ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<&i64> = acked
+        .iter()
+        .filter(|id| present.binary_search(id).is_err())
+        .collect();
+    assert!(lost.is_empty(), "{} acknowledged ids lost: {lost:?}", lost.len());
+
+    // --- History records the failover with its reason and steps.
+    let h = history(&sandbox).await;
+    let done = h
+        .iter()
+        .find(|(k, _)| k == "failover_completed")
+        .expect("a completed failover");
+    assert!(
+        done.1.contains("node1 -> node2") && done.1.contains("epoch 1 -> 2"),
+        "{}",
+        done.1
+    );
+    assert_eq!(h.iter().filter(|(k, _)| k == "failover_completed").count(), 1);
+
+    // --- The old primary, restarted, rejoins as a standby and catches up.
+    sandbox.start_agent("node1").unwrap();
+    sandbox
+        .wait_for("node1 HEALTHY standby", WAIT, |s| {
+            node(s, "node1").role == "standby" && node(s, "node1").health == "HEALTHY"
+        })
+        .await
+        .unwrap();
+    new_primary
+        .execute("INSERT INTO acked (id) VALUES (-1)", &[])
+        .await
+        .unwrap();
+    eventually("node1 replays the new primary's writes", WAIT, || async {
+        // A fresh connection each time: the agent may still restart its Postgres.
+        let Some(old) = try_pg(&sandbox, "node1").await else {
+            return false;
+        };
+        old.query_opt("SELECT 1 FROM acked WHERE id = -1", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    assert_eq!(writable(&sandbox, "node1").await, Some(false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_postmaster_with_a_live_agent_takes_the_fast_path() {
+    let sandbox = start_sandbox(23300, 23310).await;
+    sandbox.kill_postgres("node1").unwrap();
+    wait_promoted(&sandbox, "node2", 2).await;
+    let h = history(&sandbox).await;
+    let started = h.iter().find(|(k, _)| k == "failover_started").unwrap();
+    assert!(started.1.contains("its agent confirms"), "{}", started.1);
+    let chosen = h.iter().find(|(k, _)| k == "candidate_chosen").unwrap();
+    assert!(
+        chosen.1.contains("agent confirmed Postgres stopped"),
+        "not waiting for the lease: {}",
+        chosen.1
+    );
+    // The old primary's agent rejoins it as a standby on its own.
+    sandbox
+        .wait_for("node1 rejoined", WAIT, |s| {
+            node(s, "node1").role == "standby" && node(s, "node1").health == "HEALTHY"
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_raft_leader_mid_failover_yields_exactly_one_promotion() {
+    let mut sandbox = start_sandbox(23400, 23410).await;
+    // A long lease keeps the failover waiting for the fence long enough to act.
+    let addrs = sandbox.client().addrs().join(",");
+    let out = cli(&["--coordinators", &addrs, "policy", "set", "main", "lease_ms=4000"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    sandbox.kill_host("node1").unwrap();
+    let client = sandbox.client();
+    eventually("the failover to start", WAIT, || async {
+        read_cluster(&client, "main").await.failover.is_some()
+    })
+    .await;
+    let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
+    sandbox.coordinators().kill(leader).unwrap();
+
+    let status = sandbox
+        .wait_for("a new primary", Duration::from_secs(60), |s| {
+            !s.primary.is_empty() && s.epoch == 2
+        })
+        .await
+        .unwrap();
+    let promoted = status.primary.clone();
+    assert!(
+        promoted == "node2",
+        "strict mode promotes the sync standby, got {promoted}"
+    );
+    let h = history(&sandbox).await;
+    assert_eq!(
+        h.iter().filter(|(k, _)| k == "failover_started").count(),
+        1,
+        "{h:?}"
+    );
+    assert_eq!(
+        h.iter().filter(|(k, _)| k == "failover_completed").count(),
+        1,
+        "{h:?}"
+    );
+    let mut writable_nodes = Vec::new();
+    for name in ["node1", "node2", "node3"] {
+        if writable(&sandbox, name).await == Some(true) {
+            writable_nodes.push(name);
+        }
+    }
+    assert_eq!(writable_nodes, [promoted.as_str()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_without_primary_and_sync_standby_waits_for_an_operator() {
+    let mut sandbox = start_sandbox(23500, 23510).await;
+    sandbox.kill_host("node2").unwrap();
+    sandbox.kill_host("node1").unwrap();
+
+    // --- No automatic promotion; a CRITICAL alert says why.
+    eventually("a CRITICAL alert about the failed primary", WAIT, || async {
+        sandbox.alerts().await.unwrap().alerts.iter().any(|a| {
+            a.severity == "CRITICAL"
+                && a.message.contains("no failover is possible")
+                && a.message.contains("sync set")
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = sandbox.status().await.unwrap();
+    assert_eq!(
+        (s.epoch, s.primary.as_str()),
+        (1, "node1"),
+        "no automatic promotion"
+    );
+    assert_eq!(writable(&sandbox, "node3").await, Some(false));
+
+    // --- The operator's override: refused without accepting data loss, done with it.
+    let addrs = sandbox.client().addrs().join(",");
+    let out = cli(&["--coordinators", &addrs, "failover", "--to", "node3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--accept-data-loss"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        "--coordinators",
+        &addrs,
+        "failover",
+        "--to",
+        "node3",
+        "--accept-data-loss",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_promoted(&sandbox, "node3", 2).await;
+    assert_eq!(writable(&sandbox, "node3").await, Some(true));
+    let h = history(&sandbox).await;
+    assert!(
+        h.iter()
+            .any(|(k, d)| k == "manual_started" && d.contains("accepting data loss")),
+        "{h:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_is_replaced_only_after_its_lease_and_never_acknowledges_again() {
+    let sandbox = start_sandbox(23600, 23610).await;
+    pg(&sandbox, "node1")
+        .await
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let old = pg(&sandbox, "node1").await;
+
+    // --- Freeze the whole primary host: agent and every Postgres process.
+    let frozen = sandbox.host_pids("node1").unwrap();
+    struct Thaw(Vec<i32>);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            for pid in &self.0 {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGCONT);
+            }
+        }
+    }
+    let thaw = Thaw(frozen.clone());
+    for pid in &frozen {
+        kill(Pid::from_raw(*pid), Signal::SIGSTOP).unwrap();
+    }
+    wait_promoted(&sandbox, "node2", 2).await;
+    let h = history(&sandbox).await;
+    let chosen = h.iter().find(|(k, _)| k == "candidate_chosen").unwrap();
+    assert!(
+        chosen.1.contains("lease expired"),
+        "promoted only once the lease ran out: {}",
+        chosen.1
+    );
+
+    // --- Thawed: the old primary acknowledges no write, and its agent fences it.
+    drop(thaw);
+    let insert = old.execute("INSERT INTO acked (id) VALUES (1)", &[]);
+    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), insert).await {
+        panic!("the old primary acknowledged a write after the failover");
+    }
+    let new = pg(&sandbox, "node2").await;
+    assert!(new
+        .query_opt("SELECT 1 FROM acked WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .is_none());
+    sandbox
+        .wait_for("node1 rejoined as a standby", WAIT, |s| {
+            node(s, "node1").role == "standby" && node(s, "node1").health == "HEALTHY"
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blips_and_a_dead_agent_on_a_healthy_primary_cause_no_failover() {
+    let mut sandbox = start_sandbox(23700, 23710).await;
+    let agent = sandbox.host_pids("node1").unwrap()[0];
+    let postmaster = sandbox.postmaster_pid("node1").unwrap();
+
+    // --- Short freezes of the primary's agent, under the failure timeout.
+    for _ in 0..3 {
+        kill(Pid::from_raw(agent), Signal::SIGSTOP).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        kill(Pid::from_raw(agent), Signal::SIGCONT).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let s = sandbox.status().await.unwrap();
+    assert_eq!((s.epoch, s.primary.as_str()), (1, "node1"));
+
+    // --- The primary's agent dies; its Postgres keeps serving: an alert, no failover.
+    sandbox.kill_agent("node1").unwrap();
+    eventually("a CRITICAL alert naming the silent agent", WAIT, || async {
+        sandbox
+            .alerts()
+            .await
+            .unwrap()
+            .alerts
+            .iter()
+            .any(|a| a.node == "node1" && a.severity == "CRITICAL" && a.message.contains("silent"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = sandbox.status().await.unwrap();
+    assert_eq!((s.epoch, s.primary.as_str()), (1, "node1"), "no failover");
+    assert_eq!(writable(&sandbox, "node1").await, Some(true));
+
+    // --- The agent restarted picks the primary up without restarting Postgres.
+    sandbox.start_agent("node1").unwrap();
+    sandbox
+        .wait_for("node1 HEALTHY", WAIT, |s| node(s, "node1").health == "HEALTHY")
+        .await
+        .unwrap();
+    assert_eq!(sandbox.postmaster_pid("node1"), Some(postmaster));
+    assert_eq!(sandbox.status().await.unwrap().epoch, 1);
+}
