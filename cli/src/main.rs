@@ -54,6 +54,15 @@ enum Command {
         #[arg(long)]
         accept_data_loss: bool,
     },
+    /// A cluster's events: failovers (reason, primaries, epochs, LSN, step durations),
+    /// sync-set and policy changes, members.
+    History {
+        #[arg(long, default_value = "")]
+        cluster: String,
+        /// Show at most this many of the newest events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// A whole local cluster on loopback: 3 coordinators, 3 Postgres servers with agents.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -160,6 +169,20 @@ enum SandboxCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Kill the sandbox's primary while a writer runs; time the failover, count losses.
+    Failover {
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+        /// What dies: the whole host (agent + Postgres) or only the postmaster.
+        #[arg(long, value_enum, default_value = "host")]
+        kill: bench::failover::Kill,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 24100, value_name = "BASE")]
+        coordinator_base: u16,
+        #[arg(long, default_value_t = 24110, value_name = "BASE")]
+        postgres_base: u16,
+    },
     /// Commit latency, throughput and leader failover of a local 3-node group.
     Raft {
         #[arg(long, default_value_t = 2000)]
@@ -214,6 +237,7 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
     match cli.command {
         Command::Status { cluster } => status::status(&ctx()?, &cluster).await,
         Command::Alerts { cluster } => status::alerts(&ctx()?, &cluster).await,
+        Command::History { cluster, limit } => cluster::history(&ctx()?, &cluster, limit).await,
         Command::Failover {
             cluster,
             to,
@@ -228,6 +252,22 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             SandboxCommand::Down { dir, clean } => sandbox::down(&dir, clean),
             SandboxCommand::Status { dir } => sandbox::status(&dir, json).await,
         },
+        Command::Bench(BenchCommand::Failover {
+            rounds,
+            kill,
+            dir,
+            coordinator_base,
+            postgres_base,
+        }) => {
+            let opts = bench::failover::Options {
+                rounds,
+                kill,
+                dir,
+                coordinator_base,
+                postgres_base,
+            };
+            bench::failover::run(opts).await
+        }
         Command::Bench(BenchCommand::Raft {
             writes,
             concurrency,

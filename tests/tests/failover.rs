@@ -9,7 +9,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pgquorum::launch::Sandbox;
 use pgquorum_client::pb;
-use pgquorum_tests::{cli, eventually, pg, read_cluster, start_sandbox, try_pg};
+use pgquorum_tests::{cli, cli_json, eventually, pg, read_cluster, start_sandbox, try_pg};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -129,6 +129,25 @@ async fn host_loss_promotes_the_sync_standby_without_losing_an_acknowledged_writ
         done.1
     );
     assert_eq!(h.iter().filter(|(k, _)| k == "failover_completed").count(), 1);
+    let addrs = sandbox.client().addrs().join(",");
+    let cli_history = cli_json(&["--coordinators", &addrs, "history"]);
+    let events = cli_history["events"].as_array().unwrap();
+    let done = events
+        .iter()
+        .find(|e| e["kind"] == "failover_completed")
+        .expect("in `pgquorum history`");
+    assert_eq!(done["epoch"], 2);
+    let detail = done["detail"].as_str().unwrap();
+    for needle in [
+        "node1 -> node2",
+        "LSN 0/",
+        "fenced by",
+        "promoted after",
+        "total",
+        "silent",
+    ] {
+        assert!(detail.contains(needle), "{needle:?} in {detail}");
+    }
 
     // --- The old primary, restarted, rejoins as a standby and catches up.
     sandbox.start_agent("node1").unwrap();

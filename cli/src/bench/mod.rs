@@ -3,6 +3,7 @@
 //! Every benchmark prints a table for people and, as its last line, one JSON object
 //! for scripts; times are milliseconds as `{"p50": …, "p99": …, "max": …}`.
 
+pub mod failover;
 pub mod raft;
 
 use serde_json::{json, Value};

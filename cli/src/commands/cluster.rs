@@ -216,3 +216,75 @@ fn cluster_json(c: &pb::Cluster) -> Value {
         })).collect::<Vec<_>>(),
     })
 }
+
+/// `pgquorum history`: a cluster's events, newest last — failovers with their reason,
+/// old and new primary, epochs, LSN and step durations; sync-set and policy changes.
+pub async fn history(ctx: &Ctx, name: &str, limit: usize) -> Result<()> {
+    let name = if name.is_empty() {
+        only_cluster(ctx).await?
+    } else {
+        name.to_string()
+    };
+    let request = pb::GetClusterRequest {
+        name,
+        consistency: consistency(false),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.get_cluster(request).await }
+        })
+        .await?;
+    let cluster = reply.cluster.unwrap_or_default();
+    let events: Vec<&pb::HistoryEvent> = cluster
+        .history
+        .iter()
+        .skip(cluster.history.len().saturating_sub(limit))
+        .collect();
+    let value = json!({
+        "cluster": cluster.name,
+        "events": events.iter().map(|e| json!({
+            "at_ms": e.at_ms, "epoch": e.epoch, "kind": e.kind, "detail": e.detail,
+            "actor": e.actor, "log_index": e.log_index,
+        })).collect::<Vec<_>>(),
+    });
+    emit(ctx.json, &value, || {
+        let rows = events
+            .iter()
+            .map(|e| {
+                vec![
+                    timestamp(e.at_ms),
+                    e.epoch.to_string(),
+                    e.kind.clone(),
+                    e.detail.clone(),
+                    e.actor.clone(),
+                ]
+            })
+            .collect();
+        table(&["AT (UTC)", "EPOCH", "EVENT", "DETAIL", "BY"], rows)
+    });
+    Ok(())
+}
+
+/// The name of the only cluster, or an error asking to name one.
+async fn only_cluster(ctx: &Ctx) -> Result<String> {
+    let request = pb::ListClustersRequest {
+        consistency: consistency(false),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| async move { c.list_clusters(request).await })
+        .await?;
+    match reply.clusters.as_slice() {
+        [only] => Ok(only.name.clone()),
+        [] => Err(crate::error::Error::Usage("no cluster exists yet".into())),
+        many => Err(crate::error::Error::Usage(format!(
+            "several clusters exist ({}); name one with --cluster",
+            many.iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}

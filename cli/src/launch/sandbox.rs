@@ -290,6 +290,14 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Whether the node's agent process (started by this sandbox) is alive.
+    pub fn agent_running(&mut self, name: &str) -> bool {
+        self.agent_mut(name)
+            .ok()
+            .and_then(|a| a.child.as_mut())
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// kill -9 a node's agent (its Postgres keeps running).
     pub fn kill_agent(&mut self, name: &str) -> Result<()> {
         if let Some(mut child) = self.agent_mut(name)?.child.take() {
