@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
 use crate::failover::{decide, lease_expired, Step};
-use crate::observe::Reports;
+use crate::observe::{ClusterReports, Reports};
 use crate::raft::state_machine::StateHandle;
 use crate::raft::{NodeId, Raft};
 use crate::state::{Cluster, Command, CommandError};
@@ -28,14 +28,26 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The command the failover decision calls for, if any.
-fn failover_command(cluster: &Cluster, step: Step) -> Option<Command> {
+/// What the leader should commit for `cluster` now — the next failover step, else a
+/// sync-set change — and why a needed failover is stuck, if it is. Pure.
+pub fn next_command(
+    cluster: &Cluster,
+    reports: &ClusterReports,
+    at_ms: u64,
+) -> (Option<Command>, Option<String>) {
     let name = cluster.name.clone();
-    let at_ms = now_ms();
-    match step {
-        Step::Wait | Step::Stuck(_) => None,
+    let old = cluster
+        .failover
+        .as_ref()
+        .map(|f| f.old_primary.clone())
+        .or_else(|| cluster.primary.clone());
+    let expired = old.is_some_and(|o| lease_expired(cluster, reports, &o));
+    let step = decide(cluster, reports, expired);
+    let command = match step {
+        Step::Stuck(why) => return (None, Some(why)),
+        Step::Wait => None,
         Step::Start { old_primary, reason } => Some(Command::StartFailover {
-            cluster: name,
+            cluster: name.clone(),
             from_epoch: cluster.epoch,
             old_primary,
             candidate: None,
@@ -50,7 +62,7 @@ fn failover_command(cluster: &Cluster, step: Step) -> Option<Command> {
             lsn,
             fenced_by,
         } => Some(Command::ChooseCandidate {
-            cluster: name,
+            cluster: name.clone(),
             to_epoch: cluster.epoch,
             candidate,
             lsn,
@@ -58,12 +70,24 @@ fn failover_command(cluster: &Cluster, step: Step) -> Option<Command> {
             at_ms,
         }),
         Step::Complete { primary } => Some(Command::CompletePromotion {
-            cluster: name,
+            cluster: name.clone(),
             to_epoch: cluster.epoch,
             primary,
             at_ms,
         }),
-    }
+    };
+    let command = command.or_else(|| {
+        plan(cluster, reports)
+            .commit
+            .map(|(next, reason)| Command::SetSyncSet {
+                cluster: name,
+                expected: cluster.sync_set.clone(),
+                sync_set: next,
+                reason,
+                at_ms,
+            })
+    });
+    (command, None)
 }
 
 pub async fn run(id: NodeId, raft: Raft, state: StateHandle, reports: Reports) {
@@ -84,33 +108,18 @@ pub async fn run(id: NodeId, raft: Raft, state: StateHandle, reports: Reports) {
         {
             let applied = state.read();
             for c in applied.state.clusters.values() {
-                let r = reports.cluster(&c.name);
-                let old = c
-                    .failover
-                    .as_ref()
-                    .map(|f| f.old_primary.clone())
-                    .or_else(|| c.primary.clone());
-                let expired = old.is_some_and(|o| lease_expired(c, &r, &o));
-                let step = decide(c, &r, expired);
-                if let Step::Stuck(why) = &step {
-                    if stuck.get(&c.name) != Some(why) {
+                let (command, why) = next_command(c, &reports.cluster(&c.name), now_ms());
+                match why {
+                    Some(why) if stuck.get(&c.name) != Some(&why) => {
                         warn!(cluster = %c.name, "{why}");
-                        stuck.insert(c.name.clone(), why.clone());
+                        stuck.insert(c.name.clone(), why);
                     }
-                } else {
-                    stuck.remove(&c.name);
+                    Some(_) => {}
+                    None => {
+                        stuck.remove(&c.name);
+                    }
                 }
-                if let Some(cmd) = failover_command(c, step) {
-                    commands.push(cmd);
-                } else if let Some((next, reason)) = plan(c, &r).commit {
-                    commands.push(Command::SetSyncSet {
-                        cluster: c.name.clone(),
-                        expected: c.sync_set.clone(),
-                        sync_set: next,
-                        reason,
-                        at_ms: now_ms(),
-                    });
-                }
+                commands.extend(command);
             }
         }
         for command in commands {

@@ -297,6 +297,12 @@ impl Agent {
             // Promoted already; the coordinators have not committed it yet.
             return Ok(());
         }
+        if reply.promote && !running {
+            // Chosen while down, or down since promoting (before the coordinators
+            // committed it): start it; as the epoch's candidate it may run as primary.
+            warn!("asked to promote but postgres is not running; starting it first");
+            return self.ctl.start().await;
+        }
         if reply.promote {
             if !running || report.role != "standby" {
                 return Err(Error::Tool {

@@ -1,7 +1,9 @@
-//! Automatic failover: the pure decision ([`decide`]) and nothing else; the leader's
-//! loop in [`crate::leader`] commits what it decides, and the heartbeat replies carry
-//! it to the agents.
+//! Automatic failover, as pure functions: the decision ([`decide`]) and what each
+//! heartbeat reply tells an agent ([`reply`]). The leader's loop in [`crate::leader`]
+//! commits what is decided, the replies carry it to the agents.
 
 pub mod decide;
+pub mod reply;
 
 pub use decide::{choose, decide, detect, lease_expired, Candidate, Step};
+pub use reply::heartbeat_reply;

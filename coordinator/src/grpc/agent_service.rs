@@ -17,10 +17,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::proposer::Proposer;
-use crate::failover::choose;
+use crate::failover::heartbeat_reply;
 use crate::observe::Reports;
 use crate::state::{Cluster, Command, CommandError, Member};
-use crate::sync::plan;
 use crate::Error;
 
 pub struct AgentServiceImpl {
@@ -152,71 +151,17 @@ impl AgentServiceImpl {
         Ok(self.reply(cluster, &name, initializing))
     }
 
-    /// What the node must know and do, from the committed state and the reports.
+    /// What the node must know and do (see [`crate::failover::reply`]).
     fn reply(&self, cluster: &Cluster, name: &str, initializing: bool) -> pb::HeartbeatReply {
-        let reports = self.reports.cluster(&cluster.name);
-        let primary = cluster.primary.as_ref().and_then(|p| cluster.members.get(p));
-        let is_primary = primary.is_some_and(|p| p.name == name);
-        let promote = cluster
-            .failover
-            .as_ref()
-            .is_some_and(|f| f.step == "candidate_chosen" && f.candidate == name);
-        let synchronous_standby_names = if is_primary {
-            plan(cluster, &reports).synchronous_standby_names
-        } else if promote {
-            // Set before promoting, so the new primary acknowledges no commit before a
-            // committed sync standby holds it.
-            let mut next = cluster.clone();
-            next.primary = Some(name.to_string());
-            next.sync_set.retain(|s| s != name);
-            plan(&next, &reports).synchronous_standby_names
-        } else {
-            String::new()
-        };
-        let lease_ms = if is_primary && cluster.failover.is_none() {
-            cluster.policy.lease_ms
-        } else {
-            0
-        };
-        if lease_ms > 0 {
+        let reply = heartbeat_reply(cluster, &self.reports.cluster(&cluster.name), name, initializing);
+        if reply.lease_ms > 0 {
             self.reports.lease_granted(&cluster.name, name);
         }
-        let stopped = reports
-            .nodes
-            .get(name)
-            .is_some_and(|o| !o.report.postgres_up && o.report.role == "stopped");
-        // A stopped primary is started again only if this leader never saw it running
-        // (a cold start of the cluster) or nobody could take over from it.
-        let start_primary = is_primary
-            && cluster.failover.is_none()
-            && stopped
-            && (reports.nodes.get(name).is_none_or(|o| o.up_ago.is_none())
-                || choose(cluster, &reports, name).is_err());
-        let standby_slots = if is_primary || promote {
-            cluster
-                .members
-                .keys()
-                .filter(|m| m.as_str() != name)
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        pb::HeartbeatReply {
-            epoch: cluster.epoch,
-            primary: primary.map(|p| pb::PostgresEndpoint {
-                name: p.name.clone(),
-                host: p.host.clone(),
-                port: p.port.into(),
-            }),
-            bootstrap: initializing && is_primary,
-            synchronous_standby_names,
-            heartbeat_interval_ms: cluster.policy.heartbeat_interval_ms,
-            lease_ms,
-            promote,
-            standby_slots,
-            start_primary,
+        if cluster.primary.as_deref() == Some(name) {
+            self.reports
+                .told_sync_names(&cluster.name, name, &reply.synchronous_standby_names);
         }
+        reply
     }
 }
 

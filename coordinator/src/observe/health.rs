@@ -226,6 +226,7 @@ pub(crate) mod tests {
             nodes,
             applied_sync: None,
             leader_for: Duration::from_secs(3600),
+            told_sync_names: Default::default(),
         }
     }
 

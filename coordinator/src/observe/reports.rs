@@ -37,6 +37,8 @@ pub struct ClusterReports {
     pub applied_sync: Option<AppliedSync>,
     /// How long this coordinator has been collecting reports (leading).
     pub leader_for: Duration,
+    /// The `synchronous_standby_names` this leader last told each node to run with.
+    pub told_sync_names: BTreeMap<String, String>,
 }
 
 struct NodeEntry {
@@ -50,6 +52,7 @@ struct NodeEntry {
 struct ClusterEntry {
     nodes: HashMap<String, NodeEntry>,
     applied_sync: Option<AppliedSync>,
+    told_sync_names: BTreeMap<String, String>,
 }
 
 struct Table {
@@ -108,6 +111,13 @@ impl Reports {
         );
     }
 
+    /// Notes the `synchronous_standby_names` just sent to a primary.
+    pub fn told_sync_names(&self, cluster: &str, node: &str, names: &str) {
+        let mut all = self.0.lock().expect("reports lock poisoned");
+        let entry = all.clusters.entry(cluster.to_string()).or_default();
+        entry.told_sync_names.insert(node.to_string(), names.to_string());
+    }
+
     /// Notes that the node was just granted a primary lease.
     pub fn lease_granted(&self, cluster: &str, node: &str) {
         let mut all = self.0.lock().expect("reports lock poisoned");
@@ -143,6 +153,7 @@ impl Reports {
                 .collect(),
             applied_sync: entry.applied_sync.clone(),
             leader_for,
+            told_sync_names: entry.told_sync_names.clone(),
         }
     }
 

@@ -144,6 +144,13 @@ fn safe_to_remove(
     if node != primary_name {
         return false;
     }
+    // The report must show the list this leader last told the primary: a report sent
+    // before the primary applied a newer list (one that waits for a standby about to
+    // be removed) must not count as "stopped waiting".
+    let told = reports.told_sync_names.get(primary_name);
+    if told != Some(&primary.synchronous_standby_names) {
+        return false;
+    }
     let applied_matches = names.len() == wait_for.len() && wait_for.iter().all(|w| names.contains(w));
     let stopped_waiting = removals.iter().all(|r| !names.contains(r));
     let caught_up = wait_for.iter().all(|w| {
@@ -236,6 +243,8 @@ mod tests {
             names: s(&["node3"]),
             since: Lsn(0x5000000),
         });
+        r.told_sync_names
+            .insert("node1".into(), "ANY 1 (\"node3\")".into());
         assert_eq!(
             plan(&c, &r).commit,
             None,
@@ -243,7 +252,11 @@ mod tests {
         );
         // ...and once node3 has flushed past it, node2 may go.
         r.nodes.get_mut("node1").unwrap().report.replicas[0].flush_lsn = "0/5000000".into();
-        assert_eq!(plan(&c, &r).commit.unwrap().0, s(&["node3"]));
+        assert_eq!(plan(&c, &r).commit.clone().unwrap().0, s(&["node3"]));
+        // Not if the leader has since told the primary something else.
+        r.told_sync_names
+            .insert("node1".into(), "ANY 1 (\"node2\")".into());
+        assert_eq!(plan(&c, &r).commit, None);
     }
 
     #[test]
