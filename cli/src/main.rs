@@ -160,6 +160,15 @@ enum SandboxCommand {
         #[arg(long)]
         clean: bool,
     },
+    /// A failover drill: kill -9 a node's agent and Postgres (host loss).
+    Kill {
+        node: String,
+        #[arg(long, default_value = sandbox::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Kill only its Postgres; the agent stays (the fast path).
+        #[arg(long)]
+        postgres_only: bool,
+    },
     /// Which sandbox processes run, and the cluster's status.
     Status {
         #[arg(long, default_value = sandbox::DEFAULT_DIR)]
@@ -251,6 +260,11 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             } => sandbox::up(&dir, coordinator_base, postgres_base, json).await,
             SandboxCommand::Down { dir, clean } => sandbox::down(&dir, clean),
             SandboxCommand::Status { dir } => sandbox::status(&dir, json).await,
+            SandboxCommand::Kill {
+                node,
+                dir,
+                postgres_only,
+            } => sandbox::kill(&dir, &node, postgres_only),
         },
         Command::Bench(BenchCommand::Failover {
             rounds,

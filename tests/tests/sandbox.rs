@@ -363,6 +363,32 @@ fn sandbox_up_and_down_from_the_cli_leave_nothing_running() {
     let out = cli(&["sandbox", "status", "--dir", d, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // The drill: kill the primary host; node2 takes over.
+    let out = cli(&["sandbox", "kill", "node1", "--dir", d]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let addrs: Vec<String> = file["coordinators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["grpc"].as_str().unwrap().to_string())
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cli(&["--coordinators", &addrs.join(","), "--json", "status"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if status["primary"] == "node2" && status["epoch"] == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failover to node2: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = cli(&["sandbox", "kill", "nodeX", "--dir", d]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node \"nodeX\""));
+
     let out = cli(&["sandbox", "down", "--dir", d]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let left: Vec<&u64> = pids.iter().filter(|p| running(p)).collect();

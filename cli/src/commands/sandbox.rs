@@ -8,7 +8,8 @@ use super::status::status_json;
 use super::Ctx;
 use crate::error::{Error, Result};
 use crate::launch::{
-    runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec, AGENT_BIN, COORDINATOR_BIN, SANDBOX_FILE,
+    children, postmaster_pid, runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec, AGENT_BIN,
+    COORDINATOR_BIN, SANDBOX_FILE,
 };
 
 pub const DEFAULT_DIR: &str = "/tmp/pgquorum-sandbox";
@@ -137,4 +138,49 @@ pub async fn status(dir: &Path, json: bool) -> Result<()> {
         );
     }
     super::status::status(&ctx, &file.cluster).await
+}
+
+/// `sandbox kill NODE`: a failover drill — kill -9 of the node's agent and Postgres
+/// (host loss), or of its Postgres only.
+pub fn kill(dir: &Path, node: &str, postgres_only: bool) -> Result<()> {
+    let file = read_file(dir).ok_or_else(|| {
+        Error::Usage(format!(
+            "no sandbox in {} (no readable {SANDBOX_FILE})",
+            dir.display()
+        ))
+    })?;
+    let entry = file.nodes.iter().find(|n| n.name == node).ok_or_else(|| {
+        let names: Vec<&str> = file.nodes.iter().map(|n| n.name.as_str()).collect();
+        Error::Usage(format!(
+            "no node {node:?} in the sandbox; nodes: {}",
+            names.join(", ")
+        ))
+    })?;
+    let mut killed = Vec::new();
+    if !postgres_only && runs(entry.agent_pid, AGENT_BIN) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(entry.agent_pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        killed.push(format!("agent {}", entry.agent_pid));
+    }
+    if let Some(pm) = postmaster_pid(&entry.data_dir) {
+        for pid in std::iter::once(pm).chain(children(pm)) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        killed.push(format!("postgres {pm} and its processes"));
+    }
+    if killed.is_empty() {
+        return Err(Error::Usage(format!("nothing of {node} is running")));
+    }
+    println!("killed (-9) {}: {}", node, killed.join(", "));
+    if !postgres_only {
+        println!("its agent is not restarted by the sandbox; bring the node back with:");
+        println!(
+            "  pgquorum-agent --config {} &",
+            dir.join(node).join("agent.toml").display()
+        );
+    }
+    Ok(())
 }
