@@ -26,6 +26,20 @@ pub use pgquorum_proto::v1 as pb;
 /// agent's config check and the coordinators' validation.
 pub const WORKLOADS: &[&str] = &["realtime", "reporting", "analytics", "backup", "dr", "general"];
 
+/// Completes on SIGTERM or SIGINT: how pgquorum's daemons (coordinator, agent) learn
+/// to stop cleanly. Without signal handlers it never completes (SIGKILL still works).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
 /// Environment variable holding comma-separated coordinator addresses.
 pub const COORDINATORS_ENV: &str = "PGQUORUM_COORDINATORS";
 

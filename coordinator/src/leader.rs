@@ -61,12 +61,14 @@ pub fn next_command(
             candidate,
             lsn,
             fenced_by,
+            sync_set,
         } => Some(Command::ChooseCandidate {
             cluster: name.clone(),
             to_epoch: cluster.epoch,
             candidate,
             lsn,
             fenced_by,
+            sync_set,
             at_ms,
         }),
         Step::Complete { primary } => Some(Command::CompletePromotion {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use pgquorum_agent::agent::Agent;
 use pgquorum_agent::config::AgentConfig;
-use tokio::signal::unix::{signal, SignalKind};
+use pgquorum_client::shutdown_signal;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -51,15 +51,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -199,3 +199,31 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Sends SIGCONT to processes when dropped, so a test that froze them (SIGSTOP) never
+/// leaves them frozen for the cleanup, also when it fails.
+pub struct ThawOnDrop(pub Vec<i32>);
+
+impl ThawOnDrop {
+    /// Freezes the processes now; they are thawed on drop.
+    pub fn freeze(pids: Vec<i32>) -> ThawOnDrop {
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
+        }
+        ThawOnDrop(pids)
+    }
+}
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+}

@@ -5,10 +5,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use pgquorum::launch::{children, find_binary};
-use pgquorum_tests::{eventually, start_group, start_sandbox};
+use pgquorum_tests::{eventually, start_group, start_sandbox, ThawOnDrop};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -98,26 +96,11 @@ async fn an_agent_of_an_unknown_cluster_says_so_and_keeps_trying() {
 async fn a_hung_postgres_is_reported_and_left_alone() {
     let sandbox = start_sandbox(22800, 22810).await;
     let postmaster = sandbox.postmaster_pid("node3").unwrap();
-    let mut frozen = vec![postmaster];
-    frozen.extend(children(postmaster));
-    let signal_all = |s: Signal| {
-        for pid in &frozen {
-            let _ = kill(Pid::from_raw(*pid), s);
-        }
-    };
-    // Continue the processes whatever happens, so the sandbox can be stopped.
-    struct Thaw(Vec<i32>);
-    impl Drop for Thaw {
-        fn drop(&mut self) {
-            for pid in &self.0 {
-                let _ = kill(Pid::from_raw(*pid), Signal::SIGCONT);
-            }
-        }
-    }
-    let thaw = Thaw(frozen.clone());
+    let mut pids = vec![postmaster];
+    pids.extend(children(postmaster));
 
     // --- Every process of node3's Postgres frozen: its queries time out.
-    signal_all(Signal::SIGSTOP);
+    let frozen = ThawOnDrop::freeze(pids);
     let status = sandbox
         .wait_for("node3 reported unreachable", WAIT, |s| {
             s.nodes
@@ -143,8 +126,7 @@ async fn a_hung_postgres_is_reported_and_left_alone() {
     assert_eq!(sandbox.postmaster_pid("node3"), Some(postmaster));
 
     // --- Thawed, it serves and streams again: same postmaster.
-    signal_all(Signal::SIGCONT);
-    drop(thaw);
+    drop(frozen);
     sandbox
         .wait_for("node3 HEALTHY", WAIT, |s| {
             s.nodes.iter().any(|n| n.name == "node3" && n.health == "HEALTHY")

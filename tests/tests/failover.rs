@@ -9,7 +9,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pgquorum::launch::Sandbox;
 use pgquorum_client::pb;
-use pgquorum_tests::{cli, cli_json, eventually, pg, read_cluster, start_sandbox, try_pg};
+use pgquorum_tests::{cli, cli_json, eventually, pg, read_cluster, start_sandbox, try_pg, ThawOnDrop};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -310,19 +310,7 @@ async fn a_frozen_primary_is_replaced_only_after_its_lease_and_never_acknowledge
     let old = pg(&sandbox, "node1").await;
 
     // --- Freeze the whole primary host: agent and every Postgres process.
-    let frozen = sandbox.host_pids("node1").unwrap();
-    struct Thaw(Vec<i32>);
-    impl Drop for Thaw {
-        fn drop(&mut self) {
-            for pid in &self.0 {
-                let _ = kill(Pid::from_raw(*pid), Signal::SIGCONT);
-            }
-        }
-    }
-    let thaw = Thaw(frozen.clone());
-    for pid in &frozen {
-        kill(Pid::from_raw(*pid), Signal::SIGSTOP).unwrap();
-    }
+    let frozen = ThawOnDrop::freeze(sandbox.host_pids("node1").unwrap());
     wait_promoted(&sandbox, "node2", 2).await;
     let h = history(&sandbox).await;
     let chosen = h.iter().find(|(k, _)| k == "candidate_chosen").unwrap();
@@ -333,7 +321,7 @@ async fn a_frozen_primary_is_replaced_only_after_its_lease_and_never_acknowledge
     );
 
     // --- Thawed: the old primary acknowledges no write, and its agent fences it.
-    drop(thaw);
+    drop(frozen);
     let insert = old.execute("INSERT INTO acked (id) VALUES (1)", &[]);
     if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), insert).await {
         panic!("the old primary acknowledged a write after the failover");

@@ -74,16 +74,8 @@ struct Round {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
-    let tmp;
-    let dir = match &opts.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("pgquorum-bench-failover-")
-                .tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    // `_tmp` is declared first so it is dropped last, after the processes are stopped.
+    let (dir, _tmp) = super::work_dir(&opts.dir, "pgquorum-bench-failover-")?;
     eprintln!("starting a sandbox in {}", dir.display());
     let mut sandbox =
         Sandbox::start(SandboxSpec::new(&dir, opts.coordinator_base, opts.postgres_base)).await?;

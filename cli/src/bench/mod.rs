@@ -6,7 +6,24 @@
 pub mod failover;
 pub mod raft;
 
+use std::path::PathBuf;
+
 use serde_json::{json, Value};
+
+/// Where a benchmark keeps its cluster: `dir`, or a temporary directory that is removed
+/// when the returned guard is dropped.
+pub fn work_dir(
+    dir: &Option<PathBuf>,
+    prefix: &str,
+) -> std::io::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
+        Some(d) => Ok((d.clone(), None)),
+        None => {
+            let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            Ok((tmp.path().to_path_buf(), Some(tmp)))
+        }
+    }
+}
 
 /// p50 / p99 / max of samples in milliseconds (nearest-rank percentiles).
 pub fn summary(samples: &[f64]) -> Value {

@@ -62,16 +62,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
-    let tmp;
-    let dir = match &opts.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("pgquorum-bench-raft-")
-                .tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    // `_tmp` is declared first so it is dropped last, after the processes are stopped.
+    let (dir, _tmp) = super::work_dir(&opts.dir, "pgquorum-bench-raft-")?;
     eprintln!(
         "starting a 3-node coordinator group in {} (ports {}+)",
         dir.display(),

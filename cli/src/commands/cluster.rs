@@ -75,6 +75,13 @@ pub async fn list(ctx: &Ctx, local: bool) -> Result<()> {
 }
 
 pub async fn show(ctx: &Ctx, name: &str, local: bool) -> Result<()> {
+    let cluster = fetch(ctx, name, local).await?;
+    emit(ctx.json, &cluster_json(&cluster), || cluster_table(&cluster));
+    Ok(())
+}
+
+/// One cluster, read linearizably (or from the first coordinator's state, `local`).
+pub async fn fetch(ctx: &Ctx, name: &str, local: bool) -> Result<pb::Cluster> {
     let request = pb::GetClusterRequest {
         name: name.to_string(),
         consistency: consistency(local),
@@ -86,9 +93,7 @@ pub async fn show(ctx: &Ctx, name: &str, local: bool) -> Result<()> {
             async move { c.get_cluster(request).await }
         })
         .await?;
-    let cluster = reply.cluster.unwrap_or_default();
-    emit(ctx.json, &cluster_json(&cluster), || cluster_table(&cluster));
-    Ok(())
+    Ok(reply.cluster.unwrap_or_default())
 }
 
 fn cluster_table(c: &pb::Cluster) -> String {
@@ -154,11 +159,15 @@ fn cluster_table(c: &pb::Cluster) -> String {
             f.kind, f.step, f.from_epoch, f.to_epoch, f.old_primary, f.candidate, f.reason
         ));
     }
-    let recent: Vec<Vec<String>> = c
-        .history
-        .iter()
-        .rev()
-        .take(10)
+    out.push_str("\nrecent history (newest first):\n");
+    out.push_str(&history_table(c.history.iter().rev().take(10)));
+
+    out
+}
+
+/// History events as a table, in the order given.
+fn history_table<'a>(events: impl Iterator<Item = &'a pb::HistoryEvent>) -> String {
+    let rows = events
         .map(|e| {
             vec![
                 timestamp(e.at_ms),
@@ -169,9 +178,7 @@ fn cluster_table(c: &pb::Cluster) -> String {
             ]
         })
         .collect();
-    out.push_str("\nrecent history (newest first):\n");
-    out.push_str(&table(&["AT (UTC)", "EPOCH", "EVENT", "DETAIL", "BY"], recent));
-    out
+    table(&["AT (UTC)", "EPOCH", "EVENT", "DETAIL", "BY"], rows)
 }
 
 pub fn policy_json(p: &pb::Policy) -> Value {
@@ -225,18 +232,7 @@ pub async fn history(ctx: &Ctx, name: &str, limit: usize) -> Result<()> {
     } else {
         name.to_string()
     };
-    let request = pb::GetClusterRequest {
-        name,
-        consistency: consistency(false),
-    };
-    let reply = ctx
-        .coordinators
-        .call(|mut c| {
-            let request = request.clone();
-            async move { c.get_cluster(request).await }
-        })
-        .await?;
-    let cluster = reply.cluster.unwrap_or_default();
+    let cluster = fetch(ctx, &name, false).await?;
     let events: Vec<&pb::HistoryEvent> = cluster
         .history
         .iter()
@@ -249,21 +245,7 @@ pub async fn history(ctx: &Ctx, name: &str, limit: usize) -> Result<()> {
             "actor": e.actor, "log_index": e.log_index,
         })).collect::<Vec<_>>(),
     });
-    emit(ctx.json, &value, || {
-        let rows = events
-            .iter()
-            .map(|e| {
-                vec![
-                    timestamp(e.at_ms),
-                    e.epoch.to_string(),
-                    e.kind.clone(),
-                    e.detail.clone(),
-                    e.actor.clone(),
-                ]
-            })
-            .collect();
-        table(&["AT (UTC)", "EPOCH", "EVENT", "DETAIL", "BY"], rows)
-    });
+    emit(ctx.json, &value, || history_table(events.iter().copied()));
     Ok(())
 }
 

@@ -100,16 +100,7 @@ pub async fn status(dir: &Path, json: bool) -> Result<()> {
         json,
     };
     if json {
-        let request = pgquorum_client::pb::StatusRequest {
-            cluster: file.cluster.clone(),
-        };
-        let reply = ctx
-            .coordinators
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.status(request).await }
-            })
-            .await?;
+        let reply = super::status::fetch(&ctx, &file.cluster).await?;
         let value = serde_json::json!({ "sandbox": file, "status": status_json(&reply) });
         println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
         return Ok(());

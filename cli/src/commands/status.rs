@@ -8,18 +8,23 @@ use crate::error::Result;
 use crate::output::{emit, table};
 
 pub async fn status(ctx: &Ctx, cluster: &str) -> Result<()> {
+    let reply = fetch(ctx, cluster).await?;
+    emit(ctx.json, &status_json(&reply), || status_table(&reply));
+    Ok(())
+}
+
+/// The live status of a cluster (from the Raft leader, which holds the reports).
+pub async fn fetch(ctx: &Ctx, cluster: &str) -> Result<pb::StatusReply> {
     let request = pb::StatusRequest {
         cluster: cluster.to_string(),
     };
-    let reply = ctx
+    Ok(ctx
         .coordinators
         .call(|mut c| {
             let request = request.clone();
             async move { c.status(request).await }
         })
-        .await?;
-    emit(ctx.json, &status_json(&reply), || status_table(&reply));
-    Ok(())
+        .await?)
 }
 
 /// The JSON of `status --json` (keys fixed by DESIGN.md; add, never rename).

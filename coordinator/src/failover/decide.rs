@@ -47,10 +47,12 @@ pub enum Step {
         old_primary: String,
         reason: String,
     },
+    /// `sync_set`: the committed sync set from the promotion on (see [`sync_set_after`]).
     Choose {
         candidate: String,
         lsn: String,
         fenced_by: String,
+        sync_set: Vec<String>,
     },
     Complete {
         primary: String,
@@ -231,6 +233,58 @@ fn fenced(
     lease_expired.then(|| "its lease expired".into())
 }
 
+/// The sync set the new primary starts with: up to `sync_standbys` running, eligible
+/// standbys that have received everything the candidate has (so every acknowledged
+/// write), members of the old set first, then by priority and name.
+///
+/// Members of the old set that lag the candidate leave the set here: they may lack
+/// writes the old primary acknowledged, and once the candidate (which holds them all)
+/// leaves the set, a later failover could otherwise pick them. No primary waits for
+/// anything at this point (the old one is fenced), so changing the set is safe.
+/// Committing it with the candidate lets the new primary wait for a real standby from
+/// its first moment, instead of for a placeholder until a later sync-set change.
+pub fn sync_set_after(
+    cluster: &Cluster,
+    reports: &ClusterReports,
+    candidate: &str,
+    old_primary: &str,
+) -> Vec<String> {
+    let k = if cluster.policy.sync_mode == SyncMode::Off {
+        0
+    } else {
+        cluster.policy.sync_standbys as usize
+    };
+    let Some(floor) = fresh(cluster, reports, candidate).and_then(|o| Lsn::parse(&o.report.receive_lsn))
+    else {
+        return Vec::new();
+    };
+    let mut eligible: Vec<&Member> = cluster
+        .members
+        .values()
+        .filter(|m| m.sync_eligible && m.name != candidate && m.name != old_primary)
+        .filter(|m| {
+            fresh(cluster, reports, &m.name)
+                .filter(|o| standby_up(o))
+                .and_then(|o| Lsn::parse(&o.report.receive_lsn))
+                .is_some_and(|l| l >= floor)
+        })
+        .collect();
+    let rank = |name: &String| {
+        cluster
+            .sync_set
+            .iter()
+            .position(|s| s == name)
+            .unwrap_or(usize::MAX)
+    };
+    eligible.sort_by(|a, b| {
+        rank(&a.name)
+            .cmp(&rank(&b.name))
+            .then(b.priority.cmp(&a.priority))
+            .then(a.name.cmp(&b.name))
+    });
+    eligible.into_iter().take(k).map(|m| m.name.clone()).collect()
+}
+
 /// Whether `node`'s primary lease has certainly run out by this coordinator's clock:
 /// one full lease since this coordinator last granted it, and since it became leader
 /// (a lease granted by a previous leader lasts at most that long).
@@ -275,14 +329,17 @@ pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) 
                 let lsn = fresh(cluster, reports, &f.candidate)
                     .map(|o| o.report.receive_lsn.clone())
                     .unwrap_or_default();
+                let sync_set = sync_set_after(cluster, reports, &f.candidate, &f.old_primary);
                 return Step::Choose {
                     candidate: f.candidate.clone(),
                     lsn,
                     fenced_by,
+                    sync_set,
                 };
             }
             match choose(cluster, reports, &f.old_primary) {
                 Ok(c) => Step::Choose {
+                    sync_set: sync_set_after(cluster, reports, &c.name, &f.old_primary),
                     candidate: c.name,
                     lsn: c.lsn.to_string(),
                     fenced_by,
@@ -402,8 +459,26 @@ mod tests {
             Step::Choose {
                 candidate: "node2".into(),
                 lsn: "0/5000000".into(),
-                fenced_by: "its lease expired".into()
+                fenced_by: "its lease expired".into(),
+                sync_set: vec![],
             }
+        );
+        // node3 joins the sync set with the promotion only if it has all node2 has.
+        let lagging = reports(vec![
+            ("node2", standby("0/5000000", 0), 10),
+            ("node3", standby("0/4000000", 0), 10),
+        ]);
+        assert_eq!(
+            sync_set_after(&c, &lagging, "node2", "node1"),
+            Vec::<String>::new()
+        );
+        let level = reports(vec![
+            ("node2", standby("0/5000000", 0), 10),
+            ("node3", standby("0/5000000", 0), 10),
+        ]);
+        assert_eq!(
+            sync_set_after(&c, &level, "node2", "node1"),
+            vec!["node3".to_string()]
         );
         let f = c.failover.as_mut().unwrap();
         f.step = "candidate_chosen".into();

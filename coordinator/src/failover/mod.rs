@@ -5,5 +5,5 @@
 pub mod decide;
 pub mod reply;
 
-pub use decide::{choose, decide, detect, lease_expired, Candidate, Step};
+pub use decide::{choose, decide, detect, lease_expired, sync_set_after, Candidate, Step};
 pub use reply::heartbeat_reply;

@@ -83,6 +83,11 @@ pub struct Cluster {
     pub failover: Option<FailoverRecord>,
     pub history: VecDeque<HistoryEvent>,
     pub created_at_ms: u64,
+    /// WAL position at the last promotion (the chosen candidate's received LSN): every
+    /// write acknowledged before it lies below it, so a standby joins the sync set
+    /// only once it has flushed this far (see `sync::plan`).
+    #[serde(default)]
+    pub sync_floor_lsn: u64,
 }
 
 impl Cluster {
@@ -96,6 +101,7 @@ impl Cluster {
             sync_set: Vec::new(),
             endpoint_version: 0,
             failover: None,
+            sync_floor_lsn: 0,
             history: VecDeque::new(),
             created_at_ms,
         }

@@ -65,13 +65,15 @@ pub enum Command {
         actor: String,
         at_ms: u64,
     },
-    /// Step 2: the old primary is fenced and the candidate chosen.
+    /// Step 2: the old primary is fenced and the candidate chosen; `sync_set` is the
+    /// committed sync set from now on (without the candidate).
     ChooseCandidate {
         cluster: String,
         to_epoch: u64,
         candidate: String,
         lsn: String,
         fenced_by: String,
+        sync_set: Vec<String>,
         at_ms: u64,
     },
     /// Step 3: the candidate runs as primary of `to_epoch`; publish it.

@@ -209,6 +209,7 @@ impl ClusterState {
                 candidate,
                 lsn,
                 fenced_by,
+                sync_set,
                 at_ms,
             } => {
                 let c = self.cluster_mut(cluster)?;
@@ -224,6 +225,12 @@ impl ClusterState {
                 if !c.members.contains_key(candidate) || candidate == &f.old_primary {
                     return Err(CommandError::UnknownMember(candidate.clone()));
                 }
+                if let Some(bad) = sync_set
+                    .iter()
+                    .find(|s| !c.members.contains_key(*s) || *s == candidate)
+                {
+                    return Err(CommandError::UnknownMember(bad.clone()));
+                }
                 f.step = "candidate_chosen".into();
                 f.candidate = candidate.clone();
                 f.candidate_lsn = lsn.clone();
@@ -231,9 +238,14 @@ impl ClusterState {
                 f.fenced_at_ms = *at_ms;
                 f.chosen_at_ms = *at_ms;
                 let detail = format!(
-                    "{candidate} at {lsn}; old primary {} fenced: {fenced_by}",
-                    f.old_primary
+                    "{candidate} at {lsn}; old primary {} fenced: {fenced_by}; sync set from the promotion on: [{}]",
+                    f.old_primary,
+                    sync_set.join(", ")
                 );
+                c.sync_set = sync_set.clone();
+                c.sync_floor_lsn = pgquorum_client::lsn::Lsn::parse(lsn)
+                    .map(|l| l.0)
+                    .unwrap_or(c.sync_floor_lsn);
                 c.record(HistoryEvent {
                     at_ms: *at_ms,
                     epoch: 0,

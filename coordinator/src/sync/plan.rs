@@ -12,7 +12,9 @@
 //!    commits acknowledged by the leaving standby alone are then held by the others.
 //!
 //! Who is wanted: eligible standbys (`sync_eligible`, not the primary) that the primary
-//! lists as streaming and whose agents report fresh, preferring those already in the
+//! lists as streaming, whose agents report fresh, and — for a standby not yet in the
+//! set — that have flushed past the last promotion's LSN (`sync_floor_lsn`: a failover
+//! must never find a set member lacking a write acknowledged before it), preferring those already in the
 //! set (no churn), then higher priority, then name. In `strict` mode the set is never
 //! shrunk below `sync_standbys`: with too few healthy standbys the primary keeps waiting
 //! for the ones it has (its commits stall; an alert says so) instead of acknowledging
@@ -51,6 +53,13 @@ pub fn plan(cluster: &Cluster, reports: &ClusterReports) -> SyncPlan {
             .values()
             .filter(|m| m.sync_eligible && m.name != primary_name)
             .filter(|m| replication_of(Some(primary), &m.name).is_some_and(|r| r.state == "streaming"))
+            // A newcomer must hold every write acknowledged before the last promotion.
+            .filter(|m| {
+                committed.contains(&m.name)
+                    || replication_of(Some(primary), &m.name)
+                        .and_then(|r| Lsn::parse(&r.flush_lsn))
+                        .is_some_and(|flushed| flushed.0 >= cluster.sync_floor_lsn)
+            })
             .filter(|m| fresh(cluster, reports, &m.name).is_some_and(|o| o.report.postgres_up))
             .collect();
         candidates.sort_by(|a, b| {
