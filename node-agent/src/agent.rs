@@ -355,6 +355,22 @@ impl Agent {
         } else if let Some(up) = &other_primary {
             // A standby follows the published primary.
             if self.following.as_ref() != Some(up) {
+                if running && report.role == "standby" {
+                    // A standby that got further than the new primary's fork point (WAL
+                    // of the old primary the new one never had) must be rewound first.
+                    let lsn = pgquorum_client::lsn::Lsn::parse(&report.receive_lsn)
+                        .max(pgquorum_client::lsn::Lsn::parse(&report.replay_lsn))
+                        .map(|l| l.to_string())
+                        .unwrap_or_default();
+                    if self.ctl.diverged_from(up, report.timeline, &lsn).await? {
+                        warn!(primary = ?up, %lsn, "this standby went past the new primary's fork point: rewinding");
+                        self.ctl.stop().await?;
+                        let how = self.ctl.rejoin(up).await?;
+                        info!("rejoined by {how}");
+                        self.following = Some(up.clone());
+                        return self.ctl.start().await;
+                    }
+                }
                 info!(primary = ?up, "following the primary");
                 self.ctl.ensure_slot_on(up).await?;
                 self.ctl.write_node_conf(Some(up))?;

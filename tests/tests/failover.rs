@@ -382,3 +382,46 @@ async fn blips_and_a_dead_agent_on_a_healthy_primary_cause_no_failover() {
     assert_eq!(sandbox.postmaster_pid("node1"), Some(postmaster));
     assert_eq!(sandbox.status().await.unwrap().epoch, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failovers_in_a_row_leave_every_node_following_the_last_primary() {
+    let mut sandbox = start_sandbox(23800, 23810).await;
+    pg(&sandbox, "node1")
+        .await
+        .batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let mut primary = "node1".to_string();
+    for epoch in 2..=4u64 {
+        // A writer on the primary, so standbys may hold WAL the next primary lacks.
+        let (acked, writer) = start_writer(&sandbox, &primary);
+        eventually("writes", WAIT, || async { acked.lock().unwrap().len() > 20 }).await;
+        sandbox.kill_host(&primary).unwrap();
+        let status = sandbox
+            .wait_for(&format!("epoch {epoch}"), WAIT, |s| {
+                s.epoch == epoch && !s.primary.is_empty()
+            })
+            .await
+            .unwrap();
+        let _ = writer.await;
+        let next = status.primary.clone();
+        assert_ne!(next, primary);
+        sandbox.start_agent(&primary).unwrap();
+        sandbox
+            .wait_for("every node HEALTHY under the new primary", WAIT, |s| {
+                s.primary == next && s.nodes.iter().all(|n| n.health == "HEALTHY")
+            })
+            .await
+            .unwrap();
+        let ids: Vec<i64> = acked.lock().unwrap().clone();
+        let new = pg(&sandbox, &next).await;
+        let n: i64 = new
+            .query_one("SELECT count(*) FROM acked WHERE id = ANY($1)", &[&ids])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n as usize, ids.len(), "acknowledged writes lost at epoch {epoch}");
+        new.execute("DELETE FROM acked", &[]).await.unwrap();
+        primary = next;
+    }
+}

@@ -73,6 +73,22 @@ pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     process_alive(pid).then_some(pid)
 }
 
+/// Whether a node on `timeline` at `lsn` went past where the history (a `.history`
+/// file: `parent_tli<TAB>switchpoint<TAB>reason` per line) left `timeline`. A timeline
+/// absent from the history is not an ancestor at all: diverged.
+pub fn diverged(history: &str, timeline: u32, lsn: pgquorum_client::lsn::Lsn) -> bool {
+    let switchpoint = history.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let tli: u32 = fields.next()?.parse().ok()?;
+        let at = pgquorum_client::lsn::Lsn::parse(fields.next()?)?;
+        (tli == timeline).then_some(at)
+    });
+    match switchpoint {
+        Some(at) => lsn > at,
+        None => true,
+    }
+}
+
 /// Replication slot name for a member: Postgres allows lower-case letters, digits
 /// and underscores only.
 pub fn slot_name(member: &str) -> String {
@@ -446,6 +462,13 @@ impl PostgresCtl {
                 target: format!("{}:{}", upstream.host, upstream.port),
                 detail: format!("CHECKPOINT before pg_rewind: {e}"),
             })?;
+        // A postmaster.pid left by a killed server whose pid is not a live postmaster
+        // (an unreaped zombie, or reused) would make pg_rewind's crash recovery refuse
+        // to start.
+        let pid_file = self.cfg.data_dir.join("postmaster.pid");
+        if pid_file.exists() && self.running_pid().is_none() {
+            std::fs::remove_file(&pid_file)?;
+        }
         let mut cmd = self.command("pg_rewind");
         cmd.arg("-D")
             .arg(&self.cfg.data_dir)
@@ -463,6 +486,37 @@ impl PostgresCtl {
                 Ok("base backup")
             }
         }
+    }
+
+    /// Whether this node's WAL went past the point where `upstream`'s timeline forked
+    /// off its own: then it cannot stream from `upstream` and must be rewound. `timeline`
+    /// and `lsn` are this node's (the highest of received and replayed).
+    pub async fn diverged_from(&self, upstream: &Upstream, timeline: u32, lsn: &str) -> Result<bool> {
+        let target = format!("{}:{}", upstream.host, upstream.port);
+        let client = super::connect(&self.cfg, &upstream.host, upstream.port, "pgquorum-agent").await?;
+        let fail = |e: tokio_postgres::Error| Error::Postgres {
+            target: target.clone(),
+            detail: e.to_string(),
+        };
+        let row = client
+            .query_one(
+                "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
+                &[],
+            )
+            .await
+            .map_err(fail)?;
+        let upstream_tli: i32 = row.get(0);
+        if upstream_tli as u32 == timeline || timeline == 0 {
+            return Ok(false);
+        }
+        let history_file = format!("pg_wal/{upstream_tli:08X}.history");
+        let row = client
+            .query_one("SELECT pg_read_file($1)", &[&history_file])
+            .await
+            .map_err(fail)?;
+        let history: String = row.get(0);
+        let mine = pgquorum_client::lsn::Lsn::parse(lsn).unwrap_or_default();
+        Ok(diverged(&history, timeline, mine))
     }
 
     /// Stops the postmaster (`fast`: roll back sessions, checkpoint, exit).
@@ -485,6 +539,20 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn divergence_from_a_timeline_history() {
+        use pgquorum_client::lsn::Lsn;
+        let history =
+            "1\t0/3000148\tno recovery target specified\n\n2\t0/5000000\tno recovery target specified\n";
+        assert!(!diverged(history, 2, Lsn::parse("0/5000000").unwrap()));
+        assert!(diverged(history, 2, Lsn::parse("0/5000001").unwrap()));
+        assert!(!diverged(history, 1, Lsn::parse("0/3000000").unwrap()));
+        assert!(
+            diverged(history, 4, Lsn::parse("0/1").unwrap()),
+            "not an ancestor"
+        );
+    }
 
     #[test]
     fn slot_names_and_quoting() {
