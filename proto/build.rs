@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "pgquorum/v1/raft.proto",
     "pgquorum/v1/admin.proto",
     "pgquorum/v1/agent.proto",
+    "pgquorum/v1/endpoint.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pgquorum::bench;
-use pgquorum::commands::{cluster, policy, raft, sandbox, status, Ctx};
+use pgquorum::commands::{cluster, policy, raft, sandbox, status, watch, Ctx};
 use pgquorum_client::{parse_addrs, Coordinators, Timeouts, COORDINATORS_ENV};
 
 #[derive(Parser)]
@@ -53,6 +53,11 @@ enum Command {
         /// Promote it even if it may lack acknowledged commits.
         #[arg(long)]
         accept_data_loss: bool,
+    },
+    /// Print every endpoint map as it arrives (primary, replicas, readability).
+    Watch {
+        #[arg(long, default_value = "")]
+        cluster: String,
     },
     /// A cluster's events: failovers (reason, primaries, epochs, LSN, step durations),
     /// sync-set and policy changes, members.
@@ -246,6 +251,7 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
     match cli.command {
         Command::Status { cluster } => status::status(&ctx()?, &cluster).await,
         Command::Alerts { cluster } => status::alerts(&ctx()?, &cluster).await,
+        Command::Watch { cluster } => watch::watch(&ctx()?, &cluster).await,
         Command::History { cluster, limit } => cluster::history(&ctx()?, &cluster, limit).await,
         Command::Failover {
             cluster,

@@ -19,6 +19,14 @@ pub fn emit(json: bool, value: &Value, table: impl FnOnce() -> String) {
     let _ = writeln!(std::io::stdout(), "{text}");
 }
 
+/// One record of a stream: a JSON line for scripts, a text line for people.
+pub fn emit_line(json: bool, value: &Value, line: impl FnOnce() -> String) {
+    let text = if json { value.to_string() } else { line() };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
 pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(headers.to_vec());

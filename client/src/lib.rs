@@ -8,6 +8,7 @@
 
 pub mod lsn;
 pub mod sync_names;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
 use crate::failover::{decide, lease_expired, Step};
+use crate::observe::health::node_statuses;
+use crate::observe::routes::{routes, worth_publishing};
 use crate::observe::{ClusterReports, Reports};
 use crate::raft::state_machine::StateHandle;
 use crate::raft::{NodeId, Raft};
@@ -78,17 +80,30 @@ pub fn next_command(
             at_ms,
         }),
     };
-    let command = command.or_else(|| {
-        plan(cluster, reports)
-            .commit
-            .map(|(next, reason)| Command::SetSyncSet {
+    let command = command
+        .or_else(|| {
+            plan(cluster, reports)
+                .commit
+                .map(|(next, reason)| Command::SetSyncSet {
+                    cluster: name.clone(),
+                    expected: cluster.sync_set.clone(),
+                    sync_set: next,
+                    reason,
+                    at_ms,
+                })
+        })
+        .or_else(|| {
+            // A new leader first collects reports for a failure timeout; until then
+            // every replica would look disconnected.
+            if reports.leader_for < Duration::from_millis(cluster.policy.failure_timeout_ms) {
+                return None;
+            }
+            let next = routes(cluster, &node_statuses(cluster, reports));
+            worth_publishing(cluster, &next).then_some(Command::PublishRoutes {
                 cluster: name,
-                expected: cluster.sync_set.clone(),
-                sync_set: next,
-                reason,
-                at_ms,
+                routes: next,
             })
-    });
+        });
     (command, None)
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use pgquorum_proto::v1::admin_service_server::AdminServiceServer;
 use pgquorum_proto::v1::agent_service_server::AgentServiceServer;
+use pgquorum_proto::v1::endpoint_service_server::EndpointServiceServer;
 use pgquorum_proto::v1::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -14,6 +15,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::grpc::admin_service::AdminServiceImpl;
 use crate::grpc::agent_service::AgentServiceImpl;
+use crate::grpc::endpoint_service::EndpointServiceImpl;
 use crate::grpc::proposer::Proposer;
 use crate::grpc::raft_service::RaftServiceImpl;
 use crate::observe::Reports;
@@ -80,6 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         state: state.clone(),
     };
     let reports = Reports::default();
+    let endpoints = EndpointServiceServer::new(EndpointServiceImpl::new(state.clone()));
     let leader_loop = tokio::spawn(crate::leader::run(
         config.id,
         raft.clone(),
@@ -90,6 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
+        .add_service(endpoints)
         .add_service(reflection)
         .add_service(RaftServiceServer::new(RaftServiceImpl::new(
             config.id,

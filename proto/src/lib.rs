@@ -9,6 +9,7 @@
 //! - `AdminService`: what operators and the `pgquorum` CLI use: Raft membership and
 //!   status, clusters and their policy, live node status and alerts.
 //! - `AgentService`: heartbeats from the agent next to each Postgres server.
+//! - `EndpointService`: where the primary and usable replicas are (`Get`, `Watch`).
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 

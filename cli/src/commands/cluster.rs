@@ -250,7 +250,7 @@ pub async fn history(ctx: &Ctx, name: &str, limit: usize) -> Result<()> {
 }
 
 /// The name of the only cluster, or an error asking to name one.
-async fn only_cluster(ctx: &Ctx) -> Result<String> {
+pub async fn only_cluster(ctx: &Ctx) -> Result<String> {
     let request = pb::ListClustersRequest {
         consistency: consistency(false),
     };

@@ -6,6 +6,7 @@ pub mod policy;
 pub mod raft;
 pub mod sandbox;
 pub mod status;
+pub mod watch;
 
 use pgquorum_client::{pb, Coordinators};
 

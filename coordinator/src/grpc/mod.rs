@@ -5,5 +5,6 @@
 pub mod admin_service;
 pub mod agent_service;
 mod convert;
+pub mod endpoint_service;
 pub mod proposer;
 pub mod raft_service;

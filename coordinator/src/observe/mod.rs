@@ -8,5 +8,6 @@
 pub mod alerts;
 pub mod health;
 pub mod reports;
+pub mod routes;
 
 pub use reports::{AppliedSync, ClusterReports, Observed, Reports};

@@ -32,19 +32,42 @@ pub struct Applied {
     pub state: ClusterState,
 }
 
-/// Shared read access to the applied state.
-#[derive(Clone, Default)]
-pub struct StateHandle(Arc<RwLock<Applied>>);
+/// Shared read access to the applied state, and a signal on every change (the
+/// endpoint watchers wait on it).
+#[derive(Clone)]
+pub struct StateHandle {
+    state: Arc<RwLock<Applied>>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for StateHandle {
+    fn default() -> Self {
+        StateHandle {
+            state: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+}
 
 impl StateHandle {
     pub fn read(&self) -> RwLockReadGuard<'_, Applied> {
         // A poisoned lock means a panic mid-apply: the in-memory state can no longer be
         // trusted, and serving it would be worse than stopping.
-        self.0.read().expect("state machine lock poisoned")
+        self.state.read().expect("state machine lock poisoned")
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
-        self.0.write().expect("state machine lock poisoned")
+        self.state.write().expect("state machine lock poisoned")
+    }
+
+    /// Wakes on every applied change; the value is the last applied log index.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        let index = self.read().last_applied.map(|l| l.index).unwrap_or(0);
+        self.changes.send_replace(index);
     }
 }
 
@@ -162,6 +185,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             results.push(result);
         }
+        drop(a);
+        self.state.changed();
         Ok(results)
     }
 
@@ -199,6 +224,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             membership: meta.last_membership.clone(),
             state,
         };
+        self.state.changed();
         Ok(())
     }
 

@@ -54,6 +54,16 @@ pub struct FailoverRecord {
     pub accept_data_loss: bool,
 }
 
+/// A replica as routers see it: committed by the leader when its health or its
+/// readability changes (not on every lag sample, which would flood the log).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRoute {
+    pub health: String,
+    pub lag_ms: u64,
+    pub lag_bytes: u64,
+    pub readable: bool,
+}
+
 /// One line of a cluster's history: who did what, when, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEvent {
@@ -88,6 +98,9 @@ pub struct Cluster {
     /// only once it has flushed this far (see `sync::plan`).
     #[serde(default)]
     pub sync_floor_lsn: u64,
+    /// The routing view of every replica, as last published.
+    #[serde(default)]
+    pub replica_routes: BTreeMap<String, ReplicaRoute>,
 }
 
 impl Cluster {
@@ -102,6 +115,7 @@ impl Cluster {
             endpoint_version: 0,
             failover: None,
             sync_floor_lsn: 0,
+            replica_routes: BTreeMap::new(),
             history: VecDeque::new(),
             created_at_ms,
         }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::cluster::{Cluster, Member};
+use super::cluster::{Cluster, Member, ReplicaRoute};
 use super::policy::{Policy, PolicyError};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +75,11 @@ pub enum Command {
         fenced_by: String,
         sync_set: Vec<String>,
         at_ms: u64,
+    },
+    /// Publish the replicas' routing view (a new endpoint map version).
+    PublishRoutes {
+        cluster: String,
+        routes: std::collections::BTreeMap<String, ReplicaRoute>,
     },
     /// Step 3: the candidate runs as primary of `to_epoch`; publish it.
     CompletePromotion {

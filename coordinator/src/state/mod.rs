@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use cluster::{Cluster, FailoverRecord, HistoryEvent, Member};
+pub use cluster::{Cluster, FailoverRecord, HistoryEvent, Member, ReplicaRoute};
 pub use command::{Command, CommandError, CommandOutput, CommandResult};
 pub use policy::{Policy, PolicyError, SyncMode};
 
@@ -203,6 +203,15 @@ impl ClusterState {
                 Ok(CommandOutput::None)
             }
             Command::StartFailover { .. } => self.start_failover(command, log_index),
+            Command::PublishRoutes { cluster, routes } => {
+                let c = self.cluster_mut(cluster)?;
+                if let Some(unknown) = routes.keys().find(|n| !c.members.contains_key(*n)) {
+                    return Err(CommandError::UnknownMember(unknown.clone()));
+                }
+                c.replica_routes = routes.clone();
+                c.endpoint_version += 1;
+                Ok(CommandOutput::None)
+            }
             Command::ChooseCandidate {
                 cluster,
                 to_epoch,

@@ -1,0 +1,114 @@
+//! Following a cluster's endpoint map, across coordinator failures.
+//!
+//! [`watch_endpoints`] keeps one `Watch` stream open to some coordinator (any of them
+//! serves it); when that coordinator goes away it moves to the next one and carries
+//! on. Maps come out in growing version order only: a map older than one already
+//! delivered (a lagging follower) is skipped, so a consumer never goes back in time.
+
+use std::time::Duration;
+
+use pgquorum_proto::v1 as pb;
+use pgquorum_proto::v1::endpoint_service_client::EndpointServiceClient;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
+use tonic::Code;
+
+use crate::ClientError;
+
+/// Pause before trying the next coordinator after a failure.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// A live watch; dropping it stops watching.
+pub struct EndpointWatch {
+    rx: mpsc::Receiver<Result<pb::EndpointMap, ClientError>>,
+    task: JoinHandle<()>,
+}
+
+impl EndpointWatch {
+    /// The next newer map, or the error that ended the watch (e.g. an unknown cluster).
+    pub async fn next(&mut self) -> Option<Result<pb::EndpointMap, ClientError>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for EndpointWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Watches `cluster`'s endpoint map through any of `addrs`.
+pub fn watch_endpoints(addrs: Vec<String>, cluster: String) -> EndpointWatch {
+    let (tx, rx) = mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        let mut last = 0u64;
+        let mut i = 0usize;
+        loop {
+            let addr = &addrs[i % addrs.len().max(1)];
+            i += 1;
+            match follow(addr, &cluster, &mut last, &tx).await {
+                Ok(()) => return,
+                Err(Some(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(None) => tokio::time::sleep(RETRY).await,
+            }
+        }
+    });
+    EndpointWatch { rx, task }
+}
+
+/// Streams from one coordinator until it fails. `Ok`: the consumer went away;
+/// `Err(None)`: try another coordinator; `Err(Some)`: a refusal that ends the watch.
+async fn follow(
+    addr: &str,
+    cluster: &str,
+    last: &mut u64,
+    tx: &mpsc::Sender<Result<pb::EndpointMap, ClientError>>,
+) -> Result<(), Option<ClientError>> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| {
+            Some(ClientError::InvalidAddress {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })
+        })?
+        .connect_timeout(Duration::from_millis(500))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|_| None)?;
+    let request = pb::WatchEndpointsRequest {
+        cluster: cluster.to_string(),
+    };
+    let refused = |s: tonic::Status| match s.code() {
+        Code::NotFound | Code::InvalidArgument => Some(ClientError::Rejected {
+            code: s.code(),
+            message: s.message().to_string(),
+        }),
+        _ => None,
+    };
+    let mut stream = EndpointServiceClient::new(channel)
+        .watch(request)
+        .await
+        .map_err(refused)?
+        .into_inner();
+    loop {
+        match stream.message().await {
+            Ok(Some(map)) => {
+                if map.version > *last {
+                    *last = map.version;
+                    if tx.send(Ok(map)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(None) => return Err(None),
+            Err(s) => return Err(refused(s)),
+        }
+    }
+}
