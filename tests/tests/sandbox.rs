@@ -339,6 +339,10 @@ fn sandbox_up_and_down_from_the_cli_leave_nothing_running() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("PGQUORUM_COORDINATORS="));
 
+    assert!(
+        file["router"]["rw"].is_string() && file["router"]["ro"]["reporting"].is_string(),
+        "{file}"
+    );
     let mut pids: Vec<u64> = file["coordinators"]
         .as_array()
         .unwrap()

@@ -63,6 +63,13 @@ pub async fn up(dir: &Path, coordinator_base: u16, postgres_base: u16, json: boo
     println!("  pgquorum status");
     println!("  pgquorum alerts");
     println!("  pgquorum cluster show main");
+    if let Some(r) = &file.router {
+        let (host, port) = r.rw.rsplit_once(':').unwrap_or((&r.rw, ""));
+        println!("  psql \"host={host} port={port} user=postgres dbname=postgres\"   # through the router: always the primary");
+        for (class, addr) in &r.ro {
+            println!("  # read-only, {class}: {addr}");
+        }
+    }
     if let Some(p) = primary {
         println!(
             "  psql \"host={} port={} user={} dbname={}\"   # the primary",

@@ -28,6 +28,7 @@ use pgquorum_agent::config::{AgentConfig, PostgresConfig};
 pub use pgquorum_agent::postgres::ctl::postmaster_pid;
 use pgquorum_agent::postgres::ctl::process_alive;
 use pgquorum_client::{pb, Coordinators};
+use pgquorum_router::config::RouterConfig;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -36,6 +37,7 @@ use super::{
 use crate::error::{Error, Result};
 
 pub const AGENT_BIN: &str = "pgquorum-agent";
+pub const ROUTER_BIN: &str = "pgquorum-router";
 pub const SANDBOX_FILE: &str = "sandbox.json";
 
 /// How long a node may take to come up (initdb or a base backup included).
@@ -96,6 +98,15 @@ pub struct SandboxFile {
     pub cluster: String,
     pub coordinators: Vec<CoordinatorEntry>,
     pub nodes: Vec<NodeEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouterEntry {
+    pub pid: u32,
+    pub rw: String,
+    pub ro: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,7 +140,14 @@ pub struct Sandbox {
     spec: SandboxSpec,
     group: CoordinatorGroup,
     agents: BTreeMap<String, AgentProcess>,
+    router: Option<RouterProcess>,
     owned: bool,
+}
+
+struct RouterProcess {
+    config: RouterConfig,
+    child: Option<Child>,
+    log_path: PathBuf,
 }
 
 /// The OS user Postgres runs as: `postgres` when we are root, else ourselves.
@@ -154,6 +172,7 @@ impl Sandbox {
             spec,
             group,
             agents: BTreeMap::new(),
+            router: None,
             owned: true,
         };
         sandbox.ensure_cluster().await?;
@@ -180,7 +199,51 @@ impl Sandbox {
                 return Err(e);
             }
         }
+        sandbox.start_router()?;
         Ok(sandbox)
+    }
+
+    /// Starts the router: read-write on `postgres_base + 30`, then one read-only port
+    /// per class (realtime, reporting, analytics, general), metrics after them.
+    fn start_router(&mut self) -> Result<()> {
+        let base = self.spec.postgres_base + 30;
+        let at = |offset: u16| format!("127.0.0.1:{}", base + offset);
+        let config = RouterConfig {
+            cluster: self.spec.cluster.clone(),
+            coordinators: self.group.addrs(),
+            rw: at(0),
+            ro: ["realtime", "reporting", "analytics", "general"]
+                .iter()
+                .enumerate()
+                .map(|(i, class)| (class.to_string(), at(i as u16 + 1)))
+                .collect(),
+            hold_ms: 5000,
+            metrics: Some(at(5)),
+        };
+        for offset in 0..=5 {
+            ensure_port_free(base + offset)?;
+        }
+        let dir = self.spec.dir.join("router");
+        std::fs::create_dir_all(&dir)?;
+        let text = toml::to_string(&config).map_err(|e| Error::Launch(format!("router config: {e}")))?;
+        let config_path = dir.join("router.toml");
+        std::fs::write(&config_path, text)?;
+        let log_path = dir.join("router.log");
+        let args = [std::ffi::OsStr::new("--config"), config_path.as_os_str()];
+        let child = spawn_logged(&find_binary(ROUTER_BIN)?, &args, &log_path)?;
+        self.router = Some(RouterProcess {
+            config,
+            child: Some(child),
+            log_path,
+        });
+        Ok(())
+    }
+
+    /// The router's read-write address, and read-only addresses by class.
+    pub fn router_addrs(&self) -> Option<(String, BTreeMap<String, String>)> {
+        self.router
+            .as_ref()
+            .map(|r| (r.config.rw.clone(), r.config.ro.clone()))
     }
 
     async fn ensure_cluster(&self) -> Result<()> {
@@ -473,6 +536,11 @@ impl Sandbox {
                     }
                 })
                 .collect(),
+            router: self.router.as_ref().map(|r| RouterEntry {
+                pid: r.child.as_ref().map(Child::id).unwrap_or(0),
+                rw: r.config.rw.clone(),
+                ro: r.config.ro.clone(),
+            }),
         }
     }
 
@@ -486,12 +554,18 @@ impl Sandbox {
         for agent in self.agents.values_mut() {
             agent.child = None;
         }
+        if let Some(r) = self.router.as_mut() {
+            r.child = None;
+        }
         self.group.release();
         Ok(file)
     }
 
     pub fn print_logs(&self) {
         self.group.print_logs();
+        if let Some(r) = &self.router {
+            print_log_tail("router", &r.log_path);
+        }
         for (name, a) in &self.agents {
             print_log_tail(&format!("agent {name}"), &a.log_path);
             print_log_tail(&format!("postgres {name}"), &a.config.postgres.log_file());
@@ -506,6 +580,9 @@ impl Drop for Sandbox {
         }
         if std::thread::panicking() {
             self.print_logs();
+        }
+        if let Some(mut child) = self.router.as_mut().and_then(|r| r.child.take()) {
+            let _ = signal_and_wait(&mut child, Signal::SIGKILL, Duration::from_secs(5));
         }
         // Agents first, or they would start Postgres again.
         for agent in self.agents.values_mut() {
@@ -601,6 +678,9 @@ pub fn stop_recorded(dir: &Path) -> Result<SandboxFile> {
     }
     for node in &file.nodes {
         stop_postmaster(&node.data_dir, Signal::SIGINT)?;
+    }
+    if let Some(r) = &file.router {
+        terminate_pid(r.pid, ROUTER_BIN);
     }
     for c in &file.coordinators {
         terminate_pid(c.pid, super::COORDINATOR_BIN);

@@ -1,0 +1,96 @@
+//! The router's TOML config file.
+//!
+//! ```toml
+//! cluster = "main"
+//! coordinators = ["10.0.1.11:7101", "10.0.1.12:7101", "10.0.2.11:7101"]
+//! rw = "0.0.0.0:6543"                  # read-write: always the current primary
+//! hold_ms = 5000                       # how long a new read-write connection waits for
+//!                                      # a primary during a failover before an error
+//! metrics = "127.0.0.1:9187"           # Prometheus /metrics (optional)
+//! [ro]                                 # read-only ports, per workload class
+//! realtime = "0.0.0.0:6544"
+//! reporting = "0.0.0.0:6545"
+//! analytics = "0.0.0.0:6546"
+//! general = "0.0.0.0:6547"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Workload classes with a read-only port (backup replicas are never routed; `dr`
+/// replicas take reads through the other classes' fallbacks).
+pub const READ_CLASSES: &[&str] = &["realtime", "reporting", "analytics", "general"];
+
+fn default_hold() -> u64 {
+    5000
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    pub cluster: String,
+    pub coordinators: Vec<String>,
+    pub rw: String,
+    #[serde(default)]
+    pub ro: BTreeMap<String, String>,
+    #[serde(default = "default_hold")]
+    pub hold_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+impl RouterConfig {
+    pub fn load(path: &Path) -> Result<RouterConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("config {}: cannot read: {e}", path.display()))?;
+        RouterConfig::parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<RouterConfig, String> {
+        let c: RouterConfig = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        let addr = |field: &str, v: &str| {
+            v.parse::<SocketAddr>()
+                .map(drop)
+                .map_err(|_| format!("field `{field}`: expected ip:port, got {v:?}"))
+        };
+        addr("rw", &c.rw)?;
+        for (class, listen) in &c.ro {
+            if !READ_CLASSES.contains(&class.as_str()) {
+                return Err(format!(
+                    "field `ro.{class}`: unknown workload class {class:?}; read-only ports exist for {}",
+                    READ_CLASSES.join(", ")
+                ));
+            }
+            addr(&format!("ro.{class}"), listen)?;
+        }
+        if let Some(m) = &c.metrics {
+            addr("metrics", m)?;
+        }
+        pgquorum_client::parse_addrs(&c.coordinators.join(","))
+            .map_err(|e| format!("field `coordinators`: {e}"))?;
+        if c.cluster.is_empty() {
+            return Err("field `cluster`: must not be empty".into());
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_classes_and_bad_addresses_are_named() {
+        let good = "cluster = \"main\"\ncoordinators = [\"127.0.0.1:7101\"]\nrw = \"127.0.0.1:6543\"\n[ro]\nreporting = \"127.0.0.1:6545\"\n";
+        RouterConfig::parse(good).unwrap();
+        let e = RouterConfig::parse(&good.replace("reporting", "batch")).unwrap_err();
+        assert!(e.contains("ro.batch"), "{e}");
+        let e = RouterConfig::parse(&good.replace("127.0.0.1:6543", "6543")).unwrap_err();
+        assert!(e.contains("`rw`"), "{e}");
+        let e = RouterConfig::parse(&good.replace("[\"127.0.0.1:7101\"]", "[]")).unwrap_err();
+        assert!(e.contains("`coordinators`"), "{e}");
+    }
+}
