@@ -40,6 +40,33 @@ pub struct RouterConfig {
     pub hold_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// Drive a PgBouncer as well (see [`PgBouncerConfig`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgbouncer: Option<PgBouncerConfig>,
+}
+
+/// PgBouncer mode: on every map change the router rewrites a `[databases]` file that
+/// `pgbouncer.ini` includes (`%include FILE`) and tells PgBouncer to reload (SIGHUP),
+/// for users who already pool with PgBouncer.
+///
+/// It defines `<database>` for the primary (absent while a failover is in flight, so
+/// no new connection reaches a fenced primary) and `<database>_<class>` for each
+/// read-only class, routed like the router's own read-only ports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgBouncerConfig {
+    pub databases_file: std::path::PathBuf,
+    /// PgBouncer's pid file (its `pidfile` setting).
+    pub pidfile: std::path::PathBuf,
+    /// The alias clients use.
+    pub database: String,
+    /// The real database on the Postgres servers.
+    #[serde(default = "default_dbname")]
+    pub dbname: String,
+}
+
+fn default_dbname() -> String {
+    "postgres".into()
 }
 
 impl RouterConfig {
@@ -65,6 +92,22 @@ impl RouterConfig {
                 ));
             }
             addr(&format!("ro.{class}"), listen)?;
+        }
+        if let Some(b) = &c.pgbouncer {
+            let plain =
+                |v: &str| !v.is_empty() && v.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+            if !plain(&b.database) {
+                return Err(format!(
+                    "field `pgbouncer.database`: {:?} is not a plain name",
+                    b.database
+                ));
+            }
+            if !plain(&b.dbname) {
+                return Err(format!(
+                    "field `pgbouncer.dbname`: {:?} is not a plain name",
+                    b.dbname
+                ));
+            }
         }
         if let Some(m) = &c.metrics {
             addr("metrics", m)?;

@@ -7,8 +7,10 @@
 //! - [`route`]: where a new connection goes (pure).
 //! - [`proxy`]: listeners, routing, byte copying, closing old-primary connections.
 //! - [`pgwire`]: a proper Postgres error for a client that cannot be served.
+//! - [`pgbouncer`]: PgBouncer mode, rewriting its `[databases]` on every map change.
 
 pub mod config;
+pub mod pgbouncer;
 pub mod pgwire;
 pub mod proxy;
 pub mod route;
@@ -56,6 +58,11 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
                 info!(version = map.version, epoch = map.epoch, primary = ?map.primary.as_ref().map(|p| &p.name), "endpoint map");
                 metrics::gauge!("pgquorum_router_map_version").set(map.version as f64);
                 metrics::gauge!("pgquorum_router_epoch").set(map.epoch as f64);
+                if let Some(b) = &config.pgbouncer {
+                    if let Err(e) = pgbouncer::apply(b, &map) {
+                        warn!("pgbouncer: {e}");
+                    }
+                }
                 tx.send_replace(Some(map));
             }
             Err(e) => {

@@ -219,6 +219,7 @@ impl Sandbox {
                 .collect(),
             hold_ms: 5000,
             metrics: Some(at(5)),
+            pgbouncer: None,
         };
         for offset in 0..=5 {
             ensure_port_free(base + offset)?;
