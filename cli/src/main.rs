@@ -183,6 +183,21 @@ enum SandboxCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// pgbench select-only TPS: direct, through pgquorum-router, PgBouncer and HAProxy.
+    Router {
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+        #[arg(long, default_value_t = 8)]
+        clients: u64,
+        #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+        seconds: u64,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 26100, value_name = "BASE")]
+        coordinator_base: u16,
+        #[arg(long, default_value_t = 26110, value_name = "BASE")]
+        postgres_base: u16,
+    },
     /// Kill the sandbox's primary while a writer runs; time the failover, count losses.
     Failover {
         #[arg(long, default_value_t = 5)]
@@ -287,6 +302,24 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
                 postgres_base,
             };
             bench::failover::run(opts).await
+        }
+        Command::Bench(BenchCommand::Router {
+            rounds,
+            clients,
+            seconds,
+            dir,
+            coordinator_base,
+            postgres_base,
+        }) => {
+            let opts = bench::router::Options {
+                rounds,
+                clients,
+                seconds,
+                dir,
+                coordinator_base,
+                postgres_base,
+            };
+            bench::router::run(opts).await
         }
         Command::Bench(BenchCommand::Raft {
             writes,

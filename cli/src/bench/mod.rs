@@ -5,6 +5,7 @@
 
 pub mod failover;
 pub mod raft;
+pub mod router;
 
 use std::path::PathBuf;
 
