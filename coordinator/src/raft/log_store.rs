@@ -9,8 +9,12 @@
 //! after sled has fsynced. A coordinator that acknowledged a vote or an entry and then
 //! lost it to a crash could vote twice in one term or lose a committed write; openraft's
 //! own storage suite cannot detect that, the kill -9 tests in `tests/` can.
-//! `save_committed` is not flushed: it only lets a restarted node re-apply sooner, and
-//! losing it costs nothing but time.
+//! `save_committed` is flushed too, before openraft applies the entries and answers the
+//! client: a leader restarted together with the whole group resumes leadership from
+//! its persisted vote without a new no-op entry, and then serves read-index reads up to
+//! its persisted committed index. Were that index stale, a read right after the
+//! restart could miss a write that was already acknowledged (the end-to-end restart
+//! test caught exactly that).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -130,6 +134,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.tree
             .insert(KEY_COMMITTED, encode(&committed))
             .map_err(|e| StorageIOError::write(&e))?;
+        self.flush().await.map_err(|e| StorageIOError::write(&e))?;
         Ok(())
     }
 
