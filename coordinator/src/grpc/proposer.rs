@@ -59,15 +59,38 @@ impl Proposer {
         Ok(response.data?)
     }
 
+    /// Read-index: confirms leadership with a quorum and waits until the state machine
+    /// has applied up to the read index.
+    async fn confirm_leadership(&self) -> Result<()> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(_)) => Err(self.not_leader()),
+            Err(RaftError::Fatal(f)) => Err(Error::Raft(f.to_string())),
+        }
+    }
+
     /// Waits until this node may answer a read at the requested consistency.
     pub async fn ready_to_read(&self, consistency: i32) -> Result<()> {
         match pb::ReadConsistency::try_from(consistency) {
             Ok(pb::ReadConsistency::Local) => Ok(()),
-            Ok(pb::ReadConsistency::Linearizable) => match self.raft.ensure_linearizable().await {
-                Ok(_) => Ok(()),
-                Err(RaftError::APIError(_)) => Err(self.not_leader()),
-                Err(RaftError::Fatal(f)) => Err(Error::Raft(f.to_string())),
-            },
+            Ok(pb::ReadConsistency::Linearizable) => {
+                self.confirm_leadership().await?;
+                // A leader that resumed from its persisted vote after a restart of the
+                // whole group (same term, no new no-op entry) takes its persisted
+                // committed index as read index, and that may lag an acknowledged write.
+                // Every acknowledged write is in the leader's log, so when the log holds
+                // entries not yet applied, committing a barrier first makes the read
+                // cover them all.
+                let m = self.raft.metrics().borrow().clone();
+                if m.last_applied.map(|l| l.index).unwrap_or(0) < m.last_log_index.unwrap_or(0) {
+                    self.raft
+                        .client_write(Command::Barrier)
+                        .await
+                        .map_err(|e| self.write_error(e))?;
+                    self.confirm_leadership().await?;
+                }
+                Ok(())
+            }
             Err(_) => Err(Error::InvalidArgument {
                 field: "consistency".into(),
                 message: format!("unknown read consistency {consistency}"),

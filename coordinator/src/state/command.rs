@@ -13,6 +13,9 @@ use super::policy::{Policy, PolicyError};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// Changes nothing; committing it makes a leader's read index cover everything
+    /// before it (see `grpc::proposer::Proposer::ready_to_read`).
+    Barrier,
     /// Start guarding a new database cluster.
     CreateCluster {
         name: String,

@@ -202,6 +202,7 @@ impl ClusterState {
                 });
                 Ok(CommandOutput::None)
             }
+            Command::Barrier => Ok(CommandOutput::None),
             Command::StartFailover { .. } => self.start_failover(command, log_index),
             Command::PublishRoutes { cluster, routes } => {
                 let c = self.cluster_mut(cluster)?;
