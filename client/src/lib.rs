@@ -6,6 +6,8 @@
 //! it keeps trying until its deadline. The CLI, the benchmarks and the tests all use it,
 //! and so can any other program.
 
+#[cfg(feature = "daemon")]
+pub mod daemon;
 pub mod lsn;
 pub mod sync_names;
 pub mod watch;

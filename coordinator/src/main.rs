@@ -1,13 +1,12 @@
 //! `pgquorum-coordinator --config FILE`: run one coordinator until SIGTERM or SIGINT.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use pgquorum_client::daemon::{self, Failure};
 use pgquorum_client::shutdown_signal;
 use pgquorum_coordinator::{server, Config};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -22,32 +21,14 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("PGQUORUM_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    let config = match Config::load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("pgquorum-coordinator: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pgquorum-coordinator: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(server::run(config, shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pgquorum-coordinator: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::run(
+        "pgquorum-coordinator",
+        "info,openraft=warn",
+        || Config::load(&args.config),
+        |config| async {
+            server::run(config, shutdown_signal())
+                .await
+                .map_err(Failure::runtime)
+        },
+    )
 }
