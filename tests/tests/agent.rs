@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pgquorum::launch::{children, find_binary};
-use pgquorum_tests::{eventually, start_group, start_sandbox, ThawOnDrop};
+use pgquorum_tests::{eventually, start_group, start_sandbox, KillOnDrop, ThawOnDrop};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -67,14 +67,16 @@ async fn an_agent_of_an_unknown_cluster_says_so_and_keeps_trying() {
     std::fs::write(&config, agent_config("nope", &group.addrs(), &data_dir, 22711)).unwrap();
     let log_path = group.path().join("agent.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut agent = Command::new(find_binary("pgquorum-agent").unwrap())
-        .arg("--config")
-        .arg(&config)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = KillOnDrop(
+        Command::new(find_binary("pgquorum-agent").unwrap())
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     eventually("the agent to name the missing cluster", WAIT, || async {
         read_log().contains("cluster \"nope\" does not exist")
@@ -82,9 +84,8 @@ async fn an_agent_of_an_unknown_cluster_says_so_and_keeps_trying() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let still_running = agent.try_wait().unwrap().is_none();
-    let _ = agent.kill();
-    let _ = agent.wait();
+    let still_running = agent.0.try_wait().unwrap().is_none();
+    drop(agent);
     assert!(still_running, "the agent gave up: {}", read_log());
     assert!(
         !data_dir.exists(),

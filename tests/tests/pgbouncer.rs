@@ -2,25 +2,15 @@
 //! `[databases]` and reloads it, so clients pooled by PgBouncer follow a failover.
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pgquorum::launch::find_binary;
 use pgquorum_router::config::{PgBouncerConfig, RouterConfig};
-use pgquorum_tests::{eventually, start_sandbox};
+use pgquorum_tests::{eventually, start_sandbox, KillOnDrop};
 
 const WAIT: Duration = Duration::from_secs(30);
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
-
-/// Kills a child process when dropped (also when the test fails).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn server_port_via_pgbouncer(port: u16) -> Option<i32> {
     let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=main connect_timeout=2");
@@ -64,7 +54,7 @@ async fn pgbouncer_follows_the_primary_through_a_failover() {
     };
     let router_toml = d.join("router.toml");
     std::fs::write(&router_toml, toml::to_string(&router_cfg).unwrap()).unwrap();
-    let _router = Guard(
+    let _router = KillOnDrop(
         Command::new(find_binary("pgquorum-router").unwrap())
             .arg("--config")
             .arg(&router_toml)
@@ -96,7 +86,7 @@ async fn pgbouncer_follows_the_primary_through_a_failover() {
     if nix::unistd::Uid::effective().is_root() {
         cmd.args(["-u", "postgres"]);
     }
-    let _pgbouncer = Guard(
+    let _pgbouncer = KillOnDrop(
         cmd.arg(&ini)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
