@@ -171,6 +171,11 @@ async fn refused_requests_name_the_problem_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
+    let index = group.status_of(leader).await.unwrap().last_log_index;
+    group
+        .wait_applied(follower, index, std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
     let local = raw
         .get_cluster(pb::GetClusterRequest {
             name: "main".into(),

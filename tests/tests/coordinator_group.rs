@@ -231,6 +231,11 @@ async fn membership_grows_and_shrinks_while_the_group_keeps_committing() {
         .filter(|m| m["voter"] == true)
         .count();
     assert_eq!(voters, 4);
+    // Caught up means replicated; a local read needs it applied too (reads of a
+    // node's own state may lag, by design).
+    let leader = group.wait_for_leader(WAIT).await.unwrap();
+    let index = group.status_of(leader).await.unwrap().last_log_index;
+    group.wait_applied(4, index, WAIT).await.unwrap();
     assert_eq!(local_cluster(&group, 4, "main").await.name, "main");
 
     // --- Remove a follower that is not the new node; stop it once removed.
