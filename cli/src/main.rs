@@ -54,6 +54,20 @@ enum Command {
         #[arg(long)]
         accept_data_loss: bool,
     },
+    /// Take a node out of read routing (routers stop sending new read-only
+    /// connections to it; open ones stay), e.g. before maintenance or a long query.
+    Drain {
+        /// The node.
+        node: String,
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
+    /// Put a drained node back into read routing.
+    Undrain {
+        node: String,
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
     /// Print every endpoint map as it arrives (primary, replicas, readability).
     Watch {
         #[arg(long, default_value = "")]
@@ -183,21 +197,9 @@ enum SandboxCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// pgbench select-only TPS: direct, through pgquorum-router, PgBouncer and HAProxy.
-    Router {
-        #[arg(long, default_value_t = 3)]
-        rounds: u64,
-        #[arg(long, default_value_t = 8)]
-        clients: u64,
-        #[arg(long, default_value_t = 10, value_name = "SECONDS")]
-        seconds: u64,
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        #[arg(long, default_value_t = 26100, value_name = "BASE")]
-        coordinator_base: u16,
-        #[arg(long, default_value_t = 26110, value_name = "BASE")]
-        postgres_base: u16,
-    },
+    /// The router: pgbench TPS and CPU against direct, PgBouncer and HAProxy; map
+    /// delivery to 1000 watchers; added latency with 2000 connections held open.
+    Router(bench::router::Options),
     /// Kill the sandbox's primary while a writer runs; time the failover, count losses.
     Failover {
         #[arg(long, default_value_t = 5)]
@@ -273,6 +275,8 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             to,
             accept_data_loss,
         } => status::failover(&ctx()?, &cluster, &to, accept_data_loss).await,
+        Command::Drain { node, cluster } => status::drain(&ctx()?, &cluster, &node, true).await,
+        Command::Undrain { node, cluster } => status::drain(&ctx()?, &cluster, &node, false).await,
         Command::Sandbox(c) => match c {
             SandboxCommand::Up {
                 dir,
@@ -303,24 +307,7 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             };
             bench::failover::run(opts).await
         }
-        Command::Bench(BenchCommand::Router {
-            rounds,
-            clients,
-            seconds,
-            dir,
-            coordinator_base,
-            postgres_base,
-        }) => {
-            let opts = bench::router::Options {
-                rounds,
-                clients,
-                seconds,
-                dir,
-                coordinator_base,
-                postgres_base,
-            };
-            bench::router::run(opts).await
-        }
+        Command::Bench(BenchCommand::Router(opts)) => bench::router::run(opts).await,
         Command::Bench(BenchCommand::Raft {
             writes,
             concurrency,

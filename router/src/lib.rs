@@ -7,6 +7,7 @@
 //! - [`route`]: where a new connection goes (pure).
 //! - [`proxy`]: listeners, routing, byte copying, closing old-primary connections.
 //! - [`pgwire`]: a proper Postgres error for a client that cannot be served.
+//! - [`workers`]: the threads that carry connections, one single-threaded runtime each.
 //! - [`pgbouncer`]: PgBouncer mode, rewriting its `[databases]` on every map change.
 
 pub mod config;
@@ -14,6 +15,7 @@ pub mod pgbouncer;
 pub mod pgwire;
 pub mod proxy;
 pub mod route;
+pub mod workers;
 
 use std::time::Duration;
 
@@ -44,12 +46,21 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
     );
     let load = Load::default();
     let hold = Duration::from_millis(config.hold_ms);
+    let workers = workers::Workers::start(config.worker_count(), maps.clone())
+        .map_err(|e| format!("cannot start the worker threads: {e}"))?;
     for (addr, port) in ports {
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         info!(%addr, ?port, "listening");
-        tokio::spawn(proxy::serve(listener, port, maps.clone(), load.clone(), hold));
+        tokio::spawn(proxy::serve(
+            listener,
+            port,
+            maps.clone(),
+            load.clone(),
+            hold,
+            workers.clone(),
+        ));
     }
     let mut watch = watch_endpoints(config.coordinators.clone(), config.cluster.clone());
     while let Some(map) = watch.next().await {

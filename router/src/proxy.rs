@@ -1,10 +1,12 @@
-//! Accepting client connections and piping them to the chosen backend.
+//! Accepting client connections, routing them and connecting their backend.
 //!
-//! Each listener hands every connection its own task. A connection is routed once,
-//! from the newest endpoint map, then bytes are copied both ways with no parsing
-//! (tokio's `copy_bidirectional`: one buffer per direction, no allocation per
-//! message). A read-write connection also watches the map and is closed the moment
-//! the epoch moves: nothing may keep talking to a primary that has been replaced.
+//! A connection is routed once, from the newest endpoint map: while there is no
+//! primary (a failover in flight) a read-write connection waits for the next map up
+//! to `hold_ms`, then gets a proper Postgres error. Once its backend is connected
+//! the pair goes to a worker thread ([`crate::workers`]) that copies bytes both ways
+//! with no parsing (one buffer per direction, no allocation per message) and closes
+//! read-write pairs the moment the epoch moves: nothing may keep talking to a
+//! primary that has been replaced.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,7 @@ use tracing::{debug, warn};
 
 use crate::pgwire::reject;
 use crate::route::{self, Backend};
+use crate::workers::Workers;
 
 /// What a listener serves.
 #[derive(Clone, Debug)]
@@ -52,7 +55,15 @@ impl Load {
     }
 }
 
-pub async fn serve(listener: TcpListener, port: Port, maps: Maps, load: Load, hold: Duration) {
+/// Accepts on `listener` and hands each connection to a worker thread.
+pub async fn serve(
+    listener: TcpListener,
+    port: Port,
+    maps: Maps,
+    load: Load,
+    hold: Duration,
+    workers: Workers,
+) {
     loop {
         let (client, _) = match listener.accept().await {
             Ok(c) => c,
@@ -63,7 +74,14 @@ pub async fn serve(listener: TcpListener, port: Port, maps: Maps, load: Load, ho
             }
         };
         let _ = client.set_nodelay(true);
-        tokio::spawn(handle(client, port.clone(), maps.clone(), load.clone(), hold));
+        tokio::spawn(handle(
+            client,
+            port.clone(),
+            maps.clone(),
+            load.clone(),
+            hold,
+            workers.clone(),
+        ));
     }
 }
 
@@ -77,7 +95,28 @@ fn pick(port: &Port, maps: &Maps, load: &Load) -> Option<(Backend, u64)> {
     Some((backend, map.epoch))
 }
 
-async fn handle(mut client: TcpStream, port: Port, mut maps: Maps, load: Load, hold: Duration) {
+/// Closes the books on a carried connection when its pipe ends.
+struct Carried {
+    backend: String,
+    load: Load,
+    active: metrics::Gauge,
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        self.load.add(&self.backend, -1);
+        self.active.decrement(1.0);
+    }
+}
+
+async fn handle(
+    mut client: TcpStream,
+    port: Port,
+    mut maps: Maps,
+    load: Load,
+    hold: Duration,
+    workers: Workers,
+) {
     let label = port.label();
     metrics::counter!("pgquorum_router_connections_total", "port" => label.clone()).increment(1);
     let deadline = tokio::time::Instant::now() + hold;
@@ -96,22 +135,21 @@ async fn handle(mut client: TcpStream, port: Port, mut maps: Maps, load: Load, h
             return;
         }
     };
-    let mut server =
-        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&backend.addr)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone()).increment(1);
-                reject(
-                    &mut client,
-                    &format!(
-                        "pgquorum-router: cannot reach {} at {}",
-                        backend.name, backend.addr
-                    ),
-                )
-                .await;
-                return;
-            }
-        };
+    let server = match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&backend.addr)).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone()).increment(1);
+            reject(
+                &mut client,
+                &format!(
+                    "pgquorum-router: cannot reach {} at {}",
+                    backend.name, backend.addr
+                ),
+            )
+            .await;
+            return;
+        }
+    };
     let _ = server.set_nodelay(true);
     metrics::counter!("pgquorum_router_routes_total", "port" => label.clone(), "backend" => backend.name.clone())
         .increment(1);
@@ -119,25 +157,11 @@ async fn handle(mut client: TcpStream, port: Port, mut maps: Maps, load: Load, h
     active.increment(1.0);
     load.add(&backend.name, 1);
     debug!(port = %label, backend = %backend.name, "routed");
-    let watch_epoch = matches!(port, Port::ReadWrite);
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        _ = epoch_moved(maps, epoch), if watch_epoch => {
-            debug!(backend = %backend.name, "epoch moved: closing a connection to the old primary");
-        }
-    }
-    load.add(&backend.name, -1);
-    active.decrement(1.0);
-}
-
-/// Completes once a map with another epoch arrives (or the map source is gone).
-async fn epoch_moved(mut maps: Maps, epoch: u64) {
-    loop {
-        if maps.changed().await.is_err() {
-            return;
-        }
-        if maps.borrow().as_ref().is_some_and(|m| m.epoch != epoch) {
-            return;
-        }
-    }
+    let epoch = matches!(port, Port::ReadWrite).then_some(epoch);
+    let carried = Carried {
+        backend: backend.name,
+        load,
+        active,
+    };
+    workers.carry(client, server, epoch, carried);
 }

@@ -131,6 +131,15 @@ async fn refused_requests_name_the_problem_and_change_nothing() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
 
+    // --- Draining a node that is not a member names it.
+    let out = cli(&["--coordinators", &addrs, "drain", "ghost", "--cluster", "main"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("\"ghost\" is not a member"),
+        "{}",
+        stderr(&out)
+    );
+
     // --- None of it changed anything.
     assert_eq!(read_cluster(&client, "main").await, before);
     let clusters = pgquorum_tests::cli_json(&["--coordinators", &addrs, "cluster", "list"]);

@@ -45,6 +45,7 @@ async fn pgbouncer_follows_the_primary_through_a_failover() {
         ro: Default::default(),
         hold_ms: 1000,
         metrics: None,
+        workers: None,
         pgbouncer: Some(PgBouncerConfig {
             databases_file: databases.clone(),
             pidfile: d.join("pgbouncer.pid"),

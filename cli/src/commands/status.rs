@@ -65,6 +65,7 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "replay_lsn": n.replay_lsn,
             "replay_paused": n.replay_paused,
             "in_sync_set": n.in_sync_set,
+            "drained": n.drained,
             "error": n.error,
         })).collect::<Vec<_>>(),
     })
@@ -81,11 +82,13 @@ fn status_table(s: &pb::StatusReply) -> String {
                 _ if !n.replay_lsn.is_empty() => format!("{} / {}", n.receive_lsn, n.replay_lsn),
                 _ => "-".into(),
             };
-            let health = if n.replay_paused {
-                format!("{} (replay paused)", n.health)
-            } else {
-                n.health.clone()
-            };
+            let mut health = n.health.clone();
+            if n.replay_paused {
+                health.push_str(" (replay paused)");
+            }
+            if n.drained {
+                health.push_str(" (drained)");
+            }
             vec![
                 n.name.clone(),
                 format!("{}:{}", n.host, n.port),
@@ -192,6 +195,41 @@ pub async fn failover(ctx: &Ctx, cluster: &str, to: &str, accept_data_loss: bool
             "failover of {} to {} started (epoch {} -> {}); the old primary {} is fenced first.\n\
              follow it with `pgquorum status` and `pgquorum cluster show {}`",
             reply.cluster, f.candidate, f.from_epoch, f.to_epoch, f.old_primary, reply.cluster
+        )
+    });
+    Ok(())
+}
+
+/// `pgquorum drain` / `undrain`.
+pub async fn drain(ctx: &Ctx, cluster: &str, node: &str, drained: bool) -> Result<()> {
+    let request = pb::DrainRequest {
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+        drained,
+        actor: super::actor(),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.drain(request).await }
+        })
+        .await?;
+    let value = json!({
+        "cluster": reply.cluster, "node": node, "drained": drained,
+        "endpoint_version": reply.endpoint_version, "drained_nodes": reply.drained,
+    });
+    emit(ctx.json, &value, || {
+        format!(
+            "{node} is {} read routing of {} (endpoint map version {}); drained now: {}",
+            if drained { "out of" } else { "back in" },
+            reply.cluster,
+            reply.endpoint_version,
+            if reply.drained.is_empty() {
+                "none".to_string()
+            } else {
+                reply.drained.join(", ")
+            }
         )
     });
     Ok(())

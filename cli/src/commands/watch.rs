@@ -12,6 +12,7 @@ fn endpoint_json(e: &pb::Endpoint) -> Value {
     json!({
         "name": e.name, "host": e.host, "port": e.port, "region": e.region, "workload": e.workload,
         "health": e.health, "lag_ms": e.lag_ms, "lag_bytes": e.lag_bytes, "readable": e.readable,
+        "drained": e.drained,
     })
 }
 
@@ -44,7 +45,11 @@ fn map_line(m: &pb::EndpointMap) -> String {
                 r.workload,
                 r.health,
                 r.lag_ms,
-                if r.readable { "" } else { " no reads" }
+                match (r.drained, r.readable) {
+                    (true, _) => " drained",
+                    (false, true) => "",
+                    (false, false) => " no reads",
+                }
             )
         })
         .collect();

@@ -53,6 +53,9 @@ pub struct SandboxSpec {
     pub cluster: String,
     /// Policy settings for the cluster, if it is created.
     pub settings: Vec<(String, String)>,
+    /// postgresql.conf settings for every node, over the sandbox's own (small)
+    /// defaults; e.g. a larger `max_connections` for a benchmark.
+    pub postgres_parameters: Vec<(String, String)>,
 }
 
 impl SandboxSpec {
@@ -63,6 +66,7 @@ impl SandboxSpec {
             postgres_base,
             cluster: "main".into(),
             settings: Vec::new(),
+            postgres_parameters: Vec::new(),
         }
     }
 }
@@ -219,6 +223,7 @@ impl Sandbox {
                 .collect(),
             hold_ms: 5000,
             metrics: Some(at(5)),
+            workers: None,
             pgbouncer: None,
         };
         for offset in 0..=5 {
@@ -245,6 +250,11 @@ impl Sandbox {
         self.router
             .as_ref()
             .map(|r| (r.config.rw.clone(), r.config.ro.clone()))
+    }
+
+    /// The router's pid, while it runs.
+    pub fn router_pid(&self) -> Option<u32> {
+        self.router.as_ref()?.child.as_ref().map(Child::id)
     }
 
     async fn ensure_cluster(&self) -> Result<()> {
@@ -304,6 +314,7 @@ impl Sandbox {
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
+                .chain(self.spec.postgres_parameters.iter().cloned())
                 .collect(),
             },
         };

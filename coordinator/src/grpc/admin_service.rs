@@ -395,6 +395,7 @@ impl AdminService for AdminServiceImpl {
             .map(|s| {
                 let m = &cluster.members[&s.name];
                 let r = s.report.unwrap_or_default();
+                let drained = cluster.drained.contains(&s.name);
                 pb::NodeStatus {
                     name: s.name,
                     role: s.role,
@@ -414,6 +415,7 @@ impl AdminService for AdminServiceImpl {
                     replay_paused: r.replay_paused,
                     error: r.error,
                     in_sync_set: s.in_sync_set,
+                    drained,
                 }
             })
             .collect();
@@ -537,5 +539,30 @@ impl AdminService for AdminServiceImpl {
             epoch: c.epoch,
             failover: c.failover.as_ref().map(Into::into),
         }))
+    }
+
+    async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let node = req.node.trim().to_string();
+        if node.is_empty() {
+            return Err(invalid("node", "name the node to drain").into());
+        }
+        let cluster = self.resolve_cluster(&req.cluster)?.name;
+        let command = Command::SetDrain {
+            cluster: cluster.clone(),
+            member: node,
+            drained: req.drained,
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(pb::DrainReply {
+                cluster,
+                endpoint_version: c.endpoint_version,
+                drained: c.drained.iter().cloned().collect(),
+            })),
+            other => Err(Error::Raft(format!("unexpected result of drain: {other:?}")).into()),
+        }
     }
 }

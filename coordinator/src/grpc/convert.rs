@@ -83,6 +83,7 @@ impl From<&Cluster> for pb::Cluster {
             failover: c.failover.as_ref().map(Into::into),
             history: c.history.iter().map(Into::into).collect(),
             created_at_ms: c.created_at_ms,
+            drained: c.drained.iter().cloned().collect(),
         }
     }
 }

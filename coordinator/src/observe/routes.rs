@@ -5,7 +5,8 @@
 //! `general` one for classes without their own) and it is not a backup replica. The
 //! leader publishes the view through Raft only when some replica's health or
 //! readability changes, so routers learn of every change that matters to them without
-//! a Raft write per lag sample.
+//! a Raft write per lag sample. An operator's drain (`pgquorum drain`) is applied on
+//! top, in the map, so the leader's view of health never has to know about it.
 
 use std::collections::BTreeMap;
 
@@ -66,7 +67,8 @@ fn endpoint(cluster: &Cluster, name: &str) -> Option<pb::Endpoint> {
         health: route.map(|r| r.health.clone()).unwrap_or_default(),
         lag_ms: route.map(|r| r.lag_ms).unwrap_or(0),
         lag_bytes: route.map(|r| r.lag_bytes).unwrap_or(0),
-        readable: route.is_some_and(|r| r.readable),
+        readable: route.is_some_and(|r| r.readable) && !cluster.drained.contains(name),
+        drained: cluster.drained.contains(name),
     })
 }
 

@@ -101,6 +101,10 @@ pub struct Cluster {
     /// The routing view of every replica, as last published.
     #[serde(default)]
     pub replica_routes: BTreeMap<String, ReplicaRoute>,
+    /// Members an operator took out of read routing (`pgquorum drain`), like Patroni's
+    /// `noloadbalance` tag. Kept apart from [`Member`], which its agent rewrites.
+    #[serde(default)]
+    pub drained: std::collections::BTreeSet<String>,
 }
 
 impl Cluster {
@@ -116,6 +120,7 @@ impl Cluster {
             failover: None,
             sync_floor_lsn: 0,
             replica_routes: BTreeMap::new(),
+            drained: Default::default(),
             history: VecDeque::new(),
             created_at_ms,
         }

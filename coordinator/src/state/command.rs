@@ -84,6 +84,16 @@ pub enum Command {
         cluster: String,
         routes: std::collections::BTreeMap<String, ReplicaRoute>,
     },
+    /// Take a member out of read routing (`drained`), or put it back. Publishes a
+    /// new endpoint map version even when nothing changed, so the caller can wait for
+    /// that version.
+    SetDrain {
+        cluster: String,
+        member: String,
+        drained: bool,
+        actor: String,
+        at_ms: u64,
+    },
     /// Step 3: the candidate runs as primary of `to_epoch`; publish it.
     CompletePromotion {
         cluster: String,

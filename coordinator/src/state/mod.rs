@@ -213,6 +213,38 @@ impl ClusterState {
                 c.endpoint_version += 1;
                 Ok(CommandOutput::None)
             }
+            Command::SetDrain {
+                cluster,
+                member,
+                drained,
+                actor,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                if !c.members.contains_key(member) {
+                    return Err(CommandError::UnknownMember(member.clone()));
+                }
+                let changed = if *drained {
+                    c.drained.insert(member.clone())
+                } else {
+                    c.drained.remove(member)
+                };
+                c.endpoint_version += 1;
+                if changed {
+                    c.record(HistoryEvent {
+                        at_ms: *at_ms,
+                        epoch: 0,
+                        kind: if *drained { "drained" } else { "undrained" }.into(),
+                        detail: format!(
+                            "{member} {} read routing",
+                            if *drained { "taken out of" } else { "back in" }
+                        ),
+                        actor: actor.clone(),
+                        log_index,
+                    });
+                }
+                Ok(CommandOutput::Cluster(Box::new(c.clone())))
+            }
             Command::ChooseCandidate {
                 cluster,
                 to_epoch,
@@ -622,6 +654,45 @@ mod tests {
             ));
         }
         assert!(s.cluster("main").unwrap().members.is_empty());
+    }
+
+    #[test]
+    fn drain_takes_a_member_out_of_reads_and_always_publishes() {
+        let mut s = ClusterState::default();
+        s.apply(&create("main", &[]), 1).unwrap();
+        s.apply(&register("node2"), 2).unwrap();
+        let drain = |member: &str, drained: bool| Command::SetDrain {
+            cluster: "main".into(),
+            member: member.into(),
+            drained,
+            actor: "test".into(),
+            at_ms: 3,
+        };
+        let before = s.clone();
+        assert_eq!(
+            s.apply(&drain("ghost", true), 3).unwrap_err(),
+            CommandError::UnknownMember("ghost".into())
+        );
+        assert_eq!(s, before, "a refused drain changes nothing");
+        let version = |s: &ClusterState| s.cluster("main").unwrap().endpoint_version;
+        let v0 = version(&s);
+        s.apply(&drain("node2", true), 4).unwrap();
+        s.apply(&drain("node2", true), 5).unwrap();
+        let c = s.cluster("main").unwrap();
+        assert!(c.drained.contains("node2"));
+        assert_eq!(c.endpoint_version, v0 + 2, "every drain is a new map version");
+        let map = crate::observe::routes::endpoint_map(c);
+        let node2 = map.replicas.iter().find(|e| e.name == "node2").unwrap();
+        assert!(node2.drained && !node2.readable);
+        s.apply(&drain("node2", false), 6).unwrap();
+        let c = s.cluster("main").unwrap();
+        assert!(c.drained.is_empty());
+        let kinds: Vec<&str> = c.history.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds[kinds.len() - 2..],
+            ["drained", "undrained"],
+            "a repeat records nothing"
+        );
     }
 
     #[test]
