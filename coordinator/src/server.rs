@@ -33,6 +33,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     })?;
     let db = sled::Config::new()
         .path(config.data_dir.join("raft.sled"))
+        // Every write that must be durable is flushed explicitly before it is
+        // acknowledged (see raft::log_store). sled's own periodic flush on top only
+        // collided with those: an explicit fsync queued behind it now and then.
+        .flush_every_ms(None)
         .open()
         .map_err(|e| match e {
             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => Error::Config {

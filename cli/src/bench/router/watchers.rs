@@ -56,8 +56,19 @@ pub async fn run(opts: &Options, sandbox: &Sandbox) -> Result<Value> {
     .await?;
 
     let client = sandbox.client();
-    // Warm-up: the client's connection to the leader is made here, not in round 1.
-    drain(&client, sandbox.cluster(), false).await?;
+    // Warm-up: the client's connection to the leader is made here, not in round 1,
+    // and every watcher has settled on the resulting map before timing starts.
+    let warm = drain(&client, sandbox.cluster(), false).await?;
+    let settle = Duration::from_secs(10);
+    collect(
+        &mut rx,
+        &mut latest,
+        opts.watchers,
+        warm.endpoint_version,
+        settle,
+        |_, _| {},
+    )
+    .await?;
     let mut delays = Vec::new();
     let mut last_watcher = Vec::new();
     let mut commits = Vec::new();
