@@ -190,3 +190,92 @@ impl Drop for Done {
         lock(&self.epochs).remove(&self.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pgquorum_client::pb;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+
+    use super::Workers;
+
+    /// A connected pair over loopback: (the end we keep, the end we hand over).
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    fn map(epoch: u64) -> Option<pb::EndpointMap> {
+        Some(pb::EndpointMap {
+            epoch,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn pipes_bytes_and_closes_read_write_pipes_when_the_epoch_moves() {
+        let (tx, maps) = watch::channel(map(1));
+        let workers = Workers::start(2, maps).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // client <-> [router side a | router side b] <-> backend
+        let (mut client, router_a) = pair(&listener).await;
+        let (router_b, mut backend) = pair(&listener).await;
+        let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
+        struct Dropped(tokio::sync::mpsc::UnboundedSender<()>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = self.0.send(());
+            }
+        }
+        workers.carry(router_a, router_b, Some(1), Dropped(dropped_tx.clone()));
+        // A read-only pipe (no epoch) on the same worker set stays open.
+        let (mut ro_client, ro_a) = pair(&listener).await;
+        let (ro_b, mut ro_backend) = pair(&listener).await;
+        workers.carry(ro_a, ro_b, None, Dropped(dropped_tx));
+
+        let mut buf = [0u8; 5];
+        client.write_all(b"query").await.unwrap();
+        backend.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"query");
+        backend.write_all(b"reply").await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"reply");
+
+        // A map of the same epoch changes nothing; a new epoch closes the rw pipe at
+        // once, although the (old) backend is still there and silent.
+        tx.send_replace(map(1));
+        tx.send_replace(map(2));
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the client's connection is closed, not left hanging")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "end of stream for the client");
+        tokio::time::timeout(Duration::from_secs(5), dropped.recv())
+            .await
+            .expect("the pipe's bookkeeping runs when it is closed");
+
+        ro_client.write_all(b"still").await.unwrap();
+        ro_backend.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"still", "read-only pipes do not follow the epoch");
+    }
+
+    #[tokio::test]
+    async fn a_pipe_connected_under_an_old_epoch_is_closed_on_arrival() {
+        let (_tx, maps) = watch::channel(map(3));
+        let workers = Workers::start(1, maps).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, a) = pair(&listener).await;
+        let (b, _backend) = pair(&listener).await;
+        workers.carry(a, b, Some(2), ());
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("closed, not left hanging")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+}
