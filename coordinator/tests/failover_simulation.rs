@@ -67,6 +67,9 @@ struct Node {
     epoch: u64,
     lease_until: Option<u64>,
     last_probe_ok: Option<u64>,
+    /// The leader generation and time of the last reply the agent received: its next
+    /// report echoes it (`reply_mark_seen`).
+    reply_seen: Option<(u64, u64)>,
 }
 
 /// What the leader remembers of one node (lost on a leader change).
@@ -75,6 +78,10 @@ struct Seen {
     at: u64,
     last_up: Option<u64>,
     lease_granted: Option<u64>,
+    /// When this leader sent the reply the report's observation followed.
+    seen_reply: Option<u64>,
+    /// First report of the unbroken run with this role and Postgres state.
+    role_since: u64,
 }
 
 struct Sim {
@@ -85,6 +92,9 @@ struct Sim {
     log_index: u64,
     seen: HashMap<String, Seen>,
     leader_since: u64,
+    /// Bumped when the Raft leader is replaced: reply marks of an earlier leader
+    /// mean nothing to the new one.
+    leader_gen: u64,
     told: BTreeMap<String, String>,
     acked_max: u64,
     promoted: BTreeMap<u64, String>,
@@ -161,6 +171,7 @@ impl Sim {
                     epoch: 1,
                     lease_until: None,
                     last_probe_ok: Some(0),
+                    reply_seen: None,
                 },
             );
         }
@@ -172,6 +183,7 @@ impl Sim {
             log_index,
             seen: HashMap::new(),
             leader_since: 0,
+            leader_gen: 0,
             told: BTreeMap::new(),
             acked_max: 100,
             promoted: BTreeMap::from([(1, "node1".to_string())]),
@@ -197,6 +209,8 @@ impl Sim {
                         age: ms(self.t - s.at),
                         up_ago: s.last_up.map(|u| ms(self.t - u)),
                         lease_granted_ago: s.lease_granted.map(|g| ms(self.t - g)),
+                        seen_reply_ago: s.seen_reply.map(|r| ms(self.t - r)),
+                        role_for: ms(self.t - s.role_since),
                     };
                     (name.clone(), o)
                 })
@@ -270,7 +284,15 @@ impl Sim {
         } else {
             prev.as_ref().and_then(|p| p.last_up)
         };
+        let role_since = prev
+            .as_ref()
+            .filter(|p| p.report.role == report.role && p.report.postgres_up == report.postgres_up)
+            .map_or(self.t, |p| p.role_since);
         let lease_granted = prev.and_then(|p| p.lease_granted);
+        let seen_reply = self.nodes[name]
+            .reply_seen
+            .filter(|(generation, _)| *generation == self.leader_gen)
+            .map(|(_, at)| at);
         self.seen.insert(
             name.to_string(),
             Seen {
@@ -278,9 +300,12 @@ impl Sim {
                 at: self.t,
                 last_up,
                 lease_granted,
+                seen_reply,
+                role_since,
             },
         );
         let reply = heartbeat_reply(&self.state.clusters["main"], &self.reports(), name, false);
+        self.nodes.get_mut(name).unwrap().reply_seen = Some((self.leader_gen, self.t));
         if reply.lease_ms > 0 {
             self.seen.get_mut(name).unwrap().lease_granted = Some(self.t);
         }
@@ -458,6 +483,7 @@ impl Sim {
                 self.seen.clear();
                 self.told.clear();
                 self.leader_since = self.t;
+                self.leader_gen += 1;
                 "Raft leader replaced"
             }
             _ => "nothing",

@@ -57,6 +57,8 @@ pub struct Agent {
     following: Option<Upstream>,
     /// The last problem logged, to log each one once rather than every round.
     last_problem: Option<String>,
+    /// `reply_mark` of the last reply, echoed in the next observation's report.
+    reply_mark: u64,
 }
 
 fn upstream(p: &pb::PostgresEndpoint) -> Upstream {
@@ -99,6 +101,7 @@ impl Agent {
             primary: None,
             following: None,
             last_problem: None,
+            reply_mark: 0,
         })
     }
 
@@ -152,12 +155,15 @@ impl Agent {
     }
 
     async fn observe(&mut self) -> pb::NodeReport {
+        // Taken before observing: the observation below is younger than that reply.
+        let reply_mark_seen = self.reply_mark;
         if !self.ctl.initialized() {
             return pb::NodeReport {
                 initializing: true,
                 role: "stopped".into(),
                 error: "not initialized yet".into(),
                 epoch: self.state.epoch,
+                reply_mark_seen,
                 ..Default::default()
             };
         }
@@ -191,6 +197,7 @@ impl Agent {
         report.primary_probe_age_ms = probe_age;
         report.epoch = self.state.epoch;
         report.data_is_standby = self.ctl.is_standby_data();
+        report.reply_mark_seen = reply_mark_seen;
         report
     }
 
@@ -226,6 +233,7 @@ impl Agent {
                 return;
             }
         };
+        self.reply_mark = reply.reply_mark;
         if reply.epoch < self.state.epoch {
             self.problem(format!(
                 "ignoring a reply for epoch {} older than epoch {} already seen (stale coordinator)",

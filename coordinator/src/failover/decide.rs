@@ -137,10 +137,36 @@ fn region_allowed(cluster: &Cluster, member: &Member, old_primary: &str) -> bool
     }
 }
 
-/// The member to promote in place of `old_primary`, or why there is none.
+/// Whether an observation was made after the old primary was fenced `fenced_ago`
+/// (None: no fence to be after). Until the old primary stops, its standbys keep
+/// receiving, and acknowledging, WAL: a report observed earlier can understate what a
+/// standby holds, so comparing it with others' could pick one that lacks acknowledged
+/// writes, or admit a lagging standby into the next sync set. Observations are dated
+/// by the reply they followed (`Observed::seen_reply_ago`), on this leader's clock.
+pub fn after_fence(o: &Observed, fenced_ago: Option<Duration>) -> bool {
+    fenced_ago.is_none_or(|f| o.seen_reply_ago.is_some_and(|r| r <= f))
+}
+
+/// The member to promote in place of `old_primary`, or why there is none, on the
+/// reports as they are (whether a failover could proceed at all).
 pub fn choose(cluster: &Cluster, reports: &ClusterReports, old_primary: &str) -> Result<Candidate, String> {
+    choose_after_fence(cluster, reports, old_primary, None)
+}
+
+/// [`choose`] counting only observations made after the fence (see [`after_fence`]):
+/// what the actual choice is made on.
+pub fn choose_after_fence(
+    cluster: &Cluster,
+    reports: &ClusterReports,
+    old_primary: &str,
+    fenced_ago: Option<Duration>,
+) -> Result<Candidate, String> {
     let policy = &cluster.policy;
-    let heard = |name: &String| fresh(cluster, reports, name).filter(|o| standby_up(o));
+    let heard = |name: &String| {
+        fresh(cluster, reports, name)
+            .filter(|o| standby_up(o))
+            .filter(|o| after_fence(o, fenced_ago))
+    };
     let lsn_of =
         |o: &Observed| Lsn::parse(&o.report.receive_lsn).or_else(|| Lsn::parse(&o.report.replay_lsn));
 
@@ -215,22 +241,40 @@ pub fn choose(cluster: &Cluster, reports: &ClusterReports, old_primary: &str) ->
     }
 }
 
-/// How the old primary is known not to take writes, if it is.
+/// How the old primary is known not to take writes, if it is, and for how long at
+/// least it has not been taking any.
 fn fenced(
     cluster: &Cluster,
     reports: &ClusterReports,
     old_primary: &str,
     lease_expired: bool,
-) -> Option<String> {
+) -> Option<(String, Duration)> {
     if let Some(o) = fresh(cluster, reports, old_primary) {
+        // It stopped before the first report of the unbroken run saying so.
         if !o.report.postgres_up && o.report.role == "stopped" {
-            return Some("its agent confirmed Postgres stopped".into());
+            return Some(("its agent confirmed Postgres stopped".into(), o.role_for));
         }
         if o.report.postgres_up && o.report.role == "standby" {
-            return Some("it runs as a standby".into());
+            return Some(("it runs as a standby".into(), o.role_for));
         }
     }
-    lease_expired.then(|| "its lease expired".into())
+    lease_expired.then(|| {
+        (
+            "its lease expired".into(),
+            lease_over_for(cluster, reports, old_primary),
+        )
+    })
+}
+
+/// How long ago `node`'s lease ran out at the latest (zero if it may still run).
+fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Duration {
+    let lease = Duration::from_millis(cluster.policy.lease_ms);
+    let since_grant = reports
+        .nodes
+        .get(node)
+        .and_then(|o| o.lease_granted_ago)
+        .unwrap_or(Duration::MAX);
+    since_grant.min(reports.leader_for).saturating_sub(lease)
 }
 
 /// The sync set the new primary starts with: up to `sync_standbys` running, eligible
@@ -243,18 +287,25 @@ fn fenced(
 /// anything at this point (the old one is fenced), so changing the set is safe.
 /// Committing it with the candidate lets the new primary wait for a real standby from
 /// its first moment, instead of for a placeholder until a later sync-set change.
+///
+/// The candidate's position is read from an observation made after the fence (see
+/// [`after_fence`]); without one nobody joins. The others' may be older: a standby's
+/// position only grows, so an older report can only leave it out.
 pub fn sync_set_after(
     cluster: &Cluster,
     reports: &ClusterReports,
     candidate: &str,
     old_primary: &str,
+    fenced_ago: Duration,
 ) -> Vec<String> {
     let k = if cluster.policy.sync_mode == SyncMode::Off {
         0
     } else {
         cluster.policy.sync_standbys as usize
     };
-    let Some(floor) = fresh(cluster, reports, candidate).and_then(|o| Lsn::parse(&o.report.receive_lsn))
+    let Some(floor) = fresh(cluster, reports, candidate)
+        .filter(|o| after_fence(o, Some(fenced_ago)))
+        .and_then(|o| Lsn::parse(&o.report.receive_lsn))
     else {
         return Vec::new();
     };
@@ -321,29 +372,34 @@ pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) 
     };
     match f.step.as_str() {
         "started" => {
-            let Some(fenced_by) = fenced(cluster, reports, &f.old_primary, lease_expired) else {
+            let Some((fenced_by, fenced_ago)) = fenced(cluster, reports, &f.old_primary, lease_expired)
+            else {
                 return Step::Wait;
             };
             if !f.candidate.is_empty() {
-                // The operator's choice (manual failover): checked when it was made.
-                let lsn = fresh(cluster, reports, &f.candidate)
-                    .map(|o| o.report.receive_lsn.clone())
-                    .unwrap_or_default();
-                let sync_set = sync_set_after(cluster, reports, &f.candidate, &f.old_primary);
+                // The operator's choice (manual failover): checked when it was made;
+                // its WAL position is read from an observation made after the fence.
+                let Some(o) =
+                    fresh(cluster, reports, &f.candidate).filter(|o| after_fence(o, Some(fenced_ago)))
+                else {
+                    return Step::Wait;
+                };
                 return Step::Choose {
                     candidate: f.candidate.clone(),
-                    lsn,
+                    lsn: o.report.receive_lsn.clone(),
                     fenced_by,
-                    sync_set,
+                    sync_set: sync_set_after(cluster, reports, &f.candidate, &f.old_primary, fenced_ago),
                 };
             }
-            match choose(cluster, reports, &f.old_primary) {
+            match choose_after_fence(cluster, reports, &f.old_primary, Some(fenced_ago)) {
                 Ok(c) => Step::Choose {
-                    sync_set: sync_set_after(cluster, reports, &c.name, &f.old_primary),
+                    sync_set: sync_set_after(cluster, reports, &c.name, &f.old_primary, fenced_ago),
                     candidate: c.name,
                     lsn: c.lsn.to_string(),
                     fenced_by,
                 },
+                // Possible on earlier reports: wait for the standbys' next ones.
+                Err(_) if choose(cluster, reports, &f.old_primary).is_ok() => Step::Wait,
                 Err(why) => Step::Stuck(format!("failover from {} has no candidate: {why}", f.old_primary)),
             }
         }
@@ -469,7 +525,7 @@ mod tests {
             ("node3", standby("0/4000000", 0), 10),
         ]);
         assert_eq!(
-            sync_set_after(&c, &lagging, "node2", "node1"),
+            sync_set_after(&c, &lagging, "node2", "node1", Duration::MAX),
             Vec::<String>::new()
         );
         let level = reports(vec![
@@ -477,7 +533,7 @@ mod tests {
             ("node3", standby("0/5000000", 0), 10),
         ]);
         assert_eq!(
-            sync_set_after(&c, &level, "node2", "node1"),
+            sync_set_after(&c, &level, "node2", "node1", Duration::MAX),
             vec!["node3".to_string()]
         );
         let f = c.failover.as_mut().unwrap();
@@ -516,6 +572,63 @@ mod tests {
         assert!(choose(&c, &r, "node1").is_err());
         c.policy.auto_failover_regions = vec!["us-west-2".into(), "us-east-1".into()];
         assert_eq!(choose(&c, &r, "node1").unwrap().name, "node3");
+    }
+
+    #[test]
+    fn only_observations_made_after_the_fence_choose() {
+        // ANY 1 of {node2, node3}: a write may be on either one only.
+        let mut c = cluster();
+        c.sync_set = vec!["node2".into(), "node3".into()];
+        c.epoch = 2;
+        c.primary = None;
+        c.failover = Some(crate::state::FailoverRecord {
+            kind: "failover".into(),
+            step: "started".into(),
+            from_epoch: 1,
+            to_epoch: 2,
+            old_primary: "node1".into(),
+            candidate: String::new(),
+            reason: "test".into(),
+            started_at_ms: 0,
+            fenced_by: String::new(),
+            fenced_at_ms: 0,
+            chosen_at_ms: 0,
+            candidate_lsn: String::new(),
+            accept_data_loss: false,
+        });
+        let stopped = pb::NodeReport {
+            role: "stopped".into(),
+            ..Default::default()
+        };
+        let mut r = reports(vec![
+            ("node1", stopped, 10),
+            ("node2", standby("0/5000000", 0), 10),
+            ("node3", standby("0/5000100", 0), 10),
+        ]);
+        // node1 has been reporting "stopped" for 500 ms; node2's report was observed
+        // before that (it kept receiving WAL until the stop), node3's after.
+        r.nodes.get_mut("node1").unwrap().role_for = Duration::from_millis(500);
+        r.nodes.get_mut("node2").unwrap().seen_reply_ago = Some(Duration::from_millis(800));
+        r.nodes.get_mut("node3").unwrap().seen_reply_ago = Some(Duration::from_millis(100));
+        assert_eq!(
+            choose(&c, &r, "node1").unwrap().name,
+            "node3",
+            "on all reports node3 looks most caught up"
+        );
+        assert_eq!(
+            decide(&c, &r, false),
+            Step::Wait,
+            "node2's position is not final yet: wait for its next report"
+        );
+        // Its report after the fence shows what it really holds.
+        let n2 = r.nodes.get_mut("node2").unwrap();
+        n2.report = standby("0/5000200", 0);
+        n2.seen_reply_ago = Some(Duration::from_millis(90));
+        assert!(matches!(
+            decide(&c, &r, false),
+            Step::Choose { ref candidate, ref fenced_by, .. }
+                if candidate == "node2" && fenced_by.contains("confirmed")
+        ));
     }
 
     #[test]

@@ -72,5 +72,7 @@ pub fn heartbeat_reply(
         promote,
         standby_slots,
         start_primary,
+        // Set by the gRPC handler, which owns the leader's clock.
+        reply_mark: 0,
     }
 }

@@ -153,7 +153,8 @@ impl AgentServiceImpl {
 
     /// What the node must know and do (see [`crate::failover::reply`]).
     fn reply(&self, cluster: &Cluster, name: &str, initializing: bool) -> pb::HeartbeatReply {
-        let reply = heartbeat_reply(cluster, &self.reports.cluster(&cluster.name), name, initializing);
+        let mut reply = heartbeat_reply(cluster, &self.reports.cluster(&cluster.name), name, initializing);
+        reply.reply_mark = self.reports.reply_mark();
         if reply.lease_ms > 0 {
             self.reports.lease_granted(&cluster.name, name);
         }

@@ -219,6 +219,9 @@ pub(crate) mod tests {
                     age,
                     up_ago,
                     lease_granted_ago: None,
+                    // Observed right after a reply it got just before: as fresh as it is.
+                    seen_reply_ago: Some(age),
+                    role_for: age,
                 },
             );
         }

@@ -16,6 +16,13 @@ pub struct Observed {
     pub up_ago: Option<Duration>,
     /// Since this leader last granted the node a primary lease; None: never.
     pub lease_granted_ago: Option<Duration>,
+    /// The observation is younger than this: it was made after the node received a
+    /// reply this leader built that long ago (see [`Reports::reply_mark`]). None: no
+    /// such reply (not yet, or from another leader).
+    pub seen_reply_ago: Option<Duration>,
+    /// Since the first of the unbroken run of reports with this report's role and
+    /// Postgres state (so a stop was reported at least this long ago).
+    pub role_for: Duration,
 }
 
 /// What a primary reported it waits for, and its WAL position when that started.
@@ -46,6 +53,10 @@ struct NodeEntry {
     at: Instant,
     last_up: Option<Instant>,
     lease_granted: Option<Instant>,
+    /// When this leader built the reply the report's observation followed.
+    seen_reply: Option<Instant>,
+    /// When the current role and Postgres state were first reported.
+    role_since: Instant,
 }
 
 #[derive(Default)]
@@ -58,6 +69,29 @@ struct ClusterEntry {
 struct Table {
     clusters: HashMap<String, ClusterEntry>,
     since: Instant,
+    /// High bits of every reply mark this table issues, random per table (and per
+    /// `clear`), so marks of another leader or an earlier term never decode here.
+    mark_base: u64,
+}
+
+/// Reply marks: `mark_base | milliseconds since the table's `since``.
+const MARK_MS_BITS: u32 = 40;
+const MARK_MS_MASK: u64 = (1 << MARK_MS_BITS) - 1;
+
+fn new_mark_base() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    // Never zero: agents send 0 when they have no mark.
+    (random & !MARK_MS_MASK) | (1 << MARK_MS_BITS)
+}
+
+impl Table {
+    fn decode_mark(&self, mark: u64) -> Option<Instant> {
+        (mark & !MARK_MS_MASK == self.mark_base)
+            .then(|| self.since + Duration::from_millis(mark & MARK_MS_MASK))
+    }
 }
 
 /// Shared, cheap to clone; each operation holds the lock briefly.
@@ -69,6 +103,7 @@ impl Default for Reports {
         Reports(Arc::new(Mutex::new(Table {
             clusters: HashMap::new(),
             since: Instant::now(),
+            mark_base: new_mark_base(),
         })))
     }
 }
@@ -76,6 +111,7 @@ impl Default for Reports {
 impl Reports {
     pub fn record(&self, cluster: &str, node: &str, report: pb::NodeReport) {
         let mut all = self.0.lock().expect("reports lock poisoned");
+        let seen_reply = all.decode_mark(report.reply_mark_seen);
         let entry = all.clusters.entry(cluster.to_string()).or_default();
         if report.role == "primary" && report.postgres_up {
             let names = sync_names::parse(&report.synchronous_standby_names);
@@ -99,6 +135,10 @@ impl Reports {
         } else {
             previous.as_ref().and_then(|p| p.last_up)
         };
+        let role_since = previous
+            .as_ref()
+            .filter(|p| p.report.role == report.role && p.report.postgres_up == report.postgres_up)
+            .map_or(now, |p| p.role_since);
         let lease_granted = previous.and_then(|p| p.lease_granted);
         entry.nodes.insert(
             node.to_string(),
@@ -107,8 +147,19 @@ impl Reports {
                 at: now,
                 last_up,
                 lease_granted,
+                seen_reply,
+                role_since,
             },
         );
+    }
+
+    /// A mark for a reply built now: an agent echoes it in reports it observes after
+    /// receiving the reply, which dates those observations on this leader's clock.
+    /// Rounded down, so a decoded mark is never later than the reply.
+    pub fn reply_mark(&self) -> u64 {
+        let all = self.0.lock().expect("reports lock poisoned");
+        let ms = all.since.elapsed().as_millis() as u64;
+        all.mark_base | (ms & MARK_MS_MASK)
     }
 
     /// Notes the `synchronous_standby_names` just sent to a primary.
@@ -147,6 +198,8 @@ impl Reports {
                         age: now.saturating_duration_since(n.at),
                         up_ago: ago(n.last_up),
                         lease_granted_ago: ago(n.lease_granted),
+                        seen_reply_ago: ago(n.seen_reply),
+                        role_for: now.saturating_duration_since(n.role_since),
                     };
                     (name.clone(), observed)
                 })
@@ -163,5 +216,55 @@ impl Reports {
         let mut all = self.0.lock().expect("reports lock poisoned");
         all.clusters.clear();
         all.since = Instant::now();
+        all.mark_base = new_mark_base();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(mark: u64, role: &str) -> pb::NodeReport {
+        pb::NodeReport {
+            role: role.into(),
+            postgres_up: role != "stopped",
+            reply_mark_seen: mark,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reply_marks_date_observations_on_this_leader_only() {
+        let reports = Reports::default();
+        let mark = reports.reply_mark();
+        std::thread::sleep(Duration::from_millis(20));
+        reports.record("main", "node2", report(mark, "standby"));
+        reports.record("main", "node3", report(mark ^ (1 << 50), "standby"));
+        reports.record("main", "node4", report(0, "standby"));
+        let seen = reports.cluster("main");
+        let ago = seen.nodes["node2"].seen_reply_ago.expect("our own mark decodes");
+        assert!(ago >= Duration::from_millis(20), "{ago:?}");
+        assert_eq!(seen.nodes["node3"].seen_reply_ago, None, "another leader's mark");
+        assert_eq!(seen.nodes["node4"].seen_reply_ago, None, "no mark");
+        // A leader that stepped down and leads again issued that mark in another term.
+        reports.clear();
+        reports.record("main", "node2", report(mark, "standby"));
+        assert_eq!(reports.cluster("main").nodes["node2"].seen_reply_ago, None);
+    }
+
+    #[test]
+    fn role_for_counts_from_the_first_report_of_an_unbroken_run() {
+        let reports = Reports::default();
+        reports.record("main", "node1", report(0, "stopped"));
+        std::thread::sleep(Duration::from_millis(20));
+        reports.record("main", "node1", report(0, "stopped"));
+        let o = &reports.cluster("main").nodes["node1"];
+        assert!(o.role_for >= Duration::from_millis(20) && o.age < o.role_for);
+        reports.record("main", "node1", report(0, "standby"));
+        let o = &reports.cluster("main").nodes["node1"];
+        assert!(
+            o.role_for < Duration::from_millis(20),
+            "a new role starts a new run"
+        );
     }
 }
