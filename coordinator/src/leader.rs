@@ -73,6 +73,13 @@ pub fn next_command(
             sync_set,
             at_ms,
         }),
+        Step::Abandon { candidate, reason } => Some(Command::AbandonCandidate {
+            cluster: name.clone(),
+            to_epoch: cluster.epoch,
+            candidate,
+            reason,
+            at_ms,
+        }),
         Step::Complete { primary } => Some(Command::CompletePromotion {
             cluster: name.clone(),
             to_epoch: cluster.epoch,

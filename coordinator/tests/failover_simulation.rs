@@ -327,7 +327,7 @@ impl Sim {
         }
         n.epoch = reply.epoch;
         let is_primary = primary_name.as_deref() == Some(name);
-        n.lease_until = (is_primary && reply.lease_ms > 0).then(|| t + reply.lease_ms);
+        n.lease_until = ((is_primary || reply.promote) && reply.lease_ms > 0).then(|| t + reply.lease_ms);
         let mut note = None;
         if n.role == Role::Primary && !is_primary && !reply.promote {
             if n.up {

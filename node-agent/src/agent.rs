@@ -257,8 +257,8 @@ impl Agent {
             self.interval = Duration::from_millis(reply.heartbeat_interval_ms);
         }
         let is_primary = reply.primary.as_ref().is_some_and(|p| p.name == self.config.name);
-        self.lease_until =
-            (is_primary && reply.lease_ms > 0).then(|| sent_at + Duration::from_millis(reply.lease_ms));
+        self.lease_until = ((is_primary || reply.promote) && reply.lease_ms > 0)
+            .then(|| sent_at + Duration::from_millis(reply.lease_ms));
         self.primary = reply.primary.as_ref().map(|p| (p.name.clone(), upstream(p)));
         match self.act(&reply, &report, is_primary).await {
             Ok(()) => self.resolved(),

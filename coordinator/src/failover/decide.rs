@@ -57,6 +57,11 @@ pub enum Step {
     Complete {
         primary: String,
     },
+    /// The chosen candidate is lost (silent, lease run out): fail over again.
+    Abandon {
+        candidate: String,
+        reason: String,
+    },
     /// A failover is needed (or in flight) but cannot proceed on its own.
     Stuck(String),
 }
@@ -409,7 +414,24 @@ pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) 
                     primary: f.candidate.clone(),
                 }
             }
-            _ => Step::Wait,
+            Some(_) => Step::Wait,
+            // Silent for a failure timeout, and whatever it was told (promote carries a
+            // lease) has certainly run out: it cannot be serving as a primary now.
+            // Only when another candidate can be chosen right away: otherwise waiting
+            // for the lost one to come back is the only way forward (the simulation
+            // found a cluster left without any candidate after an early abandon).
+            None if self::lease_expired(cluster, reports, &f.candidate)
+                && choose(cluster, reports, &f.candidate).is_ok() =>
+            {
+                Step::Abandon {
+                    candidate: f.candidate.clone(),
+                    reason: format!(
+                        "no report for {} ms and its lease ran out",
+                        cluster.policy.failure_timeout_ms
+                    ),
+                }
+            }
+            None => Step::Wait,
         },
         other => Step::Stuck(format!("unknown failover step {other:?}")),
     }
@@ -540,6 +562,25 @@ mod tests {
         f.step = "candidate_chosen".into();
         f.candidate = "node2".into();
         assert_eq!(decide(&c, &r, true), Step::Wait, "not promoted yet");
+        // The candidate goes silent: given up only once its promote lease ran out.
+        let silent = reports(vec![
+            ("node2", standby("0/5000000", 0), 60_000),
+            ("node3", standby("0/5000000", 0), 10),
+        ]);
+        assert_eq!(
+            decide(&c, &silent, true),
+            Step::Wait,
+            "no other candidate in the committed sync set: wait for node2"
+        );
+        // As ChooseCandidate commits it: node3 had everything node2 had.
+        c.sync_set = vec!["node3".into()];
+        assert!(matches!(
+            decide(&c, &silent, true),
+            Step::Abandon { ref candidate, .. } if candidate == "node2"
+        ));
+        let mut granted = silent.clone();
+        granted.nodes.get_mut("node2").unwrap().lease_granted_ago = Some(Duration::from_millis(100));
+        assert_eq!(decide(&c, &granted, true), Step::Wait, "its lease may still run");
         let mut promoted = primary("0/5000100", "", vec![]);
         promoted.epoch = 2;
         let r = reports(vec![("node2", promoted, 10)]);

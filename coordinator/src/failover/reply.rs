@@ -35,7 +35,9 @@ pub fn heartbeat_reply(
     } else {
         String::new()
     };
-    let lease_ms = if is_primary && cluster.failover.is_none() {
+    // A candidate told to promote holds a lease too: if it is then lost, the failover
+    // can move on to another candidate once that lease has certainly run out.
+    let lease_ms = if (is_primary && cluster.failover.is_none()) || promote {
         cluster.policy.lease_ms
     } else {
         0

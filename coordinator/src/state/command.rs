@@ -79,6 +79,18 @@ pub enum Command {
         sync_set: Vec<String>,
         at_ms: u64,
     },
+    /// Step 2b: the chosen candidate of `to_epoch` went silent before its promotion
+    /// was published and its lease has certainly run out: give it up, move to epoch
+    /// `to_epoch + 1` and fail over again with the lost candidate as the old primary
+    /// (so it is fenced like one, and the next choice comes from the committed sync
+    /// set, which no longer holds it).
+    AbandonCandidate {
+        cluster: String,
+        to_epoch: u64,
+        candidate: String,
+        reason: String,
+        at_ms: u64,
+    },
     /// Publish the replicas' routing view (a new endpoint map version).
     PublishRoutes {
         cluster: String,

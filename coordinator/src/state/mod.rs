@@ -213,6 +213,61 @@ impl ClusterState {
                 c.endpoint_version += 1;
                 Ok(CommandOutput::None)
             }
+            Command::AbandonCandidate {
+                cluster,
+                to_epoch,
+                candidate,
+                reason,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                let f = match &mut c.failover {
+                    Some(f)
+                        if f.to_epoch == *to_epoch
+                            && f.step == "candidate_chosen"
+                            && f.candidate == *candidate =>
+                    {
+                        f
+                    }
+                    other => {
+                        return Err(CommandError::FailoverStep(format!(
+                            "no candidate {candidate:?} chosen for epoch {to_epoch} (now: {})",
+                            other
+                                .as_ref()
+                                .map(|f| format!(
+                                    "step {} to epoch {}, candidate {:?}",
+                                    f.step, f.to_epoch, f.candidate
+                                ))
+                                .unwrap_or_else(|| "no failover in flight".into())
+                        )))
+                    }
+                };
+                f.step = "started".into();
+                f.from_epoch = *to_epoch;
+                f.to_epoch = to_epoch + 1;
+                f.old_primary = candidate.clone();
+                f.candidate = String::new();
+                f.reason = format!("candidate {candidate} lost before its promotion was published: {reason}");
+                f.fenced_by = String::new();
+                f.fenced_at_ms = 0;
+                f.chosen_at_ms = 0;
+                f.candidate_lsn = String::new();
+                f.accept_data_loss = false;
+                c.epoch = to_epoch + 1;
+                c.endpoint_version += 1;
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "candidate_abandoned".into(),
+                    detail: format!(
+                        "{candidate} (epoch {to_epoch}) -> epoch {}: {reason}",
+                        to_epoch + 1
+                    ),
+                    actor: "coordinator".into(),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
             Command::SetDrain {
                 cluster,
                 member,
@@ -693,6 +748,81 @@ mod tests {
             ["drained", "undrained"],
             "a repeat records nothing"
         );
+    }
+
+    #[test]
+    fn an_abandoned_candidate_restarts_the_failover_one_epoch_on() {
+        let mut s = ClusterState::default();
+        s.apply(&create("main", &[]), 1).unwrap();
+        for (i, n) in ["node1", "node2", "node3"].iter().enumerate() {
+            s.apply(&register(n), 2 + i as u64).unwrap();
+        }
+        s.apply(
+            &Command::ClaimBootstrap {
+                cluster: "main".into(),
+                node: "node1".into(),
+                at_ms: 5,
+            },
+            5,
+        )
+        .unwrap();
+        let start = Command::StartFailover {
+            cluster: "main".into(),
+            from_epoch: 1,
+            old_primary: "node1".into(),
+            candidate: None,
+            accept_data_loss: false,
+            kind: "failover".into(),
+            reason: "test".into(),
+            actor: "test".into(),
+            at_ms: 6,
+        };
+        s.apply(&start, 6).unwrap();
+        let abandon = |candidate: &str, to_epoch: u64| Command::AbandonCandidate {
+            cluster: "main".into(),
+            to_epoch,
+            candidate: candidate.into(),
+            reason: "silent".into(),
+            at_ms: 8,
+        };
+        let before = s.clone();
+        assert!(s.apply(&abandon("node2", 2), 7).is_err(), "nothing chosen yet");
+        assert_eq!(s, before);
+        s.apply(
+            &Command::ChooseCandidate {
+                cluster: "main".into(),
+                to_epoch: 2,
+                candidate: "node2".into(),
+                lsn: "0/5000000".into(),
+                fenced_by: "test".into(),
+                sync_set: vec!["node3".into()],
+                at_ms: 7,
+            },
+            7,
+        )
+        .unwrap();
+        assert!(s.apply(&abandon("node3", 2), 8).is_err(), "not the candidate");
+        assert!(s.apply(&abandon("node2", 1), 8).is_err(), "not its epoch");
+        s.apply(&abandon("node2", 2), 8).unwrap();
+        let c = s.cluster("main").unwrap();
+        let f = c.failover.as_ref().unwrap();
+        assert_eq!((c.epoch, c.primary.as_deref()), (3, None));
+        assert_eq!(
+            (
+                f.step.as_str(),
+                f.from_epoch,
+                f.to_epoch,
+                f.old_primary.as_str(),
+                f.candidate.as_str()
+            ),
+            ("started", 2, 3, "node2", "")
+        );
+        assert_eq!(
+            c.sync_set,
+            ["node3"],
+            "the next choice comes from the committed sync set"
+        );
+        assert!(s.apply(&abandon("node2", 2), 9).is_err(), "applied once only");
     }
 
     #[test]
