@@ -125,8 +125,15 @@ impl Agent {
         tokio::pin!(shutdown);
         loop {
             let started = Instant::now();
+            let epoch = self.state.epoch;
             self.round().await;
-            let pause = self.interval.saturating_sub(started.elapsed());
+            // A new epoch means a failover in flight: report again at once, since the
+            // choice of a candidate waits for observations made after this reply.
+            let pause = if self.state.epoch > epoch {
+                Duration::ZERO
+            } else {
+                self.interval.saturating_sub(started.elapsed())
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(pause) => {}
