@@ -166,4 +166,13 @@ mod tests {
             3
         );
     }
+
+    /// The shipped example must stay loadable (parsed only: its addresses are not
+    /// this machine's).
+    #[test]
+    fn the_deploy_example_parses() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/router/router.toml");
+        let c = RouterConfig::load(&path).unwrap();
+        assert_eq!(c.ro.len(), 4);
+    }
 }
