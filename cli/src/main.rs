@@ -54,6 +54,16 @@ enum Command {
         #[arg(long)]
         accept_data_loss: bool,
     },
+    /// Planned handover: the primary stops cleanly (its standbys receive all of its
+    /// WAL first), then --to (or the most caught-up synchronous standby) is promoted
+    /// and the old primary follows it. Loses nothing.
+    Switchover {
+        #[arg(long, default_value = "")]
+        cluster: String,
+        /// The node to promote (default: the best candidate).
+        #[arg(long, default_value = "")]
+        to: String,
+    },
     /// Take a node out of read routing (routers stop sending new read-only
     /// connections to it; open ones stay), e.g. before maintenance or a long query.
     Drain {
@@ -275,6 +285,7 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             to,
             accept_data_loss,
         } => status::failover(&ctx()?, &cluster, &to, accept_data_loss).await,
+        Command::Switchover { cluster, to } => status::switchover(&ctx()?, &cluster, &to).await,
         Command::Drain { node, cluster } => status::drain(&ctx()?, &cluster, &node, true).await,
         Command::Undrain { node, cluster } => status::drain(&ctx()?, &cluster, &node, false).await,
         Command::Sandbox(c) => match c {

@@ -288,6 +288,16 @@ impl Agent {
 
         if !self.ctl.is_standby_data() && !is_primary && !reply.promote {
             // A primary's data, but not this epoch's primary: fence, then rejoin.
+            if running && reply.stop_cleanly {
+                info!(epoch = reply.epoch, "switchover: stopping postgres cleanly");
+                // Bounded: a shutdown stuck on a standby that never confirms must not
+                // hold up the handover (the coordinators fence by lease meanwhile).
+                match tokio::time::timeout(Duration::from_secs(5), self.ctl.stop()).await {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => warn!("switchover: the clean stop failed ({e}); fencing"),
+                    Err(_) => warn!("switchover: the clean stop takes over 5 s; fencing"),
+                }
+            }
             if running {
                 warn!(
                     epoch = reply.epoch,

@@ -425,3 +425,61 @@ async fn failovers_in_a_row_leave_every_node_following_the_last_primary() {
         primary = next;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_stops_the_primary_cleanly_and_loses_nothing() {
+    let sandbox = start_sandbox(25200, 25210).await;
+    let old = pg(&sandbox, "node1").await;
+    old.batch_execute(
+        "CREATE TABLE handed (id bigint PRIMARY KEY);
+         INSERT INTO handed SELECT generate_series(1, 1000);
+         -- A commit no standby acknowledged: a clean stop still hands it over.
+         SET synchronous_commit = local;
+         INSERT INTO handed VALUES (1001);",
+    )
+    .await
+    .unwrap();
+    let addrs = sandbox.client().addrs().join(",");
+
+    let out = cli(&["--coordinators", &addrs, "switchover", "--to", "node1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already the primary"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without --to: the synchronous standby.
+    let started = cli_json(&["--coordinators", &addrs, "switchover"]);
+    assert_eq!(started["failover"]["kind"], "switchover", "{started}");
+    assert_eq!(started["failover"]["candidate"], "node2", "{started}");
+    wait_promoted(&sandbox, "node2", 2).await;
+    sandbox
+        .wait_for("node1 follows node2", WAIT, |s| {
+            node(s, "node1").role == "standby" && node(s, "node1").health == "HEALTHY"
+        })
+        .await
+        .unwrap();
+
+    let new = pg(&sandbox, "node2").await;
+    let count: i64 = new
+        .query_one("SELECT count(*) FROM handed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        count, 1001,
+        "every commit handed over, the unacknowledged one too"
+    );
+    let h = history(&sandbox).await;
+    assert!(h.iter().any(|(k, _)| k == "switchover_started"), "{h:?}");
+    let chosen = h.iter().find(|(k, _)| k == "candidate_chosen").unwrap();
+    assert!(
+        chosen.1.contains("confirmed Postgres stopped"),
+        "chosen after the clean stop, not a lease expiry: {}",
+        chosen.1
+    );
+    let log = std::fs::read_to_string(sandbox.path().join("node1").join("agent.log")).unwrap();
+    assert!(log.contains("stopping postgres cleanly"), "{log}");
+    assert!(!log.contains("base backup"), "rejoined without a new copy: {log}");
+}

@@ -184,6 +184,34 @@ pub async fn failover(ctx: &Ctx, cluster: &str, to: &str, accept_data_loss: bool
             async move { c.failover(request).await }
         })
         .await?;
+    started(ctx, &reply, "the old primary {old} is fenced first");
+    Ok(())
+}
+
+/// `pgquorum switchover`.
+pub async fn switchover(ctx: &Ctx, cluster: &str, to: &str) -> Result<()> {
+    let request = pb::SwitchoverRequest {
+        cluster: cluster.to_string(),
+        to: to.to_string(),
+        actor: super::actor(),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.switchover(request).await }
+        })
+        .await?;
+    started(
+        ctx,
+        &reply,
+        "the old primary {old} stops cleanly first, then follows",
+    );
+    Ok(())
+}
+
+/// Prints a started failover or switchover; `how` may name the old primary as `{old}`.
+fn started(ctx: &Ctx, reply: &pb::FailoverReply, how: &str) {
     let f = reply.failover.clone().unwrap_or_default();
     let value = json!({
         "cluster": reply.cluster, "epoch": reply.epoch,
@@ -192,12 +220,21 @@ pub async fn failover(ctx: &Ctx, cluster: &str, to: &str, accept_data_loss: bool
     });
     emit(ctx.json, &value, || {
         format!(
-            "failover of {} to {} started (epoch {} -> {}); the old primary {} is fenced first.\n\
+            "{} of {} to {} started (epoch {} -> {}); {}.\n\
              follow it with `pgquorum status` and `pgquorum cluster show {}`",
-            reply.cluster, f.candidate, f.from_epoch, f.to_epoch, f.old_primary, reply.cluster
+            if f.kind == "switchover" {
+                "switchover"
+            } else {
+                "failover"
+            },
+            reply.cluster,
+            f.candidate,
+            f.from_epoch,
+            f.to_epoch,
+            how.replace("{old}", &f.old_primary),
+            reply.cluster
         )
     });
-    Ok(())
 }
 
 /// `pgquorum drain` / `undrain`.

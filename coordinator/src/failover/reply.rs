@@ -76,5 +76,9 @@ pub fn heartbeat_reply(
         start_primary,
         // Set by the gRPC handler, which owns the leader's clock.
         reply_mark: 0,
+        stop_cleanly: cluster
+            .failover
+            .as_ref()
+            .is_some_and(|f| f.kind == "switchover" && f.step == "started" && f.old_primary == name),
     }
 }

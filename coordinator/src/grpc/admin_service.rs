@@ -129,6 +129,106 @@ impl AdminServiceImpl {
     }
 
     /// The cluster a status or alerts request means: the named one, or the only one.
+    /// Starts an operator's failover (`manual`) or switchover to `to` (None: the best
+    /// candidate), after checking that it can finish and, unless `accept_data_loss`,
+    /// that `to` holds every acknowledged commit.
+    async fn hand_over(
+        &self,
+        cluster: &str,
+        to: Option<String>,
+        accept_data_loss: bool,
+        kind: &str,
+        actor: String,
+    ) -> Result<pb::FailoverReply> {
+        self.require_leader().await?;
+        let cluster = self.resolve_cluster(cluster)?;
+        let Some(old_primary) = cluster.primary.clone() else {
+            return Err(invalid(
+                "cluster",
+                "the cluster has no primary yet (not bootstrapped)",
+            ));
+        };
+        if let Some(f) = &cluster.failover {
+            return Err(Error::Command(CommandError::FailoverStep(format!(
+                "a {} to epoch {} is in flight (step {}, candidate {:?}); wait for it",
+                f.kind, f.to_epoch, f.step, f.candidate
+            ))));
+        }
+        let reports = self.reports.cluster(&cluster.name);
+        let to = match to {
+            Some(to) => to,
+            None => {
+                choose(&cluster, &reports, &old_primary)
+                    .map_err(|why| {
+                        Error::Command(CommandError::FailoverStep(format!(
+                            "no standby to hand over to: {why}"
+                        )))
+                    })?
+                    .name
+            }
+        };
+        if !cluster.members.contains_key(&to) {
+            return Err(Error::Command(CommandError::UnknownMember(to)));
+        }
+        if old_primary == to {
+            return Err(invalid("to", format!("{to} is already the primary")));
+        }
+        let running = fresh(&cluster, &reports, &to)
+            .is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
+        if !running {
+            return Err(Error::Command(CommandError::FailoverStep(format!(
+                "{to} is not a running standby reporting to the coordinators"
+            ))));
+        }
+        if !accept_data_loss {
+            let safe = choose(&cluster, &reports, &old_primary);
+            let to_lsn = fresh(&cluster, &reports, &to).and_then(|o| Lsn::parse(&o.report.receive_lsn));
+            let why = match safe {
+                Ok(best)
+                    if Some(best.lsn) == to_lsn && (cluster.sync_set.contains(&to) || best.name == to) =>
+                {
+                    None
+                }
+                Ok(best) => Some(format!("{} is more caught up or in the sync set", best.name)),
+                Err(e) => Some(e),
+            };
+            if let Some(why) = why {
+                let hint = if kind == "switchover" {
+                    "; switch over to a synchronous standby, or wait for it to catch up"
+                } else {
+                    "; to promote it anyway, add --accept-data-loss"
+                };
+                return Err(Error::Command(CommandError::FailoverStep(format!(
+                    "{to} may lack acknowledged commits ({why}){hint}"
+                ))));
+            }
+        }
+        let reason = match (kind, accept_data_loss) {
+            ("switchover", _) => format!("operator asked for a switchover to {to}"),
+            (_, true) => format!("operator asked for {to} accepting data loss"),
+            _ => format!("operator asked for {to}"),
+        };
+        let command = Command::StartFailover {
+            cluster: cluster.name.clone(),
+            from_epoch: cluster.epoch,
+            old_primary,
+            candidate: Some(to),
+            accept_data_loss,
+            kind: kind.into(),
+            reason,
+            actor,
+            at_ms: now_ms(),
+        };
+        self.p.propose(command).await?;
+        let applied = self.p.state.read();
+        let c = applied.state.cluster(&cluster.name)?;
+        Ok(pb::FailoverReply {
+            cluster: c.name.clone(),
+            epoch: c.epoch,
+            failover: c.failover.as_ref().map(Into::into),
+        })
+    }
+
     fn resolve_cluster(&self, name: &str) -> Result<Cluster> {
         let applied = self.p.state.read();
         if !name.is_empty() {
@@ -466,79 +566,24 @@ impl AdminService for AdminServiceImpl {
     ) -> Result<Response<pb::FailoverReply>, Status> {
         let actor = actor(&request, &request.get_ref().actor);
         let req = request.into_inner();
-        self.require_leader().await?;
-        let cluster = self.resolve_cluster(&req.cluster)?;
         let to = req.to.trim().to_string();
-        if !cluster.members.contains_key(&to) {
-            return Err(Error::Command(CommandError::UnknownMember(to)).into());
-        }
-        if cluster.primary.as_deref() == Some(to.as_str()) {
-            return Err(invalid("to", format!("{to} is already the primary")).into());
-        }
-        if let Some(f) = &cluster.failover {
-            return Err(Error::Command(CommandError::FailoverStep(format!(
-                "a {} to epoch {} is in flight (step {}, candidate {:?}); wait for it",
-                f.kind, f.to_epoch, f.step, f.candidate
-            )))
-            .into());
-        }
-        let Some(old_primary) = cluster.primary.clone() else {
-            return Err(invalid("cluster", "the cluster has no primary yet (not bootstrapped)").into());
-        };
-        let reports = self.reports.cluster(&cluster.name);
-        let running = fresh(&cluster, &reports, &to)
-            .is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
-        if !running {
-            return Err(Error::Command(CommandError::FailoverStep(format!(
-                "{to} is not a running standby reporting to the coordinators"
-            )))
-            .into());
-        }
-        if !req.accept_data_loss {
-            let safe = choose(&cluster, &reports, &old_primary);
-            let to_lsn = fresh(&cluster, &reports, &to).and_then(|o| Lsn::parse(&o.report.receive_lsn));
-            let why = match safe {
-                Ok(best)
-                    if Some(best.lsn) == to_lsn && (cluster.sync_set.contains(&to) || best.name == to) =>
-                {
-                    None
-                }
-                Ok(best) => Some(format!("{} is more caught up or in the sync set", best.name)),
-                Err(e) => Some(e),
-            };
-            if let Some(why) = why {
-                return Err(Error::Command(CommandError::FailoverStep(format!(
-                    "{to} may lack acknowledged commits ({why}); to promote it anyway, add --accept-data-loss"
-                )))
-                .into());
-            }
-        }
-        let command = Command::StartFailover {
-            cluster: cluster.name.clone(),
-            from_epoch: cluster.epoch,
-            old_primary,
-            candidate: Some(to.clone()),
-            accept_data_loss: req.accept_data_loss,
-            kind: "manual".into(),
-            reason: format!(
-                "operator asked for {to}{}",
-                if req.accept_data_loss {
-                    " accepting data loss"
-                } else {
-                    ""
-                }
-            ),
-            actor,
-            at_ms: now_ms(),
-        };
-        self.p.propose(command).await?;
-        let applied = self.p.state.read();
-        let c = applied.state.cluster(&cluster.name).map_err(Error::from)?;
-        Ok(Response::new(pb::FailoverReply {
-            cluster: c.name.clone(),
-            epoch: c.epoch,
-            failover: c.failover.as_ref().map(Into::into),
-        }))
+        let reply = self
+            .hand_over(&req.cluster, Some(to), req.accept_data_loss, "manual", actor)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn switchover(
+        &self,
+        request: Request<pb::SwitchoverRequest>,
+    ) -> Result<Response<pb::FailoverReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let to = Some(req.to.trim().to_string()).filter(|t| !t.is_empty());
+        let reply = self
+            .hand_over(&req.cluster, to, false, "switchover", actor)
+            .await?;
+        Ok(Response::new(reply))
     }
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {

@@ -34,7 +34,7 @@ pub struct Member {
 /// it instead of starting a second one (Invariant 4).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverRecord {
-    /// `failover` (automatic) or `manual` (`pgquorum failover --to`).
+    /// `failover` (automatic), `manual` (`pgquorum failover --to`) or `switchover`.
     pub kind: String,
     /// The last step committed: `started`, then `candidate_chosen`; the promotion
     /// itself completes the record and clears it.
