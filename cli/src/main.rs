@@ -214,7 +214,8 @@ enum BenchCommand {
     Failover {
         #[arg(long, default_value_t = 5)]
         rounds: u64,
-        /// What dies: the whole host (agent + Postgres) or only the postmaster.
+        /// What ends the primary: the whole host dies (agent + Postgres), only the
+        /// postmaster, or nothing (a switchover).
         #[arg(long, value_enum, default_value = "host")]
         kill: bench::failover::Kill,
         #[arg(long)]

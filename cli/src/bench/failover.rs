@@ -1,5 +1,7 @@
 //! `pgquorum bench failover`: kill the primary (host or postmaster, kill -9) while a
 //! writer runs, and measure how long until writes work again and what was lost.
+//! `--kill switchover` kills nothing and asks for a switchover instead, timing the
+//! planned handover the same way.
 //!
 //! Each round, on a sandbox (the same one `pgquorum sandbox up` starts):
 //! - a writer inserts sequential ids into the primary and records every
@@ -38,6 +40,8 @@ pub struct Options {
 pub enum Kill {
     Host,
     Postgres,
+    /// Nothing dies: the operator asks for a switchover (`pgquorum switchover`).
+    Switchover,
 }
 
 const NODES: [&str; 3] = ["node1", "node2", "node3"];
@@ -177,6 +181,20 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
     match kill {
         Kill::Host => sandbox.kill_host(&old)?,
         Kill::Postgres => sandbox.kill_postgres(&old)?,
+        Kill::Switchover => {
+            let request = pb::SwitchoverRequest {
+                cluster: "main".into(),
+                to: String::new(),
+                actor: "pgquorum bench failover".into(),
+            };
+            sandbox
+                .client()
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.switchover(request).await }
+                })
+                .await?;
+        }
     }
     *next_id = writer.await.map_err(|e| Error::Launch(format!("writer: {e}")))? + 1_000_000;
 
@@ -250,10 +268,15 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
             .get(0),
         _ => 0,
     };
+    let kind = if kill == Kill::Switchover {
+        "switchover"
+    } else {
+        "failover"
+    };
     Ok(Round {
-        detect: at("failover_started"),
+        detect: at(&format!("{kind}_started")),
         fence: at("candidate_chosen"),
-        promote: at("failover_completed"),
+        promote: at(&format!("{kind}_completed")),
         first_write: first_write.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN),
         sync_restored: sync_restored.as_secs_f64() * 1000.0,
         lost: ids.len().saturating_sub(present as usize),
