@@ -448,6 +448,25 @@ mod tests {
         r
     }
 
+    /// A failover from node1 (epoch 1) to epoch 2, just started.
+    fn started_from_node1() -> crate::state::FailoverRecord {
+        crate::state::FailoverRecord {
+            kind: "failover".into(),
+            step: "started".into(),
+            from_epoch: 1,
+            to_epoch: 2,
+            old_primary: "node1".into(),
+            candidate: String::new(),
+            reason: "test".into(),
+            started_at_ms: 0,
+            fenced_by: String::new(),
+            fenced_at_ms: 0,
+            chosen_at_ms: 0,
+            candidate_lsn: String::new(),
+            accept_data_loss: false,
+        }
+    }
+
     fn strict() -> Cluster {
         let mut c = cluster();
         c.sync_set = vec!["node2".into()];
@@ -514,21 +533,7 @@ mod tests {
         let mut c = strict();
         c.epoch = 2;
         c.primary = None;
-        c.failover = Some(crate::state::FailoverRecord {
-            kind: "failover".into(),
-            step: "started".into(),
-            from_epoch: 1,
-            to_epoch: 2,
-            old_primary: "node1".into(),
-            candidate: String::new(),
-            reason: "test".into(),
-            started_at_ms: 0,
-            fenced_by: String::new(),
-            fenced_at_ms: 0,
-            chosen_at_ms: 0,
-            candidate_lsn: String::new(),
-            accept_data_loss: false,
-        });
+        c.failover = Some(started_from_node1());
         let r = reports(vec![("node2", standby("0/5000000", 0), 10)]);
         assert_eq!(decide(&c, &r, false), Step::Wait, "not fenced yet");
         let step = decide(&c, &r, true);
@@ -622,21 +627,7 @@ mod tests {
         c.sync_set = vec!["node2".into(), "node3".into()];
         c.epoch = 2;
         c.primary = None;
-        c.failover = Some(crate::state::FailoverRecord {
-            kind: "failover".into(),
-            step: "started".into(),
-            from_epoch: 1,
-            to_epoch: 2,
-            old_primary: "node1".into(),
-            candidate: String::new(),
-            reason: "test".into(),
-            started_at_ms: 0,
-            fenced_by: String::new(),
-            fenced_at_ms: 0,
-            chosen_at_ms: 0,
-            candidate_lsn: String::new(),
-            accept_data_loss: false,
-        });
+        c.failover = Some(started_from_node1());
         let stopped = pb::NodeReport {
             role: "stopped".into(),
             ..Default::default()
