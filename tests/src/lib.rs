@@ -166,6 +166,56 @@ pub async fn start_sandbox(coordinator_base: u16, postgres_base: u16) -> InTempD
 }
 
 /// A connection to one sandbox node's Postgres.
+/// Makes `replica` lag: pauses its replay while a writer keeps committing on
+/// `primary` (every 25 ms, for at most ~15 s). Resume with [`Lagging::catch_up`].
+pub async fn make_lag(sandbox: &Sandbox, primary: &str, replica: &str) -> Lagging {
+    let writer = pg(sandbox, primary).await;
+    writer
+        .batch_execute("CREATE TABLE IF NOT EXISTS lag_writes (id serial PRIMARY KEY)")
+        .await
+        .unwrap();
+    let replica = pg(sandbox, replica).await;
+    replica
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let writes = tokio::spawn(async move {
+        for _ in 0..600 {
+            if writer
+                .execute("INSERT INTO lag_writes DEFAULT VALUES", &[])
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    Lagging { replica, writes }
+}
+
+/// A replica made to lag by [`make_lag`]; the writer stops when this is dropped.
+pub struct Lagging {
+    replica: tokio_postgres::Client,
+    writes: tokio::task::JoinHandle<()>,
+}
+
+impl Lagging {
+    /// Resumes replay and stops the writer.
+    pub async fn catch_up(self) {
+        self.replica
+            .batch_execute("SELECT pg_wal_replay_resume()")
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Lagging {
+    fn drop(&mut self) {
+        self.writes.abort();
+    }
+}
+
 pub async fn pg(sandbox: &Sandbox, node: &str) -> tokio_postgres::Client {
     try_pg(sandbox, node)
         .await

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use pgquorum_client::pb;
 use pgquorum_client::watch::{watch_endpoints, EndpointWatch};
-use pgquorum_tests::{cli, pg, start_group, start_sandbox};
+use pgquorum_tests::{cli, make_lag, start_group, start_sandbox};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -87,33 +87,11 @@ async fn a_lagging_replica_stops_taking_reads_until_it_catches_up() {
     let mut watch = watch_endpoints(sandbox.client().addrs().to_vec(), "main".into());
     next_where(&mut watch, "node3 readable", |m| readable(m, "node3")).await;
 
-    let primary = pg(&sandbox, "node1").await;
-    primary
-        .batch_execute("CREATE TABLE w (id serial PRIMARY KEY)")
-        .await
-        .unwrap();
-    let node3 = pg(&sandbox, "node3").await;
-    node3.batch_execute("SELECT pg_wal_replay_pause()").await.unwrap();
-    let writer = tokio::spawn(async move {
-        for _ in 0..400 {
-            if primary
-                .execute("INSERT INTO w DEFAULT VALUES", &[])
-                .await
-                .is_err()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    });
+    let lag = make_lag(&sandbox, "node1", "node3").await;
     // node3 serves `reporting`, which allows 100 ms of lag.
     let lagging = next_where(&mut watch, "node3 not readable", |m| !readable(m, "node3")).await;
     assert!(readable(&lagging, "node2"), "the sync standby keeps taking reads");
-    node3
-        .batch_execute("SELECT pg_wal_replay_resume()")
-        .await
-        .unwrap();
-    writer.abort();
+    lag.catch_up().await;
     next_where(&mut watch, "node3 readable again", |m| readable(m, "node3")).await;
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgquorum::launch::Sandbox;
 use std::io::Read;
 
-use pgquorum_tests::{cli, eventually, pg, start_sandbox, KillOnDrop};
+use pgquorum_tests::{cli, eventually, make_lag, pg, start_sandbox, KillOnDrop};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -75,37 +75,12 @@ async fn read_only_connections_avoid_a_replica_past_its_lag_threshold() {
     })
     .await;
 
-    let primary = pg(&sandbox, "node1").await;
-    primary
-        .batch_execute("CREATE TABLE w (id serial PRIMARY KEY)")
-        .await
-        .unwrap();
-    let replica = pg(&sandbox, "node3").await;
-    replica
-        .batch_execute("SELECT pg_wal_replay_pause()")
-        .await
-        .unwrap();
-    let writer = tokio::spawn(async move {
-        for _ in 0..600 {
-            if primary
-                .execute("INSERT INTO w DEFAULT VALUES", &[])
-                .await
-                .is_err()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    });
+    let lag = make_lag(&sandbox, "node1", "node3").await;
     eventually("reporting reads avoid the lagging node3", WAIT, || async {
         via(&reporting).await.is_some_and(|(_, p)| p != node3)
     })
     .await;
-    replica
-        .batch_execute("SELECT pg_wal_replay_resume()")
-        .await
-        .unwrap();
-    writer.abort();
+    lag.catch_up().await;
     eventually("reporting reads back on node3", WAIT, || async {
         via(&reporting).await.is_some_and(|(_, p)| p == node3)
     })
