@@ -37,6 +37,10 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
         "maintenance": s.maintenance,
         "sync_mode": s.sync_mode,
         "sync_set": s.sync_set,
+        "failover": s.failover.as_ref().map(|f| json!({
+            "kind": f.kind, "step": f.step, "from_epoch": f.from_epoch, "to_epoch": f.to_epoch,
+            "old_primary": f.old_primary, "candidate": f.candidate, "reason": f.reason,
+        })),
         "raft": {
             "leader": raft.leader_id,
             "term": raft.term,
@@ -107,8 +111,32 @@ fn status_table(s: &pb::StatusReply) -> String {
             ]
         })
         .collect();
+    let in_flight = s
+        .failover
+        .as_ref()
+        .map(|f| {
+            format!(
+                "{} IN FLIGHT: epoch {} -> {}, step {}, old primary {}, candidate {} ({})\n",
+                if f.kind == "switchover" {
+                    "SWITCHOVER"
+                } else {
+                    "FAILOVER"
+                },
+                f.from_epoch,
+                f.to_epoch,
+                f.step,
+                f.old_primary,
+                if f.candidate.is_empty() {
+                    "not chosen yet"
+                } else {
+                    &f.candidate
+                },
+                f.reason
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "cluster {}   epoch {}   primary {}   sync {} {:?}{}   raft leader {} (term {})\n{}",
+        "cluster {}   epoch {}   primary {}   sync {} {:?}{}   raft leader {} (term {})\n{in_flight}{}",
         s.cluster,
         s.epoch,
         if s.primary.is_empty() { "-" } else { &s.primary },
@@ -270,4 +298,36 @@ pub async fn drain(ctx: &Ctx, cluster: &str, node: &str, drained: bool) -> Resul
         )
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failover_in_flight_is_shown_first() {
+        let mut s = pb::StatusReply {
+            cluster: "main".into(),
+            epoch: 3,
+            ..Default::default()
+        };
+        assert!(!status_table(&s).contains("IN FLIGHT"));
+        s.failover = Some(pb::FailoverRecord {
+            kind: "failover".into(),
+            step: "started".into(),
+            from_epoch: 2,
+            to_epoch: 3,
+            old_primary: "node1".into(),
+            reason: "Postgres on node1 stopped".into(),
+            ..Default::default()
+        });
+        let table = status_table(&s);
+        assert!(
+            table.contains(
+                "FAILOVER IN FLIGHT: epoch 2 -> 3, step started, old primary node1, candidate not chosen yet"
+            ),
+            "{table}"
+        );
+        assert_eq!(status_json(&s)["failover"]["step"], "started");
+    }
 }

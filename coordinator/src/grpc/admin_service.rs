@@ -528,6 +528,7 @@ impl AdminService for AdminServiceImpl {
             raft: Some(raft),
             nodes,
             sync_mode: cluster.policy.sync_mode.as_str().into(),
+            failover: cluster.failover.as_ref().map(Into::into),
         }))
     }
 
