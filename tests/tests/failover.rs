@@ -483,3 +483,49 @@ async fn a_switchover_stops_the_primary_cleanly_and_loses_nothing() {
     assert!(log.contains("stopping postgres cleanly"), "{log}");
     assert!(!log.contains("base backup"), "rejoined without a new copy: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_takes_over_a_failover_that_lost_its_only_candidate() {
+    let mut sandbox = start_sandbox(25300, 25310).await;
+    // A long lease: the failover waits for it before choosing, time enough to lose the
+    // only synchronous standby after the failover started.
+    pgquorum_tests::set_policy(&sandbox.client(), "main", "lease_ms", "6000").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sandbox.kill_host("node1").unwrap();
+    sandbox
+        .wait_for("a failover started", WAIT, |s| {
+            s.failover.as_ref().is_some_and(|f| f.step == "started")
+        })
+        .await
+        .unwrap();
+    sandbox.kill_host("node2").unwrap();
+    eventually("an alert that the failover has no candidate", WAIT, || async {
+        sandbox
+            .alerts()
+            .await
+            .is_ok_and(|a| a.alerts.iter().any(|a| a.message.contains("has no candidate")))
+    })
+    .await;
+
+    let addrs = sandbox.client().addrs().join(",");
+    let out = cli(&["--coordinators", &addrs, "failover", "--to", "node3"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in flight") && err.contains("--accept-data-loss"),
+        "{err}"
+    );
+    let out = cli(&[
+        "--coordinators",
+        &addrs,
+        "failover",
+        "--to",
+        "node3",
+        "--accept-data-loss",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_promoted(&sandbox, "node3", 2).await;
+    assert_eq!(writable(&sandbox, "node3").await, Some(true));
+    let h = history(&sandbox).await;
+    assert!(h.iter().any(|(k, _)| k == "candidate_overridden"), "{h:?}");
+}

@@ -142,19 +142,25 @@ impl AdminServiceImpl {
     ) -> Result<pb::FailoverReply> {
         self.require_leader().await?;
         let cluster = self.resolve_cluster(cluster)?;
+        let reports = self.reports.cluster(&cluster.name);
+        if let Some(f) = &cluster.failover {
+            return match to {
+                Some(to) if accept_data_loss && kind == "manual" => {
+                    self.override_in_flight(&cluster, &reports, f, to, actor).await
+                }
+                _ => Err(Error::Command(CommandError::FailoverStep(format!(
+                    "a {} to epoch {} is in flight (step {}, candidate {:?}); wait for it, or if it cannot \
+                     finish, take over with `pgquorum failover --to NODE --accept-data-loss`",
+                    f.kind, f.to_epoch, f.step, f.candidate
+                )))),
+            };
+        }
         let Some(old_primary) = cluster.primary.clone() else {
             return Err(invalid(
                 "cluster",
                 "the cluster has no primary yet (not bootstrapped)",
             ));
         };
-        if let Some(f) = &cluster.failover {
-            return Err(Error::Command(CommandError::FailoverStep(format!(
-                "a {} to epoch {} is in flight (step {}, candidate {:?}); wait for it",
-                f.kind, f.to_epoch, f.step, f.candidate
-            ))));
-        }
-        let reports = self.reports.cluster(&cluster.name);
         let to = match to {
             Some(to) => to,
             None => {
@@ -220,6 +226,63 @@ impl AdminServiceImpl {
             at_ms: now_ms(),
         };
         self.p.propose(command).await?;
+        let applied = self.p.state.read();
+        let c = applied.state.cluster(&cluster.name)?;
+        Ok(pb::FailoverReply {
+            cluster: c.name.clone(),
+            epoch: c.epoch,
+            failover: c.failover.as_ref().map(Into::into),
+        })
+    }
+
+    /// An operator's candidate for a failover in flight that cannot finish on its own:
+    /// one still waiting for a candidate (`started`), or one whose chosen candidate is
+    /// lost (silent, its promote lease certainly over), which is given up first.
+    async fn override_in_flight(
+        &self,
+        cluster: &Cluster,
+        reports: &crate::observe::ClusterReports,
+        f: &crate::state::FailoverRecord,
+        to: String,
+        actor: String,
+    ) -> Result<pb::FailoverReply> {
+        let running =
+            fresh(cluster, reports, &to).is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
+        if !running {
+            return Err(Error::Command(CommandError::FailoverStep(format!(
+                "{to} is not a running standby reporting to the coordinators"
+            ))));
+        }
+        let mut to_epoch = f.to_epoch;
+        if f.step == "candidate_chosen" {
+            let lost = fresh(cluster, reports, &f.candidate).is_none()
+                && crate::failover::lease_expired(cluster, reports, &f.candidate);
+            if !lost {
+                return Err(Error::Command(CommandError::FailoverStep(format!(
+                    "{} is being promoted (or its lease may still run); wait for it",
+                    f.candidate
+                ))));
+            }
+            self.p
+                .propose(Command::AbandonCandidate {
+                    cluster: cluster.name.clone(),
+                    to_epoch,
+                    candidate: f.candidate.clone(),
+                    reason: format!("the operator takes over with {to}"),
+                    at_ms: now_ms(),
+                })
+                .await?;
+            to_epoch += 1;
+        }
+        self.p
+            .propose(Command::OverrideCandidate {
+                cluster: cluster.name.clone(),
+                to_epoch,
+                candidate: to,
+                actor,
+                at_ms: now_ms(),
+            })
+            .await?;
         let applied = self.p.state.read();
         let c = applied.state.cluster(&cluster.name)?;
         Ok(pb::FailoverReply {

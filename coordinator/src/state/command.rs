@@ -91,6 +91,16 @@ pub enum Command {
         reason: String,
         at_ms: u64,
     },
+    /// An operator's choice for a failover in flight that has not chosen yet (it
+    /// waits for a candidate that may never come): promote `candidate`, accepting
+    /// data loss. The old primary must still be fenced first.
+    OverrideCandidate {
+        cluster: String,
+        to_epoch: u64,
+        candidate: String,
+        actor: String,
+        at_ms: u64,
+    },
     /// Publish the replicas' routing view (a new endpoint map version).
     PublishRoutes {
         cluster: String,

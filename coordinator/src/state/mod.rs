@@ -213,6 +213,41 @@ impl ClusterState {
                 c.endpoint_version += 1;
                 Ok(CommandOutput::None)
             }
+            Command::OverrideCandidate {
+                cluster,
+                to_epoch,
+                candidate,
+                actor,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                if !c.members.contains_key(candidate) {
+                    return Err(CommandError::UnknownMember(candidate.clone()));
+                }
+                let f = match &mut c.failover {
+                    Some(f) if f.to_epoch == *to_epoch && f.step == "started" && f.old_primary != *candidate => f,
+                    other => {
+                        return Err(CommandError::FailoverStep(format!(
+                            "no failover to epoch {to_epoch} waiting for a candidate other than {candidate} (now: {})",
+                            other
+                                .as_ref()
+                                .map(|f| format!("step {} to epoch {}, old primary {}", f.step, f.to_epoch, f.old_primary))
+                                .unwrap_or_else(|| "no failover in flight".into())
+                        )))
+                    }
+                };
+                f.candidate = candidate.clone();
+                f.accept_data_loss = true;
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "candidate_overridden".into(),
+                    detail: format!("operator chose {candidate}, accepting data loss"),
+                    actor: actor.clone(),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
             Command::AbandonCandidate {
                 cluster,
                 to_epoch,
@@ -823,6 +858,64 @@ mod tests {
             "the next choice comes from the committed sync set"
         );
         assert!(s.apply(&abandon("node2", 2), 9).is_err(), "applied once only");
+    }
+
+    #[test]
+    fn an_operator_overrides_only_a_failover_that_has_not_chosen() {
+        let mut s = ClusterState::default();
+        s.apply(&create("main", &[]), 1).unwrap();
+        for (i, n) in ["node1", "node2", "node3"].iter().enumerate() {
+            s.apply(&register(n), 2 + i as u64).unwrap();
+        }
+        let override_to = |candidate: &str| Command::OverrideCandidate {
+            cluster: "main".into(),
+            to_epoch: 2,
+            candidate: candidate.into(),
+            actor: "test".into(),
+            at_ms: 9,
+        };
+        assert!(
+            s.apply(&override_to("node3"), 5).is_err(),
+            "no failover in flight"
+        );
+        s.apply(
+            &Command::ClaimBootstrap {
+                cluster: "main".into(),
+                node: "node1".into(),
+                at_ms: 5,
+            },
+            5,
+        )
+        .unwrap();
+        s.apply(
+            &Command::StartFailover {
+                cluster: "main".into(),
+                from_epoch: 1,
+                old_primary: "node1".into(),
+                candidate: None,
+                accept_data_loss: false,
+                kind: "failover".into(),
+                reason: "test".into(),
+                actor: "test".into(),
+                at_ms: 6,
+            },
+            6,
+        )
+        .unwrap();
+        let before = s.clone();
+        assert!(s.apply(&override_to("node1"), 7).is_err(), "not the old primary");
+        assert!(s.apply(&override_to("ghost"), 7).is_err());
+        assert_eq!(s, before);
+        s.apply(&override_to("node3"), 7).unwrap();
+        let f = s.cluster("main").unwrap().failover.clone().unwrap();
+        assert_eq!(
+            (f.candidate.as_str(), f.accept_data_loss, f.step.as_str()),
+            ("node3", true, "started")
+        );
+        assert_eq!(
+            s.cluster("main").unwrap().history.back().unwrap().kind,
+            "candidate_overridden"
+        );
     }
 
     #[test]
