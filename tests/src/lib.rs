@@ -278,12 +278,4 @@ impl Drop for ThawOnDrop {
     }
 }
 
-/// A child process killed (and reaped) when dropped, also when the test fails.
-pub struct KillOnDrop(pub std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use pgquorum::launch::KillOnDrop;

@@ -27,6 +27,17 @@ use crate::error::{Error, Result};
 
 pub const COORDINATOR_BIN: &str = "pgquorum-coordinator";
 
+/// A helper process (pgbench, PgBouncer, HAProxy, …) killed and reaped when dropped,
+/// also when a benchmark or test fails half-way.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Finds a pgquorum binary: `$PGQUORUM_BIN_DIR`, else next to the running executable,
 /// else one directory up (test executables live in `target/<profile>/deps/`).
 pub fn find_binary(name: &str) -> Result<PathBuf> {

@@ -8,7 +8,7 @@
 //! `/proc/PID/stat`) per transaction is reported beside it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -16,35 +16,19 @@ use serde_json::{json, Value};
 use super::Options;
 use crate::bench::summary;
 use crate::error::{Error, Result};
-use crate::launch::Sandbox;
+use crate::launch::{KillOnDrop, Sandbox};
 use crate::output::table;
 
 const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
 const HAPROXY: &str = "/usr/sbin/haproxy";
 
-/// Kills a helper process on drop.
-struct Helper(Child);
-
-impl Helper {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cmd: &mut Command, what: &str) -> Result<Helper> {
+fn spawn(cmd: &mut Command, what: &str) -> Result<KillOnDrop> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     cmd.spawn()
-        .map(Helper)
+        .map(KillOnDrop)
         .map_err(|e| Error::Launch(format!("cannot start {what}: {e} (apt-get install {what})")))
 }
 
@@ -97,7 +81,7 @@ fn cpu_us(pid: u32) -> Option<u64> {
     Some(ticks * 1_000_000 / per_sec as u64)
 }
 
-fn start_pgbouncer(dir: &Path, port: u16, primary: u16) -> Result<Helper> {
+fn start_pgbouncer(dir: &Path, port: u16, primary: u16) -> Result<KillOnDrop> {
     std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n")?;
     let ini = dir.join("pgbouncer.ini");
     std::fs::write(
@@ -117,7 +101,7 @@ fn start_pgbouncer(dir: &Path, port: u16, primary: u16) -> Result<Helper> {
     spawn(cmd.arg(&ini), "pgbouncer")
 }
 
-fn start_haproxy(dir: &Path, port: u16, primary: u16) -> Result<Helper> {
+fn start_haproxy(dir: &Path, port: u16, primary: u16) -> Result<KillOnDrop> {
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(
         &cfg,
@@ -161,8 +145,8 @@ pub async fn run(opts: &Options, sandbox: &Sandbox, dir: &Path) -> Result<Value>
     let mut targets = [
         target("direct", primary, None),
         target("pgquorum-router", router, sandbox.router_pid()),
-        target("pgbouncer", bouncer_port, Some(bouncer.pid())),
-        target("haproxy", haproxy_port, Some(haproxy.pid())),
+        target("pgbouncer", bouncer_port, Some(bouncer.0.id())),
+        target("haproxy", haproxy_port, Some(haproxy.0.id())),
     ];
     let (c, t) = (opts.clients.to_string(), opts.seconds.to_string());
     for round in 1..=opts.rounds {
