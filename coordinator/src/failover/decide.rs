@@ -266,20 +266,9 @@ fn fenced(
     lease_expired.then(|| {
         (
             "its lease expired".into(),
-            lease_over_for(cluster, reports, old_primary),
+            lease_over_for(cluster, reports, old_primary).unwrap_or_default(),
         )
     })
-}
-
-/// How long ago `node`'s lease ran out at the latest (zero if it may still run).
-fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Duration {
-    let lease = Duration::from_millis(cluster.policy.lease_ms);
-    let since_grant = reports
-        .nodes
-        .get(node)
-        .and_then(|o| o.lease_granted_ago)
-        .unwrap_or(Duration::MAX);
-    since_grant.min(reports.leader_for).saturating_sub(lease)
 }
 
 /// The sync set the new primary starts with: up to `sync_standbys` running, eligible
@@ -345,13 +334,18 @@ pub fn sync_set_after(
 /// one full lease since this coordinator last granted it, and since it became leader
 /// (a lease granted by a previous leader lasts at most that long).
 pub fn lease_expired(cluster: &Cluster, reports: &ClusterReports, node: &str) -> bool {
+    lease_over_for(cluster, reports, node).is_some()
+}
+
+/// How long ago `node`'s lease ran out at the latest; None while it may still run.
+fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Option<Duration> {
     let lease = Duration::from_millis(cluster.policy.lease_ms);
     let since_grant = reports
         .nodes
         .get(node)
         .and_then(|o| o.lease_granted_ago)
         .unwrap_or(Duration::MAX);
-    since_grant >= lease && reports.leader_for >= lease
+    since_grant.min(reports.leader_for).checked_sub(lease)
 }
 
 /// The next step for `cluster`. `lease_expired`: the old primary's lease has certainly

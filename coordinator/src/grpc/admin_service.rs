@@ -32,6 +32,18 @@ pub struct AdminServiceImpl {
     reports: Reports,
 }
 
+/// A target must be a standby whose Postgres runs and whose agent reports.
+fn running_standby(cluster: &Cluster, reports: &crate::observe::ClusterReports, to: &str) -> Result<()> {
+    let running =
+        fresh(cluster, reports, to).is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
+    if running {
+        return Ok(());
+    }
+    Err(Error::Command(CommandError::FailoverStep(format!(
+        "{to} is not a running standby reporting to the coordinators"
+    ))))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -179,13 +191,7 @@ impl AdminServiceImpl {
         if old_primary == to {
             return Err(invalid("to", format!("{to} is already the primary")));
         }
-        let running = fresh(&cluster, &reports, &to)
-            .is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
-        if !running {
-            return Err(Error::Command(CommandError::FailoverStep(format!(
-                "{to} is not a running standby reporting to the coordinators"
-            ))));
-        }
+        running_standby(&cluster, &reports, &to)?;
         if !accept_data_loss {
             let safe = choose(&cluster, &reports, &old_primary);
             let to_lsn = fresh(&cluster, &reports, &to).and_then(|o| Lsn::parse(&o.report.receive_lsn));
@@ -226,13 +232,7 @@ impl AdminServiceImpl {
             at_ms: now_ms(),
         };
         self.p.propose(command).await?;
-        let applied = self.p.state.read();
-        let c = applied.state.cluster(&cluster.name)?;
-        Ok(pb::FailoverReply {
-            cluster: c.name.clone(),
-            epoch: c.epoch,
-            failover: c.failover.as_ref().map(Into::into),
-        })
+        self.failover_reply(&cluster.name)
     }
 
     /// An operator's candidate for a failover in flight that cannot finish on its own:
@@ -246,13 +246,7 @@ impl AdminServiceImpl {
         to: String,
         actor: String,
     ) -> Result<pb::FailoverReply> {
-        let running =
-            fresh(cluster, reports, &to).is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
-        if !running {
-            return Err(Error::Command(CommandError::FailoverStep(format!(
-                "{to} is not a running standby reporting to the coordinators"
-            ))));
-        }
+        running_standby(cluster, reports, &to)?;
         let mut to_epoch = f.to_epoch;
         if f.step == "candidate_chosen" {
             let lost = fresh(cluster, reports, &f.candidate).is_none()
@@ -283,8 +277,13 @@ impl AdminServiceImpl {
                 at_ms: now_ms(),
             })
             .await?;
+        self.failover_reply(&cluster.name)
+    }
+
+    /// The reply to a failover, switchover or override: the cluster as now applied.
+    fn failover_reply(&self, cluster: &str) -> Result<pb::FailoverReply> {
         let applied = self.p.state.read();
-        let c = applied.state.cluster(&cluster.name)?;
+        let c = applied.state.cluster(cluster)?;
         Ok(pb::FailoverReply {
             cluster: c.name.clone(),
             epoch: c.epoch,
