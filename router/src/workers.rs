@@ -209,6 +209,17 @@ mod tests {
         (connected.unwrap(), accepted.unwrap().0)
     }
 
+    /// The router closed the client's connection (end of stream), rather than leave
+    /// it hanging.
+    async fn assert_closed(client: &mut TcpStream) {
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the client's connection is closed, not left hanging")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "end of stream for the client");
+    }
+
     fn map(epoch: u64) -> Option<pb::EndpointMap> {
         Some(pb::EndpointMap {
             epoch,
@@ -249,11 +260,7 @@ mod tests {
         // once, although the (old) backend is still there and silent.
         tx.send_replace(map(1));
         tx.send_replace(map(2));
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("the client's connection is closed, not left hanging")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "end of stream for the client");
+        assert_closed(&mut client).await;
         tokio::time::timeout(Duration::from_secs(5), dropped.recv())
             .await
             .expect("the pipe's bookkeeping runs when it is closed");
@@ -271,11 +278,6 @@ mod tests {
         let (mut client, a) = pair(&listener).await;
         let (b, _backend) = pair(&listener).await;
         workers.carry(a, b, Some(2), ());
-        let mut buf = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("closed, not left hanging")
-            .unwrap_or(0);
-        assert_eq!(n, 0);
+        assert_closed(&mut client).await;
     }
 }

@@ -70,6 +70,29 @@ async fn wait_promoted(sandbox: &Sandbox, to: &str, epoch: u64) -> pb::StatusRep
         .unwrap()
 }
 
+/// The operator's override to node3: refused without `--accept-data-loss` (returns
+/// that refusal's message), then done with it; waits until node3 is a writable
+/// primary of epoch 2.
+async fn force_failover_to_node3(sandbox: &Sandbox) -> String {
+    let addrs = sandbox.client().addrs().join(",");
+    let out = cli(&["--coordinators", &addrs, "failover", "--to", "node3"]);
+    assert_eq!(out.status.code(), Some(2));
+    let refused = String::from_utf8_lossy(&out.stderr).into_owned();
+    let forced = [
+        "--coordinators",
+        &addrs,
+        "failover",
+        "--to",
+        "node3",
+        "--accept-data-loss",
+    ];
+    let out = cli(&forced);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_promoted(sandbox, "node3", 2).await;
+    assert_eq!(writable(sandbox, "node3").await, Some(true));
+    refused
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_loss_promotes_the_sync_standby_without_losing_an_acknowledged_write() {
     let mut sandbox = start_sandbox(23200, 23210).await;
@@ -272,25 +295,8 @@ async fn strict_mode_without_primary_and_sync_standby_waits_for_an_operator() {
     assert_eq!(writable(&sandbox, "node3").await, Some(false));
 
     // --- The operator's override: refused without accepting data loss, done with it.
-    let addrs = sandbox.client().addrs().join(",");
-    let out = cli(&["--coordinators", &addrs, "failover", "--to", "node3"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--accept-data-loss"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cli(&[
-        "--coordinators",
-        &addrs,
-        "failover",
-        "--to",
-        "node3",
-        "--accept-data-loss",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_promoted(&sandbox, "node3", 2).await;
-    assert_eq!(writable(&sandbox, "node3").await, Some(true));
+    let refused = force_failover_to_node3(&sandbox).await;
+    assert!(refused.contains("--accept-data-loss"), "{refused}");
     let h = history(&sandbox).await;
     assert!(
         h.iter()
@@ -507,25 +513,11 @@ async fn an_operator_takes_over_a_failover_that_lost_its_only_candidate() {
     })
     .await;
 
-    let addrs = sandbox.client().addrs().join(",");
-    let out = cli(&["--coordinators", &addrs, "failover", "--to", "node3"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = force_failover_to_node3(&sandbox).await;
     assert!(
-        err.contains("in flight") && err.contains("--accept-data-loss"),
-        "{err}"
+        refused.contains("in flight") && refused.contains("--accept-data-loss"),
+        "{refused}"
     );
-    let out = cli(&[
-        "--coordinators",
-        &addrs,
-        "failover",
-        "--to",
-        "node3",
-        "--accept-data-loss",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_promoted(&sandbox, "node3", 2).await;
-    assert_eq!(writable(&sandbox, "node3").await, Some(true));
     let h = history(&sandbox).await;
     assert!(h.iter().any(|(k, _)| k == "candidate_overridden"), "{h:?}");
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgquorum::launch::Sandbox;
 use std::io::Read;
 
-use pgquorum_tests::{cli, eventually, make_lag, pg, start_sandbox, KillOnDrop};
+use pgquorum_tests::{eventually, make_lag, pg, start_sandbox, KillOnDrop};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -137,16 +137,7 @@ async fn without_a_primary_new_connections_wait_then_get_a_postgres_error() {
     let mut sandbox = start_sandbox(24700, 24710).await;
     let (rw, _) = sandbox.router_addrs().unwrap();
     // A long lease keeps the failover waiting for the fence, with no primary published.
-    let addrs = sandbox.client().addrs().join(",");
-    let out = cli(&[
-        "--coordinators",
-        &addrs,
-        "policy",
-        "set",
-        "main",
-        "lease_ms=30000",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    pgquorum_tests::set_policy(&sandbox.client(), "main", "lease_ms", "30000").await;
     sandbox.kill_host("node1").unwrap();
     sandbox
         .wait_for("no primary", WAIT, |s| s.primary.is_empty())

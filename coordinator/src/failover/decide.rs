@@ -434,7 +434,7 @@ pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::health::tests::{cluster, primary, reports, standby};
+    use crate::observe::health::tests::{cluster, primary, reports, standby, stopped};
     use pgquorum_client::pb;
 
     fn probing(mut r: pb::NodeReport, age_ms: u64) -> pb::NodeReport {
@@ -498,12 +498,8 @@ mod tests {
     #[test]
     fn the_fast_path_needs_a_stop_seen_happening() {
         let c = strict();
-        let stopped = pb::NodeReport {
-            role: "stopped".into(),
-            ..Default::default()
-        };
         let mut r = reports(vec![
-            ("node1", stopped, 10),
+            ("node1", stopped(), 10),
             ("node2", standby("0/5000000", 0), 10),
         ]);
         assert_eq!(decide(&c, &r, false), Step::Wait, "never seen up by this leader");
@@ -622,12 +618,8 @@ mod tests {
         c.epoch = 2;
         c.primary = None;
         c.failover = Some(started_from_node1());
-        let stopped = pb::NodeReport {
-            role: "stopped".into(),
-            ..Default::default()
-        };
         let mut r = reports(vec![
-            ("node1", stopped, 10),
+            ("node1", stopped(), 10),
             ("node2", standby("0/5000000", 0), 10),
             ("node3", standby("0/5000100", 0), 10),
         ]);

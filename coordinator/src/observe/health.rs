@@ -194,6 +194,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// A node whose agent reports Postgres stopped.
+    pub fn stopped() -> pb::NodeReport {
+        pb::NodeReport {
+            role: "stopped".into(),
+            ..Default::default()
+        }
+    }
+
     pub fn standby(replay: &str, lag_ms: u64) -> pb::NodeReport {
         pb::NodeReport {
             postgres_up: true,

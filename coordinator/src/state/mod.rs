@@ -785,23 +785,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_abandoned_candidate_restarts_the_failover_one_epoch_on() {
+    /// node1..node3 registered, node1 the primary of epoch 1.
+    fn primary_node1() -> ClusterState {
         let mut s = ClusterState::default();
         s.apply(&create("main", &[]), 1).unwrap();
         for (i, n) in ["node1", "node2", "node3"].iter().enumerate() {
             s.apply(&register(n), 2 + i as u64).unwrap();
         }
-        s.apply(
-            &Command::ClaimBootstrap {
-                cluster: "main".into(),
-                node: "node1".into(),
-                at_ms: 5,
-            },
-            5,
-        )
-        .unwrap();
-        let start = Command::StartFailover {
+        let claim = Command::ClaimBootstrap {
+            cluster: "main".into(),
+            node: "node1".into(),
+            at_ms: 5,
+        };
+        s.apply(&claim, 5).unwrap();
+        s
+    }
+
+    /// An automatic failover away from node1 (epoch 1 -> 2).
+    fn start_from_node1() -> Command {
+        Command::StartFailover {
             cluster: "main".into(),
             from_epoch: 1,
             old_primary: "node1".into(),
@@ -811,8 +813,13 @@ mod tests {
             reason: "test".into(),
             actor: "test".into(),
             at_ms: 6,
-        };
-        s.apply(&start, 6).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_abandoned_candidate_restarts_the_failover_one_epoch_on() {
+        let mut s = primary_node1();
+        s.apply(&start_from_node1(), 6).unwrap();
         let abandon = |candidate: &str, to_epoch: u64| Command::AbandonCandidate {
             cluster: "main".into(),
             to_epoch,
@@ -862,11 +869,7 @@ mod tests {
 
     #[test]
     fn an_operator_overrides_only_a_failover_that_has_not_chosen() {
-        let mut s = ClusterState::default();
-        s.apply(&create("main", &[]), 1).unwrap();
-        for (i, n) in ["node1", "node2", "node3"].iter().enumerate() {
-            s.apply(&register(n), 2 + i as u64).unwrap();
-        }
+        let mut s = primary_node1();
         let override_to = |candidate: &str| Command::OverrideCandidate {
             cluster: "main".into(),
             to_epoch: 2,
@@ -878,30 +881,7 @@ mod tests {
             s.apply(&override_to("node3"), 5).is_err(),
             "no failover in flight"
         );
-        s.apply(
-            &Command::ClaimBootstrap {
-                cluster: "main".into(),
-                node: "node1".into(),
-                at_ms: 5,
-            },
-            5,
-        )
-        .unwrap();
-        s.apply(
-            &Command::StartFailover {
-                cluster: "main".into(),
-                from_epoch: 1,
-                old_primary: "node1".into(),
-                candidate: None,
-                accept_data_loss: false,
-                kind: "failover".into(),
-                reason: "test".into(),
-                actor: "test".into(),
-                at_ms: 6,
-            },
-            6,
-        )
-        .unwrap();
+        s.apply(&start_from_node1(), 6).unwrap();
         let before = s.clone();
         assert!(s.apply(&override_to("node1"), 7).is_err(), "not the old primary");
         assert!(s.apply(&override_to("ghost"), 7).is_err());
