@@ -211,6 +211,7 @@ impl Sim {
                         lease_granted_ago: s.lease_granted.map(|g| ms(self.t - g)),
                         seen_reply_ago: s.seen_reply.map(|r| ms(self.t - r)),
                         role_for: ms(self.t - s.role_since),
+                        observed_ago: ms(self.t - s.at),
                     };
                     (name.clone(), o)
                 })
@@ -218,6 +219,7 @@ impl Sim {
             applied_sync: None,
             leader_for: ms(self.t - self.leader_since),
             told_sync_names: self.told.clone(),
+            wal_clock: None,
         }
         .with_applied_sync(&self.seen)
     }

@@ -211,14 +211,18 @@ impl Agent {
     async fn round(&mut self) {
         // First, before anything else (this may be the first instant after a freeze).
         self.enforce_lease().await;
-        let report = self.observe().await;
+        let observed_at = Instant::now();
+        let mut report = self.observe().await;
+        // The lease counts from here (no later than the send) and the report says
+        // how old its observation is by then.
+        let sent_at = Instant::now();
+        report.observed_ago_ms = sent_at.duration_since(observed_at).as_millis() as u64;
         let request = pb::HeartbeatRequest {
             cluster: self.config.cluster.clone(),
             member: Some(self.config.member_spec()),
             report: Some(report.clone()),
             forwarded: false,
         };
-        let sent_at = Instant::now();
         let reply = match self.coordinators.heartbeat(request).await {
             Ok(r) => r,
             Err(ClientError::Rejected { code, message }) => {

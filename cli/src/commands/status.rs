@@ -59,6 +59,7 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "timeline": n.timeline,
             "lag_ms": n.lag_ms,
             "lag_bytes": n.lag_bytes,
+            "lag_source": lag_source(n),
             "workload": n.workload,
             "region": n.region,
             "heartbeat_age_ms": n.heartbeat_age_ms,
@@ -73,6 +74,27 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "error": n.error,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// `lag_source` in `--json`: how `lag_ms` was measured (`at_least`: a lower bound).
+fn lag_source(n: &pb::NodeStatus) -> &'static str {
+    match n.lag_source() {
+        pb::LagSource::Unknown => "unknown",
+        pb::LagSource::CaughtUp => "caught_up",
+        pb::LagSource::WalClock => "wal_clock",
+        pb::LagSource::Primary => "primary",
+        pb::LagSource::Standby => "standby",
+        pb::LagSource::AtLeast => "at_least",
+    }
+}
+
+/// Lag in the table: `>=N` for a lower bound, `-` when unknown.
+fn lag_ms(n: &pb::NodeStatus) -> String {
+    match n.lag_source() {
+        pb::LagSource::Unknown if n.role != "primary" => "-".into(),
+        pb::LagSource::AtLeast => format!(">={}", n.lag_ms),
+        _ => n.lag_ms.to_string(),
+    }
 }
 
 fn status_table(s: &pb::StatusReply) -> String {
@@ -99,7 +121,7 @@ fn status_table(s: &pb::StatusReply) -> String {
                 n.role.clone(),
                 health,
                 n.sync_state.clone(),
-                n.lag_ms.to_string(),
+                lag_ms(n),
                 n.lag_bytes.to_string(),
                 lsn,
                 n.timeline.to_string(),

@@ -566,6 +566,7 @@ impl AdminService for AdminServiceImpl {
                     timeline: s.timeline,
                     lag_ms: s.lag_ms,
                     lag_bytes: s.lag_bytes,
+                    lag_source: s.lag_source.to_proto().into(),
                     workload: m.workload.clone(),
                     region: m.region.clone(),
                     heartbeat_age_ms: s.heartbeat_age_ms,

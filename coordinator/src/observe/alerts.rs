@@ -1,5 +1,6 @@
 //! What needs an operator's attention, with the thresholds of the replication design:
-//! replay lag over `alert_lag_warning_ms` (1 s) WARNING, over `alert_lag_critical_ms`
+//! replay lag (in time, as [`super::lag`] measures it, a lower bound counting like a
+//! measurement) over `alert_lag_warning_ms` (1 s) WARNING, over `alert_lag_critical_ms`
 //! (5 s) CRITICAL, over `alert_lag_emergency_ms` (30 s) EMERGENCY; an expected member
 //! that is not streaming CRITICAL; a strict-mode primary without a synchronous standby
 //! CRITICAL (its commits wait). Pure.
@@ -107,10 +108,14 @@ pub fn alerts(cluster: &Cluster, statuses: &[NodeStatus], stuck: Option<String>)
         .into_iter()
         .find(|(limit, _)| lag > *limit);
         if let Some((limit, severity)) = level {
+            let at_least = if s.lag_source.exact() { "" } else { "at least " };
             push(
                 severity,
                 &s.name,
-                format!("{} replay lag {lag} ms exceeds {limit} ms", s.name),
+                format!(
+                    "{} replay lag {at_least}{lag} ms ({} bytes) exceeds {limit} ms",
+                    s.name, s.lag_bytes
+                ),
             );
         }
     }
@@ -160,7 +165,11 @@ mod tests {
             "{a:#?}"
         );
         assert!(a[0].message.contains("no synchronous standby"));
-        assert!(a[1].message.contains("6000 ms exceeds 5000 ms"));
+        assert!(
+            a[1].message.contains("6000 ms (256 bytes) exceeds 5000 ms"),
+            "{}",
+            a[1].message
+        );
         assert!(a[2].message.contains("silent for 60000 ms"));
     }
 
@@ -176,13 +185,13 @@ mod tests {
                         "ANY 1 (\"node2\")",
                         vec![
                             replica("node2", "streaming", "quorum", "0/3000100"),
-                            replica("node3", "streaming", "async", "0/3000100"),
+                            replica("node3", "streaming", "async", "0/3000000"),
                         ],
                     ),
                     10,
                 ),
                 ("node2", standby("0/3000100", 0), 10),
-                ("node3", standby("0/3000100", lag), 10),
+                ("node3", standby("0/3000000", lag), 10),
             ])
         };
         assert_eq!(alerts(&c, &node_statuses(&c, &mk(1_000)), None), vec![]);

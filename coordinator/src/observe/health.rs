@@ -4,13 +4,15 @@
 //! an older one says nothing about now, so the node shows as `unknown`/DISCONNECTED.
 //! A standby is HEALTHY when the primary lists it as streaming and its replay lag is
 //! under the WARNING threshold; streaming but behind is CATCHING_UP; anything else
-//! (agent silent, Postgres down, not connected to the primary) is DISCONNECTED.
+//! (agent silent, Postgres down, not connected to the primary) is DISCONNECTED. Lag
+//! comes from [`super::lag`].
 
 use std::time::Duration;
 
 use pgquorum_client::lsn::Lsn;
 use pgquorum_client::pb;
 
+use super::lag::{standby_lag, Lag, LagSource, StandbyView};
 use super::reports::{ClusterReports, Observed};
 use crate::state::Cluster;
 
@@ -28,6 +30,8 @@ pub struct NodeStatus {
     pub timeline: u32,
     pub lag_ms: u64,
     pub lag_bytes: u64,
+    /// Where `lag_ms` comes from; a bound or a placeholder unless `exact()`.
+    pub lag_source: LagSource,
     pub heartbeat_age_ms: Option<u64>,
     /// The report it was judged from, when fresh.
     pub report: Option<pb::NodeReport>,
@@ -62,6 +66,11 @@ pub fn replication_of<'a>(
 pub fn node_statuses(cluster: &Cluster, reports: &ClusterReports) -> Vec<NodeStatus> {
     let primary = primary_report(cluster, reports);
     let primary_lsn = primary.and_then(|p| Lsn::parse(&p.current_lsn));
+    // The WAL clock counts only while it belongs to the committed primary.
+    let clock = reports
+        .wal_clock
+        .as_ref()
+        .filter(|c| primary.is_some() && cluster.primary.as_deref() == Some(c.node.as_str()));
     cluster
         .members
         .keys()
@@ -79,6 +88,7 @@ pub fn node_statuses(cluster: &Cluster, reports: &ClusterReports) -> Vec<NodeSta
                     timeline: 0,
                     lag_ms: 0,
                     lag_bytes: 0,
+                    lag_source: LagSource::Unknown,
                     heartbeat_age_ms,
                     report: None,
                     in_sync_set,
@@ -93,11 +103,21 @@ pub fn node_statuses(cluster: &Cluster, reports: &ClusterReports) -> Vec<NodeSta
             let is_primary = role == "primary";
             let replication = replication_of(primary, name);
             let streaming = replication.is_some_and(|s| s.state == "streaming");
-            let lag_bytes = match (is_primary, primary_lsn, Lsn::parse(&r.replay_lsn)) {
-                (false, Some(p), Some(replayed)) => p.bytes_since(replayed),
-                _ => 0,
+            let lag = if is_primary {
+                Lag {
+                    ms: 0,
+                    bytes: 0,
+                    source: LagSource::CaughtUp,
+                }
+            } else {
+                let view = StandbyView {
+                    report: &r,
+                    age: observed.map_or(Duration::ZERO, |o| o.observed_ago),
+                    replication,
+                };
+                standby_lag(primary_lsn, clock, &view)
             };
-            let lag_ms = if is_primary { 0 } else { r.replay_lag_ms };
+            let lag_ms = lag.ms;
             let health = if is_primary {
                 if cluster.primary.as_deref() == Some(name.as_str()) {
                     HEALTHY
@@ -131,7 +151,8 @@ pub fn node_statuses(cluster: &Cluster, reports: &ClusterReports) -> Vec<NodeSta
                 sync_state,
                 timeline: r.timeline,
                 lag_ms,
-                lag_bytes,
+                lag_bytes: lag.bytes,
+                lag_source: lag.source,
                 heartbeat_age_ms,
                 report: Some(r),
                 in_sync_set,
@@ -202,6 +223,9 @@ pub(crate) mod tests {
         }
     }
 
+    /// A standby replayed up to `replay`, whose last replayed commit is `lag_ms` old:
+    /// that is its lag when it is behind the primary (the reports of these tests carry
+    /// no WAL clock), none when it is not.
     pub fn standby(replay: &str, lag_ms: u64) -> pb::NodeReport {
         pb::NodeReport {
             postgres_up: true,
@@ -209,7 +233,7 @@ pub(crate) mod tests {
             timeline: 1,
             receive_lsn: replay.into(),
             replay_lsn: replay.into(),
-            replay_lag_ms: lag_ms,
+            last_replay_age_ms: Some(lag_ms),
             wal_receiver_status: "streaming".into(),
             ..Default::default()
         }
@@ -230,6 +254,7 @@ pub(crate) mod tests {
                     // Observed right after a reply it got just before: as fresh as it is.
                     seen_reply_ago: Some(age),
                     role_for: age,
+                    observed_ago: age,
                 },
             );
         }
@@ -238,6 +263,7 @@ pub(crate) mod tests {
             applied_sync: None,
             leader_for: Duration::from_secs(3600),
             told_sync_names: Default::default(),
+            wal_clock: None,
         }
     }
 

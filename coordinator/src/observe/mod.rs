@@ -1,5 +1,5 @@
 //! What the leader knows of each node between Raft writes: the latest heartbeat report
-//! ([`reports`]), and the pure functions that judge it ([`health`], [`alerts`]).
+//! ([`reports`]), and the pure functions that judge it ([`health`], [`lag`], [`alerts`]).
 //!
 //! Reports live only in the leader's memory (DESIGN.md: heartbeats are too frequent to
 //! replicate). A new leader starts with none and fills up within one heartbeat
@@ -7,6 +7,7 @@
 
 pub mod alerts;
 pub mod health;
+pub mod lag;
 pub mod reports;
 pub mod routes;
 

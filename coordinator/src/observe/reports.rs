@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use pgquorum_client::lsn::Lsn;
 use pgquorum_client::{pb, sync_names};
 
+use super::lag::{WalClock, WalSample};
+
 /// One node's latest report and how old it is.
 #[derive(Clone, Debug)]
 pub struct Observed {
@@ -23,6 +25,17 @@ pub struct Observed {
     /// Since the first of the unbroken run of reports with this report's role and
     /// Postgres state (so a stop was reported at least this long ago).
     pub role_for: Duration,
+    /// Since the observation was made: `age` plus how long the agent took from
+    /// observing to sending (what lag is dated by).
+    pub observed_ago: Duration,
+}
+
+/// How old an agent may say its observation was on sending; more is a bad report,
+/// counted as this.
+const MAX_OBSERVED_AGO: Duration = Duration::from_secs(10);
+
+fn observed_ago(report: &pb::NodeReport) -> Duration {
+    Duration::from_millis(report.observed_ago_ms).min(MAX_OBSERVED_AGO)
 }
 
 /// What a primary reported it waits for, and its WAL position when that started.
@@ -46,6 +59,63 @@ pub struct ClusterReports {
     pub leader_for: Duration,
     /// The `synchronous_standby_names` this leader last told each node to run with.
     pub told_sync_names: BTreeMap<String, String>,
+    /// When the node that last reported as primary reached each WAL position.
+    pub wal_clock: Option<WalClock>,
+}
+
+/// How many WAL positions a [`WalClock`] keeps: under steady writes (a new position
+/// every heartbeat of 50 ms) about 100 s, longer than the EMERGENCY lag threshold.
+const WAL_CLOCK_SAMPLES: usize = 2048;
+
+/// The WAL clock as recorded: positions with the instants they were first and last
+/// reported.
+struct WalClockEntry {
+    node: String,
+    timeline: u32,
+    samples: std::collections::VecDeque<(Lsn, Instant, Instant)>,
+}
+
+impl WalClockEntry {
+    /// Notes a primary's report of `lsn` at `now`; starts afresh on another node or
+    /// timeline, or when the position went back (a rewound or re-created primary).
+    fn record(slot: &mut Option<WalClockEntry>, node: &str, timeline: u32, lsn: Lsn, now: Instant) {
+        let same = slot.as_ref().is_some_and(|c| {
+            c.node == node && c.timeline == timeline && c.samples.back().is_none_or(|s| s.0 <= lsn)
+        });
+        if !same {
+            *slot = Some(WalClockEntry {
+                node: node.to_string(),
+                timeline,
+                samples: Default::default(),
+            });
+        }
+        let clock = slot.as_mut().expect("just set");
+        match clock.samples.back_mut() {
+            Some(last) if last.0 == lsn => last.2 = now,
+            _ => {
+                if clock.samples.len() == WAL_CLOCK_SAMPLES {
+                    clock.samples.pop_front();
+                }
+                clock.samples.push_back((lsn, now, now));
+            }
+        }
+    }
+
+    fn view(&self, now: Instant) -> WalClock {
+        WalClock {
+            node: self.node.clone(),
+            timeline: self.timeline,
+            samples: self
+                .samples
+                .iter()
+                .map(|&(lsn, first, last)| WalSample {
+                    lsn,
+                    first_ago: now.saturating_duration_since(first),
+                    last_ago: now.saturating_duration_since(last),
+                })
+                .collect(),
+        }
+    }
 }
 
 struct NodeEntry {
@@ -64,6 +134,7 @@ struct ClusterEntry {
     nodes: HashMap<String, NodeEntry>,
     applied_sync: Option<AppliedSync>,
     told_sync_names: BTreeMap<String, String>,
+    wal_clock: Option<WalClockEntry>,
 }
 
 struct Table {
@@ -113,7 +184,12 @@ impl Reports {
         let mut all = self.0.lock().expect("reports lock poisoned");
         let seen_reply = all.decode_mark(report.reply_mark_seen);
         let entry = all.clusters.entry(cluster.to_string()).or_default();
+        let now = Instant::now();
         if report.role == "primary" && report.postgres_up {
+            if let Some(lsn) = Lsn::parse(&report.current_lsn) {
+                let observed = now.checked_sub(observed_ago(&report)).unwrap_or(now);
+                WalClockEntry::record(&mut entry.wal_clock, node, report.timeline, lsn, observed);
+            }
             let names = sync_names::parse(&report.synchronous_standby_names);
             let changed = entry
                 .applied_sync
@@ -128,7 +204,6 @@ impl Reports {
                 });
             }
         }
-        let now = Instant::now();
         let previous = entry.nodes.remove(node);
         let last_up = if report.postgres_up {
             Some(now)
@@ -200,6 +275,7 @@ impl Reports {
                         lease_granted_ago: ago(n.lease_granted),
                         seen_reply_ago: ago(n.seen_reply),
                         role_for: now.saturating_duration_since(n.role_since),
+                        observed_ago: now.saturating_duration_since(n.at) + observed_ago(&n.report),
                     };
                     (name.clone(), observed)
                 })
@@ -207,6 +283,7 @@ impl Reports {
             applied_sync: entry.applied_sync.clone(),
             leader_for,
             told_sync_names: entry.told_sync_names.clone(),
+            wal_clock: entry.wal_clock.as_ref().map(|c| c.view(now)),
         }
     }
 
@@ -250,6 +327,35 @@ mod tests {
         reports.clear();
         reports.record("main", "node2", report(mark, "standby"));
         assert_eq!(reports.cluster("main").nodes["node2"].seen_reply_ago, None);
+    }
+
+    #[test]
+    fn the_wal_clock_follows_one_primary_on_one_timeline_and_is_bounded() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut clock = None;
+        let lsns = |c: &Option<WalClockEntry>| -> Vec<u64> {
+            c.as_ref().unwrap().samples.iter().map(|s| s.0 .0).collect()
+        };
+        WalClockEntry::record(&mut clock, "node1", 1, Lsn(100), at(0));
+        WalClockEntry::record(&mut clock, "node1", 1, Lsn(100), at(50));
+        WalClockEntry::record(&mut clock, "node1", 1, Lsn(200), at(100));
+        assert_eq!(lsns(&clock), [100, 200]);
+        let first = clock.as_ref().unwrap().samples[0];
+        assert_eq!((first.1, first.2), (at(0), at(50)), "first and last seen at 100");
+        // Another timeline, another node, or a position that went back: start afresh.
+        WalClockEntry::record(&mut clock, "node1", 2, Lsn(300), at(150));
+        assert_eq!(lsns(&clock), [300]);
+        WalClockEntry::record(&mut clock, "node2", 2, Lsn(400), at(200));
+        assert_eq!(lsns(&clock), [400]);
+        WalClockEntry::record(&mut clock, "node2", 2, Lsn(350), at(250));
+        assert_eq!(lsns(&clock), [350]);
+        for k in 0..(WAL_CLOCK_SAMPLES as u64 + 10) {
+            WalClockEntry::record(&mut clock, "node2", 2, Lsn(1_000 + k), at(300 + k));
+        }
+        let kept = lsns(&clock);
+        assert_eq!(kept.len(), WAL_CLOCK_SAMPLES);
+        assert_eq!(kept[0], 1_010, "the oldest go first");
     }
 
     #[test]

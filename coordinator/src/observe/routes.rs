@@ -1,8 +1,9 @@
 //! The routing view of replicas, and the endpoint map routers receive. Pure.
 //!
 //! A replica is readable for its workload when it streams from the primary, its
-//! replay lag is within its class's threshold (`lag_threshold_ms.<workload>`, the
-//! `general` one for classes without their own) and it is not a backup replica. The
+//! replay lag is known (not only a lower bound, see [`super::lag`]) and within its
+//! class's threshold (`lag_threshold_ms.<workload>`, the `general` one for classes
+//! without their own) and it is not a backup replica. The
 //! leader publishes the view through Raft only when some replica's health or
 //! readability changes, so routers learn of every change that matters to them without
 //! a Raft write per lag sample. An operator's drain (`pgquorum drain`) is applied on
@@ -33,6 +34,7 @@ pub fn routes(cluster: &Cluster, statuses: &[NodeStatus]) -> BTreeMap<String, Re
             let readable = s.health != DISCONNECTED
                 && s.role == "standby"
                 && member.workload != "backup"
+                && s.lag_source.exact()
                 && s.lag_ms <= threshold;
             let route = ReplicaRoute {
                 health: s.health.to_string(),
@@ -113,13 +115,13 @@ mod tests {
                         "",
                         vec![
                             replica("node2", "streaming", "async", "0/3000100"),
-                            replica("node3", "streaming", "async", "0/3000100"),
+                            replica("node3", "streaming", "async", "0/3000000"),
                         ],
                     ),
                     10,
                 ),
                 ("node2", standby("0/3000100", 0), 10),
-                ("node3", standby("0/3000100", lag), 10),
+                ("node3", standby("0/3000000", lag), 10),
             ])
         };
         let r = routes(&c, &node_statuses(&c, &mk(50)));

@@ -103,7 +103,9 @@ impl Default for Policy {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         Policy {
-            heartbeat_interval_ms: 100,
+            // As fine as the finest lag threshold (realtime, 50 ms), which validation
+            // requires: lag cannot be enforced more finely than it is observed.
+            heartbeat_interval_ms: 50,
             failure_timeout_ms: 1000,
             lease_ms: 1000,
             sync_mode: SyncMode::Strict,
@@ -312,11 +314,24 @@ impl Policy {
                 format!("at most {MAX_SYNC_STANDBYS}, got {}", self.sync_standbys),
             ));
         }
-        for workload in self.lag_threshold_ms.keys() {
+        for (workload, &limit) in &self.lag_threshold_ms {
             if !ROUTED_WORKLOADS.contains(&workload.as_str()) {
                 return Err(err(
                     &format!("lag_threshold_ms.{workload}"),
                     "unknown workload class",
+                ));
+            }
+            // Lag is observed once a heartbeat: a replica may be a whole interval past
+            // its limit before anyone can see it, so a limit below the interval would
+            // be a promise the routing cannot keep.
+            if limit < self.heartbeat_interval_ms {
+                return Err(err(
+                    &format!("lag_threshold_ms.{workload}"),
+                    format!(
+                        "{limit} ms is below heartbeat_interval_ms ({} ms), the interval at which \
+                         lag is observed; raise it or lower heartbeat_interval_ms",
+                        self.heartbeat_interval_ms
+                    ),
                 ));
             }
         }
@@ -467,6 +482,30 @@ mod tests {
             .with_settings([("lease_ms", "4000"), ("failure_timeout_ms", "3000")])
             .unwrap();
         assert_eq!((q.failure_timeout_ms, q.lease_ms), (3000, 4000));
+    }
+
+    #[test]
+    fn a_lag_threshold_finer_than_the_heartbeat_is_refused_either_way() {
+        let p = Policy::default();
+        let e = p
+            .with_settings([("lag_threshold_ms.realtime", "20")])
+            .unwrap_err();
+        assert_eq!(e.field, "lag_threshold_ms.realtime");
+        assert!(e.message.contains("below heartbeat_interval_ms (50 ms)"), "{e}");
+        // Slowing the heartbeat past an existing threshold names that threshold.
+        let e = p.with_settings([("heartbeat_interval_ms", "100")]).unwrap_err();
+        assert_eq!(e.field, "lag_threshold_ms.realtime", "{e}");
+        // Both in one change is fine.
+        let q = p
+            .with_settings([
+                ("heartbeat_interval_ms", "100"),
+                ("lag_threshold_ms.realtime", "100"),
+            ])
+            .unwrap();
+        assert_eq!(
+            (q.heartbeat_interval_ms, q.lag_threshold_ms["realtime"]),
+            (100, 100)
+        );
     }
 
     #[test]

@@ -49,7 +49,12 @@ fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
 }
 
 fn num(s: &str) -> u64 {
-    s.trim().parse::<f64>().map(|f| f.max(0.0) as u64).unwrap_or(0)
+    opt_num(s).unwrap_or(0)
+}
+
+/// A number Postgres may have shown as NULL (sent as ''): None then.
+fn opt_num(s: &str) -> Option<u64> {
+    s.trim().parse::<f64>().ok().map(|f| f.max(0.0) as u64)
 }
 
 const ROLE: &str = "SELECT pg_is_in_recovery()";
@@ -58,16 +63,19 @@ const PRIMARY: &str = "SELECT pg_current_wal_lsn(), \
      ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int, \
      current_setting('synchronous_standby_names')";
 
+// replay_lag is NULL when the walsender has no sample to measure against (caught up
+// and idle, or replaying WAL older than its first sample): sent as '' and read as
+// absent, never as 0.
 const REPLICAS: &str = "SELECT application_name, state, coalesce(sync_state, ''), \
      coalesce(sent_lsn::text, ''), coalesce(flush_lsn::text, ''), coalesce(replay_lsn::text, ''), \
-     coalesce(extract(epoch FROM replay_lag) * 1000, 0) FROM pg_stat_replication";
+     coalesce((extract(epoch FROM replay_lag) * 1000)::text, '') FROM pg_stat_replication";
 
-// Replay lag in time: zero when everything received is replayed, else the age of the
-// last replayed transaction (which stops moving while replay is paused or stuck).
+// The standby reports positions and raw ages only; the coordinator, which also sees
+// the primary, turns them into lag (coordinator/src/observe/lag.rs). The age of the
+// last replayed commit is NULL until a commit is replayed after start: '' (absent).
 const STANDBY: &str = "SELECT coalesce(pg_last_wal_receive_lsn()::text, ''), \
      coalesce(pg_last_wal_replay_lsn()::text, ''), \
-     CASE WHEN pg_last_wal_receive_lsn() IS NULL OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0 \
-          ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END, \
+     coalesce((extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::text, ''), \
      pg_get_wal_replay_pause_state() <> 'not paused', \
      (SELECT timeline_id FROM pg_control_checkpoint())";
 
@@ -137,7 +145,7 @@ impl Observer {
             let s = row(client, STANDBY).await?;
             r.receive_lsn = s[0].clone();
             r.replay_lsn = s[1].clone();
-            r.replay_lag_ms = num(&s[2]);
+            r.last_replay_age_ms = opt_num(&s[2]);
             r.replay_paused = s[3] == "t";
             r.timeline = num(&s[4]) as u32;
             if let Some(w) = all_rows(client, WAL_RECEIVER).await?.into_iter().next() {
@@ -164,7 +172,7 @@ impl Observer {
                     sent_lsn: x[3].clone(),
                     flush_lsn: x[4].clone(),
                     replay_lsn: x[5].clone(),
-                    replay_lag_ms: num(&x[6]),
+                    replay_lag_ms: opt_num(&x[6]),
                 })
                 .collect();
         }
