@@ -166,38 +166,56 @@ pub async fn start_sandbox(coordinator_base: u16, postgres_base: u16) -> InTempD
 }
 
 /// A connection to one sandbox node's Postgres.
-/// Makes `replica` lag: pauses its replay while a writer keeps committing on
-/// `primary` (every 25 ms, for at most ~15 s). Resume with [`Lagging::catch_up`].
-pub async fn make_lag(sandbox: &Sandbox, primary: &str, replica: &str) -> Lagging {
-    let writer = pg(sandbox, primary).await;
+/// Commits a row into `table` (created if missing) on `node` every `every`, for at
+/// most ten minutes; stops when dropped.
+pub async fn keep_writing(sandbox: &Sandbox, node: &str, table: &str, every: Duration) -> Writer {
+    let writer = pg(sandbox, node).await;
     writer
-        .batch_execute("CREATE TABLE IF NOT EXISTS lag_writes (id serial PRIMARY KEY)")
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (id serial PRIMARY KEY, at timestamptz DEFAULT now())"
+        ))
         .await
         .unwrap();
+    let insert = format!("INSERT INTO {table} DEFAULT VALUES");
+    let rounds = (600_000 / every.as_millis().max(1)) as u64;
+    Writer(tokio::spawn(async move {
+        for _ in 0..rounds {
+            if writer.execute(insert.as_str(), &[]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(every).await;
+        }
+    }))
+}
+
+/// A writer started by [`keep_writing`]; aborted when dropped.
+pub struct Writer(tokio::task::JoinHandle<()>);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Makes `replica` lag: pauses its replay while a writer keeps committing on
+/// `primary` (every 25 ms). Resume with [`Lagging::catch_up`].
+pub async fn make_lag(sandbox: &Sandbox, primary: &str, replica: &str) -> Lagging {
     let replica = pg(sandbox, replica).await;
     replica
         .batch_execute("SELECT pg_wal_replay_pause()")
         .await
         .unwrap();
-    let writes = tokio::spawn(async move {
-        for _ in 0..600 {
-            if writer
-                .execute("INSERT INTO lag_writes DEFAULT VALUES", &[])
-                .await
-                .is_err()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    });
-    Lagging { replica, writes }
+    let writes = keep_writing(sandbox, primary, "lag_writes", Duration::from_millis(25)).await;
+    Lagging {
+        replica,
+        _writes: writes,
+    }
 }
 
 /// A replica made to lag by [`make_lag`]; the writer stops when this is dropped.
 pub struct Lagging {
     replica: tokio_postgres::Client,
-    writes: tokio::task::JoinHandle<()>,
+    _writes: Writer,
 }
 
 impl Lagging {
@@ -210,9 +228,40 @@ impl Lagging {
     }
 }
 
-impl Drop for Lagging {
-    fn drop(&mut self) {
-        self.writes.abort();
+/// One node's line of a status reply.
+pub fn node_status<'a>(status: &'a pb::StatusReply, name: &str) -> &'a pb::NodeStatus {
+    status
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("{name} in {status:?}"))
+}
+
+/// Whether the map lets `name` take reads of its class.
+pub fn readable(map: &pb::EndpointMap, name: &str) -> bool {
+    map.replicas
+        .iter()
+        .find(|r| r.name == name)
+        .is_some_and(|r| r.readable)
+}
+
+/// The next endpoint map from `watch` satisfying `want`, failing after `timeout`.
+pub async fn next_map_where(
+    watch: &mut pgquorum_client::watch::EndpointWatch,
+    what: &str,
+    timeout: Duration,
+    want: impl Fn(&pb::EndpointMap) -> bool,
+) -> pb::EndpointMap {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let map = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("no map with {what} within {timeout:?}"))
+            .expect("the watch ended")
+            .expect("a map");
+        if want(&map) {
+            return map;
+        }
     }
 }
 

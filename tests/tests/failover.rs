@@ -9,16 +9,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pgquorum::launch::Sandbox;
 use pgquorum_client::pb;
-use pgquorum_tests::{cli, cli_json, eventually, pg, read_cluster, start_sandbox, try_pg, ThawOnDrop};
+use pgquorum_tests::{
+    cli, cli_json, eventually, node_status as node, pg, read_cluster, start_sandbox, try_pg, ThawOnDrop,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn node<'a>(s: &'a pb::StatusReply, name: &str) -> &'a pb::NodeStatus {
-    s.nodes
-        .iter()
-        .find(|n| n.name == name)
-        .unwrap_or_else(|| panic!("{name} in {s:?}"))
-}
 
 /// Whether a node's Postgres answers and is writable (not in recovery).
 async fn writable(sandbox: &Sandbox, name: &str) -> Option<bool> {

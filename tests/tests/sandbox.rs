@@ -3,17 +3,9 @@
 
 use std::time::Duration;
 
-use pgquorum_tests::{cli, cli_json, eventually, pg, start_sandbox};
+use pgquorum_tests::{cli, cli_json, eventually, node_status as node, pg, start_sandbox};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn node<'a>(status: &'a pgquorum_client::pb::StatusReply, name: &str) -> &'a pgquorum_client::pb::NodeStatus {
-    status
-        .nodes
-        .iter()
-        .find(|n| n.name == name)
-        .unwrap_or_else(|| panic!("{name} in {status:?}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_replicates_to_both_standbys_and_reports_them_healthy() {
@@ -68,7 +60,14 @@ async fn sandbox_replicates_to_both_standbys_and_reports_them_healthy() {
     for n in nodes {
         assert_eq!(n["health"], "HEALTHY", "{n}");
         assert_eq!(n["timeline"], 1, "{n}");
-        for key in ["lag_ms", "lag_bytes", "workload", "region", "heartbeat_age_ms"] {
+        for key in [
+            "lag_ms",
+            "lag_bytes",
+            "lag_source",
+            "workload",
+            "region",
+            "heartbeat_age_ms",
+        ] {
             assert!(!n[key].is_null(), "{key} in {n}");
         }
     }
@@ -181,7 +180,13 @@ async fn paused_replay_shows_growing_lag_and_a_warning() {
     let n3 = node(&status, "node3");
     assert!(n3.replay_paused, "{n3:?}");
     assert!(n3.lag_bytes > 0, "{n3:?}");
-    assert_eq!(node(&status, "node2").lag_ms, 0, "node2 keeps up");
+    // Keeps up: measured, and far from node3 (not 0: under steady writes replay
+    // trails by a few ms, and a loaded machine can make that more).
+    let n2 = node(&status, "node2");
+    assert!(
+        n2.lag_ms < 1_000 && n2.health == "HEALTHY",
+        "node2 keeps up: {n2:?}"
+    );
     eventually("a WARNING for node3", WAIT, || async {
         let alerts = sandbox.alerts().await.unwrap().alerts;
         alerts
