@@ -28,6 +28,11 @@ pub enum Error {
     })]
     NotLeader { leader: Option<(NodeId, String)> },
 
+    /// This node leads, but no quorum has acknowledged it recently: it may have been
+    /// replaced without knowing, so it grants no lease.
+    #[error("this coordinator leads but has had no quorum contact for {since_ms} ms (limit {window_ms} ms); it grants no lease")]
+    NoQuorumContact { since_ms: u64, window_ms: u64 },
+
     /// A membership change openraft refused, e.g. promoting a node that is not a learner.
     #[error("membership change refused: {0}")]
     Membership(String),
@@ -69,6 +74,7 @@ impl From<Error> for tonic::Status {
                 }
                 status
             }
+            Error::NoQuorumContact { .. } => tonic::Status::unavailable(message),
             Error::Membership(_) => tonic::Status::failed_precondition(message),
             Error::Command(CommandError::UnknownCluster(_)) => tonic::Status::not_found(message),
             Error::Command(CommandError::ClusterExists(_)) => tonic::Status::already_exists(message),

@@ -6,7 +6,7 @@
 //! stale view, or repeated by a new leader, is refused and decided again.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
@@ -14,8 +14,9 @@ use crate::failover::{decide, lease_expired, Step};
 use crate::observe::health::node_statuses;
 use crate::observe::routes::{routes, worth_publishing};
 use crate::observe::{ClusterReports, Reports};
+use crate::raft::leadership::Leadership;
 use crate::raft::state_machine::StateHandle;
-use crate::raft::{NodeId, Raft};
+use crate::raft::Raft;
 use crate::state::{Cluster, Command, CommandError};
 use crate::sync::plan;
 
@@ -114,25 +115,26 @@ pub fn next_command(
     (command, None)
 }
 
-pub async fn run(id: NodeId, raft: Raft, state: StateHandle, reports: Reports) {
+pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports) {
     let mut was_leader = false;
     let mut stuck: HashMap<String, String> = HashMap::new();
     loop {
         tokio::time::sleep(INTERVAL).await;
-        let is_leader = raft.metrics().borrow().current_leader == Some(id);
-        if !is_leader {
+        let now = Instant::now();
+        let Some(lead) = leadership.current() else {
             if was_leader {
-                reports.clear();
+                reports.clear(now);
             }
             was_leader = false;
             continue;
-        }
+        };
         was_leader = true;
+        reports.lead(lead.term, now);
         let mut commands = Vec::new();
         {
             let applied = state.read();
             for c in applied.state.clusters.values() {
-                let (command, why) = next_command(c, &reports.cluster(&c.name), now_ms());
+                let (command, why) = next_command(c, &reports.cluster(&c.name, now), now_ms());
                 match why {
                     Some(why) if stuck.get(&c.name) != Some(&why) => {
                         warn!(cluster = %c.name, "{why}");

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use pgquorum_proto::v1::admin_service_server::AdminServiceServer;
 use pgquorum_proto::v1::agent_service_server::AgentServiceServer;
@@ -19,6 +20,7 @@ use crate::grpc::endpoint_service::EndpointServiceImpl;
 use crate::grpc::proposer::Proposer;
 use crate::grpc::raft_service::RaftServiceImpl;
 use crate::observe::Reports;
+use crate::raft::leadership::Leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachineStore;
@@ -85,11 +87,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         raft: raft.clone(),
         state: state.clone(),
     };
-    let reports = Reports::default();
+    // A leader grants leases only within this long of its last quorum contact: past
+    // it a new leader may already be counting (see DESIGN.md "Leases and fencing").
+    let grant_window = Duration::from_millis(config.raft.election_timeout_min_ms);
+    let reports = Reports::new(grant_window, Instant::now());
+    let leadership = Leadership::watch(config.id, &raft);
     let endpoints = EndpointServiceServer::new(EndpointServiceImpl::new(state.clone()));
     let leader_loop = tokio::spawn(crate::leader::run(
-        config.id,
         raft.clone(),
+        leadership.clone(),
         state,
         reports.clone(),
     ));
@@ -107,7 +113,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             proposer.clone(),
             reports.clone(),
         )))
-        .add_service(AgentServiceServer::new(AgentServiceImpl::new(proposer, reports)))
+        .add_service(AgentServiceServer::new(AgentServiceImpl::new(
+            proposer,
+            reports,
+            leadership,
+            grant_window,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
     let served = server.await;
 

@@ -220,6 +220,7 @@ impl Sim {
             leader_for: ms(self.t - self.leader_since),
             told_sync_names: self.told.clone(),
             wal_clock: None,
+            grant_window: Duration::ZERO,
         }
         .with_applied_sync(&self.seen)
     }

@@ -330,9 +330,15 @@ pub fn sync_set_after(
     eligible.into_iter().take(k).map(|m| m.name.clone()).collect()
 }
 
-/// Whether `node`'s primary lease has certainly run out by this coordinator's clock:
-/// one full lease since this coordinator last granted it, and since it became leader
-/// (a lease granted by a previous leader lasts at most that long).
+/// Whether `node`'s primary lease has certainly run out by this coordinator's clock.
+///
+/// - Granted by this leader: a lease (plus the margin both sides agree on,
+///   [`pgquorum_client::lease::margin`]) since the last grant.
+/// - Granted by an earlier leader: that leader granted only within `grant_window` of
+///   its last quorum contact, and this leader's election came after that contact
+///   (a voter of that quorum voted for it later), so every such lease ends within
+///   lease + grant window of this election. Hence a lease, the grant window and the
+///   margin since this node leads in its term (`leader_for`).
 pub fn lease_expired(cluster: &Cluster, reports: &ClusterReports, node: &str) -> bool {
     lease_over_for(cluster, reports, node).is_some()
 }
@@ -340,12 +346,15 @@ pub fn lease_expired(cluster: &Cluster, reports: &ClusterReports, node: &str) ->
 /// How long ago `node`'s lease ran out at the latest; None while it may still run.
 fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Option<Duration> {
     let lease = Duration::from_millis(cluster.policy.lease_ms);
+    let own = lease + pgquorum_client::lease::margin(lease);
     let since_grant = reports
         .nodes
         .get(node)
         .and_then(|o| o.lease_granted_ago)
         .unwrap_or(Duration::MAX);
-    since_grant.min(reports.leader_for).checked_sub(lease)
+    let over_own = since_grant.checked_sub(own);
+    let over_earlier = reports.leader_for.checked_sub(own + reports.grant_window);
+    over_own.zip(over_earlier).map(|(a, b)| a.min(b))
 }
 
 /// The next step for `cluster`. `lease_expired`: the old primary's lease has certainly
@@ -655,5 +664,30 @@ mod tests {
         c.policy.maintenance = true;
         let r = reports(vec![("node2", standby("0/5000000", 0), 10)]);
         assert_eq!(decide(&c, &r, true), Step::Wait);
+    }
+
+    #[test]
+    fn a_lease_is_over_only_past_its_margin_and_for_a_new_leader_past_the_grant_window() {
+        let c = cluster();
+        let ms = Duration::from_millis;
+        // Lease 1000 ms, margin 20 ms, grant window 150 ms (the test reports' default).
+        let mut r = reports(vec![("node1", stopped(), 10)]);
+        r.leader_for = ms(3_600_000);
+        let granted =
+            |r: &mut ClusterReports, ago| r.nodes.get_mut("node1").unwrap().lease_granted_ago = Some(ago);
+        granted(&mut r, ms(1_019));
+        assert!(!lease_expired(&c, &r, "node1"), "not yet lease + margin");
+        granted(&mut r, ms(1_020));
+        assert!(lease_expired(&c, &r, "node1"));
+        // Never granted by this leader, elected 1169 ms ago: an earlier leader may have
+        // granted it up to its last quorum contact plus the grant window.
+        r.nodes.get_mut("node1").unwrap().lease_granted_ago = None;
+        r.leader_for = ms(1_169);
+        assert!(!lease_expired(&c, &r, "node1"));
+        r.leader_for = ms(1_170);
+        assert!(lease_expired(&c, &r, "node1"));
+        // Granted by this leader too: the later of the two ends counts.
+        granted(&mut r, ms(500));
+        assert!(!lease_expired(&c, &r, "node1"));
     }
 }

@@ -154,7 +154,7 @@ impl AdminServiceImpl {
     ) -> Result<pb::FailoverReply> {
         self.require_leader().await?;
         let cluster = self.resolve_cluster(cluster)?;
-        let reports = self.reports.cluster(&cluster.name);
+        let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
         if let Some(f) = &cluster.failover {
             return match to {
                 Some(to) if accept_data_loss && kind == "manual" => {
@@ -547,7 +547,10 @@ impl AdminService for AdminServiceImpl {
             .ready_to_read(pb::ReadConsistency::Linearizable as i32)
             .await?;
         let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
-        let statuses = node_statuses(&cluster, &self.reports.cluster(&cluster.name));
+        let statuses = node_statuses(
+            &cluster,
+            &self.reports.cluster(&cluster.name, std::time::Instant::now()),
+        );
         let raft = self
             .raft_status(Request::new(pb::RaftStatusRequest {}))
             .await?
@@ -598,7 +601,7 @@ impl AdminService for AdminServiceImpl {
     async fn alerts(&self, request: Request<pb::AlertsRequest>) -> Result<Response<pb::AlertsReply>, Status> {
         self.require_leader().await?;
         let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
-        let reports = self.reports.cluster(&cluster.name);
+        let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
         let statuses = node_statuses(&cluster, &reports);
         let old = cluster
             .failover

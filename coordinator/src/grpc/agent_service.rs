@@ -5,10 +5,15 @@
 //! what the node must know: epoch, primary, and for the primary the standbys to wait
 //! for. A follower passes the heartbeat on to the leader, so an agent that reaches any
 //! coordinator is heard (a primary cut off from the leader alone keeps reporting).
+//!
+//! Leases: the report table belongs to the term this node leads in (it starts afresh
+//! in a new one), and a lease is granted only while a quorum acknowledged this leader
+//! within the grant window; otherwise the heartbeat is refused, the agent tries
+//! another coordinator, and an unrenewed lease runs out.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pgquorum_proto::v1 as pb;
 use pgquorum_proto::v1::agent_service_client::AgentServiceClient;
@@ -19,12 +24,16 @@ use tonic::{Request, Response, Status};
 use super::proposer::Proposer;
 use crate::failover::heartbeat_reply;
 use crate::observe::Reports;
+use crate::raft::leadership::{Lead, Leadership};
 use crate::state::{Cluster, Command, CommandError, Member};
 use crate::Error;
 
 pub struct AgentServiceImpl {
     proposer: Proposer,
     reports: Reports,
+    leadership: Leadership,
+    /// See [`crate::observe::ClusterReports::grant_window`].
+    grant_window: Duration,
     /// Channels to leaders, for forwarding; tonic reconnects them as needed.
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -54,10 +63,12 @@ fn member_of(spec: &pb::MemberSpec) -> Result<Member, Error> {
 }
 
 impl AgentServiceImpl {
-    pub fn new(proposer: Proposer, reports: Reports) -> Self {
+    pub fn new(proposer: Proposer, reports: Reports, leadership: Leadership, grant_window: Duration) -> Self {
         AgentServiceImpl {
             proposer,
             reports,
+            leadership,
+            grant_window,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -92,7 +103,7 @@ impl AgentServiceImpl {
             .into_inner())
     }
 
-    async fn handle(&self, request: pb::HeartbeatRequest) -> Result<pb::HeartbeatReply, Error> {
+    async fn handle(&self, lead: Lead, request: pb::HeartbeatRequest) -> Result<pb::HeartbeatReply, Error> {
         let spec = request.member.ok_or_else(|| Error::InvalidArgument {
             field: "member".into(),
             message: "missing: say which node this is".into(),
@@ -124,7 +135,7 @@ impl AgentServiceImpl {
             }
         }
         let initializing = report.initializing;
-        self.reports.record(&cluster_name, &name, report);
+        self.reports.record(&cluster_name, &name, report, Instant::now());
 
         let has_primary = self
             .proposer
@@ -148,21 +159,47 @@ impl AgentServiceImpl {
 
         let applied = self.proposer.state.read();
         let cluster = applied.state.cluster(&cluster_name)?;
-        Ok(self.reply(cluster, &name, initializing))
+        self.reply(lead, cluster, &name, initializing)
     }
 
-    /// What the node must know and do (see [`crate::failover::reply`]).
-    fn reply(&self, cluster: &Cluster, name: &str, initializing: bool) -> pb::HeartbeatReply {
-        let mut reply = heartbeat_reply(cluster, &self.reports.cluster(&cluster.name), name, initializing);
-        reply.reply_mark = self.reports.reply_mark();
+    /// What the node must know and do (see [`crate::failover::reply`]), if this node
+    /// still leads in `lead`'s term with a recent quorum contact.
+    fn reply(
+        &self,
+        lead: Lead,
+        cluster: &Cluster,
+        name: &str,
+        initializing: bool,
+    ) -> Result<pb::HeartbeatReply, Error> {
+        let now = Instant::now();
+        let current = self.leadership.current().filter(|l| l.term == lead.term);
+        let Some(current) = current else {
+            return Err(self.proposer.not_leader());
+        };
+        if !current.quorum_within(self.grant_window, now) {
+            let since = current.quorum_acked_at.map_or(u64::MAX, |at| {
+                now.saturating_duration_since(at).as_millis() as u64
+            });
+            return Err(Error::NoQuorumContact {
+                since_ms: since,
+                window_ms: self.grant_window.as_millis() as u64,
+            });
+        }
+        let mut reply = heartbeat_reply(
+            cluster,
+            &self.reports.cluster(&cluster.name, now),
+            name,
+            initializing,
+        );
+        reply.reply_mark = self.reports.reply_mark(now);
         if reply.lease_ms > 0 {
-            self.reports.lease_granted(&cluster.name, name);
+            self.reports.lease_granted(&cluster.name, name, now);
         }
         if cluster.primary.as_deref() == Some(name) {
             self.reports
                 .told_sync_names(&cluster.name, name, &reply.synchronous_standby_names);
         }
-        reply
+        Ok(reply)
     }
 }
 
@@ -173,13 +210,14 @@ impl AgentService for AgentServiceImpl {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let request = request.into_inner();
-        if !self.proposer.is_leader().await {
+        let Some(lead) = self.leadership.current() else {
             if request.forwarded {
                 // Forwarded to us because we were leader a moment ago; do not bounce it on.
                 return Err(self.proposer.not_leader().into());
             }
             return Ok(Response::new(self.forward(request).await?));
-        }
-        Ok(Response::new(self.handle(request).await?))
+        };
+        self.reports.lead(lead.term, Instant::now());
+        Ok(Response::new(self.handle(lead, request).await?))
     }
 }

@@ -264,6 +264,7 @@ pub(crate) mod tests {
             leader_for: Duration::from_secs(3600),
             told_sync_names: Default::default(),
             wal_clock: None,
+            grant_window: Duration::from_millis(150),
         }
     }
 

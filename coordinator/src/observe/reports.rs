@@ -1,4 +1,10 @@
 //! The leader's table of latest heartbeat reports.
+//!
+//! The table belongs to one Raft term: [`Reports::lead`] starts it afresh whenever this
+//! node leads in a term it did not lead in before, so "leader since", the reports, the
+//! lease grants and the reply marks never carry over from an earlier leadership
+//! (DESIGN.md: a new leader starts from nothing). Every method takes the time as
+//! `now`, read once at the gRPC or loop edge, so the rules are testable with any clock.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -61,6 +67,10 @@ pub struct ClusterReports {
     pub told_sync_names: BTreeMap<String, String>,
     /// When the node that last reported as primary reached each WAL position.
     pub wal_clock: Option<WalClock>,
+    /// How long after its last quorum contact a leader still grants leases; a new
+    /// leader adds it to the wait for a previous leader's leases (see
+    /// [`crate::failover::decide::lease_expired`]).
+    pub grant_window: Duration,
 }
 
 /// How many WAL positions a [`WalClock`] keeps: under steady writes (a new position
@@ -139,7 +149,11 @@ struct ClusterEntry {
 
 struct Table {
     clusters: HashMap<String, ClusterEntry>,
+    /// The term whose leadership the contents belong to; None: not leading.
+    term: Option<u64>,
+    /// When this node was first seen leading in `term`.
     since: Instant,
+    grant_window: Duration,
     /// High bits of every reply mark this table issues, random per table (and per
     /// `clear`), so marks of another leader or an earlier term never decode here.
     mark_base: u64,
@@ -169,22 +183,37 @@ impl Table {
 #[derive(Clone)]
 pub struct Reports(Arc<Mutex<Table>>);
 
-impl Default for Reports {
-    fn default() -> Self {
+impl Reports {
+    /// An empty table; `grant_window` as in [`ClusterReports::grant_window`].
+    pub fn new(grant_window: Duration, now: Instant) -> Reports {
         Reports(Arc::new(Mutex::new(Table {
             clusters: HashMap::new(),
-            since: Instant::now(),
+            term: None,
+            since: now,
+            grant_window,
             mark_base: new_mark_base(),
         })))
     }
-}
 
-impl Reports {
-    pub fn record(&self, cluster: &str, node: &str, report: pb::NodeReport) {
+    /// This node leads in `term` as of `now`: if that is a term the table does not
+    /// belong to, it starts afresh, "leader since" counting from `now`.
+    pub fn lead(&self, term: u64, now: Instant) {
+        let mut all = self.0.lock().expect("reports lock poisoned");
+        if all.term != Some(term) {
+            all.reset(Some(term), now);
+        }
+    }
+
+    /// This node does not lead (any more): forget everything, so nothing stale is
+    /// served if it leads again later.
+    pub fn clear(&self, now: Instant) {
+        self.0.lock().expect("reports lock poisoned").reset(None, now);
+    }
+
+    pub fn record(&self, cluster: &str, node: &str, report: pb::NodeReport, now: Instant) {
         let mut all = self.0.lock().expect("reports lock poisoned");
         let seen_reply = all.decode_mark(report.reply_mark_seen);
         let entry = all.clusters.entry(cluster.to_string()).or_default();
-        let now = Instant::now();
         if report.role == "primary" && report.postgres_up {
             if let Some(lsn) = Lsn::parse(&report.current_lsn) {
                 let observed = now.checked_sub(observed_ago(&report)).unwrap_or(now);
@@ -231,9 +260,9 @@ impl Reports {
     /// A mark for a reply built now: an agent echoes it in reports it observes after
     /// receiving the reply, which dates those observations on this leader's clock.
     /// Rounded down, so a decoded mark is never later than the reply.
-    pub fn reply_mark(&self) -> u64 {
+    pub fn reply_mark(&self, now: Instant) -> u64 {
         let all = self.0.lock().expect("reports lock poisoned");
-        let ms = all.since.elapsed().as_millis() as u64;
+        let ms = now.saturating_duration_since(all.since).as_millis() as u64;
         all.mark_base | (ms & MARK_MS_MASK)
     }
 
@@ -245,20 +274,20 @@ impl Reports {
     }
 
     /// Notes that the node was just granted a primary lease.
-    pub fn lease_granted(&self, cluster: &str, node: &str) {
+    pub fn lease_granted(&self, cluster: &str, node: &str, now: Instant) {
         let mut all = self.0.lock().expect("reports lock poisoned");
         if let Some(n) = all.clusters.get_mut(cluster).and_then(|c| c.nodes.get_mut(node)) {
-            n.lease_granted = Some(Instant::now());
+            n.lease_granted = Some(now);
         }
     }
 
-    pub fn cluster(&self, cluster: &str) -> ClusterReports {
+    pub fn cluster(&self, cluster: &str, now: Instant) -> ClusterReports {
         let all = self.0.lock().expect("reports lock poisoned");
-        let now = Instant::now();
         let leader_for = now.saturating_duration_since(all.since);
         let Some(entry) = all.clusters.get(cluster) else {
             return ClusterReports {
                 leader_for,
+                grant_window: all.grant_window,
                 ..Default::default()
             };
         };
@@ -284,16 +313,17 @@ impl Reports {
             leader_for,
             told_sync_names: entry.told_sync_names.clone(),
             wal_clock: entry.wal_clock.as_ref().map(|c| c.view(now)),
+            grant_window: all.grant_window,
         }
     }
+}
 
-    /// Forgets everything: a node that stops leading must not serve stale reports if it
-    /// leads again later.
-    pub fn clear(&self) {
-        let mut all = self.0.lock().expect("reports lock poisoned");
-        all.clusters.clear();
-        all.since = Instant::now();
-        all.mark_base = new_mark_base();
+impl Table {
+    fn reset(&mut self, term: Option<u64>, now: Instant) {
+        self.clusters.clear();
+        self.term = term;
+        self.since = now;
+        self.mark_base = new_mark_base();
     }
 }
 
@@ -310,23 +340,64 @@ mod tests {
         }
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn table(t0: Instant) -> Reports {
+        let reports = Reports::new(ms(150), t0);
+        reports.lead(1, t0);
+        reports
+    }
+
     #[test]
     fn reply_marks_date_observations_on_this_leader_only() {
-        let reports = Reports::default();
-        let mark = reports.reply_mark();
-        std::thread::sleep(Duration::from_millis(20));
-        reports.record("main", "node2", report(mark, "standby"));
-        reports.record("main", "node3", report(mark ^ (1 << 50), "standby"));
-        reports.record("main", "node4", report(0, "standby"));
-        let seen = reports.cluster("main");
-        let ago = seen.nodes["node2"].seen_reply_ago.expect("our own mark decodes");
-        assert!(ago >= Duration::from_millis(20), "{ago:?}");
+        let t0 = Instant::now();
+        let reports = table(t0);
+        let mark = reports.reply_mark(t0 + ms(5));
+        let now = t0 + ms(25);
+        reports.record("main", "node2", report(mark, "standby"), now);
+        reports.record("main", "node3", report(mark ^ (1 << 50), "standby"), now);
+        reports.record("main", "node4", report(0, "standby"), now);
+        let seen = reports.cluster("main", now);
+        assert_eq!(
+            seen.nodes["node2"].seen_reply_ago,
+            Some(ms(20)),
+            "our own mark decodes"
+        );
         assert_eq!(seen.nodes["node3"].seen_reply_ago, None, "another leader's mark");
         assert_eq!(seen.nodes["node4"].seen_reply_ago, None, "no mark");
         // A leader that stepped down and leads again issued that mark in another term.
-        reports.clear();
-        reports.record("main", "node2", report(mark, "standby"));
-        assert_eq!(reports.cluster("main").nodes["node2"].seen_reply_ago, None);
+        reports.clear(now);
+        reports.lead(3, now);
+        reports.record("main", "node2", report(mark, "standby"), now);
+        assert_eq!(reports.cluster("main", now).nodes["node2"].seen_reply_ago, None);
+    }
+
+    #[test]
+    fn a_new_term_starts_from_nothing_and_the_same_term_keeps_everything() {
+        let t0 = Instant::now();
+        // Started long ago as a follower: "leader since" must not count from then.
+        let reports = Reports::new(ms(150), t0);
+        let elected = t0 + ms(60_000);
+        reports.lead(7, elected);
+        reports.record("main", "node1", report(0, "primary"), elected + ms(10));
+        reports.lease_granted("main", "node1", elected + ms(10));
+        let later = elected + ms(500);
+        reports.lead(7, later);
+        let seen = reports.cluster("main", later);
+        assert_eq!(
+            seen.leader_for,
+            ms(500),
+            "counted from the election, not the start"
+        );
+        assert_eq!(seen.nodes["node1"].lease_granted_ago, Some(ms(490)));
+        assert_eq!(seen.grant_window, ms(150));
+        // Leadership lost and regained in a later term without any report in between.
+        reports.lead(9, later + ms(100));
+        let seen = reports.cluster("main", later + ms(300));
+        assert!(seen.nodes.is_empty(), "no report or grant carries over");
+        assert_eq!(seen.leader_for, ms(200));
     }
 
     #[test]
@@ -360,17 +431,14 @@ mod tests {
 
     #[test]
     fn role_for_counts_from_the_first_report_of_an_unbroken_run() {
-        let reports = Reports::default();
-        reports.record("main", "node1", report(0, "stopped"));
-        std::thread::sleep(Duration::from_millis(20));
-        reports.record("main", "node1", report(0, "stopped"));
-        let o = &reports.cluster("main").nodes["node1"];
-        assert!(o.role_for >= Duration::from_millis(20) && o.age < o.role_for);
-        reports.record("main", "node1", report(0, "standby"));
-        let o = &reports.cluster("main").nodes["node1"];
-        assert!(
-            o.role_for < Duration::from_millis(20),
-            "a new role starts a new run"
-        );
+        let t0 = Instant::now();
+        let reports = table(t0);
+        reports.record("main", "node1", report(0, "stopped"), t0);
+        reports.record("main", "node1", report(0, "stopped"), t0 + ms(20));
+        let o = &reports.cluster("main", t0 + ms(25)).nodes["node1"];
+        assert_eq!((o.role_for, o.age), (ms(25), ms(5)));
+        reports.record("main", "node1", report(0, "standby"), t0 + ms(30));
+        let o = &reports.cluster("main", t0 + ms(35)).nodes["node1"];
+        assert_eq!(o.role_for, ms(5), "a new role starts a new run");
     }
 }

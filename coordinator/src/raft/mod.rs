@@ -9,6 +9,7 @@
 //! - [`codec`]: the versioned encoding every stored and transported value goes through.
 
 pub mod codec;
+pub mod leadership;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
