@@ -8,6 +8,7 @@
 
 #[cfg(feature = "daemon")]
 pub mod daemon;
+pub mod lease;
 pub mod lsn;
 pub mod sync_names;
 pub mod watch;
@@ -211,6 +212,78 @@ impl Coordinators {
             async move { AgentServiceClient::new(channel).heartbeat(request).await }
         })
         .await
+    }
+
+    /// An agent's heartbeat, bounded for a lease holder: the coordinator that answered
+    /// last is asked first, for at most `attempt`; if it has not answered by then,
+    /// every coordinator is asked at once and the first reply wins. Never longer than
+    /// `overall`. (Any coordinator serves a heartbeat: a follower forwards it.) So one
+    /// slow or frozen coordinator costs a lease holder one `attempt`, not its lease.
+    pub async fn heartbeat_within(
+        &self,
+        request: pb::HeartbeatRequest,
+        attempt: Duration,
+        overall: Duration,
+    ) -> Result<pb::HeartbeatReply, ClientError> {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let deadline = tokio::time::Instant::now() + overall;
+        let one = |addr: String| {
+            let request = request.clone();
+            async move {
+                let outcome = match self.channel(&addr).await {
+                    Ok(channel) => AgentServiceClient::new(channel)
+                        .heartbeat(request)
+                        .await
+                        .map(Response::into_inner)
+                        .map_err(|s| (s.code(), s.message().to_string())),
+                    Err(e) => Err((Code::Unavailable, e)),
+                };
+                (addr, outcome)
+            }
+        };
+        let mut attempts = Vec::new();
+        let preferred = self.preferred.lock().expect("lock").clone();
+        let mut pending = FuturesUnordered::new();
+        if let Some(first) = preferred.clone() {
+            pending.push(one(first));
+        }
+        let mut others_asked = preferred.is_none();
+        if others_asked {
+            pending.extend(self.addrs.iter().cloned().map(one));
+        }
+        let mut patience = Box::pin(tokio::time::sleep(attempt.min(overall)));
+        loop {
+            tokio::select! {
+                next = pending.next() => match next {
+                    Some((addr, Ok(reply))) => {
+                        *self.preferred.lock().expect("lock") = Some(addr);
+                        return Ok(reply);
+                    }
+                    Some((addr, Err((code, message)))) => {
+                        if matches!(code, Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated) {
+                            return Err(ClientError::Rejected { code, message });
+                        }
+                        attempts.push(format!("{addr}: {message}"));
+                        if !others_asked {
+                            others_asked = true;
+                            pending.extend(self.addrs.iter().filter(|a| Some(*a) != preferred.as_ref()).cloned().map(one));
+                        }
+                        if pending.is_empty() {
+                            return Err(ClientError::Unavailable { attempts });
+                        }
+                    }
+                    None => return Err(ClientError::Unavailable { attempts }),
+                },
+                _ = &mut patience, if !others_asked => {
+                    others_asked = true;
+                    pending.extend(self.addrs.iter().filter(|a| Some(*a) != preferred.as_ref()).cloned().map(one));
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    attempts.push(format!("no reply within {} ms", overall.as_millis()));
+                    return Err(ClientError::Unavailable { attempts });
+                }
+            }
+        }
     }
 
     /// [`Self::call`] for any service: `op` gets a channel to wrap in its client.

@@ -16,9 +16,14 @@
 //!   Postgres running.
 //!
 //! **Leases.** A primary's agent holds a lease counted from when it *sent* the
-//! heartbeat that earned it, so it runs out no later than the coordinators believe.
-//! The lease is checked first thing every round — also right after the process wakes
-//! from being frozen — and when it has run out the agent stops Postgres at once.
+//! heartbeat that earned it, less a margin ([`pgquorum_client::lease::margin`]), so it
+//! runs out before the coordinators count it as over. Only a grant extends it: a reply
+//! without one leaves the old deadline to run out. Each deadline goes to the lease
+//! file, where the guard ([`crate::guard`], its own process) enforces it on its own
+//! clock, whatever this loop is doing and whether or not this process still lives; the
+//! agent also checks it first thing every round. No heartbeat waits past the lease
+//! (one slow coordinator costs one short attempt, then all are asked at once), and
+//! nothing is started or promoted as primary on a lease that ran out.
 //!
 //! **Epochs.** The agent persists the newest epoch it has seen before acting on it and
 //! ignores any reply from an older one.
@@ -35,6 +40,7 @@ use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
+use crate::guard::{self, GuardFiles};
 use crate::postgres::ctl::{slot_name, PostgresCtl, Upstream};
 use crate::postgres::observe::Observer;
 use crate::postgres::probe::PrimaryProbe;
@@ -49,8 +55,10 @@ pub struct Agent {
     state_file: StateFile,
     state: AgentState,
     interval: Duration,
-    /// When this node's primary lease runs out; None: it holds none.
-    lease_until: Option<Instant>,
+    /// This node's primary lease; None: it holds none.
+    lease: Option<Lease>,
+    /// The guard's files (lease deadline, pid).
+    guard: GuardFiles,
     /// The primary published in the last reply.
     primary: Option<(String, Upstream)>,
     /// The upstream this standby's configuration points at, once written.
@@ -60,6 +68,28 @@ pub struct Agent {
     /// `reply_mark` of the last reply, echoed in the next observation's report.
     reply_mark: u64,
 }
+
+/// A primary lease's deadline (already less the margin), on this process's clock and on
+/// the guard's (`CLOCK_BOOTTIME`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Lease {
+    until: Instant,
+    until_boot_ns: u64,
+}
+
+impl Lease {
+    fn left(&self, now: Instant) -> Duration {
+        self.until.saturating_duration_since(now)
+    }
+}
+
+/// How long one coordinator may take to answer a heartbeat before all are asked.
+fn attempt_timeout(interval: Duration) -> Duration {
+    (interval * 4).clamp(Duration::from_millis(150), Duration::from_millis(500))
+}
+
+/// A heartbeat's whole budget when nothing is at stake.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn upstream(p: &pb::PostgresEndpoint) -> Upstream {
     Upstream {
@@ -88,6 +118,7 @@ impl Agent {
         let state_file = StateFile::next_to(&config.postgres.data_dir);
         let state = state_file.load()?;
         let interval = Duration::from_millis(config.heartbeat_interval_ms);
+        let guard = GuardFiles::next_to(&config.postgres.data_dir);
         Ok(Agent {
             config,
             coordinators,
@@ -97,7 +128,8 @@ impl Agent {
             state_file,
             state,
             interval,
-            lease_until: None,
+            lease: None,
+            guard,
             primary: None,
             following: None,
             last_problem: None,
@@ -142,16 +174,49 @@ impl Agent {
         info!("agent stopped; postgres left as it is");
     }
 
-    /// Stops a primary whose lease has run out. Returns whether it fenced.
+    /// Whether this node holds a primary lease that has not run out.
+    fn lease_valid(&self) -> bool {
+        self.lease
+            .is_some_and(|l| l.left(Instant::now()) > Duration::ZERO)
+    }
+
+    /// Replaces the lease and tells the guard (a deadline it cannot read counts as
+    /// none, so a failed write fences rather than extends).
+    fn set_lease(&mut self, lease: Option<Lease>) {
+        if self.lease == lease {
+            return;
+        }
+        self.lease = lease;
+        let deadline = lease.map_or(0, |l| l.until_boot_ns);
+        if let Err(e) = guard::write_deadline(&self.guard.lease, deadline) {
+            self.problem(format!(
+                "cannot write the lease file {}: {e}",
+                self.guard.lease.display()
+            ));
+        }
+    }
+
+    /// Makes sure a guard enforces the lease file.
+    fn ensure_guard(&mut self) {
+        if let Err(e) = guard::ensure_running(&self.guard) {
+            self.problem(format!("cannot start the lease guard: {e}"));
+        }
+    }
+
+    /// Stops a primary whose lease has run out (the guard does too, on its own).
+    /// Returns whether it fenced.
     async fn enforce_lease(&mut self) -> bool {
-        let Some(until) = self.lease_until else {
+        let Some(lease) = self.lease else {
             return false;
         };
-        if Instant::now() < until || self.ctl.is_standby_data() || self.ctl.running_pid().is_none() {
+        if lease.left(Instant::now()) > Duration::ZERO
+            || self.ctl.is_standby_data()
+            || self.ctl.running_pid().is_none()
+        {
             return false;
         }
         warn!("primary lease ran out without renewal: stopping postgres (fence)");
-        self.lease_until = None;
+        self.set_lease(None);
         match self.ctl.fence().await {
             Ok(()) => true,
             Err(e) => {
@@ -211,11 +276,13 @@ impl Agent {
     async fn round(&mut self) {
         // First, before anything else (this may be the first instant after a freeze).
         self.enforce_lease().await;
+        self.ensure_guard();
         let observed_at = Instant::now();
         let mut report = self.observe().await;
         // The lease counts from here (no later than the send) and the report says
         // how old its observation is by then.
         let sent_at = Instant::now();
+        let sent_boot_ns = guard::boottime_ns();
         report.observed_ago_ms = sent_at.duration_since(observed_at).as_millis() as u64;
         let request = pb::HeartbeatRequest {
             cluster: self.config.cluster.clone(),
@@ -223,7 +290,16 @@ impl Agent {
             report: Some(report.clone()),
             forwarded: false,
         };
-        let reply = match self.coordinators.heartbeat(request).await {
+        // A lease holder waits no longer than its lease: past it, it is fenced anyway.
+        let overall = self
+            .lease
+            .map_or(HEARTBEAT_TIMEOUT, |l| l.left(sent_at).min(HEARTBEAT_TIMEOUT))
+            .max(attempt_timeout(self.interval));
+        let reply = match self
+            .coordinators
+            .heartbeat_within(request, attempt_timeout(self.interval), overall)
+            .await
+        {
             Ok(r) => r,
             Err(ClientError::Rejected { code, message }) => {
                 let hint = if message.contains("does not exist") {
@@ -268,8 +344,17 @@ impl Agent {
             self.interval = Duration::from_millis(reply.heartbeat_interval_ms);
         }
         let is_primary = reply.primary.as_ref().is_some_and(|p| p.name == self.config.name);
-        self.lease_until = ((is_primary || reply.promote) && reply.lease_ms > 0)
-            .then(|| sent_at + Duration::from_millis(reply.lease_ms));
+        if (is_primary || reply.promote) && reply.lease_ms > 0 {
+            let length = Duration::from_millis(reply.lease_ms);
+            let usable = length.saturating_sub(pgquorum_client::lease::margin(length));
+            self.set_lease(Some(Lease {
+                until: sent_at + usable,
+                until_boot_ns: sent_boot_ns + usable.as_nanos() as u64,
+            }));
+        } else if !is_primary && !reply.promote {
+            self.set_lease(None);
+        }
+        // Otherwise ours but not renewed (a failover is in flight): it runs out.
         self.primary = reply.primary.as_ref().map(|p| (p.name.clone(), upstream(p)));
         match self.act(&reply, &report, is_primary).await {
             Ok(()) => self.resolved(),
@@ -330,7 +415,7 @@ impl Agent {
             // Chosen while down, or down since promoting (before the coordinators
             // committed it): start it; as the epoch's candidate it may run as primary.
             warn!("asked to promote but postgres is not running; starting it first");
-            return self.ctl.start().await;
+            return self.start_under_lease("start the promotion candidate").await;
         }
         if reply.promote {
             if !running || report.role != "standby" {
@@ -339,6 +424,7 @@ impl Agent {
                     detail: format!("asked to promote but postgres is {}", report.role),
                 });
             }
+            self.check_lease("promote")?;
             info!(epoch = reply.epoch, "promoting to primary");
             self.observer.promote(&reply.synchronous_standby_names).await?;
             let slots: Vec<String> = reply.standby_slots.iter().map(|s| slot_name(s)).collect();
@@ -352,7 +438,7 @@ impl Agent {
             if !running {
                 if reply.start_primary {
                     warn!("postgres is stopped; the coordinators ask to start it as primary");
-                    return self.ctl.start().await;
+                    return self.start_under_lease("start as primary").await;
                 }
                 return Err(Error::Tool {
                     tool: "primary".into(),
@@ -422,6 +508,30 @@ impl Agent {
         Ok(())
     }
 
+    /// Refuses `what` (something only a lease holder may do) once the lease ran out.
+    fn check_lease(&self, what: &str) -> Result<()> {
+        if self.lease_valid() {
+            return Ok(());
+        }
+        Err(Error::Tool {
+            tool: what.into(),
+            detail: "no primary lease, or it ran out: waiting for a coordinator to grant one".into(),
+        })
+    }
+
+    /// Starts Postgres where it may run as a primary, only under a live lease (the
+    /// guard would stop it at once otherwise); and checks again once it runs, since
+    /// starting can take longer than the lease.
+    async fn start_under_lease(&mut self, what: &str) -> Result<()> {
+        self.check_lease(what)?;
+        self.ctl.start().await?;
+        if !self.lease_valid() {
+            warn!("{what}: the lease ran out while starting; fencing");
+            self.enforce_lease().await;
+        }
+        Ok(())
+    }
+
     /// No cluster on disk yet: initdb when granted the bootstrap, else clone.
     async fn create(&mut self, reply: &pb::HeartbeatReply, primary: Option<&Upstream>) -> Result<()> {
         if reply.bootstrap {
@@ -430,7 +540,7 @@ impl Agent {
                 "granted the bootstrap: creating the cluster's first primary"
             );
             self.ctl.init_primary().await?;
-            return self.ctl.start().await;
+            return self.start_under_lease("start the first primary").await;
         }
         match primary {
             Some(up) => {

@@ -7,10 +7,13 @@
 //!   server over one kept-open connection.
 //! - [`state`]: the newest epoch seen, kept across restarts.
 //! - [`agent`]: the observe → report → act loop.
+//! - [`guard`]: the process that stops a primary whose lease ran out, whatever
+//!   happens to the agent.
 
 pub mod agent;
 pub mod config;
 mod error;
+pub mod guard;
 pub mod postgres;
 pub mod state;
 

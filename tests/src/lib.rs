@@ -228,6 +228,87 @@ impl Lagging {
     }
 }
 
+/// A writer that records when each of its commits was acknowledged, to check that two
+/// primaries never acknowledged writes at overlapping times. It reconnects after an
+/// error (for at most `for_at_most`) and stops when dropped.
+pub struct TimedWriter {
+    acks: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TimedWriter {
+    /// Inserts into `table` (which must exist, with defaults for every column) on
+    /// `node`, with `synchronous_commit = local` when `local` (any session may set
+    /// it: only the lease then stops an old primary's acknowledgements).
+    pub fn start(
+        sandbox: &Sandbox,
+        node: &str,
+        table: &str,
+        local: bool,
+        for_at_most: Duration,
+    ) -> TimedWriter {
+        let acks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = acks.clone();
+        let conninfo = format!("{} connect_timeout=1", sandbox.conninfo(node).unwrap());
+        let insert = format!("INSERT INTO {table} DEFAULT VALUES");
+        let task = tokio::spawn(async move {
+            let end = std::time::Instant::now() + for_at_most;
+            while std::time::Instant::now() < end {
+                let Ok((client, conn)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
+                else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                tokio::spawn(conn);
+                if local
+                    && client
+                        .batch_execute("SET synchronous_commit = local")
+                        .await
+                        .is_err()
+                {
+                    continue;
+                }
+                while std::time::Instant::now() < end {
+                    if client.execute(insert.as_str(), &[]).await.is_err() {
+                        break;
+                    }
+                    record.lock().unwrap().push(std::time::Instant::now());
+                }
+            }
+        });
+        TimedWriter { acks, task }
+    }
+
+    /// When each acknowledged commit returned, in order.
+    pub fn acks(&self) -> Vec<std::time::Instant> {
+        self.acks.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TimedWriter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Panics if `old`'s last acknowledged write is not before `new`'s first: two
+/// primaries acknowledged writes at overlapping times.
+pub fn assert_no_overlap(old: &TimedWriter, new: &TimedWriter) {
+    let (old, new) = (old.acks(), new.acks());
+    let (Some(last_old), Some(first_new)) = (old.last(), new.first()) else {
+        panic!(
+            "both writers must have written: old {}, new {}",
+            old.len(),
+            new.len()
+        );
+    };
+    assert!(
+        last_old < first_new,
+        "two writable primaries: the old one acknowledged a write {:?} after the new one's first",
+        last_old.duration_since(*first_new)
+    );
+}
+
 /// One node's line of a status reply.
 pub fn node_status<'a>(status: &'a pb::StatusReply, name: &str) -> &'a pb::NodeStatus {
     status

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Pid, Uid};
 use pgquorum_agent::config::{AgentConfig, PostgresConfig};
-pub use pgquorum_agent::postgres::ctl::postmaster_pid;
+use pgquorum_agent::guard::{running_guard, GuardFiles};
 use pgquorum_agent::postgres::ctl::process_alive;
+pub use pgquorum_agent::postgres::ctl::{children, postmaster_pid};
 use pgquorum_client::{pb, Coordinators};
 use pgquorum_router::config::RouterConfig;
 use serde::{Deserialize, Serialize};
@@ -392,10 +393,25 @@ impl Sandbox {
         stop_postmaster(&self.agent(name)?.config.postgres.data_dir, Signal::SIGINT)
     }
 
-    /// Host loss for one node: its agent and its Postgres stop.
+    /// Host loss for one node: its agent, its lease guard and its Postgres stop.
     pub fn stop_node(&mut self, name: &str) -> Result<()> {
         self.kill_agent(name)?;
+        stop_guard(&self.agent(name)?.config.postgres.data_dir);
         self.stop_postgres(name)
+    }
+
+    /// The log of a node's lease guard.
+    pub fn path_of_guard_log(&self, name: &str) -> PathBuf {
+        self.agent(name)
+            .map(|a| GuardFiles::next_to(&a.config.postgres.data_dir).log)
+            .unwrap_or_default()
+    }
+
+    /// The pid of a node's lease guard (started by its agent), if one runs.
+    pub fn guard_pid(&self, name: &str) -> Option<i32> {
+        running_guard(&GuardFiles::next_to(
+            &self.agent(name).ok()?.config.postgres.data_dir,
+        ))
     }
 
     /// kill -9 of a node's postmaster and every process under it.
@@ -412,16 +428,20 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Sudden host loss: kill -9 of the agent and of every Postgres process.
+    /// Sudden host loss: kill -9 of the agent, its lease guard and every Postgres
+    /// process.
     pub fn kill_host(&mut self, name: &str) -> Result<()> {
         self.kill_agent(name)?;
+        stop_guard(&self.agent(name)?.config.postgres.data_dir);
         self.kill_postgres(name)
     }
 
-    /// The pids of a node's agent and Postgres processes, e.g. to freeze the host.
+    /// The pids of a node's processes (lease guard first, then agent, then Postgres),
+    /// e.g. to freeze the host: thawed in this order, the guard runs first.
     pub fn host_pids(&self, name: &str) -> Result<Vec<i32>> {
         let agent = self.agent(name)?;
-        let mut pids: Vec<i32> = agent.child.iter().map(|c| c.id() as i32).collect();
+        let mut pids: Vec<i32> = self.guard_pid(name).into_iter().collect();
+        pids.extend(agent.child.iter().map(|c| c.id() as i32));
         if let Some(pm) = self.postmaster_pid(name) {
             pids.push(pm);
             pids.extend(children(pm));
@@ -603,30 +623,22 @@ impl Drop for Sandbox {
             }
         }
         for agent in self.agents.values() {
+            stop_guard(&agent.config.postgres.data_dir);
             let _ = stop_postmaster(&agent.config.postgres.data_dir, Signal::SIGQUIT);
         }
     }
 }
 
-/// Every process whose parent is `pid` (a postmaster's backends and helpers).
-pub fn children(pid: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|child| {
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-            // Fields after the parenthesised command name: state, ppid, …
-            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-            after
-                .split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<i32>().ok())
-                == Some(pid)
-        })
-        .collect()
+/// Stops the lease guard an agent started for `data_dir`, if one runs.
+fn stop_guard(data_dir: &Path) {
+    if let Some(pid) = running_guard(&GuardFiles::next_to(data_dir)) {
+        let pid = Pid::from_raw(pid);
+        let _ = kill(pid, Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while process_alive(pid.as_raw()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 /// Signals the postmaster of `data_dir` (SIGINT fast shutdown, SIGQUIT immediate) and
@@ -689,6 +701,7 @@ pub fn stop_recorded(dir: &Path) -> Result<SandboxFile> {
         terminate_pid(node.agent_pid, AGENT_BIN);
     }
     for node in &file.nodes {
+        stop_guard(&node.data_dir);
         stop_postmaster(&node.data_dir, Signal::SIGINT)?;
     }
     if let Some(r) = &file.router {

@@ -66,6 +66,45 @@ pub fn process_alive(pid: i32) -> bool {
     }
 }
 
+/// Every process whose parent is `pid` (a postmaster's backends and helpers).
+pub fn children(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // Fields after the parenthesised command name: state, ppid, …
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            after
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<i32>().ok())
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Kills a Postgres instance at once, frozen or not: the postmaster is stopped first
+/// (so it forks no more), then every child and the postmaster get SIGKILL.
+///
+/// Every child of a postmaster runs in a session of its own (Postgres calls
+/// `setsid()` in each), so no process-group signal reaches them; and a backend that
+/// outlives its postmaster — one thawed after its postmaster was killed — still
+/// finishes the commit it had started, and acknowledges it. So each is killed by pid.
+/// Crash-safe: the next start recovers from WAL.
+pub fn kill_instance(postmaster: i32) {
+    use nix::sys::signal::Signal;
+    let pm = Pid::from_raw(postmaster);
+    let _ = kill(pm, Signal::SIGSTOP);
+    for child in children(postmaster) {
+        let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+    }
+    let _ = kill(pm, Signal::SIGKILL);
+}
+
 /// The pid of the postmaster running on `data_dir`, from `postmaster.pid`, if alive.
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
@@ -417,28 +456,22 @@ impl PostgresCtl {
         self.cfg.data_dir.join("standby.signal").exists()
     }
 
-    /// Fences: stops Postgres at once (`immediate`, no checkpoint) and makes sure the
-    /// postmaster is gone, killing it if pg_ctl cannot (a frozen server).
+    /// Fences: kills every process of the instance at once ([`kill_instance`]; like
+    /// `pg_ctl stop -m immediate`, no checkpoint, but without waiting on a server that
+    /// is frozen or slow to answer), then waits until the postmaster is gone.
     pub async fn fence(&self) -> Result<()> {
-        let mut cmd = self.command("pg_ctl");
-        cmd.arg("-D")
-            .arg(&self.cfg.data_dir)
-            .args(["-m", "immediate", "-w", "-t", "5", "stop"]);
-        let stopped = self.run("pg_ctl stop", cmd).await;
-        if let Some(pid) = self.running_pid() {
-            let _ = kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            for _ in 0..100 {
-                if self.running_pid().is_none() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        for _ in 0..100 {
+            let Some(pid) = self.running_pid() else {
+                return Ok(());
+            };
+            kill_instance(pid);
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         match self.running_pid() {
             None => Ok(()),
             Some(pid) => Err(Error::Tool {
                 tool: "fence".into(),
-                detail: format!("postmaster {pid} survives pg_ctl stop and SIGKILL ({stopped:?})"),
+                detail: format!("postmaster {pid} survives SIGKILL"),
             }),
         }
     }
