@@ -5,10 +5,15 @@
 //! One tree means one `Batch` can purge entries and record `p` atomically, so a crash
 //! can never leave a hole or forget how far the log was purged (openraft#118).
 //!
-//! Durability contract: `save_vote` returns, and `append` signals its callback, only
-//! after sled has fsynced. A coordinator that acknowledged a vote or an entry and then
-//! lost it to a crash could vote twice in one term or lose a committed write; openraft's
-//! own storage suite cannot detect that, the kill -9 tests in `tests/` can.
+//! Durability contract: `save_vote`, `truncate` and `purge` return, and `append` signals
+//! its callback, only once the write is on stable storage: sled flushed and then
+//! `fdatasync` on sled's files ([`Durable::flush`]). sled's own flush is not enough: on
+//! Linux it ends in `sync_file_range`, which survives a process crash but not a power cut
+//! (it flushes neither the disk's write cache nor the file size; see [`super::durable`]).
+//! A coordinator that acknowledged a vote or an entry and then lost it could vote twice
+//! in one term or lose a committed write; openraft's own storage suite cannot detect
+//! that, and the kill -9 tests in `tests/` only catch a missing flush, not a missing
+//! fdatasync; the unit tests below check that each acknowledgement follows a data sync.
 //! `save_committed` is not flushed: an fsync per commit doubled commit latency and put
 //! its p99 near 80 ms. The persisted committed index may therefore lag after a crash;
 //! the one place that matters — a leader that resumes leadership from its persisted
@@ -17,12 +22,14 @@
 //! (`grpc::proposer`: a barrier entry first).
 
 use std::fmt::Debug;
+use std::io;
 use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
 
 use super::codec::{decode, encode};
+use super::durable::Durable;
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const KEY_VOTE: &[u8] = b"v";
@@ -40,12 +47,15 @@ fn log_key(index: u64) -> [u8; 9] {
 #[derive(Clone)]
 pub struct LogStore {
     tree: sled::Tree,
+    durable: Durable,
 }
 
 impl LogStore {
-    pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
+    /// `durable` must be the files of `db`.
+    pub fn open(db: &sled::Db, durable: Durable) -> Result<LogStore, sled::Error> {
         Ok(LogStore {
             tree: db.open_tree("raft_log")?,
+            durable,
         })
     }
 
@@ -58,8 +68,37 @@ impl LogStore {
             .map_err(|e| StorageIOError::read(&e).into())
     }
 
-    async fn flush(&self) -> Result<(), sled::Error> {
-        self.tree.flush_async().await.map(|_| ())
+    /// Returns once everything written so far is on stable storage.
+    async fn flush(&self) -> io::Result<()> {
+        self.durable.flush(&self.tree).await
+    }
+
+    /// [`RaftLogStorage::append`] with the acknowledgement as a closure, which a unit
+    /// test can observe (it cannot build openraft's `LogFlushed`).
+    async fn append_then_ack<I>(
+        &self,
+        entries: I,
+        ack: impl FnOnce(io::Result<()>),
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry>,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&log_key(entry.log_id.index), encode(&entry));
+        }
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        // Entries are readable now (the contract for returning); they are acknowledged
+        // only once on stable storage.
+        let flushed = self.flush().await;
+        let failed = flushed.as_ref().err().map(StorageIOError::write_logs);
+        ack(flushed);
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -146,22 +185,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(&log_key(entry.log_id.index), encode(&entry));
-        }
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        // Entries are readable now (the contract for returning); they are acknowledged
-        // only once on disk.
-        let flushed = self.flush().await.map_err(std::io::Error::other);
-        let failed = flushed.as_ref().err().map(StorageIOError::write_logs);
-        callback.log_io_completed(flushed);
-        match failed {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        self.append_then_ack(entries, |flushed| callback.log_io_completed(flushed))
+            .await
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -193,3 +218,4 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 }
+
