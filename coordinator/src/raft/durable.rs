@@ -101,6 +101,12 @@ impl Durable {
             .await
             .map_err(io::Error::other)?
     }
+
+    /// How many `sync_data` calls on `db` have succeeded so far.
+    #[cfg(test)]
+    pub(crate) fn data_syncs(&self) -> u64 {
+        self.files.data_syncs.load(Ordering::SeqCst)
+    }
 }
 
 impl Files {
@@ -171,3 +177,43 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_blob_is_synced_before_the_flush_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        let durable = Durable::open(&path).unwrap();
+        let tree = db.open_tree("t").unwrap();
+
+        tracing::info!("a small value lives in the log: no blob, one data sync");
+        tree.insert(b"small", vec![1u8; 100]).unwrap();
+        durable.flush(&tree).await.unwrap();
+        assert_eq!(durable.data_syncs(), 1);
+        assert!(durable.files.synced_blobs.lock().unwrap().is_empty());
+
+        tracing::info!("a value over a quarter of a 512 KiB segment goes to a blob file");
+        tree.insert(b"big", vec![2u8; 200 * 1024]).unwrap();
+        durable.flush(&tree).await.unwrap();
+        assert_eq!(durable.data_syncs(), 2);
+        let on_disk: HashMap<OsString, u64> = fs::read_dir(path.join("blobs"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name(), e.metadata().unwrap().len())
+            })
+            .collect();
+        assert!(
+            !on_disk.is_empty(),
+            "sled wrote no blob; the test no longer covers blobs"
+        );
+        assert_eq!(*durable.files.synced_blobs.lock().unwrap(), on_disk);
+    }
+}

@@ -219,3 +219,75 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+
+    /// A log store in a fresh sled directory, which lives as long as the returned `TempDir`.
+    fn store() -> (tempfile::TempDir, LogStore, Durable) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        let durable = Durable::open(&path).unwrap();
+        let store = LogStore::open(&db, durable.clone()).unwrap();
+        (dir, store, durable)
+    }
+
+    /// Each acknowledgement openraft relies on comes after a data sync of sled's file:
+    /// without [`Durable::flush`] (sled's flush alone) the counter would not move.
+    #[tokio::test]
+    async fn every_acknowledgement_follows_a_data_sync() {
+        let (_dir, mut store, durable) = store();
+
+        tracing::info!("save_vote(term 1, node 1) returns only after a data sync");
+        let before = durable.data_syncs();
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(
+            durable.data_syncs() > before,
+            "save_vote returned before a data sync"
+        );
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(1, 1)));
+
+        tracing::info!("append of entries 1..=3 acknowledges them only after a data sync");
+        let before = durable.data_syncs();
+        let mut syncs_at_ack = None;
+        store
+            .append_then_ack((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)), |flushed| {
+                flushed.unwrap();
+                syncs_at_ack = Some(durable.data_syncs());
+            })
+            .await
+            .unwrap();
+        let syncs_at_ack = syncs_at_ack.expect("append never acknowledged");
+        assert!(syncs_at_ack > before, "append acknowledged before a data sync");
+
+        tracing::info!("truncate from index 3 returns only after a data sync");
+        let before = durable.data_syncs();
+        store.truncate(log_id(1, 1, 3)).await.unwrap();
+        assert!(
+            durable.data_syncs() > before,
+            "truncate returned before a data sync"
+        );
+
+        tracing::info!("purge up to index 1 returns only after a data sync");
+        let before = durable.data_syncs();
+        store.purge(log_id(1, 1, 1)).await.unwrap();
+        assert!(durable.data_syncs() > before, "purge returned before a data sync");
+
+        tracing::info!("what is left is entry 2 alone, with index 1 recorded as purged");
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 1)));
+        assert_eq!(state.last_log_id, Some(log_id(1, 1, 2)));
+        let entries = store.try_get_log_entries(0..10).await.unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![2]
+        );
+    }
+}

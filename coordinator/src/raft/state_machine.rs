@@ -250,3 +250,43 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot openraft is told about (built or installed) has had a data sync first.
+    #[tokio::test]
+    async fn a_snapshot_is_synced_before_it_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        let durable = Durable::open(&path).unwrap();
+        let mut store = StateMachineStore::open(&db, durable.clone()).unwrap();
+
+        tracing::info!("build_snapshot of the empty state returns only after a data sync");
+        let before = durable.data_syncs();
+        let built = store.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert!(
+            durable.data_syncs() > before,
+            "build_snapshot returned before a data sync"
+        );
+
+        tracing::info!("install_snapshot of that snapshot returns only after a data sync");
+        let before = durable.data_syncs();
+        store.install_snapshot(&built.meta, built.snapshot).await.unwrap();
+        assert!(
+            durable.data_syncs() > before,
+            "install_snapshot returned before a data sync"
+        );
+        let current = store
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("no snapshot stored");
+        assert_eq!(current.meta, built.meta);
+    }
+}
