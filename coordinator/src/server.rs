@@ -33,8 +33,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         path: config.data_dir.display().to_string(),
         message: format!("field `data_dir`: cannot create: {e}"),
     })?;
+    let sled_path = config.data_dir.join("raft.sled");
     let db = sled::Config::new()
-        .path(config.data_dir.join("raft.sled"))
+        .path(&sled_path)
         // Every write that must be durable is flushed explicitly before it is
         // acknowledged (see raft::log_store). sled's own periodic flush on top only
         // collided with those: an explicit fsync queued behind it now and then.
@@ -47,8 +48,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             },
             e => Error::Storage(e),
         })?;
-    let log_store = LogStore::open(&db)?;
-    let state_machine = StateMachineStore::open(&db)?;
+    // sled's own flush does not survive a power cut: see raft::durable.
+    let durable = crate::raft::durable::Durable::open(&sled_path)?;
+    let log_store = LogStore::open(&db, durable.clone())?;
+    let state_machine = StateMachineStore::open(&db, durable)?;
     let state = state_machine.handle();
 
     let raft_config = Arc::new(config.openraft_config()?);

@@ -5,10 +5,15 @@
 //! One tree means one `Batch` can purge entries and record `p` atomically, so a crash
 //! can never leave a hole or forget how far the log was purged (openraft#118).
 //!
-//! Durability contract: `save_vote` returns, and `append` signals its callback, only
-//! after sled has fsynced. A coordinator that acknowledged a vote or an entry and then
-//! lost it to a crash could vote twice in one term or lose a committed write; openraft's
-//! own storage suite cannot detect that, the kill -9 tests in `tests/` can.
+//! Durability contract: `save_vote`, `truncate` and `purge` return, and `append` signals
+//! its callback, only once the write is on stable storage: sled flushed and then
+//! `fdatasync` on sled's files ([`Durable::flush`]). sled's own flush is not enough: on
+//! Linux it ends in `sync_file_range`, which survives a process crash but not a power cut
+//! (it flushes neither the disk's write cache nor the file size; see [`super::durable`]).
+//! A coordinator that acknowledged a vote or an entry and then lost it could vote twice
+//! in one term or lose a committed write; openraft's own storage suite cannot detect
+//! that, and the kill -9 tests in `tests/` only catch a missing flush, not a missing
+//! fdatasync; the unit tests below check that each acknowledgement follows a data sync.
 //! `save_committed` is not flushed: an fsync per commit doubled commit latency and put
 //! its p99 near 80 ms. The persisted committed index may therefore lag after a crash;
 //! the one place that matters — a leader that resumes leadership from its persisted
@@ -17,12 +22,14 @@
 //! (`grpc::proposer`: a barrier entry first).
 
 use std::fmt::Debug;
+use std::io;
 use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
 
 use super::codec::{decode, encode};
+use super::durable::Durable;
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const KEY_VOTE: &[u8] = b"v";
@@ -40,12 +47,15 @@ fn log_key(index: u64) -> [u8; 9] {
 #[derive(Clone)]
 pub struct LogStore {
     tree: sled::Tree,
+    durable: Durable,
 }
 
 impl LogStore {
-    pub fn open(db: &sled::Db) -> Result<LogStore, sled::Error> {
+    /// `durable` must be the files of `db`.
+    pub fn open(db: &sled::Db, durable: Durable) -> Result<LogStore, sled::Error> {
         Ok(LogStore {
             tree: db.open_tree("raft_log")?,
+            durable,
         })
     }
 
@@ -58,8 +68,37 @@ impl LogStore {
             .map_err(|e| StorageIOError::read(&e).into())
     }
 
-    async fn flush(&self) -> Result<(), sled::Error> {
-        self.tree.flush_async().await.map(|_| ())
+    /// Returns once everything written so far is on stable storage.
+    async fn flush(&self) -> io::Result<()> {
+        self.durable.flush(&self.tree).await
+    }
+
+    /// [`RaftLogStorage::append`] with the acknowledgement as a closure, which a unit
+    /// test can observe (it cannot build openraft's `LogFlushed`).
+    async fn append_then_ack<I>(
+        &self,
+        entries: I,
+        ack: impl FnOnce(io::Result<()>),
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry>,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&log_key(entry.log_id.index), encode(&entry));
+        }
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        // Entries are readable now (the contract for returning); they are acknowledged
+        // only once on stable storage.
+        let flushed = self.flush().await;
+        let failed = flushed.as_ref().err().map(StorageIOError::write_logs);
+        ack(flushed);
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -146,22 +185,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(&log_key(entry.log_id.index), encode(&entry));
-        }
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        // Entries are readable now (the contract for returning); they are acknowledged
-        // only once on disk.
-        let flushed = self.flush().await.map_err(std::io::Error::other);
-        let failed = flushed.as_ref().err().map(StorageIOError::write_logs);
-        callback.log_io_completed(flushed);
-        match failed {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        self.append_then_ack(entries, |flushed| callback.log_io_completed(flushed))
+            .await
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -191,5 +216,78 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::write_logs(&e))?;
         self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+
+    /// A log store in a fresh sled directory, which lives as long as the returned `TempDir`.
+    fn store() -> (tempfile::TempDir, LogStore, Durable) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        let durable = Durable::open(&path).unwrap();
+        let store = LogStore::open(&db, durable.clone()).unwrap();
+        (dir, store, durable)
+    }
+
+    /// Each acknowledgement openraft relies on comes after a data sync of sled's file:
+    /// without [`Durable::flush`] (sled's flush alone) the counter would not move.
+    #[tokio::test]
+    async fn every_acknowledgement_follows_a_data_sync() {
+        let (_dir, mut store, durable) = store();
+
+        tracing::info!("save_vote(term 1, node 1) returns only after a data sync");
+        let before = durable.data_syncs();
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(
+            durable.data_syncs() > before,
+            "save_vote returned before a data sync"
+        );
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(1, 1)));
+
+        tracing::info!("append of entries 1..=3 acknowledges them only after a data sync");
+        let before = durable.data_syncs();
+        let mut syncs_at_ack = None;
+        store
+            .append_then_ack((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)), |flushed| {
+                flushed.unwrap();
+                syncs_at_ack = Some(durable.data_syncs());
+            })
+            .await
+            .unwrap();
+        let syncs_at_ack = syncs_at_ack.expect("append never acknowledged");
+        assert!(syncs_at_ack > before, "append acknowledged before a data sync");
+
+        tracing::info!("truncate from index 3 returns only after a data sync");
+        let before = durable.data_syncs();
+        store.truncate(log_id(1, 1, 3)).await.unwrap();
+        assert!(
+            durable.data_syncs() > before,
+            "truncate returned before a data sync"
+        );
+
+        tracing::info!("purge up to index 1 returns only after a data sync");
+        let before = durable.data_syncs();
+        store.purge(log_id(1, 1, 1)).await.unwrap();
+        assert!(durable.data_syncs() > before, "purge returned before a data sync");
+
+        tracing::info!("what is left is entry 2 alone, with index 1 recorded as purged");
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 1)));
+        assert_eq!(state.last_log_id, Some(log_id(1, 1, 2)));
+        let entries = store.try_get_log_entries(0..10).await.unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![2]
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The coordinator's Raft node: openraft filled with sled storage and a gRPC transport.
 //!
-//! - [`log_store`]: the Raft log and vote in sled, each write fsynced before it is
-//!   acknowledged (openraft's correctness depends on it; its test suite cannot tell).
+//! - [`log_store`]: the Raft log and vote in sled, each write on stable storage before
+//!   it is acknowledged (openraft's correctness depends on it; its test suite cannot tell).
+//! - [`durable`]: what makes a sled flush survive a power cut (`fdatasync` after it).
 //! - [`state_machine`]: the cluster state in memory, rebuilt on start from the last
 //!   snapshot plus the log after it; snapshots are the durable copy.
 //! - [`network`]: one lazily connected gRPC channel per peer; every message names the
@@ -9,6 +10,7 @@
 //! - [`codec`]: the versioned encoding every stored and transported value goes through.
 
 pub mod codec;
+pub mod durable;
 pub mod leadership;
 pub mod log_store;
 pub mod network;

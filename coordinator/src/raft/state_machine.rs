@@ -2,8 +2,8 @@
 //!
 //! The state is small, so it lives in memory and `apply` does no I/O. What makes it
 //! durable is the snapshot: built from a copy of the state, written with its metadata
-//! as one sled value and fsynced before openraft is told it exists (and so before the
-//! log behind it may be purged). On start the state is the last snapshot, and openraft
+//! as one sled value and on stable storage ([`Durable::flush`]) before openraft is told
+//! it exists (and so before the log behind it may be purged). On start the state is the last snapshot, and openraft
 //! re-applies the committed entries after it; `applied_state` therefore reports the
 //! snapshot's log id, whose effects are certainly on disk.
 //!
@@ -19,6 +19,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
+use super::durable::Durable;
 use super::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::state::{ClusterState, CommandOutput, CommandResult};
 
@@ -81,15 +82,18 @@ struct StoredSnapshot {
 pub struct StateMachineStore {
     state: StateHandle,
     tree: sled::Tree,
+    durable: Durable,
 }
 
 impl StateMachineStore {
     /// Opens the snapshot tree and loads the last snapshot, if any, as the state.
-    pub fn open(db: &sled::Db) -> Result<StateMachineStore, crate::Error> {
+    /// `durable` must be the files of `db`.
+    pub fn open(db: &sled::Db, durable: Durable) -> Result<StateMachineStore, crate::Error> {
         let tree = db.open_tree("raft_snapshot")?;
         let store = StateMachineStore {
             state: StateHandle::default(),
             tree,
+            durable,
         };
         if let Some(snap) = store.load()? {
             let state: ClusterState = decode(&snap.data)?;
@@ -114,12 +118,18 @@ impl StateMachineStore {
     }
 }
 
-/// Writes the snapshot and fsyncs it; openraft may purge the log behind it afterwards.
-async fn save_snapshot(tree: &sled::Tree, snap: &StoredSnapshot) -> Result<(), StorageError> {
+/// Writes the snapshot and returns once it is on stable storage; openraft may purge the
+/// log behind it afterwards.
+async fn save_snapshot(
+    tree: &sled::Tree,
+    durable: &Durable,
+    snap: &StoredSnapshot,
+) -> Result<(), StorageError> {
     let sig = Some(snap.meta.signature());
     tree.insert(KEY_SNAPSHOT, encode(snap))
         .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    tree.flush_async()
+    durable
+        .flush(tree)
         .await
         .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
     Ok(())
@@ -129,6 +139,7 @@ async fn save_snapshot(tree: &sled::Tree, snap: &StoredSnapshot) -> Result<(), S
 pub struct SnapshotBuilder {
     applied: Applied,
     tree: sled::Tree,
+    durable: Durable,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -150,7 +161,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             data: encode(&self.applied.state),
         };
-        save_snapshot(&self.tree, &stored).await?;
+        save_snapshot(&self.tree, &self.durable, &stored).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -194,6 +205,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder {
             applied: self.state.read().clone(),
             tree: self.tree.clone(),
+            durable: self.durable.clone(),
         }
     }
 
@@ -213,6 +225,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // snapshot, which is what openraft was told is installed.
         save_snapshot(
             &self.tree,
+            &self.durable,
             &StoredSnapshot {
                 meta: meta.clone(),
                 data,
@@ -234,5 +247,46 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot openraft is told about (built or installed) has had a data sync first.
+    #[tokio::test]
+    async fn a_snapshot_is_synced_before_it_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        let durable = Durable::open(&path).unwrap();
+        let mut store = StateMachineStore::open(&db, durable.clone()).unwrap();
+
+        tracing::info!("build_snapshot of the empty state returns only after a data sync");
+        let before = durable.data_syncs();
+        let built = store.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert!(
+            durable.data_syncs() > before,
+            "build_snapshot returned before a data sync"
+        );
+
+        tracing::info!("install_snapshot of that snapshot returns only after a data sync");
+        let before = durable.data_syncs();
+        store.install_snapshot(&built.meta, built.snapshot).await.unwrap();
+        assert!(
+            durable.data_syncs() > before,
+            "install_snapshot returned before a data sync"
+        );
+        let current = store
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("no snapshot stored");
+        assert_eq!(current.meta, built.meta);
     }
 }
