@@ -84,6 +84,9 @@ impl From<Error> for tonic::Status {
             }
             Error::Command(CommandError::SyncSetChanged { .. }) => tonic::Status::aborted(message),
             Error::Command(CommandError::FailoverStep(_)) => tonic::Status::failed_precondition(message),
+            Error::Command(CommandError::ForeignSystemIdentifier { .. }) => {
+                tonic::Status::failed_precondition(message)
+            }
             Error::Command(_) => tonic::Status::invalid_argument(message),
             Error::Config { .. }
             | Error::Storage(_)

@@ -437,6 +437,54 @@ async fn a_frozen_primary_without_its_agent_never_acknowledges_next_to_the_new_o
     old_primary_frozen_without_its_agent(25900, 25910, "prefer").await;
 }
 
+/// Issue 10, case 5: the primary's data directory is lost while its agent lives. No
+/// empty database may become the primary: the cluster fails over to node2, and node1
+/// is rebuilt as node2's standby, from node2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped_again() {
+    let sandbox = start_sandbox(26000, 26010).await;
+    pg(&sandbox, "node1")
+        .await
+        .batch_execute("CREATE TABLE kept (id int); INSERT INTO kept VALUES (1)")
+        .await
+        .unwrap();
+    let identifier = |client: tokio_postgres::Client| async move {
+        client
+            .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let database = identifier(pg(&sandbox, "node1").await).await;
+    eventually("the cluster's database recorded", WAIT, || async {
+        history(&sandbox).await.iter().any(|(k, _)| k == "system_identifier")
+    })
+    .await;
+
+    sandbox.kill_postgres("node1").unwrap();
+    std::fs::remove_dir_all(sandbox.data_dir("node1").unwrap()).unwrap();
+
+    wait_promoted(&sandbox, "node2", 2).await;
+    sandbox
+        .wait_for("node1 rebuilt as a standby", WAIT, |s| {
+            node(s, "node1").role == "standby" && node(s, "node1").health == "HEALTHY"
+        })
+        .await
+        .unwrap();
+    let node1 = pg(&sandbox, "node1").await;
+    let kept: i32 = node1.query_one("SELECT id FROM kept", &[]).await.unwrap().get(0);
+    assert_eq!(kept, 1, "node1 holds the cluster's data again");
+    assert_eq!(identifier(node1).await, database, "the same database, not a new one");
+    let bootstraps = history(&sandbox)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k == "bootstrap")
+        .count();
+    assert_eq!(bootstraps, 1, "bootstrapped once");
+    let s = sandbox.status().await.unwrap();
+    assert_eq!((s.epoch, s.primary.as_str()), (2, "node2"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failovers_in_a_row_leave_every_node_following_the_last_primary() {
     let mut sandbox = start_sandbox(23800, 23810).await;

@@ -400,6 +400,11 @@ impl Sandbox {
         self.stop_postgres(name)
     }
 
+    /// A node's Postgres data directory.
+    pub fn data_dir(&self, name: &str) -> Result<PathBuf> {
+        Ok(self.agent(name)?.config.postgres.data_dir.clone())
+    }
+
     /// The log of a node's lease guard.
     pub fn path_of_guard_log(&self, name: &str) -> PathBuf {
         self.agent(name)

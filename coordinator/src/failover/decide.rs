@@ -77,6 +77,14 @@ fn standby_up(o: &Observed) -> bool {
     o.report.postgres_up && o.report.role == "standby"
 }
 
+/// Whether the node's data is this cluster's database (or the cluster has not
+/// recorded which database it is yet).
+fn same_database(cluster: &Cluster, o: &Observed) -> bool {
+    cluster
+        .system_identifier
+        .is_none_or(|id| o.report.system_identifier == id)
+}
+
 /// Whether some standby's agent reached the primary's Postgres within `limit`.
 fn a_standby_reaches_primary(
     cluster: &Cluster,
@@ -169,7 +177,7 @@ pub fn choose_after_fence(
     let policy = &cluster.policy;
     let heard = |name: &String| {
         fresh(cluster, reports, name)
-            .filter(|o| standby_up(o))
+            .filter(|o| standby_up(o) && same_database(cluster, o))
             .filter(|o| after_fence(o, fenced_ago))
     };
     let lsn_of =

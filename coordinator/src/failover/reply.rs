@@ -67,7 +67,9 @@ pub fn heartbeat_reply(
             host: p.host.clone(),
             port: p.port.into(),
         }),
-        bootstrap: initializing && is_primary,
+        // Only before the cluster's database is known: a primary whose data is gone
+        // must not start an empty one; it is failed over and rebuilt from a standby.
+        bootstrap: initializing && is_primary && cluster.system_identifier.is_none(),
         synchronous_standby_names,
         heartbeat_interval_ms: cluster.policy.heartbeat_interval_ms,
         lease_ms,

@@ -135,17 +135,30 @@ impl AgentServiceImpl {
             }
         }
         let initializing = report.initializing;
+        let system_identifier = (report.role == "primary" && report.postgres_up)
+            .then_some(report.system_identifier)
+            .filter(|&id| id != 0);
         self.reports.record(&cluster_name, &name, report, Instant::now());
 
-        let has_primary = self
-            .proposer
-            .state
-            .read()
-            .state
-            .cluster(&cluster_name)?
-            .primary
-            .is_some();
-        if initializing && !has_primary {
+        let (bootstrapped, is_primary, identified) = {
+            let applied = self.proposer.state.read();
+            let c = applied.state.cluster(&cluster_name)?;
+            (
+                c.epoch > 0,
+                c.primary.as_deref() == Some(name.as_str()),
+                c.system_identifier.is_some(),
+            )
+        };
+        if let Some(system_identifier) = system_identifier.filter(|_| is_primary && !identified) {
+            let cmd = Command::RecordSystemIdentifier {
+                cluster: cluster_name.clone(),
+                node: name.clone(),
+                system_identifier,
+                at_ms: now_ms(),
+            };
+            self.proposer.propose(cmd).await?;
+        }
+        if initializing && !bootstrapped {
             let cmd = Command::ClaimBootstrap {
                 cluster: cluster_name.clone(),
                 node: name.clone(),

@@ -105,6 +105,11 @@ pub struct Cluster {
     /// `noloadbalance` tag. Kept apart from [`Member`], which its agent rewrites.
     #[serde(default)]
     pub drained: std::collections::BTreeSet<String>,
+    /// The system identifier of the cluster's first primary, once it reported one:
+    /// the database this cluster is. No bootstrap is granted after it is known, and a
+    /// node with another one is never promoted.
+    #[serde(default)]
+    pub system_identifier: Option<u64>,
 }
 
 impl Cluster {
@@ -119,6 +124,7 @@ impl Cluster {
             endpoint_version: 0,
             failover: None,
             sync_floor_lsn: 0,
+            system_identifier: None,
             replica_routes: BTreeMap::new(),
             drained: Default::default(),
             history: VecDeque::new(),

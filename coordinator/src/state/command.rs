@@ -44,6 +44,14 @@ pub enum Command {
         node: String,
         at_ms: u64,
     },
+    /// The system identifier of the data directory of `node`, the cluster's primary,
+    /// becomes the cluster's: once recorded, no bootstrap is ever granted again.
+    RecordSystemIdentifier {
+        cluster: String,
+        node: String,
+        system_identifier: u64,
+        at_ms: u64,
+    },
     /// Replace the committed sync set, if it still is `expected` (compare-and-set, so
     /// a decision made on a stale view is refused rather than applied).
     SetSyncSet {
@@ -157,6 +165,13 @@ pub enum CommandError {
     },
     #[error("{0:?} is not a member of the cluster")]
     UnknownMember(String),
+    #[error("cluster {cluster:?} is the database with system identifier {recorded}; {node} reports {reported}")]
+    ForeignSystemIdentifier {
+        cluster: String,
+        node: String,
+        recorded: u64,
+        reported: u64,
+    },
     #[error("the sync set changed meanwhile (now {actual:?}); decide again")]
     SyncSetChanged { actual: Vec<String> },
     /// A failover step that does not fit the committed record (already done, or

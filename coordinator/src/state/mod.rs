@@ -148,10 +148,13 @@ impl ClusterState {
                 if !c.members.contains_key(node) {
                     return Err(CommandError::UnknownMember(node.clone()));
                 }
-                if let Some(primary) = &c.primary {
+                // Once per cluster: at epoch 0. (Not "while it has no primary": it has
+                // none during every failover, and a node whose data was lost would then
+                // create an empty database and become its primary.)
+                if c.epoch > 0 || c.system_identifier.is_some() {
                     return Err(CommandError::AlreadyBootstrapped {
                         cluster: cluster.clone(),
-                        primary: primary.clone(),
+                        primary: c.primary.clone().unwrap_or_else(|| "none right now".into()),
                         epoch: c.epoch,
                     });
                 }
@@ -163,6 +166,42 @@ impl ClusterState {
                     epoch: 0,
                     kind: "bootstrap".into(),
                     detail: format!("{node} initializes the cluster as its first primary"),
+                    actor: format!("agent {node}"),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
+            Command::RecordSystemIdentifier {
+                cluster,
+                node,
+                system_identifier,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                match c.system_identifier {
+                    Some(id) if id == *system_identifier => return Ok(CommandOutput::None),
+                    Some(recorded) => {
+                        return Err(CommandError::ForeignSystemIdentifier {
+                            cluster: cluster.clone(),
+                            node: node.clone(),
+                            recorded,
+                            reported: *system_identifier,
+                        })
+                    }
+                    None => {}
+                }
+                if c.primary.as_ref() != Some(node) || *system_identifier == 0 {
+                    return Err(CommandError::InvalidMember {
+                        name: node.clone(),
+                        message: "only the primary's system identifier is the cluster's".into(),
+                    });
+                }
+                c.system_identifier = Some(*system_identifier);
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "system_identifier".into(),
+                    detail: format!("{node}'s database {system_identifier} is the cluster's"),
                     actor: format!("agent {node}"),
                     log_index,
                 });
@@ -662,6 +701,43 @@ mod tests {
             member: member(name),
             at_ms: 3,
         }
+    }
+
+    #[test]
+    fn a_cluster_is_bootstrapped_once_even_while_it_has_no_primary() {
+        let mut s = ClusterState::default();
+        s.apply(&create("main", &[]), 1).unwrap();
+        s.apply(&register("node1"), 2).unwrap();
+        s.apply(&register("node2"), 3).unwrap();
+        let claim = |node: &str| Command::ClaimBootstrap {
+            cluster: "main".into(),
+            node: node.into(),
+            at_ms: 5,
+        };
+        let identify = |node: &str, id: u64| Command::RecordSystemIdentifier {
+            cluster: "main".into(),
+            node: node.into(),
+            system_identifier: id,
+            at_ms: 6,
+        };
+        s.apply(&claim("node1"), 4).unwrap();
+        assert!(
+            matches!(s.apply(&identify("node2", 77), 5), Err(CommandError::InvalidMember { .. })),
+            "only the primary's identifier counts"
+        );
+        s.apply(&identify("node1", 77), 5).unwrap();
+        s.apply(&identify("node1", 77), 6).unwrap();
+        assert!(matches!(
+            s.apply(&identify("node1", 78), 7),
+            Err(CommandError::ForeignSystemIdentifier { recorded: 77, reported: 78, .. })
+        ));
+        // A failover in flight: no primary, yet no second bootstrap.
+        s.clusters.get_mut("main").unwrap().primary = None;
+        assert!(matches!(
+            s.apply(&claim("node2"), 8),
+            Err(CommandError::AlreadyBootstrapped { .. })
+        ));
+        assert_eq!(s.cluster("main").unwrap().system_identifier, Some(77));
     }
 
     #[test]

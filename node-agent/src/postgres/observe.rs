@@ -57,7 +57,7 @@ fn opt_num(s: &str) -> Option<u64> {
     s.trim().parse::<f64>().ok().map(|f| f.max(0.0) as u64)
 }
 
-const ROLE: &str = "SELECT pg_is_in_recovery()";
+const ROLE: &str = "SELECT pg_is_in_recovery(), (SELECT system_identifier FROM pg_control_system())";
 
 const PRIMARY: &str = "SELECT pg_current_wal_lsn(), \
      ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int, \
@@ -131,13 +131,11 @@ impl Observer {
 
     async fn query(&mut self) -> std::result::Result<pb::NodeReport, String> {
         let client = self.client().await.map_err(|e| e.to_string())?;
-        let in_recovery = row(client, ROLE)
-            .await?
-            .first()
-            .map(|v| v == "t")
-            .unwrap_or(false);
+        let role = row(client, ROLE).await?;
+        let in_recovery = role.first().is_some_and(|v| v == "t");
         let mut r = pb::NodeReport {
             postgres_up: true,
+            system_identifier: role.get(1).and_then(|s| s.trim().parse().ok()).unwrap_or(0),
             ..Default::default()
         };
         if in_recovery {
