@@ -457,7 +457,10 @@ async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped
     };
     let database = identifier(pg(&sandbox, "node1").await).await;
     eventually("the cluster's database recorded", WAIT, || async {
-        history(&sandbox).await.iter().any(|(k, _)| k == "system_identifier")
+        history(&sandbox)
+            .await
+            .iter()
+            .any(|(k, _)| k == "system_identifier")
     })
     .await;
 
@@ -474,7 +477,11 @@ async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped
     let node1 = pg(&sandbox, "node1").await;
     let kept: i32 = node1.query_one("SELECT id FROM kept", &[]).await.unwrap().get(0);
     assert_eq!(kept, 1, "node1 holds the cluster's data again");
-    assert_eq!(identifier(node1).await, database, "the same database, not a new one");
+    assert_eq!(
+        identifier(node1).await,
+        database,
+        "the same database, not a new one"
+    );
     let bootstraps = history(&sandbox)
         .await
         .into_iter()

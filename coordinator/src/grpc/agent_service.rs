@@ -7,9 +7,10 @@
 //! coordinator is heard (a primary cut off from the leader alone keeps reporting).
 //!
 //! Leases: the report table belongs to the term this node leads in (it starts afresh
-//! in a new one), and a lease is granted only while a quorum acknowledged this leader
-//! within the grant window; otherwise the heartbeat is refused, the agent tries
-//! another coordinator, and an unrenewed lease runs out.
+//! in a new one), and no lease outlasts this leader's last quorum contact by more than
+//! the grant window plus a lease ([`lease_room`]); a leader cut off from its quorum
+//! refuses the heartbeat, the agent tries another coordinator, and an unrenewed lease
+//! runs out.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -176,7 +177,7 @@ impl AgentServiceImpl {
     }
 
     /// What the node must know and do (see [`crate::failover::reply`]), if this node
-    /// still leads in `lead`'s term with a recent quorum contact.
+    /// still leads in `lead`'s term; a lease no longer than its quorum contact allows.
     fn reply(
         &self,
         lead: Lead,
@@ -189,21 +190,24 @@ impl AgentServiceImpl {
         let Some(current) = current else {
             return Err(self.proposer.not_leader());
         };
-        if !current.quorum_within(self.grant_window, now) {
-            let since = current.quorum_acked_at.map_or(u64::MAX, |at| {
-                now.saturating_duration_since(at).as_millis() as u64
-            });
-            return Err(Error::NoQuorumContact {
-                since_ms: since,
-                window_ms: self.grant_window.as_millis() as u64,
-            });
-        }
         let mut reply = heartbeat_reply(
             cluster,
             &self.reports.cluster(&cluster.name, now),
             name,
             initializing,
         );
+        if reply.lease_ms > 0 {
+            let lease = Duration::from_millis(reply.lease_ms);
+            let Some(room) = lease_room(current, self.grant_window, lease, now) else {
+                return Err(Error::NoQuorumContact {
+                    since_ms: current.quorum_acked_at.map_or(u64::MAX, |at| {
+                        now.saturating_duration_since(at).as_millis() as u64
+                    }),
+                    window_ms: self.grant_window.as_millis() as u64,
+                });
+            };
+            reply.lease_ms = room.as_millis() as u64;
+        }
         reply.reply_mark = self.reports.reply_mark(now);
         if reply.lease_ms > 0 {
             self.reports.lease_granted(&cluster.name, name, now);
@@ -214,6 +218,19 @@ impl AgentServiceImpl {
         }
         Ok(reply)
     }
+}
+
+/// The lease this leader may grant now: it must end no later than its last quorum
+/// contact plus the grant window plus a lease, since a new leader (elected after that
+/// contact) counts every earlier lease as over by its election plus that much (see
+/// [`crate::failover::decide::lease_expired`]). So a leader whose acknowledgements
+/// come late grants shorter leases, and one cut off from its quorum grants none (None
+/// also when too little is left to be worth a margin).
+pub fn lease_room(lead: Lead, grant_window: Duration, lease: Duration, now: Instant) -> Option<Duration> {
+    let acked = lead.quorum_acked_at?;
+    let latest_end = acked + grant_window + lease;
+    let room = latest_end.saturating_duration_since(now).min(lease);
+    (room > pgquorum_client::lease::margin(lease) * 2).then_some(room)
 }
 
 #[tonic::async_trait]
@@ -232,5 +249,36 @@ impl AgentService for AgentServiceImpl {
         };
         self.reports.lead(lead.term, Instant::now());
         Ok(Response::new(self.handle(lead, request).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_never_outlasts_the_last_quorum_contact_by_more_than_window_and_lease() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let lead = |acked: Option<Instant>| Lead {
+            term: 2,
+            quorum_acked_at: acked,
+        };
+        let (window, lease) = (ms(150), ms(1000));
+        assert_eq!(
+            lease_room(lead(Some(t0)), window, lease, t0 + ms(100)),
+            Some(lease)
+        );
+        assert_eq!(
+            lease_room(lead(Some(t0)), window, lease, t0 + ms(400)),
+            Some(ms(750))
+        );
+        assert_eq!(
+            lease_room(lead(Some(t0)), window, lease, t0 + ms(1_110)),
+            None,
+            "40 ms left"
+        );
+        assert_eq!(lease_room(lead(Some(t0)), window, lease, t0 + ms(5_000)), None);
+        assert_eq!(lease_room(lead(None), window, lease, t0), None, "no contact yet");
     }
 }

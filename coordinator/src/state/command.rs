@@ -165,7 +165,9 @@ pub enum CommandError {
     },
     #[error("{0:?} is not a member of the cluster")]
     UnknownMember(String),
-    #[error("cluster {cluster:?} is the database with system identifier {recorded}; {node} reports {reported}")]
+    #[error(
+        "cluster {cluster:?} is the database with system identifier {recorded}; {node} reports {reported}"
+    )]
     ForeignSystemIdentifier {
         cluster: String,
         node: String,

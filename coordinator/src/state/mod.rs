@@ -722,14 +722,21 @@ mod tests {
         };
         s.apply(&claim("node1"), 4).unwrap();
         assert!(
-            matches!(s.apply(&identify("node2", 77), 5), Err(CommandError::InvalidMember { .. })),
+            matches!(
+                s.apply(&identify("node2", 77), 5),
+                Err(CommandError::InvalidMember { .. })
+            ),
             "only the primary's identifier counts"
         );
         s.apply(&identify("node1", 77), 5).unwrap();
         s.apply(&identify("node1", 77), 6).unwrap();
         assert!(matches!(
             s.apply(&identify("node1", 78), 7),
-            Err(CommandError::ForeignSystemIdentifier { recorded: 77, reported: 78, .. })
+            Err(CommandError::ForeignSystemIdentifier {
+                recorded: 77,
+                reported: 78,
+                ..
+            })
         ));
         // A failover in flight: no primary, yet no second bootstrap.
         s.clusters.get_mut("main").unwrap().primary = None;
