@@ -67,6 +67,9 @@ pub struct Agent {
     last_problem: Option<String>,
     /// `reply_mark` of the last reply, echoed in the next observation's report.
     reply_mark: u64,
+    /// Random per process, and the number of the next report within it.
+    incarnation: u64,
+    seq: u64,
 }
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
@@ -81,6 +84,19 @@ impl Lease {
     fn left(&self, now: Instant) -> Duration {
         self.until.saturating_duration_since(now)
     }
+}
+
+/// A random, non-zero number for this agent process.
+fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish() | 1
 }
 
 /// How long one coordinator may take to answer a heartbeat before all are asked.
@@ -134,6 +150,8 @@ impl Agent {
             following: None,
             last_problem: None,
             reply_mark: 0,
+            incarnation: new_incarnation(),
+            seq: 0,
         })
     }
 
@@ -284,6 +302,9 @@ impl Agent {
         let sent_at = Instant::now();
         let sent_boot_ns = guard::boottime_ns();
         report.observed_ago_ms = sent_at.duration_since(observed_at).as_millis() as u64;
+        self.seq += 1;
+        report.incarnation = self.incarnation;
+        report.seq = self.seq;
         let request = pb::HeartbeatRequest {
             cluster: self.config.cluster.clone(),
             member: Some(self.config.member_spec()),

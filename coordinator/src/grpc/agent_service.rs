@@ -139,6 +139,7 @@ impl AgentServiceImpl {
         let system_identifier = (report.role == "primary" && report.postgres_up)
             .then_some(report.system_identifier)
             .filter(|&id| id != 0);
+        // A late or repeated report is not kept; the reply is still what the state says.
         self.reports.record(&cluster_name, &name, report, Instant::now());
 
         let (bootstrapped, is_primary, identified) = {

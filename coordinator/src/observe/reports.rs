@@ -128,8 +128,14 @@ impl WalClockEntry {
     }
 }
 
+/// How many earlier agent incarnations of a node are remembered, so that their late
+/// reports are ignored.
+const RETIRED_INCARNATIONS: usize = 8;
+
 struct NodeEntry {
     report: pb::NodeReport,
+    /// Incarnations of this node's agent that a later one replaced.
+    retired: Vec<u64>,
     at: Instant,
     last_up: Option<Instant>,
     lease_granted: Option<Instant>,
@@ -210,10 +216,29 @@ impl Reports {
         self.0.lock().expect("reports lock poisoned").reset(None, now);
     }
 
-    pub fn record(&self, cluster: &str, node: &str, report: pb::NodeReport, now: Instant) {
+    /// Keeps `report` as the node's latest, unless it is older than the one kept (same
+    /// agent incarnation and a sequence number not above it, or from an incarnation
+    /// since replaced). Returns whether it was kept.
+    pub fn record(&self, cluster: &str, node: &str, report: pb::NodeReport, now: Instant) -> bool {
         let mut all = self.0.lock().expect("reports lock poisoned");
         let seen_reply = all.decode_mark(report.reply_mark_seen);
         let entry = all.clusters.entry(cluster.to_string()).or_default();
+        let mut retired = Vec::new();
+        if let Some(previous) = entry.nodes.get(node) {
+            let (inc, prev_inc) = (report.incarnation, previous.report.incarnation);
+            if inc != 0
+                && (previous.retired.contains(&inc) || (inc == prev_inc && report.seq <= previous.report.seq))
+            {
+                return false;
+            }
+            retired = previous.retired.clone();
+            if inc != prev_inc && prev_inc != 0 {
+                retired.push(prev_inc);
+                if retired.len() > RETIRED_INCARNATIONS {
+                    retired.remove(0);
+                }
+            }
+        }
         if report.role == "primary" && report.postgres_up {
             if let Some(lsn) = Lsn::parse(&report.current_lsn) {
                 let observed = now.checked_sub(observed_ago(&report)).unwrap_or(now);
@@ -248,6 +273,7 @@ impl Reports {
             node.to_string(),
             NodeEntry {
                 report,
+                retired,
                 at: now,
                 last_up,
                 lease_granted,
@@ -255,6 +281,7 @@ impl Reports {
                 role_since,
             },
         );
+        true
     }
 
     /// A mark for a reply built now: an agent echoes it in reports it observes after
@@ -427,6 +454,39 @@ mod tests {
         let kept = lsns(&clock);
         assert_eq!(kept.len(), WAL_CLOCK_SAMPLES);
         assert_eq!(kept[0], 1_010, "the oldest go first");
+    }
+
+    #[test]
+    fn a_late_or_repeated_report_never_replaces_a_newer_one() {
+        let t0 = Instant::now();
+        let reports = table(t0);
+        let numbered = |incarnation, seq, role: &str| pb::NodeReport {
+            incarnation,
+            seq,
+            ..report(0, role)
+        };
+        assert!(reports.record("main", "node1", numbered(7, 2, "primary"), t0));
+        assert!(
+            !reports.record("main", "node1", numbered(7, 1, "stopped"), t0),
+            "late"
+        );
+        assert!(
+            !reports.record("main", "node1", numbered(7, 2, "stopped"), t0),
+            "twice"
+        );
+        assert!(reports.record("main", "node1", numbered(7, 3, "primary"), t0));
+        // The agent restarted: a new incarnation counts from 1; the old one is retired.
+        assert!(reports.record("main", "node1", numbered(9, 1, "primary"), t0));
+        assert!(
+            !reports.record("main", "node1", numbered(7, 4, "stopped"), t0),
+            "retired"
+        );
+        assert!(
+            reports.record("main", "node1", numbered(0, 0, "primary"), t0),
+            "unnumbered"
+        );
+        let kept = &reports.cluster("main", t0).nodes["node1"].report;
+        assert_eq!(kept.role, "primary");
     }
 
     #[test]
