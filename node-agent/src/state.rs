@@ -3,7 +3,8 @@
 //! The epoch is the fencing token (DESIGN.md, Invariant 1): an agent that has seen
 //! epoch E refuses anything older, also after a restart, so a stale coordinator (or a
 //! delayed reply) can never make it act for a past epoch. The file is replaced
-//! atomically (write, fsync, rename) so a crash leaves the old value or the new one.
+//! atomically (write, fsync, rename, fsync of the directory) so a crash or power cut
+//! leaves the old value or the new one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,10 @@ impl StateFile {
         f.write_all(toml::to_string(state).unwrap_or_default().as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
+        // The rename itself is durable only once the directory is.
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
         Ok(())
     }
 }
