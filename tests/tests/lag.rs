@@ -89,9 +89,10 @@ async fn a_restarted_standby_with_replay_paused_stops_taking_realtime_reads_and_
         for name in ["node2", "node3"] {
             let n = node(&s, name);
             // Idle clusters still write a little WAL now and then (running-xacts
-            // records); a standby may trail such a record by a heartbeat.
+            // records), which a busy standby may trail for a moment; but the lag is not
+            // the age of the last replayed commit, over 2 s by now.
             assert!(
-                n.lag_ms <= 200 && n.lag_source().exact_or_caught_up(),
+                n.lag_ms < 1_000 && n.lag_source().exact_or_caught_up(),
                 "idle: {n:?}"
             );
         }
