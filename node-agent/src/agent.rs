@@ -177,6 +177,8 @@ impl Agent {
             let started = Instant::now();
             let epoch = self.state.epoch;
             self.round().await;
+            // After the round: a first start gets its lease before the guard looks.
+            self.ensure_guard();
             // A new epoch means a failover in flight: report again at once, since the
             // choice of a candidate waits for observations made after this reply.
             let pause = if self.state.epoch > epoch {
@@ -261,6 +263,22 @@ impl Agent {
         // of the round, so heartbeats keep flowing and say it hangs.
         let budget = (self.interval * 3).clamp(Duration::from_millis(300), Duration::from_secs(1));
         let running = self.ctl.running_pid().is_some();
+        if !running {
+            // A postmaster killed alone leaves backends that can still acknowledge
+            // the commit they were doing: "stopped" only once none is left.
+            let left = crate::postgres::ctl::kill_leftovers(&self.config.postgres.data_dir);
+            if left > 0 {
+                warn!(left, "postmaster gone, its processes not: killed them");
+                return pb::NodeReport {
+                    postgres_up: false,
+                    role: "unknown".into(),
+                    error: format!("killed {left} leftover processes of a dead postmaster"),
+                    epoch: self.state.epoch,
+                    reply_mark_seen,
+                    ..Default::default()
+                };
+            }
+        }
         let probe_target = match &self.primary {
             Some((name, up)) if name != &self.config.name => Some(up.clone()),
             _ => None,
@@ -294,7 +312,6 @@ impl Agent {
     async fn round(&mut self) {
         // First, before anything else (this may be the first instant after a freeze).
         self.enforce_lease().await;
-        self.ensure_guard();
         let observed_at = Instant::now();
         let mut report = self.observe().await;
         // The lease counts from here (no later than the send) and the report says
@@ -372,9 +389,11 @@ impl Agent {
                 until: sent_at + usable,
                 until_boot_ns: sent_boot_ns + usable.as_nanos() as u64,
             }));
-        } else if !is_primary && !reply.promote {
+        } else if !is_primary && !reply.promote && !reply.stop_cleanly {
             self.set_lease(None);
         }
+        // A switchover's clean stop keeps the old deadline: the guard must not kill
+        // the server while it shuts down cleanly (the coordinators wait for the stop).
         // Otherwise ours but not renewed (a failover is in flight): it runs out.
         self.primary = reply.primary.as_ref().map(|p| (p.name.clone(), upstream(p)));
         match self.act(&reply, &report, is_primary).await {

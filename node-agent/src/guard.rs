@@ -33,10 +33,13 @@ use std::time::Duration;
 
 use nix::time::{clock_gettime, ClockId};
 
-use crate::postgres::ctl::{kill_instance, postmaster_pid};
+use crate::postgres::ctl::{kill_instance, kill_leftovers, postmaster_pid};
 
 /// How often the guard looks at the deadline: the fence fires at most this late.
 pub const POLL: Duration = Duration::from_millis(10);
+/// How often, without a lease and without a postmaster, the guard looks for processes
+/// a dead postmaster left behind.
+const LEFTOVER_SCAN: Duration = Duration::from_secs(1);
 /// With nothing to guard for this long, the guard exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(30);
 
@@ -104,6 +107,9 @@ pub fn run(files: &GuardFiles) {
     let node_dir = files.data_dir.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut idle_since = boottime_ns();
     let mut last_lease_write = std::fs::metadata(&files.lease).and_then(|m| m.modified()).ok();
+    // When leftovers of a dead postmaster were last looked for (a /proc scan: not
+    // every poll), and whether since the lease ran out.
+    let mut leftovers_scanned: Option<u64> = None;
     eprintln!(
         "pgquorum guard {} watching {}",
         std::process::id(),
@@ -118,6 +124,21 @@ pub fn run(files: &GuardFiles) {
         let running = postmaster_pid(&files.data_dir);
         let deadline = read_deadline(&files.lease);
         let standby = files.data_dir.join("standby.signal").exists();
+        let covered = deadline.is_some_and(|d| now < d);
+        if covered {
+            leftovers_scanned = None;
+        } else if running.is_none()
+            && !standby
+            && leftovers_scanned.is_none_or(|at| now.saturating_sub(at) >= LEFTOVER_SCAN.as_nanos() as u64)
+        {
+            // No lease and no postmaster: backends it left behind may still finish
+            // a commit. Looked for at once when the lease runs out, then every second.
+            let left = kill_leftovers(&files.data_dir);
+            if left > 0 {
+                eprintln!("killed {left} leftover processes of a dead postmaster (fence)");
+            }
+            leftovers_scanned = Some(now);
+        }
         if let Some(pid) = running {
             if must_fence(deadline, now, true, standby) {
                 let late_ms = deadline.map(|d| (now.saturating_sub(d)) / 1_000_000);

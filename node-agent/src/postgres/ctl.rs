@@ -106,10 +106,45 @@ pub fn kill_instance(postmaster: i32) {
 }
 
 /// The pid of the postmaster running on `data_dir`, from `postmaster.pid`, if alive.
+///
+/// A standalone backend (`postgres --single`, as initdb and pg_rewind's crash recovery
+/// run) writes its pid negated: it serves no client, and it is no postmaster; None.
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    process_alive(pid).then_some(pid)
+    (pid > 0 && process_alive(pid)).then_some(pid)
+}
+
+/// The processes a postmaster started on `data_dir` (backends and helpers), found by
+/// their working directory (the data directory) and their process title (`postgres:
+/// …`, which only a postmaster's children set) — also once their postmaster is gone,
+/// when a backend can still finish, and acknowledge, the commit it was doing. Not a
+/// standalone backend (`postgres --single`, run by initdb and by pg_rewind's crash
+/// recovery), which keeps its command line and serves no client.
+pub fn instance_pids(data_dir: &Path) -> Vec<i32> {
+    let Ok(dir) = data_dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"postgres: ")))
+        .filter(|&pid| process_alive(pid))
+        .collect()
+}
+
+/// Kills what is left of an instance whose postmaster is gone (SIGKILL, by pid), and
+/// returns how many processes were left.
+pub fn kill_leftovers(data_dir: &Path) -> usize {
+    let left = instance_pids(data_dir);
+    for pid in &left {
+        let _ = kill(Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    left.len()
 }
 
 /// Whether a node on `timeline` at `lsn` went past where the history (a `.history`
