@@ -209,6 +209,7 @@ impl Sim {
                         age: ms(self.t - s.at),
                         up_ago: s.last_up.map(|u| ms(self.t - u)),
                         lease_granted_ago: s.lease_granted.map(|g| ms(self.t - g)),
+                        longest_grant: Duration::ZERO,
                         seen_reply_ago: s.seen_reply.map(|r| ms(self.t - r)),
                         role_for: ms(self.t - s.role_since),
                         observed_ago: ms(self.t - s.at),

@@ -354,14 +354,17 @@ pub fn lease_expired(cluster: &Cluster, reports: &ClusterReports, node: &str) ->
 /// How long ago `node`'s lease ran out at the latest; None while it may still run.
 fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Option<Duration> {
     let lease = Duration::from_millis(cluster.policy.lease_ms);
-    let own = lease + pgquorum_client::lease::margin(lease);
-    let since_grant = reports
-        .nodes
-        .get(node)
+    let observed = reports.nodes.get(node);
+    // A lease lowered by policy leaves longer grants of this leader to run out.
+    let granted = observed.map_or(lease, |o| o.longest_grant.max(lease));
+    let own = granted + pgquorum_client::lease::margin(granted);
+    let since_grant = observed
         .and_then(|o| o.lease_granted_ago)
         .unwrap_or(Duration::MAX);
     let over_own = since_grant.checked_sub(own);
-    let over_earlier = reports.leader_for.checked_sub(own + reports.grant_window);
+    let over_earlier = reports
+        .leader_for
+        .checked_sub(lease + pgquorum_client::lease::margin(lease) + reports.grant_window);
     over_own.zip(over_earlier).map(|(a, b)| a.min(b))
 }
 
@@ -697,5 +700,12 @@ mod tests {
         // Granted by this leader too: the later of the two ends counts.
         granted(&mut r, ms(500));
         assert!(!lease_expired(&c, &r, "node1"));
+        // The policy lowered the lease after a 10 s grant: that grant still runs.
+        r.leader_for = ms(3_600_000);
+        r.nodes.get_mut("node1").unwrap().longest_grant = ms(10_000);
+        granted(&mut r, ms(5_000));
+        assert!(!lease_expired(&c, &r, "node1"), "a 10 s grant 5 s ago");
+        granted(&mut r, ms(10_200));
+        assert!(lease_expired(&c, &r, "node1"));
     }
 }

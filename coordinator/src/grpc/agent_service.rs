@@ -211,7 +211,8 @@ impl AgentServiceImpl {
         }
         reply.reply_mark = self.reports.reply_mark(now);
         if reply.lease_ms > 0 {
-            self.reports.lease_granted(&cluster.name, name, now);
+            let length = Duration::from_millis(reply.lease_ms);
+            self.reports.lease_granted(&cluster.name, name, length, now);
         }
         if cluster.primary.as_deref() == Some(name) {
             self.reports

@@ -251,6 +251,7 @@ pub(crate) mod tests {
                     age,
                     up_ago,
                     lease_granted_ago: None,
+                    longest_grant: Duration::ZERO,
                     // Observed right after a reply it got just before: as fresh as it is.
                     seen_reply_ago: Some(age),
                     role_for: age,

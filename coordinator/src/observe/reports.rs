@@ -24,6 +24,9 @@ pub struct Observed {
     pub up_ago: Option<Duration>,
     /// Since this leader last granted the node a primary lease; None: never.
     pub lease_granted_ago: Option<Duration>,
+    /// The longest lease this leader granted the node (zero: none). A lease shortened
+    /// by policy still leaves earlier, longer grants to run out.
+    pub longest_grant: Duration,
     /// The observation is younger than this: it was made after the node received a
     /// reply this leader built that long ago (see [`Reports::reply_mark`]). None: no
     /// such reply (not yet, or from another leader).
@@ -139,6 +142,7 @@ struct NodeEntry {
     at: Instant,
     last_up: Option<Instant>,
     lease_granted: Option<Instant>,
+    longest_grant: Duration,
     /// When this leader built the reply the report's observation followed.
     seen_reply: Option<Instant>,
     /// When the current role and Postgres state were first reported.
@@ -268,7 +272,8 @@ impl Reports {
             .as_ref()
             .filter(|p| p.report.role == report.role && p.report.postgres_up == report.postgres_up)
             .map_or(now, |p| p.role_since);
-        let lease_granted = previous.and_then(|p| p.lease_granted);
+        let lease_granted = previous.as_ref().and_then(|p| p.lease_granted);
+        let longest_grant = previous.as_ref().map_or(Duration::ZERO, |p| p.longest_grant);
         entry.nodes.insert(
             node.to_string(),
             NodeEntry {
@@ -277,6 +282,7 @@ impl Reports {
                 at: now,
                 last_up,
                 lease_granted,
+                longest_grant,
                 seen_reply,
                 role_since,
             },
@@ -301,10 +307,11 @@ impl Reports {
     }
 
     /// Notes that the node was just granted a primary lease.
-    pub fn lease_granted(&self, cluster: &str, node: &str, now: Instant) {
+    pub fn lease_granted(&self, cluster: &str, node: &str, length: Duration, now: Instant) {
         let mut all = self.0.lock().expect("reports lock poisoned");
         if let Some(n) = all.clusters.get_mut(cluster).and_then(|c| c.nodes.get_mut(node)) {
             n.lease_granted = Some(now);
+            n.longest_grant = n.longest_grant.max(length);
         }
     }
 
@@ -329,6 +336,7 @@ impl Reports {
                         age: now.saturating_duration_since(n.at),
                         up_ago: ago(n.last_up),
                         lease_granted_ago: ago(n.lease_granted),
+                        longest_grant: n.longest_grant,
                         seen_reply_ago: ago(n.seen_reply),
                         role_for: now.saturating_duration_since(n.role_since),
                         observed_ago: now.saturating_duration_since(n.at) + observed_ago(&n.report),
@@ -409,7 +417,7 @@ mod tests {
         let elected = t0 + ms(60_000);
         reports.lead(7, elected);
         reports.record("main", "node1", report(0, "primary"), elected + ms(10));
-        reports.lease_granted("main", "node1", elected + ms(10));
+        reports.lease_granted("main", "node1", ms(1000), elected + ms(10));
         let later = elected + ms(500);
         reports.lead(7, later);
         let seen = reports.cluster("main", later);
