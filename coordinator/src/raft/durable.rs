@@ -177,20 +177,29 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// A sled store as the coordinator opens it, with its `Durable`, in a fresh directory
+/// that lives as long as the returned `TempDir`.
+#[cfg(test)]
+pub(crate) fn test_store() -> (tempfile::TempDir, sled::Db, Durable) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.sled");
+    let db = sled::Config::new()
+        .path(&path)
+        .flush_every_ms(None)
+        .open()
+        .unwrap();
+    let durable = Durable::open(&path).unwrap();
+    (dir, db, durable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn a_blob_is_synced_before_the_flush_returns() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, db, durable) = test_store();
         let path = dir.path().join("raft.sled");
-        let db = sled::Config::new()
-            .path(&path)
-            .flush_every_ms(None)
-            .open()
-            .unwrap();
-        let durable = Durable::open(&path).unwrap();
         let tree = db.open_tree("t").unwrap();
 
         tracing::info!("a small value lives in the log: no blob, one data sync");

@@ -227,14 +227,7 @@ mod tests {
 
     /// A log store in a fresh sled directory, which lives as long as the returned `TempDir`.
     fn store() -> (tempfile::TempDir, LogStore, Durable) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.sled");
-        let db = sled::Config::new()
-            .path(&path)
-            .flush_every_ms(None)
-            .open()
-            .unwrap();
-        let durable = Durable::open(&path).unwrap();
+        let (dir, db, durable) = super::super::durable::test_store();
         let store = LogStore::open(&db, durable.clone()).unwrap();
         (dir, store, durable)
     }

@@ -257,14 +257,7 @@ mod tests {
     /// A snapshot openraft is told about (built or installed) has had a data sync first.
     #[tokio::test]
     async fn a_snapshot_is_synced_before_it_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("raft.sled");
-        let db = sled::Config::new()
-            .path(&path)
-            .flush_every_ms(None)
-            .open()
-            .unwrap();
-        let durable = Durable::open(&path).unwrap();
+        let (_dir, db, durable) = super::super::durable::test_store();
         let mut store = StateMachineStore::open(&db, durable.clone()).unwrap();
 
         tracing::info!("build_snapshot of the empty state returns only after a data sync");
