@@ -24,6 +24,10 @@
 //! database = "postgres"
 //! # replication_user = "replicator"  # defaults to superuser
 //! # log_file = "/var/log/pgquorum/node1-postgres.log"
+//! # pg_hba = [                     # when given, pg_hba.conf holds exactly these lines
+//! #   "host all all 10.0.0.0/16 scram-sha-256",        # (written with the node's settings)
+//! #   "host replication replicator 10.0.0.0/16 scram-sha-256",
+//! # ]
 //! [postgres.parameters]            # extra postgresql.conf settings
 //! shared_buffers = "1GB"
 //! ```
@@ -100,6 +104,12 @@ pub struct PostgresConfig {
     pub replication_user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_file: Option<PathBuf>,
+    /// The lines of `pg_hba.conf`, written whenever the agent writes the node's
+    /// settings (after initdb, a base backup or a rewind, and on every repoint), as
+    /// Patroni's `postgresql.pg_hba`; empty: the file is left as initdb or the base
+    /// backup made it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pg_hba: Vec<String>,
     #[serde(default)]
     pub parameters: BTreeMap<String, String>,
 }
@@ -210,6 +220,14 @@ impl AgentConfig {
         if pg.advertise_host.is_empty() {
             return bad("postgres.advertise_host", "must not be empty".into());
         }
+        for (i, line) in pg.pg_hba.iter().enumerate() {
+            if line.trim().is_empty() || line.contains(['\n', '\r']) {
+                return bad(
+                    &format!("postgres.pg_hba[{i}]"),
+                    format!("{line:?} is not one pg_hba.conf line"),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -277,6 +295,13 @@ port = 25001
                 "`postgres.bin_dir`",
             ),
             (good().replace("port = 25001", "prot = 25001"), "prot"),
+            (
+                good().replace(
+                    "port = 25001",
+                    "port = 25001\npg_hba = [\"host all all ::1/128 trust\", \" \"]",
+                ),
+                "`postgres.pg_hba[1]`",
+            ),
         ];
         for (text, needle) in cases {
             let e = AgentConfig::parse(&text).unwrap_err();

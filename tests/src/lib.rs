@@ -158,10 +158,20 @@ pub async fn read_cluster(client: &Coordinators, name: &str) -> pb::Cluster {
 /// A started sandbox (3 coordinators, 3 Postgres servers with agents, all HEALTHY) in
 /// a fresh temporary directory.
 pub async fn start_sandbox(coordinator_base: u16, postgres_base: u16) -> InTempDir<Sandbox> {
+    start_sandbox_with(coordinator_base, postgres_base, |_| {}).await
+}
+
+/// Like [`start_sandbox`], with the spec adjusted by `spec` first (e.g. every host on a
+/// network of its own, or policy settings).
+pub async fn start_sandbox_with(
+    coordinator_base: u16,
+    postgres_base: u16,
+    spec: impl FnOnce(&mut SandboxSpec),
+) -> InTempDir<Sandbox> {
     let dir = temp_dir("pgquorum-sandbox-test-");
-    let sandbox = Sandbox::start(SandboxSpec::new(dir.path(), coordinator_base, postgres_base))
-        .await
-        .expect("start sandbox");
+    let mut s = SandboxSpec::new(dir.path(), coordinator_base, postgres_base);
+    spec(&mut s);
+    let sandbox = Sandbox::start(s).await.expect("start sandbox");
     InTempDir { inner: sandbox, dir }
 }
 

@@ -1,7 +1,15 @@
 //! `pgquorum bench failover`: kill the primary (host or postmaster, kill -9) while a
 //! writer runs, and measure how long until writes work again and what was lost.
 //! `--kill switchover` kills nothing and asks for a switchover instead, timing the
-//! planned handover the same way.
+//! planned handover the same way. `--kill cut` cuts the primary's host off from the
+//! coordinators and the standbys (every host on a network of its own; needs root)
+//! while its clients still reach it, and adds the fence figures:
+//! - `fence_after_renewal_ms`: from the old primary's last lease renewal (the send of
+//!   the heartbeat that earned it, read back from its lease file) to its first refused
+//!   write, for a writer with `synchronous_commit = local` (which only the lease stops);
+//!   the target is `lease_ms` + 100 ms;
+//! - `overlap_ms`: the old primary's last acknowledged write less the new primary's
+//!   first; above 0 means two primaries acknowledged writes at the same time.
 //!
 //! Each round, on a sandbox (the same one `pgquorum sandbox up` starts):
 //! - a writer inserts sequential ids into the primary and records every
@@ -26,6 +34,7 @@ use super::summary;
 use crate::error::{Error, Result};
 use crate::launch::{Sandbox, SandboxSpec};
 use crate::output::table;
+use pgquorum_agent::guard::{boottime_ns, read_deadline, GuardFiles};
 
 pub struct Options {
     pub rounds: u64,
@@ -42,6 +51,9 @@ pub enum Kill {
     Postgres,
     /// Nothing dies: the operator asks for a switchover (`pgquorum switchover`).
     Switchover,
+    /// The primary's host loses its links to the coordinators and standbys; its
+    /// clients still reach it.
+    Cut,
 }
 
 const NODES: [&str; 3] = ["node1", "node2", "node3"];
@@ -75,20 +87,27 @@ struct Round {
     first_write: f64,
     sync_restored: f64,
     lost: usize,
+    /// `--kill cut` only: see the module documentation.
+    fence_after_renewal: f64,
+    overlap: f64,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
     // `_tmp` is declared first so it is dropped last, after the processes are stopped.
     let (dir, _tmp) = super::work_dir(&opts.dir, "pgquorum-bench-failover-")?;
     eprintln!("starting a sandbox in {}", dir.display());
-    let mut sandbox =
-        Sandbox::start(SandboxSpec::new(&dir, opts.coordinator_base, opts.postgres_base)).await?;
+    let mut spec = SandboxSpec::new(&dir, opts.coordinator_base, opts.postgres_base);
+    spec.network = opts.kill == Kill::Cut;
+    let mut sandbox = Sandbox::start(spec).await?;
     let primary = sandbox.status().await?.primary;
     let client = connect(&sandbox, &primary)
         .await
         .ok_or_else(|| Error::Launch("cannot reach the primary".into()))?;
     client
-        .batch_execute("CREATE TABLE IF NOT EXISTS bench_acked (id bigint PRIMARY KEY)")
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS bench_acked (id bigint PRIMARY KEY); \
+             CREATE TABLE IF NOT EXISTS bench_local (id bigserial PRIMARY KEY)",
+        )
         .await
         .map_err(|e| Error::Launch(format!("create table: {e}")))?;
 
@@ -101,6 +120,12 @@ pub async fn run(opts: Options) -> Result<()> {
              sync restored {:.0} ms, lost acknowledged writes {}",
             round.detect, round.fence, round.promote, round.first_write, round.sync_restored, round.lost
         );
+        if opts.kill == Kill::Cut {
+            eprintln!(
+                "round {n}: old primary refused writes {:.0} ms after its last renewal; overlap {:.0} ms",
+                round.fence_after_renewal, round.overlap
+            );
+        }
         rounds.push(round);
         heal(&mut sandbox).await?;
     }
@@ -113,8 +138,17 @@ pub async fn run(opts: Options) -> Result<()> {
         ("promotion published (ms)", pick(|r| r.promote)),
         ("first write on new primary (ms)", pick(|r| r.first_write)),
         ("a standby synchronous again (ms)", pick(|r| r.sync_restored)),
+        (
+            "old primary refuses, from its last renewal (ms)",
+            pick(|r| r.fence_after_renewal),
+        ),
+        (
+            "overlap of the two primaries' acks (ms, <= 0)",
+            pick(|r| r.overlap),
+        ),
     ];
-    let mut rows: Vec<Vec<String>> = measures
+    let shown = if opts.kill == Kill::Cut { 7 } else { 5 };
+    let mut rows: Vec<Vec<String>> = measures[..shown]
         .iter()
         .map(|(what, v)| {
             vec![
@@ -134,7 +168,7 @@ pub async fn run(opts: Options) -> Result<()> {
             rows
         )
     );
-    let result = json!({
+    let mut result = json!({
         "bench": "failover",
         "kill": format!("{:?}", opts.kill).to_lowercase(),
         "rounds": opts.rounds,
@@ -145,6 +179,11 @@ pub async fn run(opts: Options) -> Result<()> {
         "sync_restored_ms": measures[4].1,
         "lost_acked_writes": lost,
     });
+    if opts.kill == Kill::Cut {
+        result["fence_after_renewal_ms"] = measures[5].1.clone();
+        result["overlap_ms"] = measures[6].1.clone();
+        result["lease_ms"] = json!(lease_ms(&sandbox).await?);
+    }
     println!("{result}");
     Ok(())
 }
@@ -174,11 +213,31 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
             }
         })
     };
+    let local = if kill == Kill::Cut {
+        Some(LocalWriter::start(sandbox, &old).await?)
+    } else {
+        None
+    };
+    let lease_file = GuardFiles::next_to(&sandbox.data_dir(&old)?).lease;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let killed_at = Instant::now();
     let killed_ms = wall_ms();
+    // The last lease renewal before the cut: its deadline as the agent wrote it.
+    let last_deadline = Arc::new(Mutex::new(None));
+    let sampler = {
+        let last = last_deadline.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(d) = read_deadline(&lease_file) {
+                    *last.lock().expect("deadline lock") = Some(d);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
     match kill {
+        Kill::Cut => sandbox.network()?.isolate(&old)?,
         Kill::Host => sandbox.kill_host(&old)?,
         Kill::Postgres => sandbox.kill_postgres(&old)?,
         Kill::Switchover => {
@@ -197,6 +256,7 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
         }
     }
     *next_id = writer.await.map_err(|e| Error::Launch(format!("writer: {e}")))? + 1_000_000;
+    sampler.abort();
 
     // First write anywhere else.
     let mut first_write = None;
@@ -273,6 +333,20 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
     } else {
         "failover"
     };
+    let (mut fence_after_renewal, mut overlap) = (f64::NAN, f64::NAN);
+    if let Some(local) = local {
+        let lease = Duration::from_millis(lease_ms(sandbox).await?);
+        let (last_ack, refused_ns) = local.stop().await;
+        let usable = lease.saturating_sub(pgquorum_client::lease::margin(lease));
+        let deadline = *last_deadline.lock().expect("deadline lock");
+        if let (Some(deadline), Some(refused)) = (deadline, refused_ns) {
+            let renewed = deadline.saturating_sub(usable.as_nanos() as u64);
+            fence_after_renewal = (refused as f64 - renewed as f64) / 1e6;
+        }
+        if let (Some(last), Some(first)) = (last_ack, first_write) {
+            overlap = (last.duration_since(killed_at).as_secs_f64() - first.as_secs_f64()) * 1000.0;
+        }
+    }
     Ok(Round {
         detect: at(&format!("{kind}_started")),
         fence: at("candidate_chosen"),
@@ -280,11 +354,72 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
         first_write: first_write.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN),
         sync_restored: sync_restored.as_secs_f64() * 1000.0,
         lost: ids.len().saturating_sub(present as usize),
+        fence_after_renewal,
+        overlap,
     })
 }
 
-/// Brings every node back: the old primary's agent restarts and rejoins it.
+/// The cluster's lease length.
+async fn lease_ms(sandbox: &Sandbox) -> Result<u64> {
+    let cluster = sandbox
+        .client()
+        .call(|mut c| async move {
+            c.get_cluster(pb::GetClusterRequest {
+                name: "main".into(),
+                consistency: 0,
+            })
+            .await
+        })
+        .await?
+        .cluster
+        .unwrap_or_default();
+    Ok(cluster.policy.unwrap_or_default().lease_ms)
+}
+
+/// A writer with `synchronous_commit = local` on the old primary: only its lease stops
+/// its acknowledgements. Records the last acknowledgement and when (on
+/// `CLOCK_BOOTTIME`, the lease file's clock) the first write failed.
+struct LocalWriter {
+    last_ack: Arc<Mutex<Option<Instant>>>,
+    task: tokio::task::JoinHandle<Option<u64>>,
+}
+
+impl LocalWriter {
+    async fn start(sandbox: &Sandbox, node: &str) -> Result<LocalWriter> {
+        let client = connect(sandbox, node)
+            .await
+            .ok_or_else(|| Error::Launch(format!("cannot reach {node}")))?;
+        client
+            .batch_execute("SET synchronous_commit = local")
+            .await
+            .map_err(|e| Error::Launch(format!("set synchronous_commit: {e}")))?;
+        let last_ack = Arc::new(Mutex::new(None));
+        let last = last_ack.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let insert = client.execute("INSERT INTO bench_local DEFAULT VALUES", &[]);
+                match tokio::time::timeout(WAIT, insert).await {
+                    Ok(Ok(_)) => *last.lock().expect("ack lock") = Some(Instant::now()),
+                    _ => return Some(boottime_ns()),
+                }
+            }
+        });
+        Ok(LocalWriter { last_ack, task })
+    }
+
+    /// Waits until a write failed; returns the last acknowledgement and the failure.
+    async fn stop(self) -> (Option<Instant>, Option<u64>) {
+        let refused = self.task.await.ok().flatten();
+        let last = *self.last_ack.lock().expect("ack lock");
+        (last, refused)
+    }
+}
+
+/// Brings every node back: links heal, the old primary's agent restarts and rejoins it.
 async fn heal(sandbox: &mut Sandbox) -> Result<()> {
+    if let Ok(net) = sandbox.network() {
+        net.heal_all()?;
+    }
     for node in NODES {
         if sandbox.host_pids(node)?.is_empty() || !sandbox.agent_running(node) {
             sandbox.start_agent(node)?;

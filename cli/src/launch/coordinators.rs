@@ -1,7 +1,8 @@
 //! A coordinator group as real processes on loopback.
 //!
 //! Each node gets its own directory (`coord-N/` with its config, data and log) and its
-//! own port (`base_port + N`). Processes are killed when the group is dropped, also
+//! own port (`base_port + N`), on loopback or on a host of a test [`super::Network`].
+//! Processes are killed when the group is dropped, also
 //! when a test panics (then the tail of every node's log is printed, since that is
 //! what one needs to see).
 
@@ -14,7 +15,9 @@ use nix::sys::signal::Signal;
 use pgquorum_client::{pb, Coordinators, Timeouts};
 use pgquorum_coordinator::config::{Config, MemberConfig, RaftTuning};
 
-use super::{ensure_port_free, find_binary, print_log_tail, signal_and_wait, spawn_logged, COORDINATOR_BIN};
+use super::{
+    ensure_port_free, find_binary, print_log_tail, signal_and_wait, spawn_logged, Host, COORDINATOR_BIN,
+};
 use crate::error::{Error, Result};
 
 /// The region a sandbox node is placed in: two in the primary region, the rest in the
@@ -37,6 +40,9 @@ pub struct GroupSpec {
     /// Number of founding voters (ids 1..=size).
     pub size: u64,
     pub raft: RaftTuning,
+    /// Node N runs on `hosts[N]`'s network and address when given (see
+    /// [`super::Network`]); else on loopback.
+    pub hosts: BTreeMap<u64, Host>,
 }
 
 impl GroupSpec {
@@ -46,6 +52,7 @@ impl GroupSpec {
             base_port,
             size,
             raft: RaftTuning::default(),
+            hosts: BTreeMap::new(),
         }
     }
 }
@@ -95,7 +102,12 @@ impl CoordinatorGroup {
     }
 
     pub fn addr_of(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", self.spec.base_port as u64 + id)
+        let ip = self
+            .spec
+            .hosts
+            .get(&id)
+            .map_or("127.0.0.1".to_string(), |h| h.ip.to_string());
+        format!("{ip}:{}", self.spec.base_port as u64 + id)
     }
 
     pub fn node_dir(&self, id: u64) -> PathBuf {
@@ -165,14 +177,17 @@ impl CoordinatorGroup {
         if node.child.is_some() {
             return Err(Error::Launch(format!("node {id} is already running")));
         }
-        let port: u16 = node
-            .addr
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(0);
-        ensure_port_free(port)?;
+        let host = self.spec.hosts.get(&id);
+        if host.is_none() {
+            let port: u16 = node
+                .addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(0);
+            ensure_port_free(port)?;
+        }
         let args = [std::ffi::OsStr::new("--config"), node.config_path.as_os_str()];
-        let child = spawn_logged(&bin, &args, &node.log_path)?;
+        let child = spawn_logged(&bin, &args, &node.log_path, host)?;
         node.child = Some(child);
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! and port bases never collide, so tests can run in parallel.
 
 mod coordinators;
+mod net;
 mod sandbox;
 
 use std::ffi::OsStr;
@@ -19,8 +20,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 pub use coordinators::{sandbox_region, CoordinatorGroup, GroupSpec};
+pub use net::{Host, Network};
 pub use sandbox::{
-    children, postmaster_pid, runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec, AGENT_BIN, SANDBOX_FILE,
+    children, coordinator_host, postmaster_pid, runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec,
+    AGENT_BIN, SANDBOX_FILE,
 };
 
 use crate::error::{Error, Result};
@@ -66,15 +69,19 @@ pub fn find_binary(name: &str) -> Result<PathBuf> {
     })
 }
 
-/// Starts `bin args…` with stdout and stderr appended to `log`.
-fn spawn_logged(bin: &Path, args: &[&OsStr], log: &Path) -> Result<Child> {
+/// Starts `bin args…` with stdout and stderr appended to `log`, on `host`'s network
+/// when given (else on this machine's).
+fn spawn_logged(bin: &Path, args: &[&OsStr], log: &Path, host: Option<&Host>) -> Result<Child> {
     let file = OpenOptions::new().create(true).append(true).open(log)?;
-    Command::new(bin)
-        .args(args)
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
-        .stderr(file)
-        .spawn()
+        .stderr(file);
+    if let Some(host) = host {
+        host.enter(&mut cmd)?;
+    }
+    cmd.spawn()
         .map_err(|e| Error::Launch(format!("cannot start {}: {e}", bin.display())))
 }
 

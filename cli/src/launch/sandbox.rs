@@ -33,7 +33,8 @@ use pgquorum_router::config::RouterConfig;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ensure_port_free, find_binary, print_log_tail, signal_and_wait, spawn_logged, CoordinatorGroup, GroupSpec,
+    ensure_port_free, find_binary, print_log_tail, signal_and_wait, spawn_logged, CoordinatorGroup,
+    GroupSpec, Network,
 };
 use crate::error::{Error, Result};
 
@@ -57,6 +58,10 @@ pub struct SandboxSpec {
     /// postgresql.conf settings for every node, over the sandbox's own (small)
     /// defaults; e.g. a larger `max_connections` for a benchmark.
     pub postgres_parameters: Vec<(String, String)>,
+    /// Each coordinator and each node (agent, guard, Postgres) on a host of its own
+    /// [`Network`], named `coordN` and `nodeN`, so links can be cut; needs root. The
+    /// router and the caller stay on this machine, the hosts' clients.
+    pub network: bool,
 }
 
 impl SandboxSpec {
@@ -68,6 +73,7 @@ impl SandboxSpec {
             cluster: "main".into(),
             settings: Vec::new(),
             postgres_parameters: Vec::new(),
+            network: false,
         }
     }
 }
@@ -147,6 +153,8 @@ pub struct Sandbox {
     agents: BTreeMap<String, AgentProcess>,
     router: Option<RouterProcess>,
     owned: bool,
+    /// Declared last: removed after every process on it has stopped.
+    network: Option<Network>,
 }
 
 struct RouterProcess {
@@ -172,13 +180,33 @@ impl Sandbox {
         // Postgres may run as another user, who must be able to reach its directory.
         std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o755))?;
         let agent_bin = find_binary(AGENT_BIN)?;
-        let group = CoordinatorGroup::start(GroupSpec::new(&spec.dir, spec.coordinator_base, 3)).await?;
+        let mut group_spec = GroupSpec::new(&spec.dir, spec.coordinator_base, 3);
+        let mut network = None;
+        if spec.network {
+            let mut net = Network::create(spec.coordinator_base)?;
+            for id in 1..=group_spec.size {
+                group_spec.hosts.insert(id, net.add_host(&coordinator_host(id))?);
+            }
+            for plan in &NODES {
+                net.add_host(plan.name)?;
+            }
+            network = Some(net);
+        }
+        // On failure the network (if any) is removed after the group's processes stop.
+        let group = match CoordinatorGroup::start(group_spec).await {
+            Ok(g) => g,
+            Err(e) => {
+                drop(network);
+                return Err(e);
+            }
+        };
         let mut sandbox = Sandbox {
             spec,
             group,
             agents: BTreeMap::new(),
             router: None,
             owned: true,
+            network,
         };
         sandbox.ensure_cluster().await?;
         for (i, plan) in NODES.iter().enumerate() {
@@ -237,7 +265,7 @@ impl Sandbox {
         std::fs::write(&config_path, text)?;
         let log_path = dir.join("router.log");
         let args = [std::ffi::OsStr::new("--config"), config_path.as_os_str()];
-        let child = spawn_logged(&find_binary(ROUTER_BIN)?, &args, &log_path)?;
+        let child = spawn_logged(&find_binary(ROUTER_BIN)?, &args, &log_path, None)?;
         self.router = Some(RouterProcess {
             config,
             child: Some(child),
@@ -286,6 +314,25 @@ impl Sandbox {
         let dir = self.node_dir(plan.name);
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        // On a host of its own: reachable at its address from the other hosts and
+        // this machine (trust on the test network only), at 127.0.0.1 by its agent.
+        let (listen_addresses, advertise_host, pg_hba) = match &self.network {
+            Some(net) => {
+                let ip = net.host(plan.name)?.ip;
+                let cidr = net.cidr();
+                let hba = ["127.0.0.1/32", cidr.as_str()]
+                    .iter()
+                    .flat_map(|from| {
+                        [
+                            format!("host all all {from} trust"),
+                            format!("host replication all {from} trust"),
+                        ]
+                    })
+                    .collect();
+                (format!("127.0.0.1,{ip}"), ip.to_string(), hba)
+            }
+            None => ("127.0.0.1".to_string(), "127.0.0.1".to_string(), Vec::new()),
+        };
         let config = AgentConfig {
             cluster: self.spec.cluster.clone(),
             name: plan.name.into(),
@@ -300,14 +347,15 @@ impl Sandbox {
                 bin_dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
                 data_dir: dir.join("pg").join("data"),
                 port: self.spec.postgres_base + index,
-                listen_addresses: "127.0.0.1".into(),
-                advertise_host: "127.0.0.1".into(),
+                listen_addresses,
+                advertise_host,
                 os_user: os_user(),
                 superuser: "postgres".into(),
                 password: String::new(),
                 database: "postgres".into(),
                 replication_user: None,
                 log_file: None,
+                pg_hba,
                 parameters: [
                     ("shared_buffers", "32MB"),
                     ("max_connections", "100"),
@@ -354,15 +402,19 @@ impl Sandbox {
     }
 
     fn start_agent_with(&mut self, name: &str, bin: &Path) -> Result<()> {
+        let host = match &self.network {
+            Some(net) => Some(net.host(name)?.clone()),
+            None => None,
+        };
         let agent = self.agent_mut(name)?;
         if agent.child.is_some() {
             return Err(Error::Launch(format!("the agent of {name} is already running")));
         }
-        if !agent.config.postgres.data_dir.join("postmaster.pid").exists() {
+        if host.is_none() && !agent.config.postgres.data_dir.join("postmaster.pid").exists() {
             ensure_port_free(agent.config.postgres.port)?;
         }
         let args = [std::ffi::OsStr::new("--config"), agent.config_path.as_os_str()];
-        agent.child = Some(spawn_logged(bin, &args, &agent.log_path)?);
+        agent.child = Some(spawn_logged(bin, &args, &agent.log_path, host.as_ref())?);
         Ok(())
     }
 
@@ -462,8 +514,8 @@ impl Sandbox {
     pub fn conninfo(&self, name: &str) -> Result<String> {
         let pg = &self.agent(name)?.config.postgres;
         Ok(format!(
-            "host=127.0.0.1 port={} user={} dbname={}",
-            pg.port, pg.superuser, pg.database
+            "host={} port={} user={} dbname={}",
+            pg.advertise_host, pg.port, pg.superuser, pg.database
         ))
     }
 
@@ -473,6 +525,13 @@ impl Sandbox {
 
     pub fn coordinators(&mut self) -> &mut CoordinatorGroup {
         &mut self.group
+    }
+
+    /// The hosts' network, when started with [`SandboxSpec::network`]: to cut links.
+    pub fn network(&mut self) -> Result<&mut Network> {
+        self.network
+            .as_mut()
+            .ok_or_else(|| Error::Launch("this sandbox was started without a network of its own".into()))
     }
 
     pub fn cluster(&self) -> &str {
@@ -584,6 +643,11 @@ impl Sandbox {
     /// Writes `sandbox.json` and hands the processes over: they keep running after
     /// this value (and the command that started them) is gone.
     pub fn detach(mut self) -> Result<SandboxFile> {
+        if self.network.is_some() {
+            return Err(Error::Launch(
+                "a sandbox on a network of its own cannot outlive its command".into(),
+            ));
+        }
         let file = self.file();
         let text = serde_json::to_string_pretty(&file).map_err(|e| Error::Launch(e.to_string()))?;
         std::fs::write(self.spec.dir.join(SANDBOX_FILE), text + "\n")?;
@@ -632,6 +696,11 @@ impl Drop for Sandbox {
             let _ = stop_postmaster(&agent.config.postgres.data_dir, Signal::SIGQUIT);
         }
     }
+}
+
+/// The name of coordinator `id`'s host on a sandbox's [`Network`].
+pub fn coordinator_host(id: u64) -> String {
+    format!("coord{id}")
 }
 
 /// Stops the lease guard an agent started for `data_dir`, if one runs.

@@ -460,6 +460,17 @@ impl PostgresCtl {
         if let Some(r) = self.run_as {
             chown(&path, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
         }
+        if !c.pg_hba.is_empty() {
+            let hba = c.data_dir.join("pg_hba.conf");
+            let text = format!(
+                "# Written by pgquorum-agent from postgres.pg_hba; changes are overwritten.\n{}\n",
+                c.pg_hba.join("\n")
+            );
+            std::fs::write(&hba, text)?;
+            if let Some(r) = self.run_as {
+                chown(&hba, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
+            }
+        }
         let signal = c.data_dir.join("standby.signal");
         if upstream.is_some() {
             std::fs::write(&signal, "")?;
