@@ -7,8 +7,11 @@
 //! coordinator is heard (a primary cut off from the leader alone keeps reporting).
 //!
 //! Leases: the report table belongs to the term this node leads in (it starts afresh
-//! in a new one), and no lease outlasts this leader's last quorum contact by more than
-//! the grant window plus a lease ([`lease_room`]); a leader cut off from its quorum
+//! in a new one). A reply that grants a lease first confirms this leadership with a
+//! quorum round (openraft's read index, `ensure_linearizable`) and then reads the state
+//! applied through it; the lease ends no later than the grant window plus a lease after
+//! that round *started* ([`lease_room`]), a time read before asking, so no pause of
+//! this process can date a contact later than it was. A leader cut off from its quorum
 //! refuses the heartbeat, the agent tries another coordinator, and an unrenewed lease
 //! runs out.
 
@@ -26,7 +29,7 @@ use super::proposer::Proposer;
 use crate::failover::heartbeat_reply;
 use crate::observe::Reports;
 use crate::raft::leadership::{Lead, Leadership};
-use crate::state::{Cluster, Command, CommandError, Member};
+use crate::state::{Command, CommandError, Member};
 use crate::Error;
 
 pub struct AgentServiceImpl {
@@ -172,65 +175,96 @@ impl AgentServiceImpl {
             }
         }
 
-        let applied = self.proposer.state.read();
-        let cluster = applied.state.cluster(&cluster_name)?;
-        self.reply(lead, cluster, &name, initializing)
-    }
-
-    /// What the node must know and do (see [`crate::failover::reply`]), if this node
-    /// still leads in `lead`'s term; a lease no longer than its quorum contact allows.
-    fn reply(
-        &self,
-        lead: Lead,
-        cluster: &Cluster,
-        name: &str,
-        initializing: bool,
-    ) -> Result<pb::HeartbeatReply, Error> {
+        let draft = self.draft(lead, &cluster_name, &name, initializing)?;
+        if draft.lease_ms == 0 {
+            return self.finish(draft, &cluster_name, &name, Instant::now());
+        }
+        // A lease: confirm this leadership with a quorum first, then answer from the
+        // state applied through that confirmation.
+        let asked = Instant::now();
+        let confirmed =
+            tokio::time::timeout(self.grant_window, self.proposer.raft.ensure_linearizable()).await;
+        if !matches!(confirmed, Ok(Ok(_))) {
+            return Err(self.no_quorum_contact(lead, Instant::now()));
+        }
+        let mut reply = self.draft(lead, &cluster_name, &name, initializing)?;
         let now = Instant::now();
-        let current = self.leadership.current().filter(|l| l.term == lead.term);
-        let Some(current) = current else {
-            return Err(self.proposer.not_leader());
-        };
-        let mut reply = heartbeat_reply(
-            cluster,
-            &self.reports.cluster(&cluster.name, now),
-            name,
-            initializing,
-        );
         if reply.lease_ms > 0 {
             let lease = Duration::from_millis(reply.lease_ms);
-            let Some(room) = lease_room(current, self.grant_window, lease, now) else {
-                return Err(Error::NoQuorumContact {
-                    since_ms: current.quorum_acked_at.map_or(u64::MAX, |at| {
-                        now.saturating_duration_since(at).as_millis() as u64
-                    }),
-                    window_ms: self.grant_window.as_millis() as u64,
-                });
+            let Some(room) = lease_room(asked, self.grant_window, lease, now) else {
+                return Err(self.no_quorum_contact(lead, now));
             };
             reply.lease_ms = room.as_millis() as u64;
         }
+        self.finish(reply, &cluster_name, &name, now)
+    }
+
+    fn no_quorum_contact(&self, lead: Lead, now: Instant) -> Error {
+        Error::NoQuorumContact {
+            since_ms: lead.quorum_acked_at.map_or(u64::MAX, |at| {
+                now.saturating_duration_since(at).as_millis() as u64
+            }),
+            window_ms: self.grant_window.as_millis() as u64,
+        }
+    }
+
+    /// What the node must know and do (see [`crate::failover::reply`]) by the applied
+    /// state, if this node still leads in `lead`'s term; its lease not yet bounded.
+    fn draft(
+        &self,
+        lead: Lead,
+        cluster: &str,
+        name: &str,
+        initializing: bool,
+    ) -> Result<pb::HeartbeatReply, Error> {
+        if self.leadership.current().is_none_or(|l| l.term != lead.term) {
+            return Err(self.proposer.not_leader());
+        }
+        let applied = self.proposer.state.read();
+        let cluster = applied.state.cluster(cluster)?;
+        Ok(heartbeat_reply(
+            cluster,
+            &self.reports.cluster(&cluster.name, Instant::now()),
+            name,
+            initializing,
+        ))
+    }
+
+    /// Records what the reply grants and tells.
+    fn finish(
+        &self,
+        mut reply: pb::HeartbeatReply,
+        cluster: &str,
+        name: &str,
+        now: Instant,
+    ) -> Result<pb::HeartbeatReply, Error> {
         reply.reply_mark = self.reports.reply_mark(now);
         if reply.lease_ms > 0 {
             let length = Duration::from_millis(reply.lease_ms);
-            self.reports.lease_granted(&cluster.name, name, length, now);
+            self.reports.lease_granted(cluster, name, length, now);
         }
-        if cluster.primary.as_deref() == Some(name) {
+        if reply.primary.as_ref().is_some_and(|p| p.name == name) {
             self.reports
-                .told_sync_names(&cluster.name, name, &reply.synchronous_standby_names);
+                .told_sync_names(cluster, name, &reply.synchronous_standby_names);
         }
         Ok(reply)
     }
 }
 
-/// The lease this leader may grant now: it must end no later than its last quorum
-/// contact plus the grant window plus a lease, since a new leader (elected after that
-/// contact) counts every earlier lease as over by its election plus that much (see
-/// [`crate::failover::decide::lease_expired`]). So a leader whose acknowledgements
-/// come late grants shorter leases, and one cut off from its quorum grants none (None
-/// also when too little is left to be worth a margin).
-pub fn lease_room(lead: Lead, grant_window: Duration, lease: Duration, now: Instant) -> Option<Duration> {
-    let acked = lead.quorum_acked_at?;
-    let latest_end = acked + grant_window + lease;
+/// The lease this leader may grant now, after a quorum confirmed its leadership in a
+/// round that started at `confirmed_from`: it must end no later than that plus the
+/// grant window plus a lease, since a new leader (elected after the round started:
+/// a quorum still followed this one) counts every earlier lease as over by its
+/// election plus that much (see [`crate::failover::decide::lease_expired`]). So a
+/// leader whose confirmation comes late grants a shorter lease (None when too little
+/// is left to be worth a margin).
+pub fn lease_room(
+    confirmed_from: Instant,
+    grant_window: Duration,
+    lease: Duration,
+    now: Instant,
+) -> Option<Duration> {
+    let latest_end = confirmed_from + grant_window + lease;
     let room = latest_end.saturating_duration_since(now).min(lease);
     (room > pgquorum_client::lease::margin(lease) * 2).then_some(room)
 }
@@ -259,28 +293,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lease_never_outlasts_the_last_quorum_contact_by_more_than_window_and_lease() {
+    fn a_lease_never_outlasts_the_confirming_round_by_more_than_window_and_lease() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let lead = |acked: Option<Instant>| Lead {
-            term: 2,
-            quorum_acked_at: acked,
-        };
         let (window, lease) = (ms(150), ms(1000));
-        assert_eq!(
-            lease_room(lead(Some(t0)), window, lease, t0 + ms(100)),
-            Some(lease)
-        );
-        assert_eq!(
-            lease_room(lead(Some(t0)), window, lease, t0 + ms(400)),
-            Some(ms(750))
-        );
-        assert_eq!(
-            lease_room(lead(Some(t0)), window, lease, t0 + ms(1_110)),
-            None,
-            "40 ms left"
-        );
-        assert_eq!(lease_room(lead(Some(t0)), window, lease, t0 + ms(5_000)), None);
-        assert_eq!(lease_room(lead(None), window, lease, t0), None, "no contact yet");
+        assert_eq!(lease_room(t0, window, lease, t0 + ms(100)), Some(lease));
+        assert_eq!(lease_room(t0, window, lease, t0 + ms(400)), Some(ms(750)));
+        assert_eq!(lease_room(t0, window, lease, t0 + ms(1_110)), None, "40 ms left");
+        assert_eq!(lease_room(t0, window, lease, t0 + ms(5_000)), None);
     }
 }
