@@ -57,6 +57,8 @@ pub struct Agent {
     interval: Duration,
     /// This node's primary lease; None: it holds none.
     lease: Option<Lease>,
+    /// Tells [`lease_timer`] each new deadline.
+    lease_deadline: tokio::sync::watch::Sender<Option<Instant>>,
     /// The guard's files (lease deadline, pid).
     guard: GuardFiles,
     /// The primary published in the last reply.
@@ -83,6 +85,40 @@ struct Lease {
 impl Lease {
     fn left(&self, now: Instant) -> Duration {
         self.until.saturating_duration_since(now)
+    }
+}
+
+/// Fences at the lease's deadline, on its own timer: the agent's rounds can be held up
+/// (a slow heartbeat, a Postgres that does not answer) and the guard may be dead or
+/// stopped, so the deadline is enforced here too, to the millisecond, whatever the
+/// loop is doing. Like the guard, it leaves a standby's data alone. (A frozen agent's
+/// timer is frozen too: that is what the guard is for.)
+async fn lease_timer(
+    mut deadlines: tokio::sync::watch::Receiver<Option<Instant>>,
+    data_dir: std::path::PathBuf,
+) {
+    loop {
+        let deadline = *deadlines.borrow_and_update();
+        if let Some(until) = deadline {
+            tokio::select! {
+                changed = deadlines.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(until.into()) => {
+                    let standby = data_dir.join("standby.signal").exists();
+                    if let Some(pm) = crate::postgres::ctl::postmaster_pid(&data_dir).filter(|_| !standby) {
+                        warn!(postmaster = pm, "primary lease ran out: killing postgres (fence, lease timer)");
+                        crate::postgres::ctl::kill_instance(pm);
+                    }
+                }
+            }
+        }
+        if deadlines.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -145,6 +181,7 @@ impl Agent {
             state,
             interval,
             lease: None,
+            lease_deadline: tokio::sync::watch::Sender::new(None),
             guard,
             primary: None,
             following: None,
@@ -172,6 +209,10 @@ impl Agent {
     /// must not stop the database.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         info!(cluster = %self.config.cluster, name = %self.config.name, epoch = self.state.epoch, "agent started");
+        let timer = tokio::spawn(lease_timer(
+            self.lease_deadline.subscribe(),
+            self.config.postgres.data_dir.clone(),
+        ));
         tokio::pin!(shutdown);
         loop {
             let started = Instant::now();
@@ -191,6 +232,7 @@ impl Agent {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+        timer.abort();
         info!("agent stopped; postgres left as it is");
     }
 
@@ -207,6 +249,7 @@ impl Agent {
             return;
         }
         self.lease = lease;
+        self.lease_deadline.send_replace(lease.map(|l| l.until));
         let deadline = lease.map_or(0, |l| l.until_boot_ns);
         if let Err(e) = guard::write_deadline(&self.guard.lease, deadline) {
             self.problem(format!(
@@ -528,7 +571,7 @@ impl Agent {
                 }
                 info!(primary = ?up, "following the primary");
                 self.ctl.ensure_slot_on(up).await?;
-                self.ctl.write_node_conf(Some(up))?;
+                self.ctl.repoint(up)?;
                 if running && report.postgres_up {
                     self.observer.reload().await?;
                 }
@@ -604,4 +647,58 @@ fn report_has_slot(report: &pb::NodeReport, slot: &str) -> bool {
         .replicas
         .iter()
         .any(|r| slot_name(&r.application_name) == slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+
+    /// A stand-in "postmaster": a process whose pid is in `data/postmaster.pid`.
+    fn fake_postmaster(data: &std::path::Path) -> Child {
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(data.join("postmaster.pid"), format!("{}\n", child.id())).unwrap();
+        child
+    }
+
+    async fn killed(child: &mut Child) -> bool {
+        for _ in 0..100 {
+            if child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn the_lease_timer_fences_at_the_deadline_unless_renewed_or_a_standby() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_path_buf();
+        let deadlines = tokio::sync::watch::Sender::new(None);
+        let timer = tokio::spawn(lease_timer(deadlines.subscribe(), data.clone()));
+        let ms = Duration::from_millis;
+
+        // Renewed before it runs out: not fenced at the first deadline.
+        let mut pm = fake_postmaster(&data);
+        let start = Instant::now();
+        deadlines.send_replace(Some(start + ms(200)));
+        tokio::time::sleep(ms(20)).await;
+        deadlines.send_replace(Some(start + ms(700)));
+        tokio::time::sleep_until((start + ms(450)).into()).await;
+        assert!(pm.try_wait().unwrap().is_none(), "renewed in time");
+        // Not renewed: fenced.
+        tokio::time::sleep_until((start + ms(700)).into()).await;
+        assert!(killed(&mut pm).await, "fenced at the deadline");
+
+        // A standby's data is left alone.
+        std::fs::write(data.join("standby.signal"), "").unwrap();
+        let mut standby = fake_postmaster(&data);
+        deadlines.send_replace(Some(Instant::now() + ms(20)));
+        tokio::time::sleep(ms(150)).await;
+        assert!(standby.try_wait().unwrap().is_none(), "a standby is not fenced");
+        standby.kill().unwrap();
+        standby.wait().unwrap();
+        timer.abort();
+    }
 }

@@ -342,11 +342,12 @@ pub fn sync_set_after(
 ///
 /// - Granted by this leader: a lease (plus the margin both sides agree on,
 ///   [`pgquorum_client::lease::margin`]) since the last grant.
-/// - Granted by an earlier leader: that leader granted only within `grant_window` of
-///   its last quorum contact, and this leader's election came after that contact
-///   (a voter of that quorum voted for it later), so every such lease ends within
-///   lease + grant window of this election. Hence a lease, the grant window and the
-///   margin since this node leads in its term (`leader_for`).
+/// - Granted by an earlier leader: that leader granted only after a quorum round that
+///   started after the agent sent its heartbeat (the lease counts from that send), and
+///   this leader's election came after that round started (a voter of that quorum
+///   voted for it later), so every such lease ends within a lease of this election.
+///   Hence a lease, the margin and, as slack, the grant window (an election timeout)
+///   since this node leads in its term (`leader_for`).
 pub fn lease_expired(cluster: &Cluster, reports: &ClusterReports, node: &str) -> bool {
     lease_over_for(cluster, reports, node).is_some()
 }

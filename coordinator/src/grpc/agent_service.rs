@@ -8,12 +8,15 @@
 //!
 //! Leases: the report table belongs to the term this node leads in (it starts afresh
 //! in a new one). A reply that grants a lease first confirms this leadership with a
-//! quorum round (openraft's read index, `ensure_linearizable`) and then reads the state
-//! applied through it; the lease ends no later than the grant window plus a lease after
-//! that round *started* ([`lease_room`]), a time read before asking, so no pause of
-//! this process can date a contact later than it was. A leader cut off from its quorum
-//! refuses the heartbeat, the agent tries another coordinator, and an unrenewed lease
-//! runs out.
+//! quorum round (openraft's read index, `ensure_linearizable`, which sends its
+//! heartbeats after it is called) and then reads the state applied through it. The
+//! agent counts its lease from its *send*, before that round started; any later
+//! leader was elected after the round started (a quorum still followed this one), so
+//! every lease granted here ends within a lease of that election, which is what a new
+//! leader waits ([`crate::failover::decide::lease_expired`]). No clock of this process
+//! enters the bound, so no pause of it can stretch one. A leader cut off from its
+//! quorum refuses the heartbeat, the agent tries another coordinator, and an unrenewed
+//! lease runs out.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,8 +39,8 @@ pub struct AgentServiceImpl {
     proposer: Proposer,
     reports: Reports,
     leadership: Leadership,
-    /// See [`crate::observe::ClusterReports::grant_window`].
-    grant_window: Duration,
+    /// How long a lease grant waits for a quorum to confirm this leadership.
+    confirm_within: Duration,
     /// Channels to leaders, for forwarding; tonic reconnects them as needed.
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -67,12 +70,17 @@ fn member_of(spec: &pb::MemberSpec) -> Result<Member, Error> {
 }
 
 impl AgentServiceImpl {
-    pub fn new(proposer: Proposer, reports: Reports, leadership: Leadership, grant_window: Duration) -> Self {
+    pub fn new(
+        proposer: Proposer,
+        reports: Reports,
+        leadership: Leadership,
+        confirm_within: Duration,
+    ) -> Self {
         AgentServiceImpl {
             proposer,
             reports,
             leadership,
-            grant_window,
+            confirm_within,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -183,20 +191,12 @@ impl AgentServiceImpl {
         // state applied through that confirmation.
         let asked = Instant::now();
         let confirmed =
-            tokio::time::timeout(self.grant_window, self.proposer.raft.ensure_linearizable()).await;
+            tokio::time::timeout(self.confirm_within, self.proposer.raft.ensure_linearizable()).await;
         if !matches!(confirmed, Ok(Ok(_))) {
             return Err(self.no_quorum_contact(lead, Instant::now()));
         }
-        let mut reply = self.draft(lead, &cluster_name, &name, initializing)?;
-        let now = Instant::now();
-        if reply.lease_ms > 0 {
-            let lease = Duration::from_millis(reply.lease_ms);
-            let Some(room) = lease_room(asked, self.grant_window, lease, now) else {
-                return Err(self.no_quorum_contact(lead, now));
-            };
-            reply.lease_ms = room.as_millis() as u64;
-        }
-        self.finish(reply, &cluster_name, &name, now)
+        let reply = self.draft(lead, &cluster_name, &name, initializing)?;
+        self.finish(reply, &cluster_name, &name, asked)
     }
 
     fn no_quorum_contact(&self, lead: Lead, now: Instant) -> Error {
@@ -204,7 +204,7 @@ impl AgentServiceImpl {
             since_ms: lead.quorum_acked_at.map_or(u64::MAX, |at| {
                 now.saturating_duration_since(at).as_millis() as u64
             }),
-            window_ms: self.grant_window.as_millis() as u64,
+            window_ms: self.confirm_within.as_millis() as u64,
         }
     }
 
@@ -251,24 +251,6 @@ impl AgentServiceImpl {
     }
 }
 
-/// The lease this leader may grant now, after a quorum confirmed its leadership in a
-/// round that started at `confirmed_from`: it must end no later than that plus the
-/// grant window plus a lease, since a new leader (elected after the round started:
-/// a quorum still followed this one) counts every earlier lease as over by its
-/// election plus that much (see [`crate::failover::decide::lease_expired`]). So a
-/// leader whose confirmation comes late grants a shorter lease (None when too little
-/// is left to be worth a margin).
-pub fn lease_room(
-    confirmed_from: Instant,
-    grant_window: Duration,
-    lease: Duration,
-    now: Instant,
-) -> Option<Duration> {
-    let latest_end = confirmed_from + grant_window + lease;
-    let room = latest_end.saturating_duration_since(now).min(lease);
-    (room > pgquorum_client::lease::margin(lease) * 2).then_some(room)
-}
-
 #[tonic::async_trait]
 impl AgentService for AgentServiceImpl {
     async fn heartbeat(
@@ -285,21 +267,5 @@ impl AgentService for AgentServiceImpl {
         };
         self.reports.lead(lead.term, Instant::now());
         Ok(Response::new(self.handle(lead, request).await?))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lease_never_outlasts_the_confirming_round_by_more_than_window_and_lease() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        let (window, lease) = (ms(150), ms(1000));
-        assert_eq!(lease_room(t0, window, lease, t0 + ms(100)), Some(lease));
-        assert_eq!(lease_room(t0, window, lease, t0 + ms(400)), Some(ms(750)));
-        assert_eq!(lease_room(t0, window, lease, t0 + ms(1_110)), None, "40 ms left");
-        assert_eq!(lease_room(t0, window, lease, t0 + ms(5_000)), None);
     }
 }

@@ -70,9 +70,8 @@ pub struct ClusterReports {
     pub told_sync_names: BTreeMap<String, String>,
     /// When the node that last reported as primary reached each WAL position.
     pub wal_clock: Option<WalClock>,
-    /// How long after its last quorum contact a leader still grants leases; a new
-    /// leader adds it to the wait for a previous leader's leases (see
-    /// [`crate::failover::decide::lease_expired`]).
+    /// Slack a new leader adds to its wait for a previous leader's leases (an
+    /// election timeout; see [`crate::failover::decide::lease_expired`]).
     pub grant_window: Duration,
 }
 

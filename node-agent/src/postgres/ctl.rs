@@ -418,8 +418,29 @@ impl PostgresCtl {
         Ok(())
     }
 
-    /// Writes this node's settings; with an upstream, also what makes it a standby.
+    /// Writes this node's settings; with an upstream, also what makes it a standby
+    /// (`standby.signal`). Only for a server that is not running: see [`Self::repoint`].
     pub fn write_node_conf(&self, upstream: Option<&Upstream>) -> Result<()> {
+        self.write_settings(upstream)?;
+        if upstream.is_some() {
+            let signal = self.cfg.data_dir.join("standby.signal");
+            std::fs::write(&signal, "")?;
+            if let Some(r) = self.run_as {
+                chown(&signal, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points a standby at `upstream` (settings only; reload to apply). Never creates
+    /// `standby.signal`: a server whose promotion finished since it was observed as a
+    /// standby has just removed it, and a primary carrying it would look like a standby
+    /// to its lease guard and never be fenced.
+    pub fn repoint(&self, upstream: &Upstream) -> Result<()> {
+        self.write_settings(Some(upstream))
+    }
+
+    fn write_settings(&self, upstream: Option<&Upstream>) -> Result<()> {
         let c = &self.cfg;
         let mut s = String::from("# Written by pgquorum-agent; changes are overwritten.\n");
         let mut set = |k: &str, v: &str| {
@@ -469,13 +490,6 @@ impl PostgresCtl {
             std::fs::write(&hba, text)?;
             if let Some(r) = self.run_as {
                 chown(&hba, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
-            }
-        }
-        let signal = c.data_dir.join("standby.signal");
-        if upstream.is_some() {
-            std::fs::write(&signal, "")?;
-            if let Some(r) = self.run_as {
-                chown(&signal, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
             }
         }
         Ok(())
