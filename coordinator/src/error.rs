@@ -28,9 +28,9 @@ pub enum Error {
     })]
     NotLeader { leader: Option<(NodeId, String)> },
 
-    /// This node leads, but no quorum has acknowledged it recently: it may have been
-    /// replaced without knowing, so it grants no lease.
-    #[error("this coordinator leads but has had no quorum contact for {since_ms} ms (limit {window_ms} ms); it grants no lease")]
+    /// This node leads, but no quorum confirmed its leadership in time: it may have
+    /// been replaced without knowing, so it grants no lease.
+    #[error("this coordinator leads but no quorum confirmed it within {window_ms} ms (last quorum contact {since_ms} ms ago); it grants no lease")]
     NoQuorumContact { since_ms: u64, window_ms: u64 },
 
     /// A membership change openraft refused, e.g. promoting a node that is not a learner.

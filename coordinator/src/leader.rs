@@ -100,6 +100,7 @@ pub fn next_command(
                     at_ms,
                 })
         })
+        .or_else(|| settle_lease(cluster, reports, at_ms))
         .or_else(|| {
             // A new leader first collects reports for a failure timeout; until then
             // every replica would look disconnected.
@@ -115,25 +116,45 @@ pub fn next_command(
     (command, None)
 }
 
+/// Clears `lease_ms_settling` once no lease of that length can still run: an earlier
+/// leader's ended within that long (plus margin and slack) of this leader's election,
+/// and this leader has granted only shorter ones for that long. Pure.
+fn settle_lease(cluster: &Cluster, reports: &ClusterReports, at_ms: u64) -> Option<Command> {
+    let settling = cluster.lease_ms_settling?;
+    let (seen, seen_for) = reports.settling_seen_for?;
+    let longest = Duration::from_millis(settling);
+    let wait = longest + pgquorum_client::lease::margin(longest);
+    (seen == settling && seen_for >= wait && reports.leader_for >= wait + reports.grant_window).then(|| {
+        Command::SettleLease {
+            cluster: cluster.name.clone(),
+            lease_ms: settling,
+            at_ms,
+        }
+    })
+}
+
 pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports) {
     let mut was_leader = false;
     let mut stuck: HashMap<String, String> = HashMap::new();
     loop {
         tokio::time::sleep(INTERVAL).await;
-        let now = Instant::now();
+        // Leadership first, then the clock: read the other way round, a pause between
+        // the two would date "leader since" before the election.
         let Some(lead) = leadership.current() else {
             if was_leader {
-                reports.clear(now);
+                reports.clear(Instant::now());
             }
             was_leader = false;
             continue;
         };
+        let now = Instant::now();
         was_leader = true;
         reports.lead(lead.term, now);
         let mut commands = Vec::new();
         {
             let applied = state.read();
             for c in applied.state.clusters.values() {
+                reports.note_settling(&c.name, c.lease_ms_settling, now);
                 let (command, why) = next_command(c, &reports.cluster(&c.name, now), now_ms());
                 match why {
                     Some(why) if stuck.get(&c.name) != Some(&why) => {
@@ -159,5 +180,44 @@ pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports
                 Err(e) => warn!(?command, "not committed: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Policy;
+
+    #[test]
+    fn a_lowered_lease_settles_only_once_no_longer_lease_can_run() {
+        let mut c = Cluster::new("main".into(), Policy::default(), 0);
+        let ms = Duration::from_millis;
+        let mut r = ClusterReports {
+            grant_window: ms(150),
+            ..Default::default()
+        };
+        assert!(settle_lease(&c, &r, 1).is_none(), "nothing settles");
+        c.lease_ms_settling = Some(8_000);
+        // 8000 + margin 160: since this leader first applied it, and since its election
+        // plus the grant window.
+        r.settling_seen_for = Some((8_000, ms(8_159)));
+        r.leader_for = ms(60_000);
+        assert!(
+            settle_lease(&c, &r, 1).is_none(),
+            "this leader may have granted 8 s"
+        );
+        r.settling_seen_for = Some((8_000, ms(8_160)));
+        r.leader_for = ms(8_309);
+        assert!(
+            settle_lease(&c, &r, 1).is_none(),
+            "an earlier leader may have granted 8 s"
+        );
+        r.leader_for = ms(8_310);
+        assert!(matches!(
+            settle_lease(&c, &r, 1),
+            Some(Command::SettleLease { lease_ms: 8_000, .. })
+        ));
+        r.settling_seen_for = Some((9_000, ms(60_000)));
+        assert!(settle_lease(&c, &r, 1).is_none(), "seen for another value");
     }
 }

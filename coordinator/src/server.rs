@@ -27,6 +27,10 @@ use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{CoordinatorNode, Raft};
 use crate::{Error, Result};
 
+/// How long a lease grant waits for a quorum round (see `AgentServiceImpl`): well over
+/// a follower's fsync stall, under the 1 s default lease.
+const CONFIRM_LEADERSHIP_WITHIN: Duration = Duration::from_millis(500);
+
 /// Runs a coordinator until `shutdown` completes, then stops Raft and flushes storage.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Config {
@@ -120,7 +124,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             proposer,
             reports,
             leadership,
-            grant_window,
+            CONFIRM_LEADERSHIP_WITHIN,
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
     let served = server.await;

@@ -89,35 +89,52 @@ impl Lease {
 }
 
 /// Fences at the lease's deadline, on its own timer: the agent's rounds can be held up
-/// (a slow heartbeat, a Postgres that does not answer) and the guard may be dead or
-/// stopped, so the deadline is enforced here too, to the millisecond, whatever the
-/// loop is doing. Like the guard, it leaves a standby's data alone. (A frozen agent's
-/// timer is frozen too: that is what the guard is for.)
+/// (a slow heartbeat, a long promotion, a Postgres that does not answer) and the guard
+/// may be dead or stopped, so the deadline is enforced here too, to the millisecond,
+/// whatever the loop is doing. Like the guard, it leaves a standby's data alone, but
+/// past the deadline it keeps looking (every 10 ms, until a new lease): a promotion
+/// that finishes late removes `standby.signal`. (A frozen agent's timer is frozen
+/// too: that is what the guard is for.)
 async fn lease_timer(
     mut deadlines: tokio::sync::watch::Receiver<Option<Instant>>,
     data_dir: std::path::PathBuf,
 ) {
     loop {
         let deadline = *deadlines.borrow_and_update();
-        if let Some(until) = deadline {
+        let Some(until) = deadline else {
+            if deadlines.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            changed = deadlines.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(until.into()) => {}
+        }
+        // Run out: fence whatever runs as a primary until a new lease comes.
+        loop {
+            let standby = data_dir.join("standby.signal").exists();
+            if let Some(pm) = crate::postgres::ctl::postmaster_pid(&data_dir).filter(|_| !standby) {
+                warn!(
+                    postmaster = pm,
+                    "primary lease ran out: killing postgres (fence, lease timer)"
+                );
+                crate::postgres::ctl::kill_instance(pm);
+            }
             tokio::select! {
                 changed = deadlines.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    continue;
+                    break;
                 }
-                _ = tokio::time::sleep_until(until.into()) => {
-                    let standby = data_dir.join("standby.signal").exists();
-                    if let Some(pm) = crate::postgres::ctl::postmaster_pid(&data_dir).filter(|_| !standby) {
-                        warn!(postmaster = pm, "primary lease ran out: killing postgres (fence, lease timer)");
-                        crate::postgres::ctl::kill_instance(pm);
-                    }
-                }
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
-        }
-        if deadlines.changed().await.is_err() {
-            return;
         }
     }
 }
@@ -509,7 +526,12 @@ impl Agent {
             }
             self.check_lease("promote")?;
             info!(epoch = reply.epoch, "promoting to primary");
-            self.observer.promote(&reply.synchronous_standby_names).await?;
+            // Waits no longer than the lease: an agent stuck in a long promotion sends no
+            // heartbeat, and an abandoned candidate must hear of it.
+            let left = self.lease.map_or(Duration::ZERO, |l| l.left(Instant::now()));
+            self.observer
+                .promote(&reply.synchronous_standby_names, left)
+                .await?;
             let slots: Vec<String> = reply.standby_slots.iter().map(|s| slot_name(s)).collect();
             self.observer.ensure_slots(&slots).await?;
             self.following = None;
@@ -654,9 +676,10 @@ mod tests {
     use super::*;
     use std::process::{Child, Command};
 
-    /// A stand-in "postmaster": a process whose pid is in `data/postmaster.pid`.
-    fn fake_postmaster(data: &std::path::Path) -> Child {
-        let child = Command::new("sleep").arg("30").spawn().unwrap();
+    /// A stand-in "postmaster": a process whose pid is in `data/postmaster.pid`, running
+    /// in `cwd` (a postmaster's is its data directory).
+    fn fake_postmaster(data: &std::path::Path, cwd: &std::path::Path) -> Child {
+        let child = Command::new("sleep").arg("30").current_dir(cwd).spawn().unwrap();
         std::fs::write(data.join("postmaster.pid"), format!("{}\n", child.id())).unwrap();
         child
     }
@@ -680,7 +703,7 @@ mod tests {
         let ms = Duration::from_millis;
 
         // Renewed before it runs out: not fenced at the first deadline.
-        let mut pm = fake_postmaster(&data);
+        let mut pm = fake_postmaster(&data, &data);
         let start = Instant::now();
         deadlines.send_replace(Some(start + ms(200)));
         tokio::time::sleep(ms(20)).await;
@@ -691,14 +714,26 @@ mod tests {
         tokio::time::sleep_until((start + ms(700)).into()).await;
         assert!(killed(&mut pm).await, "fenced at the deadline");
 
-        // A standby's data is left alone.
+        // A standby's data is left alone, until its promotion finishes late (the
+        // signal file goes) with the lease run out.
         std::fs::write(data.join("standby.signal"), "").unwrap();
-        let mut standby = fake_postmaster(&data);
+        let mut standby = fake_postmaster(&data, &data);
         deadlines.send_replace(Some(Instant::now() + ms(20)));
         tokio::time::sleep(ms(150)).await;
         assert!(standby.try_wait().unwrap().is_none(), "a standby is not fenced");
-        standby.kill().unwrap();
-        standby.wait().unwrap();
+        std::fs::remove_file(data.join("standby.signal")).unwrap();
+        assert!(killed(&mut standby).await, "promoted after the lease: fenced");
+
+        // A pid left in postmaster.pid and reused by another process: never signalled.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let mut stranger = fake_postmaster(&data, elsewhere.path());
+        tokio::time::sleep(ms(100)).await;
+        assert!(
+            stranger.try_wait().unwrap().is_none(),
+            "not a postmaster of this data"
+        );
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
         timer.abort();
     }
 }

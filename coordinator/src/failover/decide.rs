@@ -363,9 +363,11 @@ fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Op
         .and_then(|o| o.lease_granted_ago)
         .unwrap_or(Duration::MAX);
     let over_own = since_grant.checked_sub(own);
+    // An earlier leader may have granted a longer lease before the policy lowered it.
+    let earlier = lease.max(Duration::from_millis(cluster.lease_ms_settling.unwrap_or(0)));
     let over_earlier = reports
         .leader_for
-        .checked_sub(lease + pgquorum_client::lease::margin(lease) + reports.grant_window);
+        .checked_sub(earlier + pgquorum_client::lease::margin(earlier) + reports.grant_window);
     over_own.zip(over_earlier).map(|(a, b)| a.min(b))
 }
 
@@ -708,5 +710,22 @@ mod tests {
         assert!(!lease_expired(&c, &r, "node1"), "a 10 s grant 5 s ago");
         granted(&mut r, ms(10_200));
         assert!(lease_expired(&c, &r, "node1"));
+    }
+
+    #[test]
+    fn a_new_leader_waits_out_the_longer_lease_until_a_lowering_settles() {
+        let mut c = cluster();
+        let ms = Duration::from_millis;
+        // lease_ms lowered from 8000 to 1000; an earlier leader may have granted 8 s.
+        c.lease_ms_settling = Some(8_000);
+        let mut r = reports(vec![("node1", stopped(), 10)]);
+        // 8000 + margin 160 + grant window 150.
+        r.leader_for = ms(8_309);
+        assert!(!lease_expired(&c, &r, "node1"));
+        r.leader_for = ms(8_310);
+        assert!(lease_expired(&c, &r, "node1"));
+        c.lease_ms_settling = None;
+        r.leader_for = ms(1_170);
+        assert!(lease_expired(&c, &r, "node1"), "settled: the lowered lease alone");
     }
 }

@@ -39,7 +39,10 @@ pub struct AgentServiceImpl {
     proposer: Proposer,
     reports: Reports,
     leadership: Leadership,
-    /// How long a lease grant waits for a quorum to confirm this leadership.
+    /// How long a lease grant waits for a quorum to confirm this leadership. Safety
+    /// does not depend on it (the lease counts from the agent's send), only how soon a
+    /// leader cut off from its quorum says so; it must allow for a follower's fsync
+    /// stall, which holds up the heartbeats queued behind an append.
     confirm_within: Duration,
     /// Channels to leaders, for forwarding; tonic reconnects them as needed.
     channels: Mutex<HashMap<String, Channel>>,
@@ -190,6 +193,11 @@ impl AgentServiceImpl {
         // A lease: confirm this leadership with a quorum first, then answer from the
         // state applied through that confirmation.
         let asked = Instant::now();
+        // Counted as granted from now on, before it is: the controller, deciding on
+        // another thread while this round runs, must not see the lease as over and
+        // start a failover that this reply then contradicts. Unused, it only errs late.
+        self.reports
+            .lease_granted(&cluster_name, &name, Duration::from_millis(draft.lease_ms), asked);
         let confirmed =
             tokio::time::timeout(self.confirm_within, self.proposer.raft.ensure_linearizable()).await;
         if !matches!(confirmed, Ok(Ok(_))) {

@@ -266,6 +266,7 @@ pub(crate) mod tests {
             told_sync_names: Default::default(),
             wal_clock: None,
             grant_window: Duration::from_millis(150),
+            settling_seen_for: None,
         }
     }
 

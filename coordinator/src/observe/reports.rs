@@ -73,6 +73,9 @@ pub struct ClusterReports {
     /// Slack a new leader adds to its wait for a previous leader's leases (an
     /// election timeout; see [`crate::failover::decide::lease_expired`]).
     pub grant_window: Duration,
+    /// The cluster's `lease_ms_settling` as this leader first applied it, and how long
+    /// ago: since then every lease it grants has the lowered length.
+    pub settling_seen_for: Option<(u64, Duration)>,
 }
 
 /// How many WAL positions a [`WalClock`] keeps: under steady writes (a new position
@@ -154,6 +157,8 @@ struct ClusterEntry {
     applied_sync: Option<AppliedSync>,
     told_sync_names: BTreeMap<String, String>,
     wal_clock: Option<WalClockEntry>,
+    /// The cluster's `lease_ms_settling` and when this leader first saw it.
+    settling_seen: Option<(u64, Instant)>,
 }
 
 struct Table {
@@ -298,6 +303,19 @@ impl Reports {
         all.mark_base | (ms & MARK_MS_MASK)
     }
 
+    /// Notes the cluster's `lease_ms_settling` as applied here now (None: nothing
+    /// settles), so [`ClusterReports::settling_seen_for`] can tell how long ago this
+    /// leader started granting only the lowered lease.
+    pub fn note_settling(&self, cluster: &str, settling: Option<u64>, now: Instant) {
+        let mut all = self.0.lock().expect("reports lock poisoned");
+        let entry = all.clusters.entry(cluster.to_string()).or_default();
+        entry.settling_seen = match (settling, entry.settling_seen) {
+            (None, _) => None,
+            (Some(v), Some((seen, at))) if seen == v => Some((seen, at)),
+            (Some(v), _) => Some((v, now)),
+        };
+    }
+
     /// Notes the `synchronous_standby_names` just sent to a primary.
     pub fn told_sync_names(&self, cluster: &str, node: &str, names: &str) {
         let mut all = self.0.lock().expect("reports lock poisoned");
@@ -305,11 +323,12 @@ impl Reports {
         entry.told_sync_names.insert(node.to_string(), names.to_string());
     }
 
-    /// Notes that the node was just granted a primary lease.
+    /// Notes that the node was granted a primary lease at `now` (never moving the last
+    /// grant back: replies to two requests may finish out of order).
     pub fn lease_granted(&self, cluster: &str, node: &str, length: Duration, now: Instant) {
         let mut all = self.0.lock().expect("reports lock poisoned");
         if let Some(n) = all.clusters.get_mut(cluster).and_then(|c| c.nodes.get_mut(node)) {
-            n.lease_granted = Some(now);
+            n.lease_granted = n.lease_granted.max(Some(now));
             n.longest_grant = n.longest_grant.max(length);
         }
     }
@@ -348,6 +367,9 @@ impl Reports {
             told_sync_names: entry.told_sync_names.clone(),
             wal_clock: entry.wal_clock.as_ref().map(|c| c.view(now)),
             grant_window: all.grant_window,
+            settling_seen_for: entry
+                .settling_seen
+                .map(|(v, at)| (v, now.saturating_duration_since(at))),
         }
     }
 }

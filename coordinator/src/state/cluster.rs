@@ -110,6 +110,12 @@ pub struct Cluster {
     /// node with another one is never promoted.
     #[serde(default)]
     pub system_identifier: Option<u64>,
+    /// Set when the policy lowered `lease_ms`: the longer lease in force before, which
+    /// leases granted earlier may still run for. A new leader waits this long for an
+    /// earlier leader's leases; cleared ([`crate::state::Command::SettleLease`]) once a
+    /// leader has seen every lease of that length end.
+    #[serde(default)]
+    pub lease_ms_settling: Option<u64>,
 }
 
 impl Cluster {
@@ -125,6 +131,7 @@ impl Cluster {
             failover: None,
             sync_floor_lsn: 0,
             system_identifier: None,
+            lease_ms_settling: None,
             replica_routes: BTreeMap::new(),
             drained: Default::default(),
             history: VecDeque::new(),

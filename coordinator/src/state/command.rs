@@ -52,6 +52,13 @@ pub enum Command {
         system_identifier: u64,
         at_ms: u64,
     },
+    /// Every lease of the length `lease_ms_settling` names has ended: clear it, if it
+    /// still is `lease_ms` (compare-and-set).
+    SettleLease {
+        cluster: String,
+        lease_ms: u64,
+        at_ms: u64,
+    },
     /// Replace the committed sync set, if it still is `expected` (compare-and-set, so
     /// a decision made on a stale view is refused rather than applied).
     SetSyncSet {

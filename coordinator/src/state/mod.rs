@@ -86,6 +86,9 @@ impl ClusterState {
                     .with_settings(settings_iter(settings))
                     .map_err(CommandError::Policy)?;
                 let before = c.policy.to_settings();
+                // Leases granted under a longer lease_ms may outlive the lowering.
+                let longest = c.lease_ms_settling.unwrap_or(0).max(c.policy.lease_ms);
+                c.lease_ms_settling = (next.lease_ms < longest).then_some(longest);
                 let changes: Vec<String> = next
                     .to_settings()
                     .into_iter()
@@ -167,6 +170,29 @@ impl ClusterState {
                     kind: "bootstrap".into(),
                     detail: format!("{node} initializes the cluster as its first primary"),
                     actor: format!("agent {node}"),
+                    log_index,
+                });
+                Ok(CommandOutput::None)
+            }
+            Command::SettleLease {
+                cluster,
+                lease_ms,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                if c.lease_ms_settling != Some(*lease_ms) {
+                    return Ok(CommandOutput::None);
+                }
+                c.lease_ms_settling = None;
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "lease_settled".into(),
+                    detail: format!(
+                        "every lease of the former lease_ms {lease_ms} has ended; lease_ms {} alone counts",
+                        c.policy.lease_ms
+                    ),
+                    actor: "coordinator".into(),
                     log_index,
                 });
                 Ok(CommandOutput::None)
@@ -636,6 +662,35 @@ mod tests {
         assert_eq!(kinds, ["cluster_created", "policy_changed"]);
         assert_eq!(c.history[1].detail, "maintenance: false -> true");
         assert_eq!(c.history[1].log_index, 2);
+    }
+
+    #[test]
+    fn lowering_the_lease_keeps_the_longer_one_until_settled() {
+        let mut s = ClusterState::default();
+        s.apply(&create("main", &[("lease_ms", "8000")]), 1).unwrap();
+        let settling = |s: &ClusterState| s.cluster("main").unwrap().lease_ms_settling;
+        s.apply(&set("main", &[("lease_ms", "2000")]), 2).unwrap();
+        assert_eq!(settling(&s), Some(8_000));
+        s.apply(&set("main", &[("lease_ms", "1000")]), 3).unwrap();
+        assert_eq!(settling(&s), Some(8_000), "the longest still counts");
+        let settle = |lease_ms| Command::SettleLease {
+            cluster: "main".into(),
+            lease_ms,
+            at_ms: 4,
+        };
+        s.apply(&settle(2_000), 4).unwrap();
+        assert_eq!(settling(&s), Some(8_000), "compare-and-set: another value");
+        s.apply(&settle(8_000), 5).unwrap();
+        assert_eq!(settling(&s), None);
+        assert_eq!(
+            s.cluster("main").unwrap().history.back().unwrap().kind,
+            "lease_settled"
+        );
+        s.apply(&set("main", &[("lease_ms", "3000")]), 6).unwrap();
+        assert_eq!(settling(&s), None, "raised: nothing to settle");
+        s.apply(&set("main", &[("lease_ms", "1000")]), 7).unwrap();
+        s.apply(&set("main", &[("lease_ms", "9000")]), 8).unwrap();
+        assert_eq!(settling(&s), None, "raised past the longest");
     }
 
     #[test]

@@ -109,10 +109,24 @@ pub fn kill_instance(postmaster: i32) {
 ///
 /// A standalone backend (`postgres --single`, as initdb and pg_rewind's crash recovery
 /// run) writes its pid negated: it serves no client, and it is no postmaster; None.
+/// A file left by a killed postmaster whose pid was reused by another process is
+/// recognised by that process's working directory (a postmaster's is its data
+/// directory), so nothing unrelated is ever signalled as "the postmaster".
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    (pid > 0 && process_alive(pid)).then_some(pid)
+    if pid <= 0 || !process_alive(pid) {
+        return None;
+    }
+    // Unreadable (no permission): trust the file rather than lose a live postmaster.
+    let reused = match (
+        std::fs::read_link(format!("/proc/{pid}/cwd")),
+        data_dir.canonicalize(),
+    ) {
+        (Ok(cwd), Ok(dir)) => cwd != dir,
+        _ => false,
+    };
+    (!reused).then_some(pid)
 }
 
 /// The processes a postmaster started on `data_dir` (backends and helpers), found by
