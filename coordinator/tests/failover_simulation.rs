@@ -222,6 +222,7 @@ impl Sim {
             told_sync_names: self.told.clone(),
             wal_clock: None,
             grant_window: Duration::ZERO,
+            settling_seen_for: None,
         }
         .with_applied_sync(&self.seen)
     }
