@@ -3,6 +3,7 @@
 //! `pgquorum::launch::Network`). Needs root, as CI runs. Each test has its own ports,
 //! network and directory.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use pgquorum_tests::{
@@ -12,10 +13,11 @@ use pgquorum_tests::{
 const WAIT: Duration = Duration::from_secs(30);
 
 /// Issue 10, case 1: the primary's host is cut off from every coordinator and every
-/// standby; its clients still reach it. Writers on both primaries, the old one with
-/// `synchronous_commit = local`: the old primary's last acknowledged write must come
-/// before the new primary's first. After the cut heals, the old primary rejoins as a
-/// standby of the new one.
+/// standby; its clients still reach it. Writers with `synchronous_commit = local` run
+/// on every node from before the cut (on the standbys they are refused until one is
+/// promoted): the old primary's last acknowledged write must come before the first
+/// write the new primary acknowledges was sent, and no third node ever acknowledges.
+/// After the cut heals, the old primary rejoins as a standby of the new one.
 async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &str) {
     let mut sandbox = start_sandbox_with(coordinator_base, postgres_base, |s| s.network = true).await;
     set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
@@ -24,7 +26,16 @@ async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mo
         .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
         .await
         .unwrap();
-    let old = TimedWriter::start(&sandbox, "node1", "w", true, Duration::from_secs(90));
+    let writers: BTreeMap<&str, TimedWriter> = ["node1", "node2", "node3"]
+        .into_iter()
+        .map(|n| {
+            (
+                n,
+                TimedWriter::start(&sandbox, n, "w", true, Duration::from_secs(90)),
+            )
+        })
+        .collect();
+    let old = &writers["node1"];
     eventually("the old primary's writer writing", WAIT, || async {
         !old.acks().is_empty()
     })
@@ -32,26 +43,42 @@ async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mo
 
     let cut_at = Instant::now();
     sandbox.network().unwrap().isolate("node1").unwrap();
-    sandbox
-        .wait_for("node2 primary of epoch 2", WAIT, |s| {
-            s.primary == "node2" && s.epoch == 2 && node(s, "node2").role == "primary"
+    let promoted = sandbox
+        .wait_for("a new primary of epoch 2", WAIT, |s| {
+            s.epoch == 2
+                && !s.primary.is_empty()
+                && s.primary != "node1"
+                && node(s, &s.primary).role == "primary"
         })
         .await
-        .unwrap();
-    let new = TimedWriter::start(&sandbox, "node2", "w", false, Duration::from_secs(90));
+        .unwrap()
+        .primary;
+    let new = &writers[promoted.as_str()];
     eventually("the new primary's writer writing", WAIT, || async {
         !new.acks().is_empty()
     })
     .await;
     // Time for an old primary that was never fenced to show it.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (last_old, first_new) = (old.acks().last().copied(), new.acks().first().copied());
+    let (last_old, first_new) = (old.last().unwrap(), new.first().unwrap());
     eprintln!(
-        "cut → old primary's last ack {:?}, new primary's first ack {:?}",
-        last_old.map(|t| t.duration_since(cut_at)),
-        first_new.map(|t| t.duration_since(cut_at)),
+        "cut → old primary's last ack {:?}, {promoted}'s first acknowledged write sent {:?}",
+        last_old.acked.duration_since(cut_at),
+        first_new.sent.duration_since(cut_at),
     );
-    assert_no_overlap(&old, &new);
+    assert!(
+        last_old.acked > cut_at,
+        "the old primary's clients still reach it after the cut, and it acknowledges until its lease ends"
+    );
+    assert_no_overlap(old, new);
+    for (name, w) in &writers {
+        if *name != "node1" && *name != promoted {
+            assert!(
+                w.acks().is_empty(),
+                "{name} was never primary, yet acknowledged a write"
+            );
+        }
+    }
     assert_eq!(
         sandbox.postmaster_pid("node1"),
         None,
@@ -60,13 +87,13 @@ async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mo
 
     sandbox.network().unwrap().heal_all().unwrap();
     sandbox
-        .wait_for("node1 back as a standby of node2", WAIT, |s| {
+        .wait_for("node1 back as a standby of the new primary", WAIT, |s| {
             let n = node(s, "node1");
-            n.role == "standby" && n.health == "HEALTHY" && s.primary == "node2"
+            n.role == "standby" && n.health == "HEALTHY" && s.primary == promoted
         })
         .await
         .unwrap();
-    assert_no_overlap(&old, &new);
+    assert_no_overlap(old, new);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,13 +198,31 @@ impl AgentServiceImpl {
         // start a failover that this reply then contradicts. Unused, it only errs late.
         self.reports
             .lease_granted(&cluster_name, &name, Duration::from_millis(draft.lease_ms), asked);
-        let confirmed =
-            tokio::time::timeout(self.confirm_within, self.proposer.raft.ensure_linearizable()).await;
-        if !matches!(confirmed, Ok(Ok(_))) {
+        if !self.confirm_leadership(lead, asked + self.confirm_within).await {
             return Err(self.no_quorum_contact(lead, Instant::now()));
         }
         let reply = self.draft(lead, &cluster_name, &name, initializing)?;
         self.finish(reply, &cluster_name, &name, asked)
+    }
+
+    /// Whether a quorum confirms this leadership (in `lead`'s term) in a round that
+    /// starts before `deadline`. openraft gives up a round when a follower's answer
+    /// takes over a heartbeat interval (an fsync stall on a busy follower), so rounds
+    /// are retried: any round started after the request arrived will do.
+    async fn confirm_leadership(&self, lead: Lead, deadline: Instant) -> bool {
+        loop {
+            let round =
+                tokio::time::timeout_at(deadline.into(), self.proposer.raft.ensure_linearizable()).await;
+            match round {
+                Ok(Ok(_)) => return true,
+                Err(_) => return false,
+                Ok(Err(_)) => {}
+            }
+            if self.leadership.current().is_none_or(|l| l.term != lead.term) || Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     fn no_quorum_contact(&self, lead: Lead, now: Instant) -> Error {
