@@ -6,9 +6,11 @@
 //! - [`launch`]: starting a coordinator group as local processes — the one way the
 //!   sandbox, the benchmarks and the end-to-end tests start a cluster.
 //! - [`bench`]: `pgquorum bench …`.
+//! - [`check`]: writers that record what was acknowledged where and when.
 //! - [`output`]: tables for people, JSON for scripts.
 
 pub mod bench;
+pub mod check;
 pub mod commands;
 mod error;
 pub mod launch;

@@ -238,98 +238,12 @@ impl Lagging {
     }
 }
 
-/// A writer that records when each of its commits was sent and acknowledged, to check
-/// that two primaries never acknowledged writes at overlapping times. It retries
-/// refused writes (on a standby, until it is promoted) and reconnects after a lost
-/// connection, for at most `for_at_most`; it stops when dropped.
-pub struct TimedWriter {
-    acks: std::sync::Arc<std::sync::Mutex<Vec<Ack>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// One acknowledged commit: when its INSERT was sent and when the reply came.
-#[derive(Clone, Copy, Debug)]
-pub struct Ack {
-    pub sent: std::time::Instant,
-    pub acked: std::time::Instant,
-}
-
-impl TimedWriter {
-    /// Inserts into `table` (which must exist, with defaults for every column) on
-    /// `node`, with `synchronous_commit = local` when `local` (any session may set
-    /// it: only the lease then stops an old primary's acknowledgements).
-    pub fn start(
-        sandbox: &Sandbox,
-        node: &str,
-        table: &str,
-        local: bool,
-        for_at_most: Duration,
-    ) -> TimedWriter {
-        let acks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let record = acks.clone();
-        let conninfo = format!("{} connect_timeout=1", sandbox.conninfo(node).unwrap());
-        let insert = format!("INSERT INTO {table} DEFAULT VALUES");
-        let task = tokio::spawn(async move {
-            let end = std::time::Instant::now() + for_at_most;
-            while std::time::Instant::now() < end {
-                let Ok((client, conn)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
-                else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                tokio::spawn(conn);
-                if local
-                    && client
-                        .batch_execute("SET synchronous_commit = local")
-                        .await
-                        .is_err()
-                {
-                    continue;
-                }
-                while std::time::Instant::now() < end && !client.is_closed() {
-                    let sent = std::time::Instant::now();
-                    match client.execute(insert.as_str(), &[]).await {
-                        Ok(_) => record.lock().unwrap().push(Ack {
-                            sent,
-                            acked: std::time::Instant::now(),
-                        }),
-                        // Refused (read-only standby) or lost: try again shortly.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                    }
-                }
-            }
-        });
-        TimedWriter { acks, task }
-    }
-
-    /// When each acknowledged commit returned, in order.
-    pub fn acks(&self) -> Vec<std::time::Instant> {
-        self.acks.lock().unwrap().iter().map(|a| a.acked).collect()
-    }
-
-    /// The first acknowledged commit, if any.
-    pub fn first(&self) -> Option<Ack> {
-        self.acks.lock().unwrap().first().copied()
-    }
-
-    /// The last acknowledged commit, if any.
-    pub fn last(&self) -> Option<Ack> {
-        self.acks.lock().unwrap().last().copied()
-    }
-}
-
-impl Drop for TimedWriter {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Panics if `old`'s last acknowledgement did not come before `new`'s first write was
 /// even sent: two primaries acknowledged writes at overlapping times. (Comparing with
 /// the send, not the reply, leaves no room between the new primary accepting writes
 /// and the writer noticing.)
 pub fn assert_no_overlap(old: &TimedWriter, new: &TimedWriter) {
-    let (Some(last_old), Some(first_new)) = (old.last(), new.first()) else {
+    let Some(overlap_ms) = overlap(old, new) else {
         panic!(
             "both writers must have written: old {}, new {}",
             old.acks().len(),
@@ -337,9 +251,8 @@ pub fn assert_no_overlap(old: &TimedWriter, new: &TimedWriter) {
         );
     };
     assert!(
-        last_old.acked < first_new.sent,
-        "two writable primaries: the old one acknowledged a write {:?} after the new one's first was sent",
-        last_old.acked.duration_since(first_new.sent)
+        overlap_ms < 0.0,
+        "two writable primaries: the old one acknowledged a write {overlap_ms:.1} ms after the new one's first was sent"
     );
 }
 
@@ -442,4 +355,5 @@ impl Drop for ThawOnDrop {
     }
 }
 
+pub use pgquorum::check::{overlap, Ack, TimedWriter};
 pub use pgquorum::launch::KillOnDrop;

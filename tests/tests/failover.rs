@@ -400,7 +400,7 @@ async fn old_primary_frozen_without_its_agent(coordinator_base: u16, postgres_ba
         .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
         .await
         .unwrap();
-    let old = TimedWriter::start(&sandbox, "node1", "w", true, Duration::from_secs(60));
+    let old = TimedWriter::start(&sandbox, "node1", "w", true, Duration::from_secs(60)).unwrap();
     eventually("the old primary's writer writing", WAIT, || async {
         !old.acks().is_empty()
     })
@@ -413,7 +413,7 @@ async fn old_primary_frozen_without_its_agent(coordinator_base: u16, postgres_ba
     let frozen = ThawOnDrop::freeze(postgres);
 
     wait_promoted(&sandbox, "node2", 2).await;
-    let new = TimedWriter::start(&sandbox, "node2", "w", false, Duration::from_secs(60));
+    let new = TimedWriter::start(&sandbox, "node2", "w", false, Duration::from_secs(60)).unwrap();
     eventually("the new primary's writer writing", WAIT, || async {
         !new.acks().is_empty()
     })

@@ -19,7 +19,7 @@ async fn writing_on_node1(sandbox: &Sandbox) -> TimedWriter {
         .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY)")
         .await
         .unwrap();
-    let writer = TimedWriter::start(sandbox, "node1", "w", true, Duration::from_secs(120));
+    let writer = TimedWriter::start(sandbox, "node1", "w", true, Duration::from_secs(120)).unwrap();
     eventually("node1's writer writing", WAIT, || async {
         !writer.acks().is_empty()
     })

@@ -31,7 +31,7 @@ async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mo
         .map(|n| {
             (
                 n,
-                TimedWriter::start(&sandbox, n, "w", true, Duration::from_secs(90)),
+                TimedWriter::start(&sandbox, n, "w", true, Duration::from_secs(90)).unwrap(),
             )
         })
         .collect();
@@ -104,4 +104,40 @@ async fn a_primary_cut_off_stops_acknowledging_before_the_new_one_starts_strict(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_stops_acknowledging_before_the_new_one_starts_prefer() {
     primary_host_cut_off(26500, 26510, "prefer").await;
+}
+
+/// The test bed itself: a network id in use or a subnet already routed is refused
+/// (never taking over another test's network), everything goes when dropped, and what
+/// a killed run left is removed by the next network created.
+#[test]
+fn test_networks_never_collide_and_leave_nothing_behind() {
+    use pgquorum::launch::Network;
+    let exists = |ns: &str| std::path::Path::new("/run/netns").join(ns).exists();
+    let mut net = Network::create(27000).unwrap();
+    net.add_host("a").unwrap();
+    let again = Network::create(27000)
+        .err()
+        .expect("the same id twice")
+        .to_string();
+    assert!(again.contains("in use"), "{again}");
+    assert!(exists("pq27000-a"), "the refused second network removed nothing");
+    let same_subnet = Network::create(27050).err().expect("the same /24").to_string();
+    assert!(same_subnet.contains("already routed"), "{same_subnet}");
+    drop(net);
+    assert!(!exists("pq27000-a") && !exists("pq27000-sw"));
+
+    // A run killed before its cleanup: its owner (a process that has exited) is gone.
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    std::fs::create_dir_all("/run/pgquorum-net").unwrap();
+    std::fs::write("/run/pgquorum-net/pq27100", dead_pid.to_string()).unwrap();
+    let status = std::process::Command::new("ip")
+        .args(["netns", "add", "pq27100-sw"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let net = Network::create(27200).unwrap();
+    assert!(!exists("pq27100-sw"), "a dead owner's leftovers are removed");
+    drop(net);
 }

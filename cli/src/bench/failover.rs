@@ -8,8 +8,10 @@
 //!   the heartbeat that earned it, read back from its lease file) to its first refused
 //!   write, for a writer with `synchronous_commit = local` (which only the lease stops);
 //!   the target is `lease_ms` + 100 ms;
-//! - `overlap_ms`: the old primary's last acknowledged write less the new primary's
-//!   first; above 0 means two primaries acknowledged writes at the same time.
+//! - `overlap_ms`: the old primary's last acknowledged write less the send of the new
+//!   primary's first acknowledged one (writers with `synchronous_commit = local` on
+//!   every node from before the cut); above 0 means two primaries acknowledged writes
+//!   at the same time.
 //!
 //! Each round, on a sandbox (the same one `pgquorum sandbox up` starts):
 //! - a writer inserts sequential ids into the primary and records every
@@ -31,6 +33,7 @@ use serde_json::json;
 use tokio_postgres::{Client, NoTls};
 
 use super::summary;
+use crate::check::{self, TimedWriter};
 use crate::error::{Error, Result};
 use crate::launch::{Sandbox, SandboxSpec};
 use crate::output::table;
@@ -213,10 +216,20 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
             }
         })
     };
-    let local = if kill == Kill::Cut {
-        Some(LocalWriter::start(sandbox, &old).await?)
+    // `--kill cut`: writers with `synchronous_commit = local` on every node, from
+    // before the cut (refused on the standbys until one is promoted).
+    let local: Vec<(String, TimedWriter)> = if kill == Kill::Cut {
+        NODES
+            .iter()
+            .map(|n| {
+                Ok((
+                    n.to_string(),
+                    TimedWriter::start(sandbox, n, "bench_local", true, WAIT * 2)?,
+                ))
+            })
+            .collect::<Result<_>>()?
     } else {
-        None
+        Vec::new()
     };
     let lease_file = GuardFiles::next_to(&sandbox.data_dir(&old)?).lease;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -334,17 +347,17 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
         "failover"
     };
     let (mut fence_after_renewal, mut overlap) = (f64::NAN, f64::NAN);
-    if let Some(local) = local {
+    let writer_on = |node: &str| local.iter().find(|(n, _)| n == node).map(|(_, w)| w);
+    if let (Some(old_writer), Some(new_writer)) = (writer_on(&old), writer_on(&after.primary)) {
+        overlap = check::overlap(old_writer, new_writer).unwrap_or(f64::NAN);
         let lease = Duration::from_millis(lease_ms(sandbox).await?);
-        let (last_ack, refused_ns) = local.stop().await;
         let usable = lease.saturating_sub(pgquorum_client::lease::margin(lease));
         let deadline = *last_deadline.lock().expect("deadline lock");
-        if let (Some(deadline), Some(refused)) = (deadline, refused_ns) {
+        if let (Some(deadline), Some(refused)) = (deadline, old_writer.refused_since_last_ack()) {
+            // The refusal on the lease file's clock (CLOCK_BOOTTIME).
+            let refused_ns = boottime_ns().saturating_sub(refused.elapsed().as_nanos() as u64);
             let renewed = deadline.saturating_sub(usable.as_nanos() as u64);
-            fence_after_renewal = (refused as f64 - renewed as f64) / 1e6;
-        }
-        if let (Some(last), Some(first)) = (last_ack, first_write) {
-            overlap = (last.duration_since(killed_at).as_secs_f64() - first.as_secs_f64()) * 1000.0;
+            fence_after_renewal = (refused_ns as f64 - renewed as f64) / 1e6;
         }
     }
     Ok(Round {
@@ -374,45 +387,6 @@ async fn lease_ms(sandbox: &Sandbox) -> Result<u64> {
         .cluster
         .unwrap_or_default();
     Ok(cluster.policy.unwrap_or_default().lease_ms)
-}
-
-/// A writer with `synchronous_commit = local` on the old primary: only its lease stops
-/// its acknowledgements. Records the last acknowledgement and when (on
-/// `CLOCK_BOOTTIME`, the lease file's clock) the first write failed.
-struct LocalWriter {
-    last_ack: Arc<Mutex<Option<Instant>>>,
-    task: tokio::task::JoinHandle<Option<u64>>,
-}
-
-impl LocalWriter {
-    async fn start(sandbox: &Sandbox, node: &str) -> Result<LocalWriter> {
-        let client = connect(sandbox, node)
-            .await
-            .ok_or_else(|| Error::Launch(format!("cannot reach {node}")))?;
-        client
-            .batch_execute("SET synchronous_commit = local")
-            .await
-            .map_err(|e| Error::Launch(format!("set synchronous_commit: {e}")))?;
-        let last_ack = Arc::new(Mutex::new(None));
-        let last = last_ack.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let insert = client.execute("INSERT INTO bench_local DEFAULT VALUES", &[]);
-                match tokio::time::timeout(WAIT, insert).await {
-                    Ok(Ok(_)) => *last.lock().expect("ack lock") = Some(Instant::now()),
-                    _ => return Some(boottime_ns()),
-                }
-            }
-        });
-        Ok(LocalWriter { last_ack, task })
-    }
-
-    /// Waits until a write failed; returns the last acknowledgement and the failure.
-    async fn stop(self) -> (Option<Instant>, Option<u64>) {
-        let refused = self.task.await.ok().flatten();
-        let last = *self.last_ack.lock().expect("ack lock");
-        (last, refused)
-    }
 }
 
 /// Brings every node back: links heal, the old primary's agent restarts and rejoins it.

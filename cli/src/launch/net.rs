@@ -15,8 +15,9 @@
 //!
 //! Everything is removed when the value is dropped, also when a test panics; names
 //! are derived from a number the caller picks (its port base), so networks of tests
-//! running in parallel never meet, and leftovers of a killed run are removed before
-//! the same number is used again.
+//! running in parallel never meet (a subnet already routed here is refused). A run
+//! killed before its cleanup leaves an owner file (`/run/pgquorum-net/<prefix>`, its
+//! pid): the next network created on this machine removes what a dead owner left.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -70,8 +71,16 @@ pub struct Network {
     blocked: BTreeMap<String, Blocked>,
 }
 
+/// Where owner files live (one per network: its prefix, holding the creator's pid).
+const OWNERS: &str = "/run/pgquorum-net";
+
 /// Runs `ip` or `nft` (optionally inside `ns`), failing with what the tool said.
 fn run(program: &str, args: &[&str], ns: Option<&Host>, stdin: Option<&str>) -> Result<()> {
+    run_output(program, args, ns, stdin).map(drop)
+}
+
+/// Like [`run`], returning what the tool printed.
+fn run_output(program: &str, args: &[&str], ns: Option<&Host>, stdin: Option<&str>) -> Result<String> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(if stdin.is_some() {
@@ -79,7 +88,7 @@ fn run(program: &str, args: &[&str], ns: Option<&Host>, stdin: Option<&str>) -> 
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(host) = ns {
         host.enter(&mut cmd)?;
@@ -95,7 +104,7 @@ fn run(program: &str, args: &[&str], ns: Option<&Host>, stdin: Option<&str>) -> 
     }
     let out = child.wait_with_output()?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(Error::Launch(format!(
             "{program} {} failed: {}",
@@ -110,13 +119,36 @@ impl Network {
     /// names everything and picks the subnet: `10.(200 + id/100/256).(id/100 % 256).0/24`.
     pub fn create(id: u16) -> Result<Network> {
         let slot = id / 100;
+        let prefix = format!("pq{id}");
+        sweep_dead_owners();
+        // Checked before `net` exists: dropping it would remove the owner's network.
+        if let Ok(owner) = std::fs::read_to_string(std::path::Path::new(OWNERS).join(&prefix)) {
+            return Err(Error::Launch(format!(
+                "network id {id} is in use by process {}; pick another port base",
+                owner.trim()
+            )));
+        }
         let net = Network {
-            prefix: format!("pq{id}"),
+            prefix,
             subnet: [10, 200 + (slot / 256) as u8, (slot % 256) as u8],
             hosts: BTreeMap::new(),
             blocked: BTreeMap::new(),
         };
         net.remove_leftovers();
+        let cidr = net.cidr();
+        let routed = run_output("ip", &["-4", "route", "show", &cidr], None, None)?;
+        if !routed.trim().is_empty() {
+            return Err(Error::Launch(format!(
+                "subnet {cidr} (for network id {id}) is already routed on this machine ({}); \
+                 pick a port base in another hundred",
+                routed.trim()
+            )));
+        }
+        std::fs::create_dir_all(OWNERS)?;
+        std::fs::write(
+            std::path::Path::new(OWNERS).join(&net.prefix),
+            std::process::id().to_string(),
+        )?;
         let switch = net.switch_ns();
         run("ip", &["netns", "add", &switch], None, None)?;
         run(
@@ -310,22 +342,45 @@ impl Network {
     /// Deletes what an earlier run with the same id left (it was killed before its
     /// cleanup ran): namespaces with this network's prefix and its uplink.
     fn remove_leftovers(&self) {
-        let _ = run("ip", &["link", "del", &self.prefix], None, None);
-        if let Ok(entries) = std::fs::read_dir("/run/netns") {
-            let mine = format!("{}-", self.prefix);
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if name.starts_with(&mine) {
-                    let _ = run("ip", &["netns", "del", &name], None, None);
-                }
+        remove_network(&self.prefix);
+    }
+}
+
+/// Deletes the uplink and the namespaces of the network named `prefix` (deleting the
+/// switch's namespace deletes the bridge and every veth pair).
+fn remove_network(prefix: &str) {
+    let _ = run("ip", &["link", "del", prefix], None, None);
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        let mine = format!("{prefix}-");
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(&mine) {
+                let _ = run("ip", &["netns", "del", &name], None, None);
             }
+        }
+    }
+}
+
+/// Removes the networks whose creating process is gone (killed before its cleanup).
+fn sweep_dead_owners() {
+    let Ok(entries) = std::fs::read_dir(OWNERS) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let pid: Option<i32> = std::fs::read_to_string(e.path())
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            remove_network(&e.file_name().to_string_lossy());
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
 
 impl Drop for Network {
     fn drop(&mut self) {
-        // Deleting the switch's namespace deletes the bridge and every veth pair.
         self.remove_leftovers();
+        let _ = std::fs::remove_file(std::path::Path::new(OWNERS).join(&self.prefix));
     }
 }
