@@ -4,12 +4,16 @@
 //! replicated state driven by the real pure functions: the same heartbeat replies
 //! (`failover::heartbeat_reply`), the same leader decisions (`leader::next_command`),
 //! the same state machine (`ClusterState::apply`). Each run is seeded and random:
-//! heartbeats lost or delayed, clocks advanced, hosts and postmasters killed, agents
-//! frozen, Raft leaders replaced (the new leader forgets every report), nodes revived.
-//! After every step the promises of DESIGN.md are checked:
+//! heartbeats lost, replies delayed past the lease, clocks advanced, hosts and
+//! postmasters killed, agents killed with their Postgres left running, agents frozen,
+//! Raft leaders replaced in mid-lease (the new leader forgets every report), nodes
+//! revived. Each node's lease guard outlives its agent and fences at the deadline, as
+//! `node-agent/src/guard.rs` does. After every step the promises of DESIGN.md are
+//! checked:
 //!
 //! 1. one writable primary per epoch: a write is acknowledged only by the newest
-//!    promoted primary, and no epoch is promoted twice;
+//!    promoted primary — also a `synchronous_commit = local` one, which only the lease
+//!    stops — and no epoch is promoted twice;
 //! 2. no acknowledged write is lost: a node promotes only holding every
 //!    acknowledged LSN;
 //! 3. the primary waits only for standbys in the committed sync set;
@@ -56,6 +60,8 @@ enum Role {
 struct Node {
     // Postgres
     up: bool,
+    /// Postgres frozen (SIGSTOP) until then: it answers nothing, but is not dead.
+    pg_frozen_until: u64,
     role: Role,
     lsn: u64,
     follows: Option<String>,
@@ -63,6 +69,10 @@ struct Node {
     wait_k: usize,
     // Agent
     agent_alive: bool,
+    /// The lease guard: started by the agent, outlives it, dies with the host.
+    guard_alive: bool,
+    /// A heartbeat reply on its way: (delivered at, sent at, reply).
+    in_flight: Option<(u64, u64, pb::HeartbeatReply)>,
     frozen_until: u64,
     epoch: u64,
     lease_until: Option<u64>,
@@ -101,9 +111,14 @@ struct Sim {
     newest_primary: String,
     last_epoch: u64,
     trace: Vec<String>,
+    /// Whether faults are being injected in this step.
+    faults: bool,
 }
 
 const LSN_HI: u64 = 0;
+/// The default policy's lease and its margin (`pgquorum_client::lease::margin`).
+const LEASE_MS: u64 = 1000;
+const MARGIN_MS: u64 = 20;
 
 fn lsn_text(lsn: u64) -> String {
     format!("{LSN_HI:X}/{lsn:X}")
@@ -161,15 +176,19 @@ impl Sim {
                 name.to_string(),
                 Node {
                     up: true,
+                    pg_frozen_until: 0,
                     role: if primary { Role::Primary } else { Role::Standby },
                     lsn: 100,
                     follows: (!primary).then(|| "node1".to_string()),
                     waits_for: Vec::new(),
                     wait_k: 1,
                     agent_alive: true,
+                    guard_alive: true,
+                    in_flight: None,
                     frozen_until: 0,
                     epoch: 1,
-                    lease_until: None,
+                    // The bootstrap's grant.
+                    lease_until: primary.then_some(LEASE_MS - MARGIN_MS),
                     last_probe_ok: Some(0),
                     reply_seen: None,
                 },
@@ -190,6 +209,7 @@ impl Sim {
             newest_primary: "node1".into(),
             last_epoch: 1,
             trace: Vec::new(),
+            faults: false,
         }
     }
 
@@ -237,6 +257,11 @@ impl Sim {
             r.role = "stopped".into();
             return r;
         }
+        if self.t < n.pg_frozen_until {
+            // The agent's queries time out.
+            r.role = "unknown".into();
+            return r;
+        }
         r.postgres_up = true;
         match n.role {
             Role::Primary => {
@@ -278,7 +303,7 @@ impl Sim {
         // The standby's probe of the published primary.
         let published = self.state.clusters["main"].primary.clone();
         if let Some(p) = &published {
-            if p != name && self.nodes[p].up {
+            if p != name && self.nodes[p].up && self.t >= self.nodes[p].pg_frozen_until {
                 self.nodes.get_mut(name).unwrap().last_probe_ok = Some(self.t);
             }
         }
@@ -318,11 +343,44 @@ impl Sim {
             self.told
                 .insert(name.to_string(), reply.synchronous_standby_names.clone());
         }
-        self.act(name, &reply);
+        // Most replies arrive at once; some take up to two leases (a slow network or
+        // coordinator): the lease still counts from the send.
+        let delay = if self.faults && self.rng.chance(5) {
+            self.rng.below(2 * LEASE_MS)
+        } else {
+            0
+        };
+        let sent = self.t;
+        if delay == 0 {
+            self.act(name, sent, &reply);
+        } else {
+            self.nodes.get_mut(name).unwrap().in_flight = Some((sent + delay, sent, reply));
+        }
     }
 
-    /// The agent's side (see node-agent/src/agent.rs for the real one).
-    fn act(&mut self, name: &str, reply: &pb::HeartbeatReply) {
+    /// Delivers a delayed reply that has arrived; a reply the agent stopped waiting
+    /// for (it waits no longer than its lease) is dropped. Returns whether the agent
+    /// is still waiting.
+    fn deliver(&mut self, name: &str) -> bool {
+        let Some((at, sent, reply)) = self.nodes[name].in_flight.clone() else {
+            return false;
+        };
+        if self.t < at {
+            let lease_left = self.nodes[name].lease_until.map_or(0, |u| u.saturating_sub(sent));
+            if self.t - sent <= lease_left.max(500) {
+                return true;
+            }
+            self.nodes.get_mut(name).unwrap().in_flight = None;
+            return false;
+        }
+        self.nodes.get_mut(name).unwrap().in_flight = None;
+        self.act(name, sent, &reply);
+        false
+    }
+
+    /// The agent's side (see node-agent/src/agent.rs for the real one), for a reply to
+    /// the heartbeat sent at `sent`.
+    fn act(&mut self, name: &str, sent: u64, reply: &pb::HeartbeatReply) {
         let t = self.t;
         let primary_name = reply.primary.as_ref().map(|p| p.name.clone());
         let primary_lsn = primary_name.as_ref().map(|p| self.nodes[p].lsn);
@@ -332,7 +390,14 @@ impl Sim {
         }
         n.epoch = reply.epoch;
         let is_primary = primary_name.as_deref() == Some(name);
-        n.lease_until = ((is_primary || reply.promote) && reply.lease_ms > 0).then(|| t + reply.lease_ms);
+        // Counted from the send, less the margin; only a grant extends it, and only a
+        // reply naming another primary ends it.
+        if (is_primary || reply.promote) && reply.lease_ms > 0 {
+            n.lease_until = Some(sent + reply.lease_ms - MARGIN_MS);
+        } else if !is_primary && !reply.promote {
+            n.lease_until = None;
+        }
+        let lease_valid = n.lease_until.is_some_and(|u| t < u);
         let mut note = None;
         if n.role == Role::Primary && !is_primary && !reply.promote {
             if n.up {
@@ -346,6 +411,8 @@ impl Sim {
                 n.up = true;
                 note = Some(format!("{name} rejoined {p}"));
             }
+        } else if reply.promote && !lease_valid {
+            // A promotion order that outlived its lease is not carried out.
         } else if reply.promote && !n.up {
             n.up = true;
         } else if reply.promote {
@@ -370,7 +437,7 @@ impl Sim {
             if n.up && n.role == Role::Primary {
                 n.waits_for = sync_names::parse(&reply.synchronous_standby_names);
                 n.wait_k = wait_k(&reply.synchronous_standby_names);
-            } else if !n.up && reply.start_primary {
+            } else if !n.up && reply.start_primary && lease_valid {
                 n.up = true;
                 note = Some(format!("{name} restarted as primary"));
             }
@@ -406,10 +473,16 @@ impl Sim {
         let writers: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.up && n.role == Role::Primary)
+            .filter(|(_, n)| n.up && n.role == Role::Primary && self.t >= n.pg_frozen_until)
             .map(|(k, _)| k.clone())
             .collect();
         for w in writers {
+            // A `synchronous_commit = local` session: acknowledged at once.
+            assert_eq!(
+                w, self.newest_primary,
+                "Invariant 1: {w} acknowledged a local commit while {} is the newest primary",
+                self.newest_primary
+            );
             let lsn = self.nodes[&w].lsn + 1;
             self.nodes.get_mut(&w).unwrap().lsn = lsn;
             let (waits, k) = (self.nodes[&w].waits_for.clone(), self.nodes[&w].wait_k);
@@ -433,11 +506,16 @@ impl Sim {
     }
 
     fn replicate(&mut self) {
+        let t = self.t;
         let lsns: HashMap<String, u64> = self.nodes.iter().map(|(k, n)| (k.clone(), n.lsn)).collect();
-        let ups: HashMap<String, bool> = self.nodes.iter().map(|(k, n)| (k.clone(), n.up)).collect();
+        let ups: HashMap<String, bool> = self
+            .nodes
+            .iter()
+            .map(|(k, n)| (k.clone(), n.up && t >= n.pg_frozen_until))
+            .collect();
         for n in self.nodes.values_mut() {
             if let Some(p) = n.follows.clone() {
-                if n.up && n.role == Role::Standby && ups[&p] {
+                if n.up && t >= n.pg_frozen_until && n.role == Role::Standby && ups[&p] {
                     n.lsn = n.lsn.max(lsns[&p]);
                 }
             }
@@ -465,11 +543,24 @@ impl Sim {
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         let victim = names[self.rng.below(3) as usize].clone();
         let n = self.nodes.get_mut(&victim).unwrap();
-        let what = match self.rng.below(6) {
+        let what = match self.rng.below(8) {
             0 => {
                 n.up = false;
                 n.agent_alive = false;
+                n.guard_alive = false;
+                n.in_flight = None;
                 "host killed"
+            }
+            6 => {
+                n.agent_alive = false;
+                n.in_flight = None;
+                "agent killed, its postgres left running"
+            }
+            7 => {
+                n.agent_alive = false;
+                n.in_flight = None;
+                n.pg_frozen_until = self.t + 200 + self.rng.below(4000);
+                "agent killed, its postgres frozen"
             }
             1 => {
                 n.up = false;
@@ -498,21 +589,29 @@ impl Sim {
 
     fn step(&mut self, faults: bool) {
         self.t += 10 + self.rng.below(140);
-        // Leases are checked first by every running agent (also right after a thaw).
+        // Leases are enforced first, by the guard (which outlives the agent) or the
+        // agent's own timer: a primary's data runs only under a lease.
         for n in self.nodes.values_mut() {
             let active = n.agent_alive && self.t >= n.frozen_until;
-            if active && n.role == Role::Primary && n.up && n.lease_until.is_some_and(|u| self.t > u) {
+            let enforced = n.guard_alive || active;
+            if enforced && n.role == Role::Primary && n.up && n.lease_until.is_none_or(|u| self.t >= u) {
                 n.up = false;
-                n.lease_until = None;
+            }
+            if active {
+                n.guard_alive = true;
             }
         }
         if faults && self.rng.chance(3) {
             self.fault();
         }
+        self.faults = faults;
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for name in names {
             let n = &self.nodes[&name];
-            if n.agent_alive && self.t >= n.frozen_until && self.rng.chance(if faults { 85 } else { 100 }) {
+            if !n.agent_alive || self.t < n.frozen_until || self.deliver(&name) {
+                continue;
+            }
+            if self.rng.chance(if faults { 85 } else { 100 }) {
                 self.heartbeat(&name);
             }
         }
@@ -584,6 +683,7 @@ fn run(seed: u64) {
         for n in sim.nodes.values_mut() {
             n.agent_alive = true;
             n.frozen_until = 0;
+            n.pg_frozen_until = 0;
         }
         for _ in 0..300 {
             sim.step(false);

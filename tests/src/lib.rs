@@ -256,6 +256,21 @@ pub fn assert_no_overlap(old: &TimedWriter, new: &TimedWriter) {
     );
 }
 
+/// Waits until a node other than `old` is the primary of `epoch` (any: in prefer mode
+/// the most caught-up standby wins, synchronous or not); returns its name.
+pub async fn wait_new_primary(sandbox: &Sandbox, old: &str, epoch: u64, timeout: Duration) -> String {
+    sandbox
+        .wait_for(&format!("a new primary of epoch {epoch}"), timeout, |s| {
+            s.epoch == epoch
+                && !s.primary.is_empty()
+                && s.primary != old
+                && node_status(s, &s.primary).role == "primary"
+        })
+        .await
+        .unwrap()
+        .primary
+}
+
 /// One node's line of a status reply.
 pub fn node_status<'a>(status: &'a pb::StatusReply, name: &str) -> &'a pb::NodeStatus {
     status

@@ -11,7 +11,7 @@ use pgquorum::launch::Sandbox;
 use pgquorum_client::pb;
 use pgquorum_tests::{
     assert_no_overlap, cli, cli_json, eventually, node_status as node, pg, read_cluster, set_policy,
-    start_sandbox, try_pg, ThawOnDrop, TimedWriter,
+    start_sandbox, try_pg, wait_new_primary, ThawOnDrop, TimedWriter,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -412,8 +412,8 @@ async fn old_primary_frozen_without_its_agent(coordinator_base: u16, postgres_ba
     postgres.extend(pgquorum::launch::children(postmaster));
     let frozen = ThawOnDrop::freeze(postgres);
 
-    wait_promoted(&sandbox, "node2", 2).await;
-    let new = TimedWriter::start(&sandbox, "node2", "w", false, Duration::from_secs(60)).unwrap();
+    let promoted = wait_new_primary(&sandbox, "node1", 2, WAIT).await;
+    let new = TimedWriter::start(&sandbox, &promoted, "w", false, Duration::from_secs(60)).unwrap();
     eventually("the new primary's writer writing", WAIT, || async {
         !new.acks().is_empty()
     })

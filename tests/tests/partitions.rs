@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use pgquorum_tests::{
-    assert_no_overlap, eventually, node_status as node, pg, set_policy, start_sandbox_with, TimedWriter,
+    assert_no_overlap, eventually, node_status as node, pg, set_policy, start_sandbox_with, wait_new_primary,
+    TimedWriter,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -43,16 +44,7 @@ async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mo
 
     let cut_at = Instant::now();
     sandbox.network().unwrap().isolate("node1").unwrap();
-    let promoted = sandbox
-        .wait_for("a new primary of epoch 2", WAIT, |s| {
-            s.epoch == 2
-                && !s.primary.is_empty()
-                && s.primary != "node1"
-                && node(s, &s.primary).role == "primary"
-        })
-        .await
-        .unwrap()
-        .primary;
+    let promoted = wait_new_primary(&sandbox, "node1", 2, WAIT).await;
     let new = &writers[promoted.as_str()];
     eventually("the new primary's writer writing", WAIT, || async {
         !new.acks().is_empty()
