@@ -13,13 +13,22 @@ use pgquorum_tests::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Issue 10, case 1: the primary's host is cut off from every coordinator and every
-/// standby; its clients still reach it. Writers with `synchronous_commit = local` run
-/// on every node from before the cut (on the standbys they are refused until one is
-/// promoted): the old primary's last acknowledged write must come before the first
-/// write the new primary acknowledges was sent, and no third node ever acknowledges.
-/// After the cut heals, the old primary rejoins as a standby of the new one.
-async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &str) {
+/// Who the primary (node1) loses: everyone, or the coordinators only (it still
+/// streams to its standbys).
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    Everyone,
+    CoordinatorsOnly,
+}
+
+/// Issue 10, case 1 (and issue 11's "primary isolated from the coordinators only"):
+/// the primary's host is cut off; its clients still reach it. Writers with
+/// `synchronous_commit = local` run on every node from before the cut (on the
+/// standbys they are refused until one is promoted): the old primary's last
+/// acknowledged write must come before the first write the new primary acknowledges
+/// was sent, and no third node ever acknowledges. After the cut heals, the old
+/// primary rejoins as a standby of the new one.
+async fn primary_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &str, cut: Cut) {
     let mut sandbox = start_sandbox_with(coordinator_base, postgres_base, |s| s.network = true).await;
     set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
     pg(&sandbox, "node1")
@@ -43,7 +52,11 @@ async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mo
     .await;
 
     let cut_at = Instant::now();
-    sandbox.network().unwrap().isolate("node1").unwrap();
+    let net = sandbox.network().unwrap();
+    match cut {
+        Cut::Everyone => net.isolate("node1").unwrap(),
+        Cut::CoordinatorsOnly => net.cut("node1", &["coord1", "coord2", "coord3"]).unwrap(),
+    }
     let promoted = wait_new_primary(&sandbox, "node1", 2, WAIT).await;
     let new = &writers[promoted.as_str()];
     eventually("the new primary's writer writing", WAIT, || async {
@@ -90,12 +103,62 @@ async fn primary_host_cut_off(coordinator_base: u16, postgres_base: u16, sync_mo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_stops_acknowledging_before_the_new_one_starts_strict() {
-    primary_host_cut_off(26400, 26410, "strict").await;
+    primary_cut_off(26400, 26410, "strict", Cut::Everyone).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_stops_acknowledging_before_the_new_one_starts_prefer() {
-    primary_host_cut_off(26500, 26510, "prefer").await;
+    primary_cut_off(26500, 26510, "prefer", Cut::Everyone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_from_the_coordinators_only_is_fenced_before_a_standby_takes_over() {
+    primary_cut_off(26600, 26610, "strict", Cut::CoordinatorsOnly).await;
+}
+
+/// Issue 11: a flapping link. The primary's host loses every link for 300 ms at a
+/// time, well under `failure_timeout_ms` (1 s) and the lease, five times: no failover,
+/// no fence, and an ordinary (synchronous) writer loses nothing it was told was
+/// committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blips_shorter_than_the_failure_timeout_cost_no_failover() {
+    let mut sandbox = start_sandbox_with(26700, 26710, |s| s.network = true).await;
+    pg(&sandbox, "node1")
+        .await
+        .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
+        .await
+        .unwrap();
+    let writer = TimedWriter::start(&sandbox, "node1", "w", false, Duration::from_secs(60)).unwrap();
+    eventually("the writer writing", WAIT, || async { !writer.acks().is_empty() }).await;
+    let postmaster = sandbox.postmaster_pid("node1");
+    for _ in 0..5 {
+        sandbox.network().unwrap().isolate("node1").unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sandbox.network().unwrap().heal_all().unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    // Long enough for a failover the blips caused to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = sandbox.status().await.unwrap();
+    assert_eq!((status.epoch, status.primary.as_str()), (1, "node1"), "no failover");
+    assert_eq!(sandbox.postmaster_pid("node1"), postmaster, "never fenced");
+    let before = writer.acks().len();
+    eventually("the writer writing after the blips", WAIT, || async {
+        writer.acks().len() > before
+    })
+    .await;
+    drop(writer);
+    let acked = writer_count(&sandbox).await;
+    assert!(acked >= before as i64, "{before} acknowledged, {acked} rows on the primary");
+}
+
+async fn writer_count(sandbox: &pgquorum::launch::Sandbox) -> i64 {
+    pg(sandbox, "node1")
+        .await
+        .query_one("SELECT count(*) FROM w", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// The test bed itself: a network id in use or a subnet already routed is refused
