@@ -122,14 +122,15 @@ pub fn next_command(
 fn settle_lease(cluster: &Cluster, reports: &ClusterReports, at_ms: u64) -> Option<Command> {
     let settling = cluster.lease_ms_settling?;
     let (seen, seen_for) = reports.settling_seen_for?;
-    let longest = Duration::from_millis(settling);
+    let longest = Duration::from_millis(settling.lease_ms);
     let wait = longest + pgquorum_client::lease::margin(longest);
-    (seen == settling && seen_for >= wait && reports.leader_for >= wait + reports.grant_window).then(|| {
-        Command::SettleLease {
-            cluster: cluster.name.clone(),
-            lease_ms: settling,
-            at_ms,
-        }
+    let settled = seen == settling.since_log_index
+        && seen_for >= wait
+        && reports.leader_for >= wait + reports.grant_window;
+    settled.then(|| Command::SettleLease {
+        cluster: cluster.name.clone(),
+        since_log_index: settling.since_log_index,
+        at_ms,
     })
 }
 
@@ -154,7 +155,7 @@ pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports
         {
             let applied = state.read();
             for c in applied.state.clusters.values() {
-                reports.note_settling(&c.name, c.lease_ms_settling, now);
+                reports.note_settling(&c.name, c.lease_ms_settling.map(|s| s.since_log_index), now);
                 let (command, why) = next_command(c, &reports.cluster(&c.name, now), now_ms());
                 match why {
                     Some(why) if stuck.get(&c.name) != Some(&why) => {
@@ -197,16 +198,19 @@ mod tests {
             ..Default::default()
         };
         assert!(settle_lease(&c, &r, 1).is_none(), "nothing settles");
-        c.lease_ms_settling = Some(8_000);
+        c.lease_ms_settling = Some(crate::state::LeaseSettling {
+            lease_ms: 8_000,
+            since_log_index: 7,
+        });
         // 8000 + margin 160: since this leader first applied it, and since its election
         // plus the grant window.
-        r.settling_seen_for = Some((8_000, ms(8_159)));
+        r.settling_seen_for = Some((7, ms(8_159)));
         r.leader_for = ms(60_000);
         assert!(
             settle_lease(&c, &r, 1).is_none(),
             "this leader may have granted 8 s"
         );
-        r.settling_seen_for = Some((8_000, ms(8_160)));
+        r.settling_seen_for = Some((7, ms(8_160)));
         r.leader_for = ms(8_309);
         assert!(
             settle_lease(&c, &r, 1).is_none(),
@@ -215,9 +219,12 @@ mod tests {
         r.leader_for = ms(8_310);
         assert!(matches!(
             settle_lease(&c, &r, 1),
-            Some(Command::SettleLease { lease_ms: 8_000, .. })
+            Some(Command::SettleLease {
+                since_log_index: 7,
+                ..
+            })
         ));
-        r.settling_seen_for = Some((9_000, ms(60_000)));
-        assert!(settle_lease(&c, &r, 1).is_none(), "seen for another value");
+        r.settling_seen_for = Some((5, ms(60_000)));
+        assert!(settle_lease(&c, &r, 1).is_none(), "seen for an earlier change");
     }
 }

@@ -89,40 +89,46 @@ impl Lease {
 }
 
 /// Fences at the lease's deadline, on its own timer: the agent's rounds can be held up
-/// (a slow heartbeat, a long promotion, a Postgres that does not answer) and the guard
-/// may be dead or stopped, so the deadline is enforced here too, to the millisecond,
-/// whatever the loop is doing. Like the guard, it leaves a standby's data alone, but
-/// past the deadline it keeps looking (every 10 ms, until a new lease): a promotion
-/// that finishes late removes `standby.signal`. (A frozen agent's timer is frozen
-/// too: that is what the guard is for.)
-async fn lease_timer(
-    mut deadlines: tokio::sync::watch::Receiver<Option<Instant>>,
-    data_dir: std::path::PathBuf,
-) {
+/// (a slow heartbeat, a Postgres that does not answer) and the guard may be dead or
+/// stopped, so the deadline is enforced here too, to the millisecond, whatever the
+/// loop is doing. Like the guard, it leaves a standby's data alone (not one being
+/// promoted), but once a lease has run out or been taken away it keeps looking, every
+/// 10 ms until a new lease: a promotion can finish at any time. Before the first lease
+/// of this process it does nothing: a running primary may hold a lease granted to the
+/// agent before this one, which the guard enforces from the lease file. (A frozen
+/// agent's timer is frozen too: that is what the guard is for.)
+async fn lease_timer(mut deadlines: tokio::sync::watch::Receiver<Option<Instant>>, files: GuardFiles) {
+    let mut armed = false;
     loop {
         let deadline = *deadlines.borrow_and_update();
-        let Some(until) = deadline else {
-            if deadlines.changed().await.is_err() {
-                return;
-            }
-            continue;
-        };
-        tokio::select! {
-            changed = deadlines.changed() => {
-                if changed.is_err() {
+        match deadline {
+            None if !armed => {
+                if deadlines.changed().await.is_err() {
                     return;
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(until.into()) => {}
+            None => {}
+            Some(until) => {
+                armed = true;
+                tokio::select! {
+                    changed = deadlines.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                }
+            }
         }
-        // Run out: fence whatever runs as a primary until a new lease comes.
+        // Run out or taken away: fence whatever runs as a primary until a new lease.
         loop {
-            let standby = data_dir.join("standby.signal").exists();
-            if let Some(pm) = crate::postgres::ctl::postmaster_pid(&data_dir).filter(|_| !standby) {
+            let standby = files.standby_data();
+            if let Some(pm) = crate::postgres::ctl::postmaster_pid(&files.data_dir).filter(|_| !standby) {
                 warn!(
                     postmaster = pm,
-                    "primary lease ran out: killing postgres (fence, lease timer)"
+                    "no primary lease: killing postgres (fence, lease timer)"
                 );
                 crate::postgres::ctl::kill_instance(pm);
             }
@@ -226,10 +232,7 @@ impl Agent {
     /// must not stop the database.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         info!(cluster = %self.config.cluster, name = %self.config.name, epoch = self.state.epoch, "agent started");
-        let timer = tokio::spawn(lease_timer(
-            self.lease_deadline.subscribe(),
-            self.config.postgres.data_dir.clone(),
-        ));
+        let timer = tokio::spawn(lease_timer(self.lease_deadline.subscribe(), self.guard.clone()));
         tokio::pin!(shutdown);
         loop {
             let started = Instant::now();
@@ -473,7 +476,20 @@ impl Agent {
         if !self.ctl.initialized() {
             return self.create(reply, other_primary.as_ref()).await;
         }
-        let running = self.ctl.running_pid().is_some();
+        let mut running = self.ctl.running_pid().is_some();
+        if self.guard.promoting.exists() && (is_primary || !reply.promote) {
+            if !is_primary && running {
+                // No longer the candidate, perhaps half promoted: fence before
+                // anything else, then rejoin as a standby.
+                warn!(
+                    epoch = reply.epoch,
+                    "no longer the promotion candidate: stopping postgres (fence)"
+                );
+                self.ctl.fence().await?;
+                running = false;
+            }
+            std::fs::remove_file(&self.guard.promoting)?;
+        }
 
         if !self.ctl.is_standby_data() && !is_primary && !reply.promote {
             // A primary's data, but not this epoch's primary: fence, then rejoin.
@@ -526,12 +542,10 @@ impl Agent {
             }
             self.check_lease("promote")?;
             info!(epoch = reply.epoch, "promoting to primary");
-            // Waits no longer than the lease: an agent stuck in a long promotion sends no
-            // heartbeat, and an abandoned candidate must hear of it.
-            let left = self.lease.map_or(Duration::ZERO, |l| l.left(Instant::now()));
-            self.observer
-                .promote(&reply.synchronous_standby_names, left)
-                .await?;
+            // From here the data counts as a primary's for the guard and the lease
+            // timer, whatever standby.signal says: the promotion may end at any time.
+            std::fs::write(&self.guard.promoting, "")?;
+            self.observer.promote(&reply.synchronous_standby_names).await?;
             let slots: Vec<String> = reply.standby_slots.iter().map(|s| slot_name(s)).collect();
             self.observer.ensure_slots(&slots).await?;
             self.following = None;
@@ -697,13 +711,20 @@ mod tests {
     #[tokio::test]
     async fn the_lease_timer_fences_at_the_deadline_unless_renewed_or_a_standby() {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().to_path_buf();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let files = GuardFiles::next_to(&data);
         let deadlines = tokio::sync::watch::Sender::new(None);
-        let timer = tokio::spawn(lease_timer(deadlines.subscribe(), data.clone()));
+        let timer = tokio::spawn(lease_timer(deadlines.subscribe(), files.clone()));
         let ms = Duration::from_millis;
 
-        // Renewed before it runs out: not fenced at the first deadline.
+        // Before this process's first lease: left to the guard (an earlier agent's
+        // lease may still run).
         let mut pm = fake_postmaster(&data, &data);
+        tokio::time::sleep(ms(100)).await;
+        assert!(pm.try_wait().unwrap().is_none(), "not armed before a first lease");
+
+        // Renewed before it runs out: not fenced at the first deadline.
         let start = Instant::now();
         deadlines.send_replace(Some(start + ms(200)));
         tokio::time::sleep(ms(20)).await;
@@ -723,6 +744,21 @@ mod tests {
         assert!(standby.try_wait().unwrap().is_none(), "a standby is not fenced");
         std::fs::remove_file(data.join("standby.signal")).unwrap();
         assert!(killed(&mut standby).await, "promoted after the lease: fenced");
+
+        // Being promoted, a standby's data is a primary's: a lease taken away (the
+        // candidate abandoned) fences it even before its promotion ends.
+        std::fs::write(data.join("standby.signal"), "").unwrap();
+        std::fs::write(&files.promoting, "").unwrap();
+        let mut candidate = fake_postmaster(&data, &data);
+        deadlines.send_replace(Some(Instant::now() + ms(5_000)));
+        tokio::time::sleep(ms(50)).await;
+        assert!(candidate.try_wait().unwrap().is_none(), "under its lease");
+        deadlines.send_replace(None);
+        assert!(
+            killed(&mut candidate).await,
+            "lease taken away while promoting: fenced"
+        );
+        std::fs::remove_file(&files.promoting).unwrap();
 
         // A pid left in postmaster.pid and reused by another process: never signalled.
         let elsewhere = tempfile::tempdir().unwrap();

@@ -58,6 +58,10 @@ pub struct GuardFiles {
     pub lease: PathBuf,
     pub pid: PathBuf,
     pub log: PathBuf,
+    /// Present from the moment the agent asks for a promotion until the node is the
+    /// committed primary or told to follow another: while it is, the data counts as a
+    /// primary's whatever `standby.signal` says (a promotion can finish at any time).
+    pub promoting: PathBuf,
 }
 
 impl GuardFiles {
@@ -73,7 +77,14 @@ impl GuardFiles {
             lease: beside(".pgquorum-lease"),
             pid: beside(".pgquorum-guard.pid"),
             log: beside(".pgquorum-guard.log"),
+            promoting: beside(".pgquorum-promoting"),
         }
+    }
+
+    /// Whether the data directory belongs to a standby that is not being promoted:
+    /// such a server takes no writes, so no lease is needed to run it.
+    pub fn standby_data(&self) -> bool {
+        self.data_dir.join("standby.signal").exists() && !self.promoting.exists()
     }
 }
 
@@ -123,7 +134,7 @@ pub fn run(files: &GuardFiles) {
         let now = boottime_ns();
         let running = postmaster_pid(&files.data_dir);
         let deadline = read_deadline(&files.lease);
-        let standby = files.data_dir.join("standby.signal").exists();
+        let standby = files.standby_data();
         let covered = deadline.is_some_and(|d| now < d);
         if covered {
             leftovers_scanned = None;

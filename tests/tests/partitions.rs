@@ -140,7 +140,11 @@ async fn blips_shorter_than_the_failure_timeout_cost_no_failover() {
     // Long enough for a failover the blips caused to show.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let status = sandbox.status().await.unwrap();
-    assert_eq!((status.epoch, status.primary.as_str()), (1, "node1"), "no failover");
+    assert_eq!(
+        (status.epoch, status.primary.as_str()),
+        (1, "node1"),
+        "no failover"
+    );
     assert_eq!(sandbox.postmaster_pid("node1"), postmaster, "never fenced");
     let before = writer.acks().len();
     eventually("the writer writing after the blips", WAIT, || async {
@@ -149,7 +153,10 @@ async fn blips_shorter_than_the_failure_timeout_cost_no_failover() {
     .await;
     drop(writer);
     let acked = writer_count(&sandbox).await;
-    assert!(acked >= before as i64, "{before} acknowledged, {acked} rows on the primary");
+    assert!(
+        acked >= before as i64,
+        "{before} acknowledged, {acked} rows on the primary"
+    );
 }
 
 async fn writer_count(sandbox: &pgquorum::launch::Sandbox) -> i64 {

@@ -268,7 +268,17 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
                 .await?;
         }
     }
-    *next_id = writer.await.map_err(|e| Error::Launch(format!("writer: {e}")))? + 1_000_000;
+    // The writer stops at its first error: an old primary that is never fenced (a
+    // cut one waiting forever for its standbys) is the failure to report, not a hang.
+    *next_id = tokio::time::timeout(WAIT, writer)
+        .await
+        .map_err(|_| {
+            Error::Timeout(format!(
+                "the writer on {old} still had no error {WAIT:?} after the {kill:?}: it was never fenced"
+            ))
+        })?
+        .map_err(|e| Error::Launch(format!("writer: {e}")))?
+        + 1_000_000;
     sampler.abort();
 
     // First write anywhere else.
@@ -349,7 +359,12 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
     let (mut fence_after_renewal, mut overlap) = (f64::NAN, f64::NAN);
     let writer_on = |node: &str| local.iter().find(|(n, _)| n == node).map(|(_, w)| w);
     if let (Some(old_writer), Some(new_writer)) = (writer_on(&old), writer_on(&after.primary)) {
-        overlap = check::overlap(old_writer, new_writer).unwrap_or(f64::NAN);
+        overlap = check::overlap(old_writer, new_writer).ok_or_else(|| {
+            Error::Launch(format!(
+                "the overlap of {old} and {} could not be measured: a writer never wrote",
+                after.primary
+            ))
+        })?;
         let lease = Duration::from_millis(lease_ms(sandbox).await?);
         let usable = lease.saturating_sub(pgquorum_client::lease::margin(lease));
         let deadline = *last_deadline.lock().expect("deadline lock");

@@ -16,8 +16,9 @@
 //! Everything is removed when the value is dropped, also when a test panics; names
 //! are derived from a number the caller picks (its port base), so networks of tests
 //! running in parallel never meet (a subnet already routed here is refused). A run
-//! killed before its cleanup leaves an owner file (`/run/pgquorum-net/<prefix>`, its
-//! pid): the next network created on this machine removes what a dead owner left.
+//! killed before its cleanup leaves an owner file (`/run/pgquorum-net/<prefix>`) that
+//! its process held locked (`flock`, released by the kernel when the process dies):
+//! the next network created on this machine removes what an unlocked file names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -69,9 +70,12 @@ pub struct Network {
     subnet: [u8; 3],
     hosts: BTreeMap<String, Host>,
     blocked: BTreeMap<String, Blocked>,
+    /// The owner file, locked while this network exists.
+    owner: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
-/// Where owner files live (one per network: its prefix, holding the creator's pid).
+/// Where owner files live (one per network, named by its prefix, holding the
+/// creator's pid for people; the lock is what counts).
 const OWNERS: &str = "/run/pgquorum-net";
 
 /// Runs `ip` or `nft` (optionally inside `ns`), failing with what the tool said.
@@ -121,18 +125,32 @@ impl Network {
         let slot = id / 100;
         let prefix = format!("pq{id}");
         sweep_dead_owners();
-        // Checked before `net` exists: dropping it would remove the owner's network.
-        if let Ok(owner) = std::fs::read_to_string(std::path::Path::new(OWNERS).join(&prefix)) {
-            return Err(Error::Launch(format!(
-                "network id {id} is in use by process {}; pick another port base",
-                owner.trim()
-            )));
-        }
+        // Locked before `net` exists: dropping it would remove the owner's network.
+        std::fs::create_dir_all(OWNERS)?;
+        let path = std::path::Path::new(OWNERS).join(&prefix);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        let owner = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(owner) => owner,
+            Err(_) => {
+                let by = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(Error::Launch(format!(
+                    "network id {id} is in use (by process {}); pick another port base",
+                    by.trim()
+                )));
+            }
+        };
+        owner.set_len(0)?;
+        (&*owner).write_all(std::process::id().to_string().as_bytes())?;
         let net = Network {
             prefix,
             subnet: [10, 200 + (slot / 256) as u8, (slot % 256) as u8],
             hosts: BTreeMap::new(),
             blocked: BTreeMap::new(),
+            owner: Some(owner),
         };
         net.remove_leftovers();
         let cidr = net.cidr();
@@ -144,11 +162,6 @@ impl Network {
                 routed.trim()
             )));
         }
-        std::fs::create_dir_all(OWNERS)?;
-        std::fs::write(
-            std::path::Path::new(OWNERS).join(&net.prefix),
-            std::process::id().to_string(),
-        )?;
         let switch = net.switch_ns();
         run("ip", &["netns", "add", &switch], None, None)?;
         run(
@@ -367,11 +380,11 @@ fn sweep_dead_owners() {
         return;
     };
     for e in entries.flatten() {
-        let pid: Option<i32> = std::fs::read_to_string(e.path())
-            .ok()
-            .and_then(|t| t.trim().parse().ok());
-        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(e.path()) else {
+            continue;
+        };
+        // Unlocked: its owner is gone (locked: alive, or just creating it).
+        if let Ok(_dead) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             remove_network(&e.file_name().to_string_lossy());
             let _ = std::fs::remove_file(e.path());
         }
@@ -382,5 +395,7 @@ impl Drop for Network {
     fn drop(&mut self) {
         self.remove_leftovers();
         let _ = std::fs::remove_file(std::path::Path::new(OWNERS).join(&self.prefix));
+        // The lock goes last, with `owner`.
+        self.owner.take();
     }
 }

@@ -364,7 +364,9 @@ fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Op
         .unwrap_or(Duration::MAX);
     let over_own = since_grant.checked_sub(own);
     // An earlier leader may have granted a longer lease before the policy lowered it.
-    let earlier = lease.max(Duration::from_millis(cluster.lease_ms_settling.unwrap_or(0)));
+    let earlier = lease.max(Duration::from_millis(
+        cluster.lease_ms_settling.map_or(0, |s| s.lease_ms),
+    ));
     let over_earlier = reports
         .leader_for
         .checked_sub(earlier + pgquorum_client::lease::margin(earlier) + reports.grant_window);
@@ -717,7 +719,10 @@ mod tests {
         let mut c = cluster();
         let ms = Duration::from_millis;
         // lease_ms lowered from 8000 to 1000; an earlier leader may have granted 8 s.
-        c.lease_ms_settling = Some(8_000);
+        c.lease_ms_settling = Some(crate::state::LeaseSettling {
+            lease_ms: 8_000,
+            since_log_index: 7,
+        });
         let mut r = reports(vec![("node1", stopped(), 10)]);
         // 8000 + margin 160 + grant window 150.
         r.leader_for = ms(8_309);

@@ -44,6 +44,10 @@ pub struct AgentServiceImpl {
     /// leader cut off from its quorum says so; it must allow for a follower's fsync
     /// stall, which holds up the heartbeats queued behind an append.
     confirm_within: Duration,
+    /// When the last quorum round that confirmed this leadership started.
+    confirmed_from: Mutex<Option<Instant>>,
+    /// One round at a time: heartbeats arriving together share rounds.
+    round: tokio::sync::Mutex<()>,
     /// Channels to leaders, for forwarding; tonic reconnects them as needed.
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -84,6 +88,8 @@ impl AgentServiceImpl {
             reports,
             leadership,
             confirm_within,
+            confirmed_from: Mutex::new(None),
+            round: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -198,30 +204,54 @@ impl AgentServiceImpl {
         // start a failover that this reply then contradicts. Unused, it only errs late.
         self.reports
             .lease_granted(&cluster_name, &name, Duration::from_millis(draft.lease_ms), asked);
-        if !self.confirm_leadership(lead, asked + self.confirm_within).await {
+        if !self
+            .confirm_leadership(lead, asked, asked + self.confirm_within)
+            .await
+        {
             return Err(self.no_quorum_contact(lead, Instant::now()));
         }
         let reply = self.draft(lead, &cluster_name, &name, initializing)?;
         self.finish(reply, &cluster_name, &name, asked)
     }
 
-    /// Whether a quorum confirms this leadership (in `lead`'s term) in a round that
-    /// starts before `deadline`. openraft gives up a round when a follower's answer
-    /// takes over a heartbeat interval (an fsync stall on a busy follower), so rounds
-    /// are retried: any round started after the request arrived will do.
-    async fn confirm_leadership(&self, lead: Lead, deadline: Instant) -> bool {
+    /// Whether a quorum confirms this leadership (in `lead`'s term), before
+    /// `deadline`, in a round that started after `asked` (any such round will do: the
+    /// requests waiting together share one). openraft gives up a round when a
+    /// follower's answer takes over a heartbeat interval (an fsync stall on a busy
+    /// follower), so failed rounds are retried, with a pause.
+    async fn confirm_leadership(&self, lead: Lead, asked: Instant, deadline: Instant) -> bool {
+        let confirmed = || {
+            self.confirmed_from
+                .lock()
+                .expect("confirmation lock poisoned")
+                .is_some_and(|from| from >= asked)
+        };
         loop {
+            if confirmed() {
+                return true;
+            }
+            let Ok(_turn) = tokio::time::timeout_at(deadline.into(), self.round.lock()).await else {
+                return false;
+            };
+            if confirmed() {
+                return true;
+            }
+            let started = Instant::now();
             let round =
                 tokio::time::timeout_at(deadline.into(), self.proposer.raft.ensure_linearizable()).await;
             match round {
-                Ok(Ok(_)) => return true,
+                Ok(Ok(_)) => {
+                    let mut from = self.confirmed_from.lock().expect("confirmation lock poisoned");
+                    *from = (*from).max(Some(started));
+                    return true;
+                }
                 Err(_) => return false,
                 Ok(Err(_)) => {}
             }
             if self.leadership.current().is_none_or(|l| l.term != lead.term) || Instant::now() >= deadline {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

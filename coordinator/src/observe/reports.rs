@@ -73,8 +73,8 @@ pub struct ClusterReports {
     /// Slack a new leader adds to its wait for a previous leader's leases (an
     /// election timeout; see [`crate::failover::decide::lease_expired`]).
     pub grant_window: Duration,
-    /// The cluster's `lease_ms_settling` as this leader first applied it, and how long
-    /// ago: since then every lease it grants has the lowered length.
+    /// The log index of the cluster's `lease_ms_settling` as this leader first applied
+    /// it, and how long ago: since then every lease it grants has the lowered length.
     pub settling_seen_for: Option<(u64, Duration)>,
 }
 
@@ -157,7 +157,8 @@ struct ClusterEntry {
     applied_sync: Option<AppliedSync>,
     told_sync_names: BTreeMap<String, String>,
     wal_clock: Option<WalClockEntry>,
-    /// The cluster's `lease_ms_settling` and when this leader first saw it.
+    /// The log index of the cluster's `lease_ms_settling`, and when this leader first
+    /// saw it.
     settling_seen: Option<(u64, Instant)>,
 }
 
@@ -306,10 +307,10 @@ impl Reports {
     /// Notes the cluster's `lease_ms_settling` as applied here now (None: nothing
     /// settles), so [`ClusterReports::settling_seen_for`] can tell how long ago this
     /// leader started granting only the lowered lease.
-    pub fn note_settling(&self, cluster: &str, settling: Option<u64>, now: Instant) {
+    pub fn note_settling(&self, cluster: &str, settling_since_log_index: Option<u64>, now: Instant) {
         let mut all = self.0.lock().expect("reports lock poisoned");
         let entry = all.clusters.entry(cluster.to_string()).or_default();
-        entry.settling_seen = match (settling, entry.settling_seen) {
+        entry.settling_seen = match (settling_since_log_index, entry.settling_seen) {
             (None, _) => None,
             (Some(v), Some((seen, at))) if seen == v => Some((seen, at)),
             (Some(v), _) => Some((v, now)),

@@ -115,7 +115,16 @@ pub struct Cluster {
     /// earlier leader's leases; cleared ([`crate::state::Command::SettleLease`]) once a
     /// leader has seen every lease of that length end.
     #[serde(default)]
-    pub lease_ms_settling: Option<u64>,
+    pub lease_ms_settling: Option<LeaseSettling>,
+}
+
+/// A longer lease that may still run after a lowering, and the log index of the last
+/// lease_ms change since (what a settlement must name: a lowering, raising and
+/// lowering again restarts the count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseSettling {
+    pub lease_ms: u64,
+    pub since_log_index: u64,
 }
 
 impl Cluster {

@@ -52,11 +52,11 @@ pub enum Command {
         system_identifier: u64,
         at_ms: u64,
     },
-    /// Every lease of the length `lease_ms_settling` names has ended: clear it, if it
-    /// still is `lease_ms` (compare-and-set).
+    /// Every lease of the length `lease_ms_settling` names has ended: clear it, if no
+    /// lease_ms change came after `since_log_index` (compare-and-set).
     SettleLease {
         cluster: String,
-        lease_ms: u64,
+        since_log_index: u64,
         at_ms: u64,
     },
     /// Replace the committed sync set, if it still is `expected` (compare-and-set, so

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use cluster::{Cluster, FailoverRecord, HistoryEvent, Member, ReplicaRoute};
+pub use cluster::{Cluster, FailoverRecord, HistoryEvent, LeaseSettling, Member, ReplicaRoute};
 pub use command::{Command, CommandError, CommandOutput, CommandResult};
 pub use policy::{Policy, PolicyError, SyncMode};
 
@@ -87,8 +87,16 @@ impl ClusterState {
                     .map_err(CommandError::Policy)?;
                 let before = c.policy.to_settings();
                 // Leases granted under a longer lease_ms may outlive the lowering.
-                let longest = c.lease_ms_settling.unwrap_or(0).max(c.policy.lease_ms);
-                c.lease_ms_settling = (next.lease_ms < longest).then_some(longest);
+                let longest = c
+                    .lease_ms_settling
+                    .map_or(0, |s| s.lease_ms)
+                    .max(c.policy.lease_ms);
+                if next.lease_ms != c.policy.lease_ms {
+                    c.lease_ms_settling = (next.lease_ms < longest).then_some(LeaseSettling {
+                        lease_ms: longest,
+                        since_log_index: log_index,
+                    });
+                }
                 let changes: Vec<String> = next
                     .to_settings()
                     .into_iter()
@@ -176,13 +184,17 @@ impl ClusterState {
             }
             Command::SettleLease {
                 cluster,
-                lease_ms,
+                since_log_index,
                 at_ms,
             } => {
                 let c = self.cluster_mut(cluster)?;
-                if c.lease_ms_settling != Some(*lease_ms) {
+                let Some(settling) = c
+                    .lease_ms_settling
+                    .filter(|s| s.since_log_index == *since_log_index)
+                else {
                     return Ok(CommandOutput::None);
-                }
+                };
+                let lease_ms = settling.lease_ms;
                 c.lease_ms_settling = None;
                 c.record(HistoryEvent {
                     at_ms: *at_ms,
@@ -668,19 +680,30 @@ mod tests {
     fn lowering_the_lease_keeps_the_longer_one_until_settled() {
         let mut s = ClusterState::default();
         s.apply(&create("main", &[("lease_ms", "8000")]), 1).unwrap();
-        let settling = |s: &ClusterState| s.cluster("main").unwrap().lease_ms_settling;
+        let settling = |s: &ClusterState| {
+            s.cluster("main")
+                .unwrap()
+                .lease_ms_settling
+                .map(|l| (l.lease_ms, l.since_log_index))
+        };
         s.apply(&set("main", &[("lease_ms", "2000")]), 2).unwrap();
-        assert_eq!(settling(&s), Some(8_000));
-        s.apply(&set("main", &[("lease_ms", "1000")]), 3).unwrap();
-        assert_eq!(settling(&s), Some(8_000), "the longest still counts");
-        let settle = |lease_ms| Command::SettleLease {
+        assert_eq!(settling(&s), Some((8_000, 2)));
+        s.apply(&set("main", &[("maintenance", "true")]), 3).unwrap();
+        assert_eq!(settling(&s), Some((8_000, 2)), "another field: the count goes on");
+        s.apply(&set("main", &[("lease_ms", "1000")]), 4).unwrap();
+        assert_eq!(
+            settling(&s),
+            Some((8_000, 4)),
+            "the longest still counts, from now"
+        );
+        let settle = |since_log_index| Command::SettleLease {
             cluster: "main".into(),
-            lease_ms,
+            since_log_index,
             at_ms: 4,
         };
-        s.apply(&settle(2_000), 4).unwrap();
-        assert_eq!(settling(&s), Some(8_000), "compare-and-set: another value");
-        s.apply(&settle(8_000), 5).unwrap();
+        s.apply(&settle(2), 5).unwrap();
+        assert_eq!(settling(&s), Some((8_000, 4)), "compare-and-set: a later change");
+        s.apply(&settle(4), 5).unwrap();
         assert_eq!(settling(&s), None);
         assert_eq!(
             s.cluster("main").unwrap().history.back().unwrap().kind,

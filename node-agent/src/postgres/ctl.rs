@@ -118,12 +118,15 @@ pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     if pid <= 0 || !process_alive(pid) {
         return None;
     }
-    // Unreadable (no permission): trust the file rather than lose a live postmaster.
+    // The same directory, by device and inode (a bind mount, a rename or another mount
+    // namespace name it differently); unreadable (no permission): trust the file
+    // rather than lose a live postmaster.
+    use std::os::unix::fs::MetadataExt;
     let reused = match (
-        std::fs::read_link(format!("/proc/{pid}/cwd")),
-        data_dir.canonicalize(),
+        std::fs::metadata(format!("/proc/{pid}/cwd")),
+        std::fs::metadata(data_dir),
     ) {
-        (Ok(cwd), Ok(dir)) => cwd != dir,
+        (Ok(cwd), Ok(dir)) => (cwd.dev(), cwd.ino()) != (dir.dev(), dir.ino()),
         _ => false,
     };
     (!reused).then_some(pid)

@@ -212,23 +212,17 @@ impl Observer {
 
     /// Promotes this standby: first the standbys to wait for (effective once it is
     /// primary), then `pg_promote`, waiting until it accepts writes.
-    /// Promotes, waiting at most `wait` (whole seconds, at least one) for the end of
-    /// recovery; past that the promotion goes on in the background and the next round
-    /// sees it.
-    pub async fn promote(
-        &mut self,
-        synchronous_standby_names: &str,
-        wait: std::time::Duration,
-    ) -> Result<()> {
+    /// Asks for a promotion and returns at once: the end of recovery can take a while
+    /// (WAL left to replay), and the agent must keep renewing its lease meanwhile; the
+    /// next rounds see the role change.
+    pub async fn promote(&mut self, synchronous_standby_names: &str) -> Result<()> {
         let names = format!(
             "ALTER SYSTEM SET synchronous_standby_names = {}",
             quote(synchronous_standby_names)
         );
         self.exec(&[names.as_str(), "SELECT pg_reload_conf()"], QUERY_TIMEOUT)
             .await?;
-        let seconds = wait.as_secs().clamp(1, 30);
-        let promote = format!("SELECT pg_promote(wait => true, wait_seconds => {seconds})");
-        self.exec(&[promote.as_str()], std::time::Duration::from_secs(seconds + 5))
+        self.exec(&["SELECT pg_promote(wait => false)"], QUERY_TIMEOUT)
             .await
     }
 
