@@ -112,6 +112,11 @@ impl TimedWriter {
         self.read(|l| l.acks.last().copied())
     }
 
+    /// Every acknowledged commit whose reply came at or after `t`.
+    pub fn acked_since(&self, t: Instant) -> Vec<Ack> {
+        self.read(|l| l.acks.iter().filter(|a| a.acked >= t).copied().collect())
+    }
+
     /// When the first write after the last acknowledged one failed, if one did.
     pub fn refused_since_last_ack(&self) -> Option<Instant> {
         self.read(|l| l.refused_since_last_ack)

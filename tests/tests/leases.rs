@@ -109,12 +109,17 @@ async fn with_every_coordinator_frozen_the_primary_stops_within_its_lease() {
 
 /// Issue 10, case 4: a long lease, the primary host frozen, the Raft leader killed
 /// 2.5 s later. The new leader must wait out the old primary's lease, counted from its
-/// own election, not from when its process started.
+/// own election, not from when its process started. Writers with
+/// `synchronous_commit = local` on every node from before the freeze: thawed after the
+/// promotion, the old primary must not acknowledge anything after the new primary's
+/// first write was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_waits_out_the_old_primary_s_lease_from_its_own_election() {
     let mut sandbox = start_sandbox(26300, 26310).await;
     set_policy(&sandbox.client(), "main", "lease_ms", "8000").await;
     let lease = Duration::from_millis(8000);
+    let old = writing_on_node1(&sandbox).await;
+    let new = TimedWriter::start(&sandbox, "node2", "w", true, Duration::from_secs(120)).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await; // a grant of the long lease
 
     let frozen_at = Instant::now();
@@ -135,5 +140,33 @@ async fn a_new_leader_waits_out_the_old_primary_s_lease_from_its_own_election() 
         promoted_after >= lease - Duration::from_millis(100),
         "node2 was promoted {promoted_after:?} after node1 froze, inside node1's lease of {lease:?}"
     );
+    eventually("the new primary's writer writing", WAIT, || async {
+        !new.acks().is_empty()
+    })
+    .await;
+    let thawed_at = Instant::now();
     drop(frozen);
+    // Time for a thawed old primary to acknowledge what its clients still send.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // KNOWN GAP (issue 10 stays open for it; docs/leases.md, "What the guard
+    // covers"): the whole host was frozen, its guard too, so the lease is enforced
+    // only once the guard runs again, and the thawed backends answer what their
+    // clients sent in the meantime until the guard's kill lands (measured: 1 to 13
+    // writes within 45 ms of the thaw). Closing it needs a check at commit time inside
+    // Postgres. What holds today: nothing is acknowledged before the thaw or once the
+    // guard has run, and the guard fences at once.
+    let first_new = new.first().unwrap();
+    let late = old.acked_since(first_new.sent);
+    eprintln!("acknowledged by the thawed old primary: {late:?} (thawed at {thawed_at:?})");
+    assert!(
+        late.iter()
+            .all(|a| a.acked >= thawed_at && a.acked < thawed_at + Duration::from_secs(1)),
+        "the old primary acknowledged writes after the new one's first outside the moment \
+         after its host thawed: {late:?}"
+    );
+    assert_eq!(
+        sandbox.postmaster_pid("node1"),
+        None,
+        "the guard fenced it on thawing"
+    );
 }
