@@ -211,17 +211,23 @@ enum BenchCommand {
     /// delivery to 1000 watchers; added latency with 2000 connections held open.
     Router(bench::router::Options),
     /// Kill the sandbox's primary while a writer runs; time the failover, count losses.
+    /// With `--kill cut` also the fence (fence_after_renewal_ms) and the overlap of the
+    /// two primaries' acknowledged writes (overlap_ms, must be below 0).
     Failover {
         #[arg(long, default_value_t = 5)]
         rounds: u64,
         /// What ends the primary: the whole host dies (agent + Postgres), only the
-        /// postmaster, or nothing (a switchover).
+        /// postmaster, nothing (a switchover), or its links (cut: every host in a
+        /// network namespace of its own; needs root, ip and nft).
         #[arg(long, value_enum, default_value = "host")]
         kill: bench::failover::Kill,
+        /// Keep the sandbox here (default: a temporary directory, removed after).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Coordinator N listens on BASE + N.
         #[arg(long, default_value_t = 24100, value_name = "BASE")]
         coordinator_base: u16,
+        /// nodeN's Postgres on BASE + N; the router from BASE + 30.
         #[arg(long, default_value_t = 24110, value_name = "BASE")]
         postgres_base: u16,
     },

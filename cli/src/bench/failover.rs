@@ -50,7 +50,9 @@ pub struct Options {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kill {
+    /// kill -9 of the agent, its lease guard and every Postgres process.
     Host,
+    /// kill -9 of the postmaster and its processes; the agent lives.
     Postgres,
     /// Nothing dies: the operator asks for a switchover (`pgquorum switchover`).
     Switchover,
