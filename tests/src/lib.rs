@@ -271,6 +271,16 @@ pub async fn wait_new_primary(sandbox: &Sandbox, old: &str, epoch: u64, timeout:
         .primary
 }
 
+/// Creates table `w` (every column with a default, for [`TimedWriter`]) on the
+/// primary, node1.
+pub async fn create_writes_table(sandbox: &Sandbox) {
+    pg(sandbox, "node1")
+        .await
+        .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
+        .await
+        .unwrap();
+}
+
 /// One node's line of a status reply.
 pub fn node_status<'a>(status: &'a pb::StatusReply, name: &str) -> &'a pb::NodeStatus {
     status

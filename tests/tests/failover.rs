@@ -10,8 +10,8 @@ use nix::unistd::Pid;
 use pgquorum::launch::Sandbox;
 use pgquorum_client::pb;
 use pgquorum_tests::{
-    assert_no_overlap, cli, cli_json, eventually, node_status as node, pg, read_cluster, set_policy,
-    start_sandbox, try_pg, wait_new_primary, ThawOnDrop, TimedWriter,
+    assert_no_overlap, cli, cli_json, create_writes_table, eventually, node_status as node, pg, read_cluster,
+    set_policy, start_sandbox, try_pg, wait_new_primary, ThawOnDrop, TimedWriter,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -395,11 +395,7 @@ async fn an_agent_back_within_the_lease_costs_nothing_one_gone_longer_is_fenced_
 async fn old_primary_frozen_without_its_agent(coordinator_base: u16, postgres_base: u16, sync_mode: &str) {
     let mut sandbox = start_sandbox(coordinator_base, postgres_base).await;
     set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
-    pg(&sandbox, "node1")
-        .await
-        .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
-        .await
-        .unwrap();
+    create_writes_table(&sandbox).await;
     let old = TimedWriter::start(&sandbox, "node1", "w", true, Duration::from_secs(60)).unwrap();
     eventually("the old primary's writer writing", WAIT, || async {
         !old.acks().is_empty()

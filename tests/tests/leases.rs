@@ -8,17 +8,13 @@ use std::time::{Duration, Instant};
 
 use pgquorum::launch::Sandbox;
 use pgquorum_tests::{
-    eventually, node_status as node, pg, set_policy, start_sandbox, ThawOnDrop, TimedWriter,
+    create_writes_table, eventually, node_status as node, set_policy, start_sandbox, ThawOnDrop, TimedWriter,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn writing_on_node1(sandbox: &Sandbox) -> TimedWriter {
-    pg(sandbox, "node1")
-        .await
-        .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY)")
-        .await
-        .unwrap();
+    create_writes_table(sandbox).await;
     let writer = TimedWriter::start(sandbox, "node1", "w", true, Duration::from_secs(120)).unwrap();
     eventually("node1's writer writing", WAIT, || async {
         !writer.acks().is_empty()

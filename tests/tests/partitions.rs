@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use pgquorum_tests::{
-    assert_no_overlap, eventually, node_status as node, pg, set_policy, start_sandbox_with, wait_new_primary,
-    TimedWriter,
+    assert_no_overlap, create_writes_table, eventually, node_status as node, pg, set_policy,
+    start_sandbox_with, wait_new_primary, TimedWriter,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -31,11 +31,7 @@ enum Cut {
 async fn primary_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &str, cut: Cut) {
     let mut sandbox = start_sandbox_with(coordinator_base, postgres_base, |s| s.network = true).await;
     set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
-    pg(&sandbox, "node1")
-        .await
-        .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
-        .await
-        .unwrap();
+    create_writes_table(&sandbox).await;
     let writers: BTreeMap<&str, TimedWriter> = ["node1", "node2", "node3"]
         .into_iter()
         .map(|n| {
@@ -123,11 +119,7 @@ async fn a_primary_cut_from_the_coordinators_only_is_fenced_before_a_standby_tak
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blips_shorter_than_the_failure_timeout_cost_no_failover() {
     let mut sandbox = start_sandbox_with(26700, 26710, |s| s.network = true).await;
-    pg(&sandbox, "node1")
-        .await
-        .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
-        .await
-        .unwrap();
+    create_writes_table(&sandbox).await;
     let writer = TimedWriter::start(&sandbox, "node1", "w", false, Duration::from_secs(60)).unwrap();
     eventually("the writer writing", WAIT, || async { !writer.acks().is_empty() }).await;
     let postmaster = sandbox.postmaster_pid("node1");

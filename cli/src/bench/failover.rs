@@ -315,18 +315,7 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
     let sync_restored = killed_at.elapsed();
 
     // The failover's steps, as the coordinators committed them.
-    let cluster = sandbox
-        .client()
-        .call(|mut c| async move {
-            c.get_cluster(pb::GetClusterRequest {
-                name: "main".into(),
-                consistency: 0,
-            })
-            .await
-        })
-        .await?
-        .cluster
-        .unwrap_or_default();
+    let cluster = sandbox.cluster_state().await?;
     let at = |kind: &str| {
         cluster
             .history
@@ -391,18 +380,7 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
 
 /// The cluster's lease length.
 async fn lease_ms(sandbox: &Sandbox) -> Result<u64> {
-    let cluster = sandbox
-        .client()
-        .call(|mut c| async move {
-            c.get_cluster(pb::GetClusterRequest {
-                name: "main".into(),
-                consistency: 0,
-            })
-            .await
-        })
-        .await?
-        .cluster
-        .unwrap_or_default();
+    let cluster = sandbox.cluster_state().await?;
     Ok(cluster.policy.unwrap_or_default().lease_ms)
 }
 

@@ -551,6 +551,23 @@ impl Sandbox {
             .await?)
     }
 
+    /// The cluster's replicated state (policy, history, …), read linearizably.
+    pub async fn cluster_state(&self) -> Result<pb::Cluster> {
+        let request = pb::GetClusterRequest {
+            name: self.spec.cluster.clone(),
+            consistency: 0,
+        };
+        Ok(self
+            .client()
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.get_cluster(request).await }
+            })
+            .await?
+            .cluster
+            .unwrap_or_default())
+    }
+
     pub async fn alerts(&self) -> Result<pb::AlertsReply> {
         let request = pb::AlertsRequest {
             cluster: self.spec.cluster.clone(),
