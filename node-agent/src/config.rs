@@ -28,6 +28,8 @@
 //! #   "host all all 10.0.0.0/16 scram-sha-256",        # (written with the node's settings)
 //! #   "host replication replicator 10.0.0.0/16 scram-sha-256",
 //! # ]
+//! commit_check = true              # Postgres refuses commits once the lease ran out
+//!                                  # (a library the agent loads; see docs/leases.md)
 //! [postgres.parameters]            # extra postgresql.conf settings
 //! shared_buffers = "1GB"
 //! ```
@@ -110,6 +112,12 @@ pub struct PostgresConfig {
     /// backup made it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pg_hba: Vec<String>,
+    /// Load the commit-time lease check into Postgres (`shared_preload_libraries`,
+    /// `pgquorum.lease_file`): a commit of a write is refused once the lease file's
+    /// deadline has passed, and not acknowledged when it passed during the commit.
+    /// Needs an agent built with the PostgreSQL 15 server headers.
+    #[serde(default = "default_true")]
+    pub commit_check: bool,
     #[serde(default)]
     pub parameters: BTreeMap<String, String>,
 }
@@ -216,6 +224,12 @@ impl AgentConfig {
             if value.is_empty() || value.contains(['\'', '"', ' ']) {
                 return bad(field, format!("{value:?} is not a plain Postgres identifier"));
             }
+        }
+        if pg.commit_check && !crate::postgres::commit_check::built() {
+            return bad(
+                "postgres.commit_check",
+                crate::postgres::commit_check::NOT_BUILT.into(),
+            );
         }
         if pg.advertise_host.is_empty() {
             return bad("postgres.advertise_host", "must not be empty".into());

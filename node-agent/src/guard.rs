@@ -25,7 +25,8 @@
 //! Postgres runs on (two failures; the coordinators still wait out the lease before
 //! promoting, so the old primary is then fenced only by synchronous replication and
 //! the routers); a host frozen as a whole (guard included) is stopped within one
-//! [`POLL`] of thawing, during which a backend thawed first may still commit.
+//! [`POLL`] of thawing — meanwhile the commit-time check inside Postgres
+//! ([`crate::postgres::commit_check`]) refuses what its thawed backends would commit.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ pub struct GuardFiles {
     /// committed primary or told to follow another: while it is, the data counts as a
     /// primary's whatever `standby.signal` says (a promotion can finish at any time).
     pub promoting: PathBuf,
+    /// The commit-time lease check Postgres loads ([`crate::postgres::commit_check`]).
+    pub library: PathBuf,
 }
 
 impl GuardFiles {
@@ -78,6 +81,7 @@ impl GuardFiles {
             pid: beside(".pgquorum-guard.pid"),
             log: beside(".pgquorum-guard.log"),
             promoting: beside(".pgquorum-promoting"),
+            library: beside(".pgquorum-lease.so"),
         }
     }
 
@@ -91,8 +95,15 @@ impl GuardFiles {
 /// The lease deadline as the agent writes and the guard reads it: `CLOCK_BOOTTIME`
 /// nanoseconds (0: no lease), with a check so a torn or foreign file reads as none.
 pub fn write_deadline(path: &Path, deadline_ns: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    // Readable by all: Postgres (another OS user) reads it at every commit.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)?;
     writeln!(f, "{deadline_ns} {}", !deadline_ns)?;
     drop(f);
     std::fs::rename(&tmp, path)

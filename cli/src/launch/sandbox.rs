@@ -356,6 +356,7 @@ impl Sandbox {
                 replication_user: None,
                 log_file: None,
                 pg_hba,
+                commit_check: true,
                 parameters: [
                     ("shared_buffers", "32MB"),
                     ("max_connections", "100"),

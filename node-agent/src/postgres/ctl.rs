@@ -20,11 +20,14 @@ use nix::sys::signal::kill;
 use nix::unistd::{chown, Gid, Pid, Uid, User};
 use tracing::info;
 
+use super::commit_check;
 use crate::config::PostgresConfig;
 use crate::error::{Error, Result};
+use crate::guard::GuardFiles;
 
 /// The file with this node's settings, next to postgresql.conf.
 const NODE_CONF: &str = "pgquorum.conf";
+const PRELOAD: &str = "shared_preload_libraries";
 
 /// Who Postgres runs as: the agent's own user, or `os_user` when the agent is root.
 #[derive(Clone, Copy, Debug)]
@@ -343,6 +346,13 @@ impl PostgresCtl {
                 self.make_dir(dir, 0o755)?;
             }
         }
+        if self.cfg.commit_check {
+            let library = GuardFiles::next_to(&self.cfg.data_dir).library;
+            commit_check::install(&library).map_err(|e| Error::Tool {
+                tool: "commit check".into(),
+                detail: format!("cannot write {}: {e}", library.display()),
+            })?;
+        }
         Ok(())
     }
 
@@ -490,8 +500,19 @@ impl PostgresCtl {
             set("primary_conninfo", &conninfo);
             set("primary_slot_name", &slot_name(&self.name));
         }
+        if c.commit_check {
+            let files = GuardFiles::next_to(&c.data_dir);
+            let configured = c.parameters.get(PRELOAD).map(String::as_str);
+            set(
+                PRELOAD,
+                &commit_check::preload_libraries(&files.library, configured),
+            );
+            set("pgquorum.lease_file", &files.lease.display().to_string());
+        }
         for (k, v) in &c.parameters {
-            set(k, v);
+            if !(c.commit_check && k == PRELOAD) {
+                set(k, v);
+            }
         }
         let path = c.data_dir.join(NODE_CONF);
         std::fs::write(&path, s)?;

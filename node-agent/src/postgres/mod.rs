@@ -1,6 +1,7 @@
 //! The agent's two hands on Postgres: [`ctl`] runs its tools (initdb, pg_basebackup,
 //! pg_ctl) and [`observe`] asks it, over one kept-open connection, what it is doing.
 
+pub mod commit_check;
 pub mod ctl;
 pub mod observe;
 pub mod probe;
