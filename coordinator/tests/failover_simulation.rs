@@ -28,7 +28,7 @@ use std::time::Duration;
 use pgquorum_client::{pb, sync_names};
 use pgquorum_coordinator::failover::heartbeat_reply;
 use pgquorum_coordinator::leader::next_command;
-use pgquorum_coordinator::observe::{ClusterReports, Observed};
+use pgquorum_coordinator::observe::{ClusterReports, Observed, OwnLease};
 use pgquorum_coordinator::state::{ClusterState, Command, Member};
 
 /// SplitMix64: small, seedable, good enough to pick events.
@@ -87,7 +87,8 @@ struct Seen {
     report: pb::NodeReport,
     at: u64,
     last_up: Option<u64>,
-    lease_granted: Option<u64>,
+    /// When this leader last granted a lease, and its length (ms).
+    lease_granted: Option<(u64, u64)>,
     /// When this leader sent the reply the report's observation followed.
     seen_reply: Option<u64>,
     /// First report of the unbroken run with this role and Postgres state.
@@ -228,8 +229,9 @@ impl Sim {
                         report: s.report.clone(),
                         age: ms(self.t - s.at),
                         up_ago: s.last_up.map(|u| ms(self.t - u)),
-                        lease_granted_ago: s.lease_granted.map(|g| ms(self.t - g)),
-                        longest_grant: Duration::ZERO,
+                        own_lease: s.lease_granted.map_or(OwnLease::Never, |(at, length)| {
+                            OwnLease::granted(ms(self.t - at), ms(length))
+                        }),
                         seen_reply_ago: s.seen_reply.map(|r| ms(self.t - r)),
                         role_for: ms(self.t - s.role_since),
                         observed_ago: ms(self.t - s.at),
@@ -337,7 +339,7 @@ impl Sim {
         let reply = heartbeat_reply(&self.state.clusters["main"], &self.reports(), name, false);
         self.nodes.get_mut(name).unwrap().reply_seen = Some((self.leader_gen, self.t));
         if reply.lease_ms > 0 {
-            self.seen.get_mut(name).unwrap().lease_granted = Some(self.t);
+            self.seen.get_mut(name).unwrap().lease_granted = Some((self.t, reply.lease_ms));
         }
         if self.state.clusters["main"].primary.as_deref() == Some(name) {
             self.told

@@ -256,6 +256,68 @@ pub fn assert_no_overlap(old: &TimedWriter, new: &TimedWriter) {
     );
 }
 
+/// Writers with `synchronous_commit = local` on every node of a sandbox, started
+/// before a fault: on standbys they are refused (and retried every millisecond) until
+/// one is promoted, so whichever node acknowledges, and when, is on record.
+pub struct WritersOnEveryNode(std::collections::BTreeMap<String, TimedWriter>);
+
+impl WritersOnEveryNode {
+    /// Creates the table, starts a writer on each node, waits until `primary`'s writes.
+    pub async fn start(sandbox: &Sandbox, primary: &str, for_at_most: Duration) -> WritersOnEveryNode {
+        create_writes_table(sandbox).await;
+        let writers = sandbox
+            .node_names()
+            .into_iter()
+            .map(|n| {
+                let w = TimedWriter::start(sandbox, &n, "w", true, for_at_most).unwrap();
+                (n, w)
+            })
+            .collect();
+        let writers = WritersOnEveryNode(writers);
+        let old = writers.on(primary);
+        eventually(
+            &format!("{primary}'s writer writing"),
+            Duration::from_secs(30),
+            || async { !old.acks().is_empty() },
+        )
+        .await;
+        writers
+    }
+
+    pub fn on(&self, node: &str) -> &TimedWriter {
+        &self.0[node]
+    }
+
+    /// Waits until `node`'s writer has a write acknowledged.
+    pub async fn wait_writing(&self, node: &str) {
+        let w = self.on(node);
+        eventually(
+            &format!("{node}'s writer writing"),
+            Duration::from_secs(30),
+            || async { !w.acks().is_empty() },
+        )
+        .await;
+    }
+
+    /// Panics unless the primaries took turns: `old`'s last acknowledgement came before
+    /// `new`'s first write was sent ([`assert_no_overlap`]), and no other node ever
+    /// acknowledged a write.
+    pub fn assert_one_primary_at_a_time(&self, old: &str, new: &str) {
+        assert_no_overlap(self.on(old), self.on(new));
+        self.assert_only_acknowledged_by(&[old, new]);
+    }
+
+    /// Panics if a node outside `primaries` acknowledged a write.
+    pub fn assert_only_acknowledged_by(&self, primaries: &[&str]) {
+        for (name, w) in &self.0 {
+            assert!(
+                primaries.contains(&name.as_str()) || w.acks().is_empty(),
+                "{name} was never primary, yet acknowledged a write"
+            );
+        }
+    }
+}
+
 /// Waits until a node other than `old` is the primary of `epoch` (any: in prefer mode
 /// the most caught-up standby wins, synchronous or not); returns its name.
 pub async fn wait_new_primary(sandbox: &Sandbox, old: &str, epoch: u64, timeout: Duration) -> String {

@@ -11,7 +11,7 @@ use pgquorum::launch::Sandbox;
 use pgquorum_client::pb;
 use pgquorum_tests::{
     assert_no_overlap, cli, cli_json, create_writes_table, eventually, node_status as node, pg, read_cluster,
-    set_policy, start_sandbox, try_pg, wait_new_primary, ThawOnDrop, TimedWriter,
+    set_policy, start_sandbox, try_pg, wait_new_primary, ThawOnDrop, TimedWriter, WritersOnEveryNode,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -434,11 +434,12 @@ async fn a_frozen_primary_without_its_agent_never_acknowledges_next_to_the_new_o
 }
 
 /// Issue 10, case 5: the primary's data directory is lost while its agent lives. No
-/// empty database may become the primary: the cluster fails over to node2, and node1
-/// is rebuilt as node2's standby, from node2.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped_again() {
-    let sandbox = start_sandbox(26000, 26010).await;
+/// empty database may become the primary: the cluster fails over, and node1 is rebuilt
+/// as a standby of the new primary, from it. Writers with `synchronous_commit = local`
+/// on every node from before the loss: one primary at a time, node1 never again.
+async fn primary_loses_its_data(coordinator_base: u16, postgres_base: u16, sync_mode: &str) {
+    let sandbox = start_sandbox(coordinator_base, postgres_base).await;
+    set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
     pg(&sandbox, "node1")
         .await
         .batch_execute("CREATE TABLE kept (id int); INSERT INTO kept VALUES (1)")
@@ -459,11 +460,13 @@ async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped
             .any(|(k, _)| k == "system_identifier")
     })
     .await;
+    let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(120)).await;
 
     sandbox.kill_postgres("node1").unwrap();
     std::fs::remove_dir_all(sandbox.data_dir("node1").unwrap()).unwrap();
 
-    wait_promoted(&sandbox, "node2", 2).await;
+    let promoted = wait_new_primary(&sandbox, "node1", 2, WAIT).await;
+    writers.wait_writing(&promoted).await;
     sandbox
         .wait_for("node1 rebuilt as a standby", WAIT, |s| {
             node(s, "node1").role == "standby" && node(s, "node1").health == "HEALTHY"
@@ -485,7 +488,18 @@ async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped
         .count();
     assert_eq!(bootstraps, 1, "bootstrapped once");
     let s = sandbox.status().await.unwrap();
-    assert_eq!((s.epoch, s.primary.as_str()), (2, "node2"));
+    assert_eq!((s.epoch, s.primary.as_str()), (2, promoted.as_str()));
+    writers.assert_one_primary_at_a_time("node1", &promoted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped_again_strict() {
+    primary_loses_its_data(26000, 26010, "strict").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped_again_prefer() {
+    primary_loses_its_data(28300, 28310, "prefer").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

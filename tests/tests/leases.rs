@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use pgquorum::launch::Sandbox;
 use pgquorum_tests::{
-    create_writes_table, eventually, node_status as node, set_policy, start_sandbox, ThawOnDrop, TimedWriter,
+    create_writes_table, eventually, node_status as node, set_policy, start_sandbox, wait_new_primary,
+    ThawOnDrop, TimedWriter, WritersOnEveryNode,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -69,10 +70,13 @@ async fn a_frozen_follower_coordinator_first_in_every_agent_s_list_costs_the_pri
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_every_coordinator_frozen_the_primary_stops_within_its_lease() {
-    let mut sandbox = start_sandbox(26200, 26210).await;
-    let writer = writing_on_node1(&sandbox).await;
+/// Issue 10, case 2: every coordinator frozen. The primary stops within its lease;
+/// once they thaw there is a primary again, and (writers with `synchronous_commit =
+/// local` on every node) never two at a time.
+async fn every_coordinator_frozen(coordinator_base: u16, postgres_base: u16, sync_mode: &str) {
+    let mut sandbox = start_sandbox(coordinator_base, postgres_base).await;
+    set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
+    let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(120)).await;
     let lease = Duration::from_millis(1000);
 
     let pids = sandbox
@@ -90,22 +94,43 @@ async fn with_every_coordinator_frozen_the_primary_stops_within_its_lease() {
     .await;
     // The last grant came before the freeze, so the lease ended by frozen_at + lease;
     // the slack covers the kill taking effect and the client noting the ack.
-    let last = *writer.acks().last().unwrap();
+    let last = writers.on("node1").last().unwrap().acked;
     let after = last.saturating_duration_since(frozen_at);
     assert!(
         after < lease + Duration::from_millis(300),
         "node1 acknowledged a write {after:?} after the coordinators froze (lease {lease:?})"
     );
     assert!(guard_fenced(&sandbox, "node1"));
+    let thawed_at = Instant::now();
     drop(frozen);
 
-    // The coordinators back, the cluster has a writable primary again.
-    sandbox
+    // The coordinators back, the cluster has a writable primary again: node1 restarted
+    // or another promoted, one at a time.
+    let primary = sandbox
         .wait_for("a primary again", WAIT, |s| {
             !s.primary.is_empty() && node(s, &s.primary).health == "HEALTHY"
         })
         .await
-        .unwrap();
+        .unwrap()
+        .primary;
+    writers.wait_writing(&primary).await;
+    if primary == "node1" {
+        let again = writers.on("node1").acked_since(thawed_at);
+        assert!(!again.is_empty(), "node1 writes again");
+        writers.assert_only_acknowledged_by(&["node1"]);
+    } else {
+        writers.assert_one_primary_at_a_time("node1", &primary);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_coordinator_frozen_the_primary_stops_within_its_lease_strict() {
+    every_coordinator_frozen(26200, 26210, "strict").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_coordinator_frozen_the_primary_stops_within_its_lease_prefer() {
+    every_coordinator_frozen(28000, 28010, "prefer").await;
 }
 
 /// Issue 10, case 4: a long lease, the primary host frozen, the Raft leader killed
@@ -113,13 +138,12 @@ async fn with_every_coordinator_frozen_the_primary_stops_within_its_lease() {
 /// own election, not from when its process started. Writers with
 /// `synchronous_commit = local` on every node from before the freeze: thawed after the
 /// promotion, the old primary must not acknowledge anything sent after the freeze.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_leader_waits_out_the_old_primary_s_lease_from_its_own_election() {
-    let mut sandbox = start_sandbox(26300, 26310).await;
+async fn new_leader_waits_out_the_lease(coordinator_base: u16, postgres_base: u16, sync_mode: &str) {
+    let mut sandbox = start_sandbox(coordinator_base, postgres_base).await;
+    set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
     set_policy(&sandbox.client(), "main", "lease_ms", "8000").await;
     let lease = Duration::from_millis(8000);
-    let old = writing_on_node1(&sandbox).await;
-    let new = TimedWriter::start(&sandbox, "node2", "w", true, Duration::from_secs(120)).unwrap();
+    let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // a grant of the long lease
 
     let frozen_at = Instant::now();
@@ -129,22 +153,14 @@ async fn a_new_leader_waits_out_the_old_primary_s_lease_from_its_own_election() 
     let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
     sandbox.coordinators().kill(leader).unwrap();
 
-    sandbox
-        .wait_for("node2 promoted", Duration::from_secs(60), |s| {
-            s.primary == "node2" && s.epoch == 2 && node(s, "node2").role == "primary"
-        })
-        .await
-        .unwrap();
+    let promoted = wait_new_primary(&sandbox, "node1", 2, Duration::from_secs(60)).await;
     let promoted_after = frozen_at.elapsed();
     // The last grant to node1 came at most one heartbeat before the freeze.
     assert!(
         promoted_after >= lease - Duration::from_millis(100),
-        "node2 was promoted {promoted_after:?} after node1 froze, inside node1's lease of {lease:?}"
+        "{promoted} was promoted {promoted_after:?} after node1 froze, inside node1's lease of {lease:?}"
     );
-    eventually("the new primary's writer writing", WAIT, || async {
-        !new.acks().is_empty()
-    })
-    .await;
+    writers.wait_writing(&promoted).await;
     let thawed_at = Instant::now();
     drop(frozen);
     // Time for a thawed old primary to acknowledge what its clients still send.
@@ -155,17 +171,78 @@ async fn a_new_leader_waits_out_the_old_primary_s_lease_from_its_own_election() 
     // when the host froze (a reply delayed, as by the network): so every write the old
     // primary acknowledged after the new primary's first was sent before the freeze,
     // at most one per connection (one writer here).
-    let first_new = new.first().unwrap();
-    let late = old.acked_since(first_new.sent);
+    let first_new = writers.on(&promoted).first().unwrap();
+    let late = writers.on("node1").acked_since(first_new.sent);
     eprintln!("acknowledged by the thawed old primary: {late:?} (frozen by {all_frozen_at:?}, thawed at {thawed_at:?})");
     assert!(
         late.len() <= 1 && late.iter().all(|a| a.sent < all_frozen_at),
         "the old primary acknowledged writes sent after its host froze, after the new \
          primary's first write: {late:?}"
     );
+    writers.assert_only_acknowledged_by(&["node1", &promoted]);
     assert_eq!(
         sandbox.postmaster_pid("node1"),
         None,
         "the guard fenced it on thawing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_waits_out_the_old_primary_s_lease_from_its_own_election_strict() {
+    new_leader_waits_out_the_lease(26300, 26310, "strict").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_waits_out_the_old_primary_s_lease_from_its_own_election_prefer() {
+    new_leader_waits_out_the_lease(28100, 28110, "prefer").await;
+}
+
+/// A lease lowered by policy (8 s to 1 s), then the primary host frozen and the Raft
+/// leader killed at once: grants of 8 s from before the lowering may still run, so the
+/// new leader waits them out (`lease_ms_settling`), counted from its election, and
+/// then records the lowering as settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_lease_still_waits_out_the_longer_grants_across_a_leader_change() {
+    let mut sandbox = start_sandbox(28200, 28210).await;
+    set_policy(&sandbox.client(), "main", "lease_ms", "8000").await;
+    let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // a grant of the long lease
+    let lowered_at = Instant::now();
+    set_policy(&sandbox.client(), "main", "lease_ms", "1000").await;
+
+    let frozen = ThawOnDrop::freeze(sandbox.host_pids("node1").unwrap());
+    let all_frozen_at = Instant::now();
+    let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
+    sandbox.coordinators().kill(leader).unwrap();
+
+    let promoted = wait_new_primary(&sandbox, "node1", 2, Duration::from_secs(60)).await;
+    let promoted_after = lowered_at.elapsed();
+    // The last 8 s grant was asked for at most a heartbeat before the lowering.
+    assert!(
+        promoted_after >= Duration::from_millis(8000 - 100),
+        "{promoted} was promoted {promoted_after:?} after the lease was lowered, inside an 8 s grant"
+    );
+    writers.wait_writing(&promoted).await;
+    drop(frozen);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let first_new = writers.on(&promoted).first().unwrap();
+    let late = writers.on("node1").acked_since(first_new.sent);
+    assert!(
+        late.len() <= 1 && late.iter().all(|a| a.sent < all_frozen_at),
+        "the old primary acknowledged writes sent after its host froze: {late:?}"
+    );
+    writers.assert_only_acknowledged_by(&["node1", &promoted]);
+    sandbox.coordinators().start_node(leader).unwrap();
+
+    // Settled: the new leader clears lease_ms_settling once it has led, granting only
+    // 1 s, for 8 s and the margin; from then on only its own grants count (when the
+    // next failover may start is unit-tested in failover/decide.rs and
+    // observe/reports.rs).
+    eventually("the lowering settled", WAIT, || async {
+        sandbox
+            .cluster_state()
+            .await
+            .is_ok_and(|c| c.history.iter().any(|e| e.kind == "lease_settled"))
+    })
+    .await;
 }

@@ -3,12 +3,11 @@
 //! `pgquorum::launch::Network`). Needs root, as CI runs. Each test has its own ports,
 //! network and directory.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use pgquorum_tests::{
-    assert_no_overlap, create_writes_table, eventually, node_status as node, pg, set_policy,
-    start_sandbox_with, wait_new_primary, TimedWriter,
+    create_writes_table, eventually, node_status as node, pg, set_policy, start_sandbox_with,
+    wait_new_primary, TimedWriter, WritersOnEveryNode,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -31,21 +30,8 @@ enum Cut {
 async fn primary_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &str, cut: Cut) {
     let mut sandbox = start_sandbox_with(coordinator_base, postgres_base, |s| s.network = true).await;
     set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
-    create_writes_table(&sandbox).await;
-    let writers: BTreeMap<&str, TimedWriter> = ["node1", "node2", "node3"]
-        .into_iter()
-        .map(|n| {
-            (
-                n,
-                TimedWriter::start(&sandbox, n, "w", true, Duration::from_secs(90)).unwrap(),
-            )
-        })
-        .collect();
-    let old = &writers["node1"];
-    eventually("the old primary's writer writing", WAIT, || async {
-        !old.acks().is_empty()
-    })
-    .await;
+    let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(90)).await;
+    let old = writers.on("node1");
 
     let cut_at = Instant::now();
     let net = sandbox.network().unwrap();
@@ -54,11 +40,8 @@ async fn primary_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &
         Cut::CoordinatorsOnly => net.cut("node1", &["coord1", "coord2", "coord3"]).unwrap(),
     }
     let promoted = wait_new_primary(&sandbox, "node1", 2, WAIT).await;
-    let new = &writers[promoted.as_str()];
-    eventually("the new primary's writer writing", WAIT, || async {
-        !new.acks().is_empty()
-    })
-    .await;
+    writers.wait_writing(&promoted).await;
+    let new = writers.on(&promoted);
     // Time for an old primary that was never fenced to show it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (last_old, first_new) = (old.last().unwrap(), new.first().unwrap());
@@ -71,15 +54,7 @@ async fn primary_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &
         last_old.acked > cut_at,
         "the old primary's clients still reach it after the cut, and it acknowledges until its lease ends"
     );
-    assert_no_overlap(old, new);
-    for (name, w) in &writers {
-        if *name != "node1" && *name != promoted {
-            assert!(
-                w.acks().is_empty(),
-                "{name} was never primary, yet acknowledged a write"
-            );
-        }
-    }
+    writers.assert_one_primary_at_a_time("node1", &promoted);
     assert_eq!(
         sandbox.postmaster_pid("node1"),
         None,
@@ -94,7 +69,7 @@ async fn primary_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &
         })
         .await
         .unwrap();
-    assert_no_overlap(old, new);
+    writers.assert_one_primary_at_a_time("node1", &promoted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

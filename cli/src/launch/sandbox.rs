@@ -507,6 +507,11 @@ impl Sandbox {
         Ok(pids)
     }
 
+    /// The nodes' names (node1, node2, …).
+    pub fn node_names(&self) -> Vec<String> {
+        self.agents.keys().cloned().collect()
+    }
+
     pub fn port(&self, name: &str) -> Result<u16> {
         Ok(self.agent(name)?.config.postgres.port)
     }

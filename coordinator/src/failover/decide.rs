@@ -36,7 +36,7 @@ use std::time::Duration;
 use pgquorum_client::lsn::Lsn;
 
 use crate::observe::health::fresh;
-use crate::observe::{ClusterReports, Observed};
+use crate::observe::{ClusterReports, Observed, OwnLease};
 use crate::state::{Cluster, Member, SyncMode};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -355,14 +355,11 @@ pub fn lease_expired(cluster: &Cluster, reports: &ClusterReports, node: &str) ->
 /// How long ago `node`'s lease ran out at the latest; None while it may still run.
 fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Option<Duration> {
     let lease = Duration::from_millis(cluster.policy.lease_ms);
-    let observed = reports.nodes.get(node);
-    // A lease lowered by policy leaves longer grants of this leader to run out.
-    let granted = observed.map_or(lease, |o| o.longest_grant.max(lease));
-    let own = granted + pgquorum_client::lease::margin(granted);
-    let since_grant = observed
-        .and_then(|o| o.lease_granted_ago)
-        .unwrap_or(Duration::MAX);
-    let over_own = since_grant.checked_sub(own);
+    let over_own = match reports.nodes.get(node).map_or(OwnLease::Never, |o| o.own_lease) {
+        OwnLease::Never => Some(Duration::MAX),
+        OwnLease::EndsIn(_) => None,
+        OwnLease::EndedAgo(ago) => Some(ago),
+    };
     // An earlier leader may have granted a longer lease before the policy lowered it.
     let earlier = lease.max(Duration::from_millis(
         cluster.lease_ms_settling.map_or(0, |s| s.lease_ms),
@@ -599,7 +596,8 @@ mod tests {
             Step::Abandon { ref candidate, .. } if candidate == "node2"
         ));
         let mut granted = silent.clone();
-        granted.nodes.get_mut("node2").unwrap().lease_granted_ago = Some(Duration::from_millis(100));
+        granted.nodes.get_mut("node2").unwrap().own_lease =
+            OwnLease::granted(Duration::from_millis(100), Duration::from_millis(1000));
         assert_eq!(decide(&c, &granted, true), Step::Wait, "its lease may still run");
         let mut promoted = primary("0/5000100", "", vec![]);
         promoted.epoch = 2;
@@ -689,15 +687,21 @@ mod tests {
         // Lease 1000 ms, margin 20 ms, grant window 150 ms (the test reports' default).
         let mut r = reports(vec![("node1", stopped(), 10)]);
         r.leader_for = ms(3_600_000);
-        let granted =
-            |r: &mut ClusterReports, ago| r.nodes.get_mut("node1").unwrap().lease_granted_ago = Some(ago);
+        let grant = |r: &mut ClusterReports, ago, length| {
+            let own = &mut r.nodes.get_mut("node1").unwrap().own_lease;
+            *own = own.max(OwnLease::granted(ago, length));
+        };
+        let granted = |r: &mut ClusterReports, ago| {
+            r.nodes.get_mut("node1").unwrap().own_lease = OwnLease::Never;
+            grant(r, ago, ms(1000));
+        };
         granted(&mut r, ms(1_019));
         assert!(!lease_expired(&c, &r, "node1"), "not yet lease + margin");
         granted(&mut r, ms(1_020));
         assert!(lease_expired(&c, &r, "node1"));
         // Never granted by this leader, elected 1169 ms ago: an earlier leader may have
         // granted it up to its last quorum contact plus the grant window.
-        r.nodes.get_mut("node1").unwrap().lease_granted_ago = None;
+        r.nodes.get_mut("node1").unwrap().own_lease = OwnLease::Never;
         r.leader_for = ms(1_169);
         assert!(!lease_expired(&c, &r, "node1"));
         r.leader_for = ms(1_170);
@@ -705,13 +709,22 @@ mod tests {
         // Granted by this leader too: the later of the two ends counts.
         granted(&mut r, ms(500));
         assert!(!lease_expired(&c, &r, "node1"));
-        // The policy lowered the lease after a 10 s grant: that grant still runs.
+        // The policy lowered the lease after a 10 s grant: that grant still runs, past
+        // the 1 s grants after it; once it ended, only the 1 s grants count.
         r.leader_for = ms(3_600_000);
-        r.nodes.get_mut("node1").unwrap().longest_grant = ms(10_000);
         granted(&mut r, ms(5_000));
+        grant(&mut r, ms(5_000), ms(10_000));
+        grant(&mut r, ms(100), ms(1_000));
         assert!(!lease_expired(&c, &r, "node1"), "a 10 s grant 5 s ago");
         granted(&mut r, ms(10_200));
-        assert!(lease_expired(&c, &r, "node1"));
+        grant(&mut r, ms(10_200), ms(10_000));
+        grant(&mut r, ms(1_020), ms(1_000));
+        assert!(
+            lease_expired(&c, &r, "node1"),
+            "the 10 s grant ended 0 ms ago, the 1 s one too"
+        );
+        grant(&mut r, ms(100), ms(1_000));
+        assert!(!lease_expired(&c, &r, "node1"), "a 1 s grant after it");
     }
 
     #[test]

@@ -166,6 +166,7 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::observe::OwnLease;
     use crate::state::{Member, Policy};
 
     pub fn member(name: &str, eligible: bool) -> Member {
@@ -250,8 +251,7 @@ pub(crate) mod tests {
                     report,
                     age,
                     up_ago,
-                    lease_granted_ago: None,
-                    longest_grant: Duration::ZERO,
+                    own_lease: OwnLease::Never,
                     // Observed right after a reply it got just before: as fresh as it is.
                     seen_reply_ago: Some(age),
                     role_for: age,

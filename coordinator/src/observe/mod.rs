@@ -11,4 +11,4 @@ pub mod lag;
 pub mod reports;
 pub mod routes;
 
-pub use reports::{AppliedSync, ClusterReports, Observed, Reports};
+pub use reports::{AppliedSync, ClusterReports, Observed, OwnLease, Reports};

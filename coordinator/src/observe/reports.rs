@@ -22,11 +22,10 @@ pub struct Observed {
     pub age: Duration,
     /// Since a report last said its Postgres answers; None: not while we lead.
     pub up_ago: Option<Duration>,
-    /// Since this leader last granted the node a primary lease; None: never.
-    pub lease_granted_ago: Option<Duration>,
-    /// The longest lease this leader granted the node (zero: none). A lease shortened
-    /// by policy still leaves earlier, longer grants to run out.
-    pub longest_grant: Duration,
+    /// When the latest-ending primary lease this leader granted the node ends (with
+    /// its margin): a lease shortened by policy still leaves earlier, longer grants to
+    /// run out, and only those.
+    pub own_lease: OwnLease,
     /// The observation is younger than this: it was made after the node received a
     /// reply this leader built that long ago (see [`Reports::reply_mark`]). None: no
     /// such reply (not yet, or from another leader).
@@ -133,6 +132,43 @@ impl WalClockEntry {
     }
 }
 
+/// The end of the primary leases one leader granted a node, relative to now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnLease {
+    /// This leader never granted the node a lease.
+    Never,
+    /// The latest end (lease plus margin) is still this far ahead.
+    EndsIn(Duration),
+    /// It passed this long ago.
+    EndedAgo(Duration),
+}
+
+impl OwnLease {
+    /// A lease of `length` granted `ago`, with the margin both sides agree on.
+    pub fn granted(ago: Duration, length: Duration) -> OwnLease {
+        OwnLease::ending(ago, length + pgquorum_client::lease::margin(length))
+    }
+
+    /// A lease `ago` that ends `until` after it (margin included).
+    fn ending(ago: Duration, until: Duration) -> OwnLease {
+        match until.checked_sub(ago) {
+            Some(left) if !left.is_zero() => OwnLease::EndsIn(left),
+            _ => OwnLease::EndedAgo(ago - until),
+        }
+    }
+
+    /// The later-ending of two.
+    pub fn max(self, other: OwnLease) -> OwnLease {
+        use OwnLease::*;
+        match (self, other) {
+            (Never, x) | (x, Never) => x,
+            (EndsIn(a), EndsIn(b)) => EndsIn(a.max(b)),
+            (EndsIn(a), EndedAgo(_)) | (EndedAgo(_), EndsIn(a)) => EndsIn(a),
+            (EndedAgo(a), EndedAgo(b)) => EndedAgo(a.min(b)),
+        }
+    }
+}
+
 /// How many earlier agent incarnations of a node are remembered, so that their late
 /// reports are ignored.
 const RETIRED_INCARNATIONS: usize = 8;
@@ -143,8 +179,8 @@ struct NodeEntry {
     retired: Vec<u64>,
     at: Instant,
     last_up: Option<Instant>,
-    lease_granted: Option<Instant>,
-    longest_grant: Duration,
+    /// When the latest-ending lease this leader granted the node ends (margin included).
+    lease_ends: Option<Instant>,
     /// When this leader built the reply the report's observation followed.
     seen_reply: Option<Instant>,
     /// When the current role and Postgres state were first reported.
@@ -277,8 +313,7 @@ impl Reports {
             .as_ref()
             .filter(|p| p.report.role == report.role && p.report.postgres_up == report.postgres_up)
             .map_or(now, |p| p.role_since);
-        let lease_granted = previous.as_ref().and_then(|p| p.lease_granted);
-        let longest_grant = previous.as_ref().map_or(Duration::ZERO, |p| p.longest_grant);
+        let lease_ends = previous.as_ref().and_then(|p| p.lease_ends);
         entry.nodes.insert(
             node.to_string(),
             NodeEntry {
@@ -286,8 +321,7 @@ impl Reports {
                 retired,
                 at: now,
                 last_up,
-                lease_granted,
-                longest_grant,
+                lease_ends,
                 seen_reply,
                 role_since,
             },
@@ -324,13 +358,15 @@ impl Reports {
         entry.told_sync_names.insert(node.to_string(), names.to_string());
     }
 
-    /// Notes that the node was granted a primary lease at `now` (never moving the last
-    /// grant back: replies to two requests may finish out of order).
+    /// Notes that the node was granted a primary lease of `length` at `now`: it ends,
+    /// with the margin, at the latest of the ends of every grant (never moved back:
+    /// replies to two requests may finish out of order, and a lease lowered by policy
+    /// leaves the longer grants before it to run out).
     pub fn lease_granted(&self, cluster: &str, node: &str, length: Duration, now: Instant) {
         let mut all = self.0.lock().expect("reports lock poisoned");
         if let Some(n) = all.clusters.get_mut(cluster).and_then(|c| c.nodes.get_mut(node)) {
-            n.lease_granted = n.lease_granted.max(Some(now));
-            n.longest_grant = n.longest_grant.max(length);
+            let ends = now + length + pgquorum_client::lease::margin(length);
+            n.lease_ends = n.lease_ends.max(Some(ends));
         }
     }
 
@@ -354,8 +390,11 @@ impl Reports {
                         report: n.report.clone(),
                         age: now.saturating_duration_since(n.at),
                         up_ago: ago(n.last_up),
-                        lease_granted_ago: ago(n.lease_granted),
-                        longest_grant: n.longest_grant,
+                        own_lease: match n.lease_ends {
+                            None => OwnLease::Never,
+                            Some(end) if end > now => OwnLease::EndsIn(end - now),
+                            Some(end) => OwnLease::EndedAgo(now - end),
+                        },
                         seen_reply_ago: ago(n.seen_reply),
                         role_for: now.saturating_duration_since(n.role_since),
                         observed_ago: now.saturating_duration_since(n.at) + observed_ago(&n.report),
@@ -432,6 +471,29 @@ mod tests {
     }
 
     #[test]
+    fn the_lease_end_is_the_latest_of_every_grant_and_a_lowered_lease_counts_once_they_ended() {
+        let t0 = Instant::now();
+        let reports = Reports::new(ms(150), t0);
+        reports.lead(3, t0);
+        reports.record("main", "node1", report(0, "primary"), t0);
+        let own = |at| reports.cluster("main", at).nodes["node1"].own_lease;
+        assert_eq!(own(t0), OwnLease::Never);
+        // 8 s granted, then the policy lowers the lease to 1 s: the 8 s grant still runs.
+        reports.lease_granted("main", "node1", ms(8000), t0);
+        reports.lease_granted("main", "node1", ms(1000), t0 + ms(100));
+        assert_eq!(own(t0 + ms(100)), OwnLease::EndsIn(ms(8060)), "8000 + 160 margin");
+        // Once it ended, the 1 s grants alone count (not 8 s for the rest of the term).
+        reports.lease_granted("main", "node1", ms(1000), t0 + ms(8200));
+        assert_eq!(own(t0 + ms(8200)), OwnLease::EndsIn(ms(1020)));
+        assert_eq!(own(t0 + ms(9300)), OwnLease::EndedAgo(ms(80)));
+        // A reply finishing late never moves the end back.
+        reports.lease_granted("main", "node1", ms(1000), t0 + ms(100));
+        assert_eq!(own(t0 + ms(9300)), OwnLease::EndedAgo(ms(80)));
+        assert_eq!(OwnLease::granted(ms(1020), ms(1000)), OwnLease::EndedAgo(ms(0)));
+        assert_eq!(OwnLease::granted(ms(0), ms(1000)), OwnLease::EndsIn(ms(1020)));
+    }
+
+    #[test]
     fn a_new_term_starts_from_nothing_and_the_same_term_keeps_everything() {
         let t0 = Instant::now();
         // Started long ago as a follower: "leader since" must not count from then.
@@ -448,7 +510,8 @@ mod tests {
             ms(500),
             "counted from the election, not the start"
         );
-        assert_eq!(seen.nodes["node1"].lease_granted_ago, Some(ms(490)));
+        // 1000 ms + 20 ms margin from elected + 10 ms, seen 500 ms after the election.
+        assert_eq!(seen.nodes["node1"].own_lease, OwnLease::EndsIn(ms(530)));
         assert_eq!(seen.grant_window, ms(150));
         // Leadership lost and regained in a later term without any report in between.
         reports.lead(9, later + ms(100));

@@ -21,14 +21,6 @@ pub struct Lead {
     pub quorum_acked_at: Option<Instant>,
 }
 
-impl Lead {
-    /// Whether a quorum acknowledged this leader within `window` before `now`.
-    pub fn quorum_within(&self, window: Duration, now: Instant) -> bool {
-        self.quorum_acked_at
-            .is_some_and(|at| now.saturating_duration_since(at) <= window)
-    }
-}
-
 /// Shared, cheap to clone; kept current by [`Leadership::watch`].
 #[derive(Clone, Default)]
 pub struct Leadership(Arc<Mutex<Option<Lead>>>);
@@ -115,16 +107,5 @@ mod tests {
         );
         l.set(None);
         assert_eq!(l.current(), None);
-        let lead = Lead {
-            term: 4,
-            quorum_acked_at: at(0),
-        };
-        assert!(lead.quorum_within(Duration::from_millis(150), t0 + Duration::from_millis(150)));
-        assert!(!lead.quorum_within(Duration::from_millis(150), t0 + Duration::from_millis(151)));
-        assert!(!Lead {
-            term: 4,
-            quorum_acked_at: None
-        }
-        .quorum_within(Duration::MAX, t0));
     }
 }
