@@ -4,8 +4,9 @@
 //! carries the library and writes it beside the data directory, so nothing is
 //! installed into Postgres's own directories.
 //!
-//! Without the headers the agent is built without it (a warning here), and refuses
-//! to start unless its config says `postgres.commit_check = false`.
+//! Without the headers the build fails, unless `PGQUORUM_NO_COMMIT_CHECK=1` says to
+//! build the agent without it; such an agent refuses to start unless its config says
+//! `postgres.commit_check = false` (an upgrade must not silently lose the check).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +17,8 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(commit_check)");
     println!("cargo::rerun-if-changed={SOURCE}");
     println!("cargo::rerun-if-env-changed=PGQUORUM_PG_CONFIG");
+    println!("cargo::rerun-if-env-changed=PGQUORUM_NO_COMMIT_CHECK");
+    let opted_out = std::env::var("PGQUORUM_NO_COMMIT_CHECK").is_ok_and(|v| v == "1");
     let pg_config =
         std::env::var("PGQUORUM_PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
     let include = Command::new(&pg_config)
@@ -29,14 +32,22 @@ fn main() {
     // A missing file counts as changed: once the headers are installed, the next
     // build builds the library.
     println!("cargo::rerun-if-changed={}", header.display());
-    if !header.is_file() {
+    if opted_out {
         println!(
-            "cargo::warning=no PostgreSQL 15 server headers ({} missing; Debian: apt-get install \
-             postgresql-server-dev-15, or set PGQUORUM_PG_CONFIG): pgquorum-agent is built without \
-             the commit-time lease check and needs postgres.commit_check = false to run",
-            header.display()
+            "cargo::warning=PGQUORUM_NO_COMMIT_CHECK=1: pgquorum-agent is built without the \
+             commit-time lease check and needs postgres.commit_check = false to run"
         );
         return;
+    }
+    if !header.is_file() {
+        panic!(
+            "no PostgreSQL 15 server headers ({} missing): the agent's commit-time lease check \
+             (pg/pgquorum_lease.c) is built against them. Install them (Debian: apt-get install \
+             postgresql-server-dev-15), point PGQUORUM_PG_CONFIG at another pg_config, or build \
+             without the check with PGQUORUM_NO_COMMIT_CHECK=1 (agents then need \
+             postgres.commit_check = false)",
+            header.display()
+        );
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("pgquorum_lease.so");
     build(&include, &out);

@@ -71,6 +71,8 @@ pub struct Agent {
     reply_mark: u64,
     /// Random per process, and the number of the next report within it.
     incarnation: u64,
+    /// The postmaster found running with the commit-time lease check loaded.
+    commit_check_verified: Option<i32>,
     seq: u64,
 }
 
@@ -211,6 +213,7 @@ impl Agent {
             last_problem: None,
             reply_mark: 0,
             incarnation: new_incarnation(),
+            commit_check_verified: None,
             seq: 0,
         })
     }
@@ -477,6 +480,10 @@ impl Agent {
             return self.create(reply, other_primary.as_ref()).await;
         }
         let mut running = self.ctl.running_pid().is_some();
+        if let Err(e) = self.verify_commit_check(report).await {
+            // Reported; a promotion is refused below, anything else goes on.
+            self.problem(e.to_string());
+        }
         if self.guard.promoting.exists() && (is_primary || !reply.promote) {
             if !is_primary && running {
                 // No longer the candidate, perhaps half promoted: fence before
@@ -541,6 +548,13 @@ impl Agent {
                 });
             }
             self.check_lease("promote")?;
+            if self.config.postgres.commit_check && self.commit_check_verified != self.ctl.running_pid() {
+                return Err(Error::Tool {
+                    tool: "promote".into(),
+                    detail: "refused: the commit-time lease check is not loaded in this Postgres (see the agent's log)"
+                        .into(),
+                });
+            }
             info!(epoch = reply.epoch, "promoting to primary");
             // From here the data counts as a primary's for the guard and the lease
             // timer, whatever standby.signal says: the promotion may end at any time.
@@ -627,14 +641,62 @@ impl Agent {
         Ok(())
     }
 
-    /// Refuses `what` (something only a lease holder may do) once the lease ran out.
+    /// Refuses `what` (something only a lease holder may do) once the lease ran out,
+    /// or while the lease file does not hold it (the guard and Postgres's own check
+    /// read the file: a primary under a lease they cannot see would be stopped).
     fn check_lease(&self, what: &str) -> Result<()> {
-        if self.lease_valid() {
+        if !self.lease_valid() {
+            return Err(Error::Tool {
+                tool: what.into(),
+                detail: "no primary lease, or it ran out: waiting for a coordinator to grant one".into(),
+            });
+        }
+        let written = guard::read_deadline(&self.guard.lease);
+        if written != self.lease.map(|l| l.until_boot_ns) {
+            return Err(Error::Tool {
+                tool: what.into(),
+                detail: format!(
+                    "the lease file {} does not hold the granted lease (it could not be written)",
+                    self.guard.lease.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks, once per postmaster, that the commit-time lease check is loaded
+    /// (`postgres.commit_check`). A standby where a changed `shared_preload_libraries`
+    /// waits for a restart (an agent upgraded under a running server) is restarted; a
+    /// server still without it (the setting overridden, e.g. by ALTER SYSTEM in
+    /// `postgresql.auto.conf`) is reported, and never promoted.
+    async fn verify_commit_check(&mut self, report: &pb::NodeReport) -> Result<()> {
+        let pid = self.ctl.running_pid();
+        if !self.config.postgres.commit_check
+            || pid.is_none()
+            || self.commit_check_verified == pid
+            || !report.postgres_up
+        {
             return Ok(());
         }
+        let state = self.observer.commit_check().await?;
+        if state.loaded {
+            self.commit_check_verified = pid;
+            return Ok(());
+        }
+        if report.role == "standby" && state.pending_restart && !self.guard.promoting.exists() {
+            info!("restarting this standby to load the commit-time lease check");
+            self.ctl.stop().await?;
+            return self.ctl.start().await;
+        }
         Err(Error::Tool {
-            tool: what.into(),
-            detail: "no primary lease, or it ran out: waiting for a coordinator to grant one".into(),
+            tool: "commit check".into(),
+            detail: format!(
+                "Postgres ({}) runs without the commit-time lease check although postgres.commit_check is on: \
+                 shared_preload_libraries is overridden (ALTER SYSTEM? see postgresql.auto.conf){}; it will not \
+                 be promoted",
+                report.role,
+                if state.pending_restart { " or waits for a restart" } else { "" }
+            ),
         })
     }
 

@@ -3,8 +3,10 @@
 //! restarted without reaching a coordinator (DESIGN.md: "the lease outlives the agent").
 //!
 //! - The agent writes each lease deadline it is granted to the *lease file* next to the
-//!   data directory, already less its safety margin, on `CLOCK_BOOTTIME` (a suspended
-//!   or paused host's time counts, so a deadline passes during the pause).
+//!   data directory, already less its safety margin, on `CLOCK_BOOTTIME` (time a
+//!   host spends in system suspend counts, so a deadline passes meanwhile; a
+//!   hypervisor pause that stops the guest's clocks does not: docs/leases.md), with
+//!   the boot id (a deadline from an earlier boot is no lease).
 //! - The guard reads that file every [`POLL`] and, once the deadline has passed while a
 //!   postmaster runs on a primary's data directory (no `standby.signal`), kills the
 //!   postmaster and each of its processes with SIGKILL
@@ -45,7 +47,7 @@ const LEFTOVER_SCAN: Duration = Duration::from_secs(1);
 pub const IDLE_EXIT: Duration = Duration::from_secs(30);
 
 /// Nanoseconds on `CLOCK_BOOTTIME`: monotonic, and counting time the host was
-/// suspended or paused.
+/// suspended.
 pub fn boottime_ns() -> u64 {
     clock_gettime(ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
@@ -92,30 +94,52 @@ impl GuardFiles {
     }
 }
 
-/// The lease deadline as the agent writes and the guard reads it: `CLOCK_BOOTTIME`
-/// nanoseconds (0: no lease), with a check so a torn or foreign file reads as none.
+/// This boot's id (`/proc/sys/kernel/random/boot_id`; empty when unreadable).
+/// `CLOCK_BOOTTIME` starts again at zero on a reboot, so a deadline is only meaningful
+/// in the boot it was written in.
+pub fn boot_id() -> &'static str {
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// The lease deadline as the agent writes and the guard (and the commit-time check
+/// inside Postgres, `pg/pgquorum_lease.c`) reads it: `CLOCK_BOOTTIME` nanoseconds (0:
+/// no lease), their complement as a check so a torn or foreign file reads as none,
+/// and the boot id. Readable by all (Postgres, another OS user, reads it at every
+/// commit), whatever the umask.
 pub fn write_deadline(path: &Path, deadline_ns: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("tmp");
-    // Readable by all: Postgres (another OS user) reads it at every commit.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o644)
         .open(&tmp)?;
-    writeln!(f, "{deadline_ns} {}", !deadline_ns)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    writeln!(f, "{deadline_ns} {} {}", !deadline_ns, boot_id())?;
     drop(f);
     std::fs::rename(&tmp, path)
 }
 
-/// The deadline in the lease file; None when there is none or it cannot be read.
+/// The deadline in the lease file; None when there is none, it cannot be read, or it
+/// was written in an earlier boot.
 pub fn read_deadline(path: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut parts = text.split_whitespace();
     let deadline: u64 = parts.next()?.parse().ok()?;
     let check: u64 = parts.next()?.parse().ok()?;
-    (check == !deadline && deadline > 0).then_some(deadline)
+    let boot = parts.next()?;
+    (check == !deadline
+        && deadline > 0
+        && !boot_id().is_empty()
+        && boot == boot_id()
+        && parts.next().is_none())
+    .then_some(deadline)
 }
 
 /// Whether to fence now: a postmaster runs on a primary's data directory and no lease
@@ -254,6 +278,20 @@ mod tests {
         assert_eq!(read_deadline(&files.lease), None, "check does not match");
         std::fs::write(&files.lease, "12").unwrap();
         assert_eq!(read_deadline(&files.lease), None, "torn");
+        std::fs::write(&files.lease, format!("123456 {}", !123_456u64)).unwrap();
+        assert_eq!(read_deadline(&files.lease), None, "no boot id");
+        std::fs::write(&files.lease, format!("123456 {} 0000-another-boot", !123_456u64)).unwrap();
+        assert_eq!(read_deadline(&files.lease), None, "written in another boot");
+        std::fs::write(&files.lease, format!("123456 {} {}", !123_456u64, boot_id())).unwrap();
+        assert_eq!(read_deadline(&files.lease), Some(123_456), "this boot");
+        // Readable by the Postgres user whatever the umask.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let written = write_deadline(&files.lease, 7);
+        nix::sys::stat::umask(old);
+        written.unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files.lease).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
     }
 
     #[test]

@@ -50,7 +50,8 @@ async fn postgres_commits_a_write_only_under_a_live_lease() {
     let data_dir = dir.path().join("pg").join("data");
     let config = AgentConfig::parse(&format!(
         "cluster = \"main\"\nname = \"node1\"\nregion = \"r\"\ncoordinators = [\"127.0.0.1:1\"]\n\
-         [postgres]\ndata_dir = {:?}\nport = {PORT}\n",
+         [postgres]\ndata_dir = {:?}\nport = {PORT}\n\
+         [postgres.parameters]\nmax_prepared_transactions = \"4\"\n",
         data_dir.display().to_string()
     ))
     .unwrap();
@@ -96,10 +97,26 @@ async fn postgres_commits_a_write_only_under_a_live_lease() {
     refused("no lease file").await;
     std::fs::write(&files.lease, "99999999999999999999 0\n").unwrap();
     refused("a damaged lease file").await;
+    let future = boottime_ns() + 60_000_000_000;
+    std::fs::write(&files.lease, format!("{future} {} 0000-another-boot\n", !future)).unwrap();
+    refused("a lease from another boot").await;
     db.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
 
     lease_for(&files, 60_000);
     db.execute("INSERT INTO t VALUES (3)", &[]).await.unwrap();
+
+    // A prepared transaction is finished only under a live lease.
+    db.batch_execute("BEGIN; INSERT INTO t VALUES (5); PREPARE TRANSACTION 'p'")
+        .await
+        .unwrap();
+    lease_for(&files, -1);
+    let err = db
+        .batch_execute("COMMIT PREPARED 'p'")
+        .await
+        .expect_err("no lease");
+    assert_eq!(err.code(), Some(&SqlState::READ_ONLY_SQL_TRANSACTION), "{err:?}");
+    lease_for(&files, 60_000);
+    db.batch_execute("COMMIT PREPARED 'p'").await.unwrap();
 
     // A commit during which the lease runs out: it waits for a synchronous standby
     // that is not there; the lease ends; the wait is released. The commit is durable
@@ -113,12 +130,37 @@ async fn postgres_commits_a_write_only_under_a_live_lease() {
         }
     };
     set_sync("nobody").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let waiting = connect().await;
+    let waiting = loop {
+        // A new session reads the reloaded configuration when it starts.
+        let c = connect().await;
+        let names: String = c
+            .query_one("SHOW synchronous_standby_names", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if names == "nobody" {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let commit = tokio::spawn(async move { waiting.execute("INSERT INTO t VALUES (4)", &[]).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut waits = false;
+    for _ in 0..500 {
+        let row = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 1 {
+            waits = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
-        !commit.is_finished(),
+        waits && !commit.is_finished(),
         "the commit waits for the synchronous standby"
     );
     lease_for(&files, -1);
@@ -133,7 +175,7 @@ async fn postgres_commits_a_write_only_under_a_live_lease() {
     // It was committed locally (the server restarts after the backend's end and
     // recovers it): durable, never acknowledged.
     let mut count = None;
-    for _ in 0..100 {
+    for _ in 0..300 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if let Some(c) = try_connect().await {
             if let Ok(row) = c.query_one("SELECT count(*) FROM t WHERE id = 4", &[]).await {
@@ -147,4 +189,10 @@ async fn postgres_commits_a_write_only_under_a_live_lease() {
         Some(1),
         "the unacknowledged commit is in the recovered server"
     );
+
+    // NOTIFY takes its transaction id only after the first check: the second one
+    // still ends the session before it is told of the commit.
+    let db = connect().await;
+    let err = db.batch_execute("NOTIFY pgquorum").await.expect_err("no lease");
+    assert_eq!(err.code(), None, "no reply at all, the connection ended: {err:?}");
 }

@@ -18,10 +18,10 @@ const LIBRARY: Option<&[u8]> = Some(include_bytes!(env!("PGQUORUM_COMMIT_CHECK_S
 const LIBRARY: Option<&[u8]> = None;
 
 /// Why an agent built without the library cannot run with `commit_check` on.
-pub const NOT_BUILT: &str = "this agent was built without the commit-time lease check (no \
-    PostgreSQL 15 server headers at build time: install postgresql-server-dev-15 and rebuild); \
-    set it to false to run without it (a host frozen as a whole may then acknowledge writes \
-    for a moment after its lease ran out)";
+pub const NOT_BUILT: &str = "this agent was built without the commit-time lease check \
+    (PGQUORUM_NO_COMMIT_CHECK=1); rebuild it with the PostgreSQL 15 server headers, or set this \
+    to false to run without it (a host frozen as a whole may then acknowledge writes for a \
+    moment after its lease ran out)";
 
 /// Whether this agent carries the library.
 pub fn built() -> bool {

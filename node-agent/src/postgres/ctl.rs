@@ -346,14 +346,21 @@ impl PostgresCtl {
                 self.make_dir(dir, 0o755)?;
             }
         }
-        if self.cfg.commit_check {
-            let library = GuardFiles::next_to(&self.cfg.data_dir).library;
-            commit_check::install(&library).map_err(|e| Error::Tool {
-                tool: "commit check".into(),
-                detail: format!("cannot write {}: {e}", library.display()),
-            })?;
+        self.install_commit_check()
+    }
+
+    /// Writes the commit-time lease check's library beside the data directory (when
+    /// `commit_check`): before every start, so a library removed meanwhile cannot keep
+    /// Postgres from starting.
+    fn install_commit_check(&self) -> Result<()> {
+        if !self.cfg.commit_check {
+            return Ok(());
         }
-        Ok(())
+        let library = GuardFiles::next_to(&self.cfg.data_dir).library;
+        commit_check::install(&library).map_err(|e| Error::Tool {
+            tool: "commit check".into(),
+            detail: format!("cannot write {}: {e}", library.display()),
+        })
     }
 
     /// Creates a new cluster for a first primary: initdb with data checksums, so that
@@ -535,6 +542,7 @@ impl PostgresCtl {
 
     /// Starts the postmaster, detached, and waits until it accepts connections.
     pub async fn start(&self) -> Result<()> {
+        self.install_commit_check()?;
         let mut cmd = self.command("pg_ctl");
         cmd.arg("-D")
             .arg(&self.cfg.data_dir)

@@ -59,6 +59,11 @@ fn opt_num(s: &str) -> Option<u64> {
 
 const ROLE: &str = "SELECT pg_is_in_recovery(), (SELECT system_identifier FROM pg_control_system())";
 
+/// Whether the commit-time lease check is loaded (its setting exists and names a
+/// file), and whether a changed `shared_preload_libraries` waits for a restart.
+const COMMIT_CHECK: &str = "SELECT coalesce(current_setting('pgquorum.lease_file', true), '') <> '', \
+     (SELECT pending_restart FROM pg_settings WHERE name = 'shared_preload_libraries')";
+
 const PRIMARY: &str = "SELECT pg_current_wal_lsn(), \
      ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int, \
      current_setting('synchronous_standby_names')";
@@ -81,6 +86,13 @@ const STANDBY: &str = "SELECT coalesce(pg_last_wal_receive_lsn()::text, ''), \
 
 const WAL_RECEIVER: &str =
     "SELECT status, coalesce(sender_host, ''), coalesce(sender_port, 0), received_tli FROM pg_stat_wal_receiver";
+
+/// What [`Observer::commit_check`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitCheckState {
+    pub loaded: bool,
+    pub pending_restart: bool,
+}
 
 impl Observer {
     pub fn new(cfg: PostgresConfig) -> Observer {
@@ -175,6 +187,20 @@ impl Observer {
                 .collect();
         }
         Ok(r)
+    }
+
+    /// Whether the running server has the commit-time lease check loaded, and whether
+    /// a restart would load it (`shared_preload_libraries` changed since the start).
+    pub async fn commit_check(&mut self) -> Result<CommitCheckState> {
+        let target = format!("local postgres port {}", self.cfg.port);
+        let client = self.client().await?;
+        let r = row(client, COMMIT_CHECK)
+            .await
+            .map_err(|detail| Error::Postgres { target, detail })?;
+        Ok(CommitCheckState {
+            loaded: r.first().is_some_and(|v| v == "t"),
+            pending_restart: r.get(1).is_some_and(|v| v == "t"),
+        })
     }
 
     /// Makes the primary wait for exactly these standbys: ALTER SYSTEM, then reload.
