@@ -73,6 +73,8 @@ pub struct Agent {
     incarnation: u64,
     /// The postmaster found running with the commit-time lease check loaded.
     commit_check_verified: Option<i32>,
+    /// The postmaster last checked for it (once per postmaster).
+    commit_check_seen: Option<i32>,
     seq: u64,
 }
 
@@ -214,6 +216,7 @@ impl Agent {
             reply_mark: 0,
             incarnation: new_incarnation(),
             commit_check_verified: None,
+            commit_check_seen: None,
             seq: 0,
         })
     }
@@ -480,10 +483,9 @@ impl Agent {
             return self.create(reply, other_primary.as_ref()).await;
         }
         let mut running = self.ctl.running_pid().is_some();
-        if let Err(e) = self.verify_commit_check(report).await {
-            // Reported; a promotion is refused below, anything else goes on.
-            self.problem(e.to_string());
-        }
+        // Reported once per postmaster; a promotion is refused below, anything else
+        // goes on.
+        self.verify_commit_check(report).await;
         if self.guard.promoting.exists() && (is_primary || !reply.promote) {
             if !is_primary && running {
                 // No longer the candidate, perhaps half promoted: fence before
@@ -669,35 +671,42 @@ impl Agent {
     /// waits for a restart (an agent upgraded under a running server) is restarted; a
     /// server still without it (the setting overridden, e.g. by ALTER SYSTEM in
     /// `postgresql.auto.conf`) is reported, and never promoted.
-    async fn verify_commit_check(&mut self, report: &pb::NodeReport) -> Result<()> {
+    async fn verify_commit_check(&mut self, report: &pb::NodeReport) {
         let pid = self.ctl.running_pid();
         if !self.config.postgres.commit_check
             || pid.is_none()
-            || self.commit_check_verified == pid
+            || self.commit_check_seen == pid
             || !report.postgres_up
         {
-            return Ok(());
+            return;
         }
-        let state = self.observer.commit_check().await?;
+        let state = match self.observer.commit_check().await {
+            Ok(s) => s,
+            Err(e) => return warn!("cannot tell whether the commit-time lease check is loaded: {e}"),
+        };
+        self.commit_check_seen = pid;
         if state.loaded {
             self.commit_check_verified = pid;
-            return Ok(());
+            return;
         }
         if report.role == "standby" && state.pending_restart && !self.guard.promoting.exists() {
             info!("restarting this standby to load the commit-time lease check");
-            self.ctl.stop().await?;
-            return self.ctl.start().await;
+            let restarted = match self.ctl.stop().await {
+                Ok(()) => self.ctl.start().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = restarted {
+                warn!("restarting this standby to load the commit-time lease check: {e}");
+            }
+            return;
         }
-        Err(Error::Tool {
-            tool: "commit check".into(),
-            detail: format!(
-                "Postgres ({}) runs without the commit-time lease check although postgres.commit_check is on: \
-                 shared_preload_libraries is overridden (ALTER SYSTEM? see postgresql.auto.conf){}; it will not \
-                 be promoted",
-                report.role,
-                if state.pending_restart { " or waits for a restart" } else { "" }
-            ),
-        })
+        warn!(
+            role = %report.role,
+            "Postgres runs without the commit-time lease check although postgres.commit_check is on: \
+             shared_preload_libraries is overridden (ALTER SYSTEM? see postgresql.auto.conf){}; it will \
+             not be promoted",
+            if state.pending_restart { " or waits for a restart" } else { "" }
+        );
     }
 
     /// Starts Postgres where it may run as a primary, only under a live lease (the

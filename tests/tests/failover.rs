@@ -502,6 +502,44 @@ async fn a_primary_that_lost_its_data_is_rebuilt_as_a_standby_never_bootstrapped
     primary_loses_its_data(28300, 28310, "prefer").await;
 }
 
+/// A standby whose Postgres runs without the commit-time lease check (its
+/// `shared_preload_libraries` overridden in `postgresql.auto.conf`, which is read last)
+/// is reported by its agent and never promoted: a primary without it could answer
+/// writes after its lease, were its host frozen and thawed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_without_the_commit_check_is_reported_and_never_promoted() {
+    let mut sandbox = start_sandbox(28400, 28410).await;
+    let auto_conf = sandbox.data_dir("node2").unwrap().join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto_conf).unwrap();
+    text.push_str("shared_preload_libraries = ''\n");
+    std::fs::write(&auto_conf, text).unwrap();
+    sandbox.stop_postgres("node2").unwrap(); // its agent starts it again
+    let agent_log = sandbox.path_of_agent_log("node2");
+    eventually("node2's agent reports the missing check", WAIT, || async {
+        std::fs::read_to_string(&agent_log)
+            .is_ok_and(|l| l.contains("runs without the commit-time lease check"))
+    })
+    .await;
+    // node2 the only candidate: node3 gone, node2 the synchronous standby.
+    sandbox.stop_node("node3").unwrap();
+    sandbox
+        .wait_for("node2 the synchronous standby", WAIT, |s| {
+            node(s, "node2").sync_state == "sync"
+        })
+        .await
+        .unwrap();
+
+    sandbox.kill_host("node1").unwrap();
+    eventually("node2 asked to promote, and refusing", WAIT, || async {
+        std::fs::read_to_string(&agent_log)
+            .is_ok_and(|l| l.contains("refused: the commit-time lease check is not loaded"))
+    })
+    .await;
+    let s = sandbox.status().await.unwrap();
+    assert_eq!(node(&s, "node2").role, "standby", "never promoted: {s:?}");
+    assert_ne!(s.primary, "node2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failovers_in_a_row_leave_every_node_following_the_last_primary() {
     let mut sandbox = start_sandbox(23800, 23810).await;

@@ -458,6 +458,11 @@ impl Sandbox {
         Ok(self.agent(name)?.config.postgres.data_dir.clone())
     }
 
+    /// The log of a node's agent.
+    pub fn path_of_agent_log(&self, name: &str) -> PathBuf {
+        self.agent(name).map(|a| a.log_path.clone()).unwrap_or_default()
+    }
+
     /// The log of a node's lease guard.
     pub fn path_of_guard_log(&self, name: &str) -> PathBuf {
         self.agent(name)

@@ -59,9 +59,11 @@ fn opt_num(s: &str) -> Option<u64> {
 
 const ROLE: &str = "SELECT pg_is_in_recovery(), (SELECT system_identifier FROM pg_control_system())";
 
-/// Whether the commit-time lease check is loaded (its setting exists and names a
-/// file), and whether a changed `shared_preload_libraries` waits for a restart.
-const COMMIT_CHECK: &str = "SELECT coalesce(current_setting('pgquorum.lease_file', true), '') <> '', \
+/// Whether the commit-time lease check is loaded (its setting is defined — a
+/// placeholder set only by the config file is not listed in `pg_settings` — and names
+/// a file), and whether a changed `shared_preload_libraries` waits for a restart.
+const COMMIT_CHECK: &str = "SELECT EXISTS (SELECT 1 FROM pg_settings \
+       WHERE name = 'pgquorum.lease_file' AND setting <> ''), \
      (SELECT pending_restart FROM pg_settings WHERE name = 'shared_preload_libraries')";
 
 const PRIMARY: &str = "SELECT pg_current_wal_lsn(), \
