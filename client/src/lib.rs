@@ -47,6 +47,10 @@ pub async fn shutdown_signal() {
 /// Environment variable holding comma-separated coordinator addresses.
 pub const COORDINATORS_ENV: &str = "PGQUORUM_COORDINATORS";
 
+/// How long [`Coordinators::heartbeat_within`] waits before asking every coordinator
+/// again once all have failed (an election in progress: no leader to forward to).
+pub const HEARTBEAT_RETRY: Duration = Duration::from_millis(25);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no coordinator addresses given: pass --coordinators host:port[,host:port…] or set {COORDINATORS_ENV}")]
@@ -215,10 +219,13 @@ impl Coordinators {
     }
 
     /// An agent's heartbeat, bounded for a lease holder: the coordinator that answered
-    /// last is asked first, for at most `attempt`; if it has not answered by then,
-    /// every coordinator is asked at once and the first reply wins. Never longer than
-    /// `overall`. (Any coordinator serves a heartbeat: a follower forwards it.) So one
-    /// slow or frozen coordinator costs a lease holder one `attempt`, not its lease.
+    /// last is asked first, for at most `attempt`; if it has not answered by then, or
+    /// failed, every coordinator is asked at once and the first reply wins. One that
+    /// fails (no leader known during an election, a forward given up) is asked again
+    /// after [`HEARTBEAT_RETRY`], whatever the others are doing, until `overall` ends. (Any
+    /// coordinator serves a heartbeat: a follower forwards it.) So one slow or frozen
+    /// coordinator, or a leader change, costs a lease holder an `attempt` and an
+    /// election, not its lease.
     pub async fn heartbeat_within(
         &self,
         request: pb::HeartbeatRequest,
@@ -227,9 +234,11 @@ impl Coordinators {
     ) -> Result<pb::HeartbeatReply, ClientError> {
         use futures::stream::{FuturesUnordered, StreamExt};
         let deadline = tokio::time::Instant::now() + overall;
-        let one = |addr: String| {
+        // Each attempt may first wait (a retry of a coordinator that failed).
+        let one = |addr: String, after: Duration| {
             let request = request.clone();
             async move {
+                tokio::time::sleep(after).await;
                 let outcome = match self.channel(&addr).await {
                     Ok(channel) => AgentServiceClient::new(channel)
                         .heartbeat(request)
@@ -241,42 +250,47 @@ impl Coordinators {
                 (addr, outcome)
             }
         };
+        let now = Duration::ZERO;
         let mut attempts = Vec::new();
         let preferred = self.preferred.lock().expect("lock").clone();
         let mut pending = FuturesUnordered::new();
         if let Some(first) = preferred.clone() {
-            pending.push(one(first));
+            pending.push(one(first, now));
         }
         let mut others_asked = preferred.is_none();
         if others_asked {
-            pending.extend(self.addrs.iter().cloned().map(one));
+            pending.extend(self.addrs.iter().cloned().map(|a| one(a, now)));
         }
         let mut patience = Box::pin(tokio::time::sleep(attempt.min(overall)));
         loop {
             tokio::select! {
-                next = pending.next() => match next {
-                    Some((addr, Ok(reply))) => {
+                Some((addr, outcome)) = pending.next() => match outcome {
+                    Ok(reply) => {
                         *self.preferred.lock().expect("lock") = Some(addr);
                         return Ok(reply);
                     }
-                    Some((addr, Err((code, message)))) => {
+                    Err((code, message)) => {
                         if matches!(code, Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated) {
                             return Err(ClientError::Rejected { code, message });
                         }
+                        if preferred.as_ref() == Some(&addr) {
+                            // Next time, everyone at once.
+                            *self.preferred.lock().expect("lock") = None;
+                        }
                         attempts.push(format!("{addr}: {message}"));
+                        attempts.drain(..attempts.len().saturating_sub(self.addrs.len()));
                         if !others_asked {
                             others_asked = true;
-                            pending.extend(self.addrs.iter().filter(|a| Some(*a) != preferred.as_ref()).cloned().map(one));
+                            pending.extend(self.addrs.iter().filter(|a| **a != addr).cloned().map(|a| one(a, now)));
                         }
-                        if pending.is_empty() {
-                            return Err(ClientError::Unavailable { attempts });
-                        }
+                        // This one again shortly (an election ends, a forward to a new
+                        // leader works), whatever the others are still doing.
+                        pending.push(one(addr, HEARTBEAT_RETRY));
                     }
-                    None => return Err(ClientError::Unavailable { attempts }),
                 },
                 _ = &mut patience, if !others_asked => {
                     others_asked = true;
-                    pending.extend(self.addrs.iter().filter(|a| Some(*a) != preferred.as_ref()).cloned().map(one));
+                    pending.extend(self.addrs.iter().filter(|a| Some(*a) != preferred.as_ref()).cloned().map(|a| one(a, now)));
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     attempts.push(format!("no reply within {} ms", overall.as_millis()));

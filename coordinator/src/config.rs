@@ -17,8 +17,8 @@
 //!
 //! [raft]                          # optional; LAN defaults shown
 //! heartbeat_interval_ms = 50
-//! election_timeout_min_ms = 150
-//! election_timeout_max_ms = 300
+//! election_timeout_min_ms = 80
+//! election_timeout_max_ms = 160
 //! snapshot_every_logs = 5000
 //! logs_kept_after_snapshot = 1000
 //! ```
@@ -62,6 +62,15 @@ pub struct MemberConfig {
 /// Raft timing. The defaults suit one region; across regions size them from the
 /// round-trip time (e.g. heartbeat 200–300 ms, election 1–2 s) and measure with
 /// `pgquorum bench raft`.
+///
+/// They bound how long a leader change leaves the primary without renewals: after
+/// the leader goes, openraft's followers wait out their leader lease
+/// (`election_timeout_max_ms`) and an election timeout, and a candidate whose log is
+/// behind another's waits `2 × election_timeout_max_ms` more: up to `4 ×
+/// election_timeout_max_ms` (640 ms with these defaults). The cluster's `lease_ms`
+/// must outlast that plus a heartbeat, or a leader change costs a failover. openraft
+/// also gives each AppendEntries `heartbeat_interval_ms` to complete, a follower's
+/// fsync included: keep it above the disks' sync time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftTuning {
@@ -79,8 +88,8 @@ impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
             heartbeat_interval_ms: 50,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            election_timeout_min_ms: 80,
+            election_timeout_max_ms: 160,
             snapshot_every_logs: 5000,
             logs_kept_after_snapshot: 1000,
         }

@@ -61,11 +61,19 @@ impl<T> std::ops::DerefMut for InTempDir<T> {
     }
 }
 
+/// A fresh temporary directory, removed when dropped unless `PGQUORUM_KEEP_TEST_DIRS=1`
+/// (to read a failed test's logs; the test prints nothing of it).
 fn temp_dir(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
+    let keep = std::env::var("PGQUORUM_KEEP_TEST_DIRS").is_ok_and(|v| v == "1");
+    let dir = tempfile::Builder::new()
         .prefix(prefix)
+        .disable_cleanup(keep)
         .tempdir()
-        .expect("tempdir")
+        .expect("tempdir");
+    if keep {
+        eprintln!("test directory kept: {}", dir.path().display());
+    }
+    dir
 }
 
 /// A started three-node group in a fresh temporary directory.

@@ -534,6 +534,11 @@ impl Sandbox {
         self.group.client()
     }
 
+    /// The coordinators' gRPC addresses.
+    pub fn client_addrs(&self) -> Vec<String> {
+        self.group.addrs()
+    }
+
     pub fn coordinators(&mut self) -> &mut CoordinatorGroup {
         &mut self.group
     }

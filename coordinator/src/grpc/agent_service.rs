@@ -35,6 +35,10 @@ use crate::raft::leadership::{Lead, Leadership};
 use crate::state::{Command, CommandError, Member};
 use crate::Error;
 
+/// How much longer than a quorum round a forwarded heartbeat may take (the leader's
+/// commit of a report, the network).
+const FORWARD_SLACK: Duration = Duration::from_millis(200);
+
 pub struct AgentServiceImpl {
     proposer: Proposer,
     reports: Reports,
@@ -94,9 +98,14 @@ impl AgentServiceImpl {
         }
     }
 
+    /// Forwards a heartbeat to the leader this node knows. Gives up as soon as that
+    /// changes (an election: the old leader may be cut off and never answer, and the
+    /// agent, asking again, reaches the new one at once), or after a healthy leader's
+    /// quorum round and some slack.
     async fn forward(&self, mut request: pb::HeartbeatRequest) -> Result<pb::HeartbeatReply, Status> {
+        let mut metrics = self.proposer.raft.metrics();
         let Error::NotLeader {
-            leader: Some((_, addr)),
+            leader: Some((leader, addr)),
         } = self.proposer.not_leader()
         else {
             return Err(self.proposer.not_leader().into());
@@ -109,7 +118,7 @@ impl AgentServiceImpl {
                     let c = Endpoint::from_shared(format!("http://{addr}"))
                         .map_err(|e| Status::internal(format!("leader address {addr:?}: {e}")))?
                         .connect_timeout(Duration::from_millis(500))
-                        .timeout(Duration::from_secs(2))
+                        .timeout(self.confirm_within + FORWARD_SLACK)
                         .tcp_nodelay(true)
                         .connect_lazy();
                     channels.insert(addr.clone(), c.clone());
@@ -118,10 +127,24 @@ impl AgentServiceImpl {
             }
         };
         request.forwarded = true;
-        Ok(AgentServiceClient::new(channel)
-            .heartbeat(request)
-            .await?
-            .into_inner())
+        let mut client = AgentServiceClient::new(channel);
+        let call = client.heartbeat(request);
+        let leader_changed = async {
+            loop {
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+                if metrics.borrow_and_update().current_leader != Some(leader) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            reply = call => Ok(reply?.into_inner()),
+            _ = leader_changed => Err(Status::unavailable(format!(
+                "the leader changed while forwarding to coordinator {leader}; ask again"
+            ))),
+        }
     }
 
     async fn handle(&self, lead: Lead, request: pb::HeartbeatRequest) -> Result<pb::HeartbeatReply, Error> {

@@ -6,8 +6,11 @@
 //! id it is meant for; the receiver refuses others (see `grpc::raft_service`), so a peer
 //! address that now belongs to another coordinator cannot split the group.
 //!
-//! Failures that mean "not there" (connection refused, timed out, wrong node) are
-//! reported as `Unreachable`, which makes openraft back off instead of spinning.
+//! Failures that mean "not there" (connection refused, wrong node) are reported as
+//! `Unreachable`, which makes openraft back off instead of spinning. A timeout is not
+//! one of them: openraft gives an AppendEntries one heartbeat interval, a follower's
+//! fsync can take longer, and backing off then would hold up a new leader's first
+//! commit (and with it every lease grant) for the whole backoff.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -121,10 +124,9 @@ impl Connection {
         let reply = reply.map_err(|status| {
             let e = TransportError(format!("{}: {}", status.code(), status.message()));
             match status.code() {
-                tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::FailedPrecondition => RPCError::Unreachable(Unreachable::new(&e)),
+                tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
                 _ => RPCError::Network(NetworkError::new(&e)),
             }
         })?;

@@ -1,0 +1,224 @@
+//! Fault scenarios on a sandbox whose coordinators and nodes each have a network of
+//! their own (issue 11), judged like Jepsen by their outcome ([`Checker`]): a
+//! `synchronous_commit = local` writer on every node and a writer through the router
+//! run across the fault; after healing, no write acknowledged through the router is
+//! lost, no two nodes acknowledged writes at overlapping times, the published maps
+//! never went back an epoch nor named two primaries in one, and every node ends
+//! healthy on the primary's timeline. Needs root, as CI runs.
+
+use std::time::Duration;
+
+use pgquorum::check::{Checker, Verdict};
+use pgquorum::launch::{coordinator_host, Sandbox};
+use pgquorum_tests::{set_policy, start_sandbox_with, wait_new_primary, InTempDir};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One scenario at a time: each runs nine processes and three Postgres servers, and
+/// two at once on two cores stretch Raft elections past what the lease allows (the
+/// tests of the other files run while this file does not).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A sandbox on its own network, in `sync_mode`, with the checking clients running;
+/// and this scenario's turn.
+async fn begin(
+    coordinator_base: u16,
+    postgres_base: u16,
+    sync_mode: &str,
+) -> (InTempDir<Sandbox>, Checker, tokio::sync::MutexGuard<'static, ()>) {
+    let turn = ONE_AT_A_TIME.lock().await;
+    let sandbox = start_sandbox_with(coordinator_base, postgres_base, |s| s.network = true).await;
+    set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
+    let checker = Checker::start(&sandbox, "checked", Duration::from_secs(180))
+        .await
+        .unwrap();
+    (sandbox, checker, turn)
+}
+
+/// Heals every fault, waits until every node is back and healthy, and judges the run;
+/// panics with every broken rule.
+async fn end(name: &str, sandbox: &mut Sandbox, checker: &Checker) -> Verdict {
+    sandbox.network().unwrap().heal_all().unwrap();
+    let back = |s: &pgquorum_client::pb::StatusReply| {
+        !s.primary.is_empty()
+            && s.nodes.iter().all(|n| {
+                n.health == "HEALTHY"
+                    && Some(n.timeline) == s.nodes.iter().find(|p| p.name == s.primary).map(|p| p.timeline)
+            })
+    };
+    if let Err(e) = sandbox
+        .wait_for(
+            "every node healthy under one primary",
+            Duration::from_secs(90),
+            back,
+        )
+        .await
+    {
+        sandbox.print_logs();
+        panic!("{name}: {e}");
+    }
+    // The writers' last words after the heal.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = sandbox.wait_for("still so", WAIT, back).await.unwrap();
+    let verdict = checker.verdict(sandbox, &status).await.unwrap();
+    for e in sandbox.cluster_state().await.unwrap().history {
+        if e.kind.starts_with("failover") || e.kind == "candidate_chosen" {
+            eprintln!("  {name}: epoch {} {}: {}", e.epoch, e.kind, e.detail);
+        }
+    }
+    eprintln!(
+        "scenario {name}: primaries {:?}, {} writes acknowledged, {} lost, {} overlaps",
+        verdict.primaries,
+        verdict.acked_writes,
+        verdict.lost_acked_writes.len(),
+        verdict.split_brain.len()
+    );
+    let problems = verdict.problems();
+    assert!(problems.is_empty(), "{name}: {problems:#?}");
+    verdict
+}
+
+fn guard_fenced(sandbox: &Sandbox, name: &str) -> bool {
+    std::fs::read_to_string(sandbox.path_of_guard_log(name)).is_ok_and(|log| log.contains("fence"))
+}
+
+/// The primary loses its standbys but not the coordinators: it stays the primary (its
+/// clients and the coordinators reach it; in strict mode synchronous commits wait),
+/// and no standby takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_from_its_standbys_only_stays_the_only_primary() {
+    let (mut sandbox, checker, _turn) = begin(28600, 28610, "strict").await;
+    sandbox
+        .network()
+        .unwrap()
+        .cut("node1", &["node2", "node3"])
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let acks_before = checker.on("node1").unwrap().all().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        checker.on("node1").unwrap().all().len() > acks_before,
+        "node1 still acknowledges local commits"
+    );
+    let verdict = end("primary cut from its standbys", &mut sandbox, &checker).await;
+    assert_eq!(verdict.primaries, vec!["node1"], "no failover");
+    assert!(!guard_fenced(&sandbox, "node1"));
+}
+
+/// The Raft leader cut off alone: the others elect a new one, which renews the
+/// primary's lease in time. No fence, no failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_raft_leader_costs_the_primary_nothing() {
+    let (mut sandbox, checker, _turn) = begin(28700, 28710, "strict").await;
+    let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
+    sandbox
+        .network()
+        .unwrap()
+        .isolate(&coordinator_host(leader))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let verdict = end("raft leader isolated", &mut sandbox, &checker).await;
+    assert_eq!(verdict.primaries, vec!["node1"], "no failover");
+    assert!(!guard_fenced(&sandbox, "node1"), "the primary kept its lease");
+}
+
+/// The Raft leader and the primary cut off together from the rest: the old leader
+/// cannot renew the lease (no quorum), the majority elects a leader that waits the
+/// lease out and promotes a standby; one primary at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_leader_and_the_primary_cut_off_together_fail_over_once() {
+    let (mut sandbox, checker, _turn) = begin(28800, 28810, "strict").await;
+    let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
+    let leader_host = coordinator_host(leader);
+    let rest: Vec<String> = sandbox
+        .network()
+        .unwrap()
+        .host_names()
+        .into_iter()
+        .filter(|h| *h != leader_host && h != "node1")
+        .collect();
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    sandbox
+        .network()
+        .unwrap()
+        .split(&[leader_host.as_str(), "node1"], &rest)
+        .unwrap();
+    fails_over_once("raft leader and primary cut off", &mut sandbox, &checker, |_| {}).await;
+}
+
+/// Only the primary's outgoing packets to the coordinators are lost (it still hears
+/// them): its heartbeats never arrive, so it is fenced by its lease and replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_heartbeats_are_lost_one_way_is_replaced_once() {
+    let (mut sandbox, checker, _turn) = begin(28900, 28910, "prefer").await;
+    sandbox
+        .network()
+        .unwrap()
+        .drop_outgoing("node1", &["coord1", "coord2", "coord3"])
+        .unwrap();
+    fails_over_once("one-way loss from the primary", &mut sandbox, &checker, |_| {}).await;
+}
+
+/// The primary's host and the Raft leader killed together: the new leader waits out
+/// the lease from its election, then promotes; the killed ones come back and follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_and_the_raft_leader_lost_together_fail_over_once() {
+    let (mut sandbox, checker, _turn) = begin(29000, 29010, "strict").await;
+    let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
+    sandbox.kill_host("node1").unwrap();
+    sandbox.coordinators().kill(leader).unwrap();
+    fails_over_once("primary and raft leader killed", &mut sandbox, &checker, |s| {
+        s.coordinators().start_node(leader).unwrap();
+        s.start_agent("node1").unwrap();
+    })
+    .await;
+}
+
+/// A coordinator minority (one of three, a follower) killed while a failover is under
+/// way: the failover completes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_during_a_failover_leaves_one_promotion() {
+    let (mut sandbox, checker, _turn) = begin(29100, 29110, "strict").await;
+    sandbox.kill_host("node1").unwrap();
+    sandbox
+        .wait_for("the failover started", WAIT, |s| s.epoch == 2)
+        .await
+        .unwrap();
+    let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
+    let follower = sandbox
+        .coordinators()
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .unwrap();
+    sandbox.coordinators().kill(follower).unwrap();
+    fails_over_once("coordinator killed mid-failover", &mut sandbox, &checker, |s| {
+        s.coordinators().start_node(follower).unwrap();
+        s.start_agent("node1").unwrap();
+    })
+    .await;
+}
+
+/// Expects exactly one failover away from node1: waits for the new primary and its
+/// first write, lets `restore` bring back what the fault killed, heals, and judges.
+async fn fails_over_once(
+    name: &str,
+    sandbox: &mut Sandbox,
+    checker: &Checker,
+    restore: impl FnOnce(&mut Sandbox),
+) {
+    let promoted = wait_new_primary(sandbox, "node1", 2, WAIT).await;
+    checker_waits_for(checker, &promoted).await;
+    restore(sandbox);
+    let verdict = end(name, sandbox, checker).await;
+    assert_eq!(verdict.primaries, vec!["node1".to_string(), promoted], "{name}");
+}
+
+/// Waits until the writer on `node` has written (a new primary took writes).
+async fn checker_waits_for(checker: &Checker, node: &str) {
+    let writer = checker.on(node).unwrap();
+    pgquorum_tests::eventually(&format!("{node}'s writer writing"), WAIT, || async {
+        writer.last().is_some()
+    })
+    .await;
+}
