@@ -95,7 +95,7 @@ impl TimedWriter {
                                 sent,
                                 acked,
                                 id: row.get(0),
-                                port: row.get::<_, i32>(1) as u16,
+                                port: row.try_get::<_, Option<i32>>(1).ok().flatten().unwrap_or(0) as u16,
                             });
                             log.refused_since_last_ack = None;
                         }
@@ -180,36 +180,54 @@ pub struct SplitBrain {
 /// runs, the old node's last reply must come before the new node's first write was
 /// sent. Returns each turn where it did not. Pure.
 pub fn took_turns(acks: &[(String, Ack)]) -> Vec<SplitBrain> {
-    struct Run<'a> {
-        node: &'a str,
-        /// The earliest send among the run's writes.
-        first_sent: Instant,
-        last_acked: Instant,
-    }
+    turns(acks)
+        .windows(2)
+        .filter(|pair| pair[0].last_acked >= pair[1].first_sent)
+        .map(|pair| SplitBrain {
+            from: pair[0].node.clone(),
+            to: pair[1].node.clone(),
+            overlap_ms: (pair[0].last_acked - pair[1].first_sent).as_secs_f64() * 1000.0,
+        })
+        .collect()
+}
+
+/// One node's unbroken run of acknowledgements, in reply order.
+#[derive(Clone, Debug)]
+pub struct Turn {
+    pub node: String,
+    /// The earliest send among the run's writes.
+    pub first_sent: Instant,
+    pub last_acked: Instant,
+}
+
+/// The runs of one node each that every acknowledged write, ordered by its reply,
+/// falls into. Pure.
+pub fn turns(acks: &[(String, Ack)]) -> Vec<Turn> {
     let mut sorted: Vec<&(String, Ack)> = acks.iter().collect();
     sorted.sort_by_key(|(_, a)| a.acked);
-    let mut runs: Vec<Run> = Vec::new();
+    let mut runs: Vec<Turn> = Vec::new();
     for (node, ack) in sorted {
         match runs.last_mut() {
-            Some(run) if run.node == node.as_str() => {
+            Some(run) if run.node == *node => {
                 run.first_sent = run.first_sent.min(ack.sent);
                 run.last_acked = ack.acked;
             }
-            _ => runs.push(Run {
-                node: node.as_str(),
+            _ => runs.push(Turn {
+                node: node.clone(),
                 first_sent: ack.sent,
                 last_acked: ack.acked,
             }),
         }
     }
-    runs.windows(2)
-        .filter(|pair| pair[0].last_acked >= pair[1].first_sent)
-        .map(|pair| SplitBrain {
-            from: pair[0].node.to_string(),
-            to: pair[1].node.to_string(),
-            overlap_ms: (pair[0].last_acked - pair[1].first_sent).as_secs_f64() * 1000.0,
-        })
-        .collect()
+    runs
+}
+
+/// Whether the nodes took writes in an order the coordinators published: `taken` (one
+/// entry per turn) is a subsequence of `published` (a primary that took no write is
+/// skipped; one that took writes out of turn is not). Pure.
+pub fn in_published_order(taken: &[String], published: &[String]) -> bool {
+    let mut rest = published.iter();
+    taken.iter().all(|t| rest.any(|p| p == t))
 }
 
 /// What the coordinators published, as a router sees it: every endpoint map's
@@ -280,7 +298,8 @@ pub struct Verdict {
     /// the end.
     pub lost_acked_writes: Vec<i64>,
     pub split_brain: Vec<SplitBrain>,
-    /// Endpoint maps that broke the rules ([`Published::violations`]).
+    /// Endpoint maps that broke the rules ([`Published::violations`]), and nodes that
+    /// took writes out of the published order.
     pub published: Vec<String>,
     /// The primaries in turn, as published.
     pub primaries: Vec<String>,
@@ -303,8 +322,10 @@ impl Verdict {
 }
 
 impl Checker {
-    /// Creates `table` (`id bigserial`) on the primary, starts the writers and the
-    /// watch; returns once the primary's writer has written.
+    /// Creates `table` on the primary (its `id` a random key, never reused as a
+    /// sequence's values are when a promoted standby lacked the old primary's last
+    /// WAL), starts the writers and the watch; returns once the primary's writer has
+    /// written.
     pub async fn start(sandbox: &Sandbox, table: &str, for_at_most: Duration) -> crate::Result<Checker> {
         let status = sandbox.status().await?;
         let primary = status.primary.clone();
@@ -404,6 +425,13 @@ impl Checker {
         let published = self.published.lock().expect("published lock").clone();
         v.published = published.violations();
         v.primaries = published.primaries();
+        let taken: Vec<String> = turns(&all).into_iter().map(|t| t.node).collect();
+        if !in_published_order(&taken, &v.primaries) {
+            v.published.push(format!(
+                "nodes took writes in the order {taken:?}, not as published: {:?}",
+                v.primaries
+            ));
+        }
         let primary_timeline = status
             .nodes
             .iter()
@@ -482,6 +510,19 @@ mod tests {
             (n("node1"), ack(t0, 0, 3)),
         ];
         assert_eq!(took_turns(&interleaved).len(), 2);
+        // Back and forth with gaps is only right when published so.
+        let taken: Vec<String> = turns(&clean).into_iter().map(|t| t.node).collect();
+        assert_eq!(taken, vec!["node1", "node2", "node1"]);
+        let published = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(in_published_order(
+            &taken,
+            &published(&["node1", "node2", "node1"])
+        ));
+        assert!(in_published_order(
+            &taken,
+            &published(&["node1", "node3", "node2", "node1"])
+        ));
+        assert!(!in_published_order(&taken, &published(&["node1", "node2"])));
     }
 
     #[test]

@@ -47,8 +47,9 @@ pub async fn shutdown_signal() {
 /// Environment variable holding comma-separated coordinator addresses.
 pub const COORDINATORS_ENV: &str = "PGQUORUM_COORDINATORS";
 
-/// How long [`Coordinators::heartbeat_within`] waits before asking every coordinator
-/// again once all have failed (an election in progress: no leader to forward to).
+/// How long [`Coordinators::heartbeat_within`] waits before asking a coordinator that
+/// failed again (an election in progress: no leader to forward to); doubled after
+/// each failure, up to four times this.
 pub const HEARTBEAT_RETRY: Duration = Duration::from_millis(25);
 
 #[derive(Debug, thiserror::Error)]
@@ -234,11 +235,16 @@ impl Coordinators {
     ) -> Result<pb::HeartbeatReply, ClientError> {
         use futures::stream::{FuturesUnordered, StreamExt};
         let deadline = tokio::time::Instant::now() + overall;
-        // Each attempt may first wait (a retry of a coordinator that failed).
+        let started = tokio::time::Instant::now();
+        // Each attempt may first wait (a retry of a coordinator that failed); its report
+        // says how old its observation is by then.
         let one = |addr: String, after: Duration| {
-            let request = request.clone();
+            let mut request = request.clone();
             async move {
                 tokio::time::sleep(after).await;
+                if let Some(r) = request.report.as_mut() {
+                    r.observed_ago_ms += started.elapsed().as_millis() as u64;
+                }
                 let outcome = match self.channel(&addr).await {
                     Ok(channel) => AgentServiceClient::new(channel)
                         .heartbeat(request)
@@ -251,6 +257,8 @@ impl Coordinators {
             }
         };
         let now = Duration::ZERO;
+        // Failures per coordinator: retried after 25, 50, then every 100 ms.
+        let mut failures: HashMap<String, u32> = HashMap::new();
         let mut attempts = Vec::new();
         let preferred = self.preferred.lock().expect("lock").clone();
         let mut pending = FuturesUnordered::new();
@@ -285,7 +293,10 @@ impl Coordinators {
                         }
                         // This one again shortly (an election ends, a forward to a new
                         // leader works), whatever the others are still doing.
-                        pending.push(one(addr, HEARTBEAT_RETRY));
+                        let n = failures.entry(addr.clone()).or_default();
+                        *n += 1;
+                        let after = (HEARTBEAT_RETRY * 2u32.pow((*n - 1).min(2))).min(HEARTBEAT_RETRY * 4);
+                        pending.push(one(addr, after));
                     }
                 },
                 _ = &mut patience, if !others_asked => {

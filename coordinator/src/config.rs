@@ -65,10 +65,13 @@ pub struct MemberConfig {
 ///
 /// They bound how long a leader change leaves the primary without renewals: after
 /// the leader goes, openraft's followers wait out their leader lease
-/// (`election_timeout_max_ms`) and an election timeout, and a candidate whose log is
-/// behind another's waits `2 × election_timeout_max_ms` more: up to `4 ×
-/// election_timeout_max_ms` (640 ms with these defaults). The cluster's `lease_ms`
-/// must outlast that plus a heartbeat, or a leader change costs a failover. openraft
+/// (`election_timeout_max_ms`) and a random election timeout (checked on a tick), a
+/// split vote costs another timeout, a candidate whose log is behind another's waits
+/// `2 × election_timeout_max_ms` more, and the new leader then commits once and runs
+/// a quorum round before it grants: about 300–500 ms with these defaults, past 700 ms
+/// on a loaded machine. The cluster's `lease_ms` must outlast that with room to spare
+/// (at least `4 × election_timeout_max_ms` plus a heartbeat), or a leader change costs
+/// a failover (see docs/faults.md). openraft
 /// also gives each AppendEntries `heartbeat_interval_ms` to complete, a follower's
 /// fsync included: keep it above the disks' sync time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -94,8 +94,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         raft: raft.clone(),
         state: state.clone(),
     };
-    // A leader grants leases only within this long of its last quorum contact: past
-    // it a new leader may already be counting (see DESIGN.md "Leases and fencing").
+    // Slack a new leader adds before counting an earlier leader's leases as over (see
+    // `failover::decide::lease_over_for`); grants themselves follow a quorum round.
     let grant_window = Duration::from_millis(config.raft.election_timeout_min_ms);
     let reports = Reports::new(grant_window, Instant::now());
     let leadership = Leadership::watch(config.id, &raft);

@@ -25,14 +25,15 @@ async fn begin(
     coordinator_base: u16,
     postgres_base: u16,
     sync_mode: &str,
-) -> (InTempDir<Sandbox>, Checker, tokio::sync::MutexGuard<'static, ()>) {
+) -> (tokio::sync::MutexGuard<'static, ()>, InTempDir<Sandbox>, Checker) {
     let turn = ONE_AT_A_TIME.lock().await;
     let sandbox = start_sandbox_with(coordinator_base, postgres_base, |s| s.network = true).await;
     set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
     let checker = Checker::start(&sandbox, "checked", Duration::from_secs(180))
         .await
         .unwrap();
-    (sandbox, checker, turn)
+    // The turn is dropped last, after the sandbox is gone.
+    (turn, sandbox, checker)
 }
 
 /// Heals every fault, waits until every node is back and healthy, and judges the run;
@@ -78,8 +79,24 @@ async fn end(name: &str, sandbox: &mut Sandbox, checker: &Checker) -> Verdict {
     verdict
 }
 
-fn guard_fenced(sandbox: &Sandbox, name: &str) -> bool {
-    std::fs::read_to_string(sandbox.path_of_guard_log(name)).is_ok_and(|log| log.contains("fence"))
+/// Panics unless node1 kept its lease throughout: the same postmaster, neither its
+/// guard nor its agent's lease timer fenced, still epoch 1.
+fn assert_kept_its_lease(sandbox: &Sandbox, postmaster: Option<i32>, verdict: &Verdict) {
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(
+        !read(sandbox.path_of_guard_log("node1")).contains("fence"),
+        "the guard fenced node1"
+    );
+    assert!(
+        !read(sandbox.path_of_agent_log("node1")).contains("fence"),
+        "node1's agent fenced it"
+    );
+    assert_eq!(
+        sandbox.postmaster_pid("node1"),
+        postmaster,
+        "node1's Postgres was restarted"
+    );
+    assert_eq!(verdict.primaries, vec!["node1"], "no failover");
 }
 
 /// The primary loses its standbys but not the coordinators: it stays the primary (its
@@ -87,7 +104,8 @@ fn guard_fenced(sandbox: &Sandbox, name: &str) -> bool {
 /// and no standby takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_from_its_standbys_only_stays_the_only_primary() {
-    let (mut sandbox, checker, _turn) = begin(28600, 28610, "strict").await;
+    let (_turn, mut sandbox, checker) = begin(28600, 28610, "strict").await;
+    let postmaster = sandbox.postmaster_pid("node1");
     sandbox
         .network()
         .unwrap()
@@ -101,15 +119,15 @@ async fn a_primary_cut_from_its_standbys_only_stays_the_only_primary() {
         "node1 still acknowledges local commits"
     );
     let verdict = end("primary cut from its standbys", &mut sandbox, &checker).await;
-    assert_eq!(verdict.primaries, vec!["node1"], "no failover");
-    assert!(!guard_fenced(&sandbox, "node1"));
+    assert_kept_its_lease(&sandbox, postmaster, &verdict);
 }
 
 /// The Raft leader cut off alone: the others elect a new one, which renews the
 /// primary's lease in time. No fence, no failover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_raft_leader_costs_the_primary_nothing() {
-    let (mut sandbox, checker, _turn) = begin(28700, 28710, "strict").await;
+    let (_turn, mut sandbox, checker) = begin(28700, 28710, "strict").await;
+    let postmaster = sandbox.postmaster_pid("node1");
     let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
     sandbox
         .network()
@@ -118,8 +136,7 @@ async fn an_isolated_raft_leader_costs_the_primary_nothing() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let verdict = end("raft leader isolated", &mut sandbox, &checker).await;
-    assert_eq!(verdict.primaries, vec!["node1"], "no failover");
-    assert!(!guard_fenced(&sandbox, "node1"), "the primary kept its lease");
+    assert_kept_its_lease(&sandbox, postmaster, &verdict);
 }
 
 /// The Raft leader and the primary cut off together from the rest: the old leader
@@ -127,7 +144,7 @@ async fn an_isolated_raft_leader_costs_the_primary_nothing() {
 /// lease out and promotes a standby; one primary at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raft_leader_and_the_primary_cut_off_together_fail_over_once() {
-    let (mut sandbox, checker, _turn) = begin(28800, 28810, "strict").await;
+    let (_turn, mut sandbox, checker) = begin(28800, 28810, "strict").await;
     let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
     let leader_host = coordinator_host(leader);
     let rest: Vec<String> = sandbox
@@ -150,7 +167,7 @@ async fn the_raft_leader_and_the_primary_cut_off_together_fail_over_once() {
 /// them): its heartbeats never arrive, so it is fenced by its lease and replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_whose_heartbeats_are_lost_one_way_is_replaced_once() {
-    let (mut sandbox, checker, _turn) = begin(28900, 28910, "prefer").await;
+    let (_turn, mut sandbox, checker) = begin(28900, 28910, "prefer").await;
     sandbox
         .network()
         .unwrap()
@@ -163,7 +180,7 @@ async fn a_primary_whose_heartbeats_are_lost_one_way_is_replaced_once() {
 /// the lease from its election, then promotes; the killed ones come back and follow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_primary_and_the_raft_leader_lost_together_fail_over_once() {
-    let (mut sandbox, checker, _turn) = begin(29000, 29010, "strict").await;
+    let (_turn, mut sandbox, checker) = begin(29000, 29010, "strict").await;
     let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
     sandbox.kill_host("node1").unwrap();
     sandbox.coordinators().kill(leader).unwrap();
@@ -178,7 +195,7 @@ async fn the_primary_and_the_raft_leader_lost_together_fail_over_once() {
 /// way: the failover completes, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_during_a_failover_leaves_one_promotion() {
-    let (mut sandbox, checker, _turn) = begin(29100, 29110, "strict").await;
+    let (_turn, mut sandbox, checker) = begin(29100, 29110, "strict").await;
     sandbox.kill_host("node1").unwrap();
     sandbox
         .wait_for("the failover started", WAIT, |s| s.epoch == 2)

@@ -6,11 +6,11 @@
 //! id it is meant for; the receiver refuses others (see `grpc::raft_service`), so a peer
 //! address that now belongs to another coordinator cannot split the group.
 //!
-//! Failures that mean "not there" (connection refused, wrong node) are reported as
-//! `Unreachable`, which makes openraft back off instead of spinning. A timeout is not
-//! one of them: openraft gives an AppendEntries one heartbeat interval, a follower's
-//! fsync can take longer, and backing off then would hold up a new leader's first
-//! commit (and with it every lease grant) for the whole backoff.
+//! Failures that mean "not there" (connection refused, wrong node, several timeouts
+//! in a row) are reported as `Unreachable`, which makes openraft back off instead of
+//! spinning. A single timeout is not: openraft gives an AppendEntries one heartbeat
+//! interval, a follower's fsync can take longer, and backing off then would hold up a
+//! new leader's first commit (and with it every lease grant) for the whole backoff.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -68,7 +68,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             .channel(&node.addr)
             .map(RaftServiceClient::new)
             .map_err(|e| e.to_string());
-        Connection { target, client }
+        Connection {
+            target,
+            client,
+            timeouts_in_a_row: 0,
+        }
     }
 }
 
@@ -78,7 +82,14 @@ pub struct Connection {
     /// Err when the peer's address cannot even be parsed; every RPC then fails as
     /// unreachable with that reason.
     client: Result<RaftServiceClient<Channel>, String>,
+    /// RPCs that timed out since the last that did not: past
+    /// [`TIMEOUTS_BEFORE_BACKOFF`] the peer counts as unreachable.
+    timeouts_in_a_row: u32,
 }
+
+/// A timeout or two is a slow peer (a follower's fsync), retried at the next
+/// heartbeat; more in a row is a peer cut off, backed off from (and logged less).
+const TIMEOUTS_BEFORE_BACKOFF: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -121,10 +132,19 @@ impl Connection {
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
+        let timed_out = matches!(
+            &reply,
+            Err(s) if matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+        );
+        self.timeouts_in_a_row = if timed_out { self.timeouts_in_a_row + 1 } else { 0 };
+        let cut_off = self.timeouts_in_a_row >= TIMEOUTS_BEFORE_BACKOFF;
         let reply = reply.map_err(|status| {
             let e = TransportError(format!("{}: {}", status.code(), status.message()));
             match status.code() {
                 tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled if cut_off => {
                     RPCError::Unreachable(Unreachable::new(&e))
                 }
                 _ => RPCError::Network(NetworkError::new(&e)),
