@@ -324,6 +324,18 @@ impl WritersOnEveryNode {
             );
         }
     }
+
+    /// Panics unless the nodes took turns ([`pgquorum::check::took_turns`]): whatever
+    /// the number of failovers, no node acknowledged a write after another's turn began.
+    pub fn assert_took_turns(&self) {
+        let all: Vec<(String, Ack)> = self
+            .0
+            .iter()
+            .flat_map(|(name, w)| w.all().into_iter().map(move |a| (name.clone(), a)))
+            .collect();
+        let overlaps = pgquorum::check::took_turns(&all);
+        assert!(overlaps.is_empty(), "two primaries at once: {overlaps:?}");
+    }
 }
 
 /// Waits until a node other than `old` is the primary of `epoch` (any: in prefer mode
