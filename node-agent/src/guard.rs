@@ -112,18 +112,28 @@ pub fn boot_id() -> &'static str {
 /// and the boot id. Readable by all (Postgres, another OS user, reads it at every
 /// commit), whatever the umask.
 pub fn write_deadline(path: &Path, deadline_ns: u64) -> std::io::Result<()> {
+    let text = format!("{deadline_ns} {} {}\n", !deadline_ns, boot_id());
+    replace_readable_by_all(path, &path.with_extension("tmp"), text.as_bytes(), false)
+}
+
+/// Replaces `path` with `bytes`, mode 0644 whatever the umask (Postgres, another OS
+/// user, reads it): written to `tmp` (synced first when `sync`), then renamed, so a
+/// reader sees the old file or the new one, and a process that mapped the old keeps it.
+pub fn replace_readable_by_all(path: &Path, tmp: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o644)
-        .open(&tmp)?;
+        .open(tmp)?;
     f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    writeln!(f, "{deadline_ns} {} {}", !deadline_ns, boot_id())?;
+    f.write_all(bytes)?;
+    if sync {
+        f.sync_all()?;
+    }
     drop(f);
-    std::fs::rename(&tmp, path)
+    std::fs::rename(tmp, path)
 }
 
 /// The deadline in the lease file; None when there is none, it cannot be read, or it

@@ -8,8 +8,6 @@
 //! `build.rs` compiles it when the PostgreSQL 15 server headers are present; the agent
 //! carries it and writes it beside the data directory.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 #[cfg(commit_check)]
@@ -38,18 +36,7 @@ pub fn install(path: &Path) -> std::io::Result<()> {
     if std::fs::read(path).is_ok_and(|old| old == bytes) {
         return Ok(());
     }
-    let tmp = path.with_extension("so.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&tmp, path)
+    crate::guard::replace_readable_by_all(path, &path.with_extension("so.tmp"), bytes, true)
 }
 
 /// `shared_preload_libraries` with the library first, then what the operator set.
@@ -64,6 +51,8 @@ pub fn preload_libraries(library: &Path, configured: Option<&str>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
