@@ -43,6 +43,11 @@ pub struct GroupSpec {
     /// Node N runs on `hosts[N]`'s network and address when given (see
     /// [`super::Network`]); else on loopback.
     pub hosts: BTreeMap<u64, Host>,
+    /// Node N keeps its Raft store in `raft_store_root/coord-N` when given, else in
+    /// `coord-N/data`. Tests put it on tmpfs: on a machine whose one disk also serves
+    /// several Postgres servers, a sync can stall for hundreds of milliseconds, which a
+    /// coordinator host of its own would not see (docs/faults.md, "Disks").
+    pub raft_store_root: Option<PathBuf>,
 }
 
 impl GroupSpec {
@@ -53,6 +58,7 @@ impl GroupSpec {
             size,
             raft: RaftTuning::default(),
             hosts: BTreeMap::new(),
+            raft_store_root: None,
         }
     }
 }
@@ -146,7 +152,10 @@ impl CoordinatorGroup {
             region: sandbox_region(id).into(),
             listen: addr.clone(),
             advertise: None,
-            data_dir: dir.join("data"),
+            data_dir: match &self.spec.raft_store_root {
+                Some(root) => root.join(format!("coord-{id}")),
+                None => dir.join("data"),
+            },
             initial_members: founders,
             raft: self.spec.raft.clone(),
         };

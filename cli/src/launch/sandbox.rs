@@ -62,6 +62,9 @@ pub struct SandboxSpec {
     /// [`Network`], named `coordN` and `nodeN`, so links can be cut; needs root. The
     /// router and the caller stay on this machine, the hosts' clients.
     pub network: bool,
+    /// Where the coordinators keep their Raft stores (see
+    /// [`GroupSpec::raft_store_root`]); by default in their directories.
+    pub raft_store_root: Option<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -74,6 +77,7 @@ impl SandboxSpec {
             settings: Vec::new(),
             postgres_parameters: Vec::new(),
             network: false,
+            raft_store_root: None,
         }
     }
 }
@@ -181,6 +185,7 @@ impl Sandbox {
         std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o755))?;
         let agent_bin = find_binary(AGENT_BIN)?;
         let mut group_spec = GroupSpec::new(&spec.dir, spec.coordinator_base, 3);
+        group_spec.raft_store_root = spec.raft_store_root.clone();
         let mut network = None;
         if spec.network {
             let mut net = Network::create(spec.coordinator_base)?;

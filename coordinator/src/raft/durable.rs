@@ -34,6 +34,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+/// A sync that takes this long is logged: Raft waits for it, and a heartbeat interval is
+/// of the same order.
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The sled store's files, kept open to sync them after each flush; cheap to clone (the
 /// log store and the state machine share one, as they share one `sled::Db`).
 #[derive(Clone)]
@@ -97,9 +101,19 @@ impl Durable {
     pub async fn flush(&self, tree: &sled::Tree) -> io::Result<()> {
         let files = self.files.clone();
         let tree = tree.clone();
-        tokio::task::spawn_blocking(move || files.flush(&tree))
+        let started = std::time::Instant::now();
+        let flushed = tokio::task::spawn_blocking(move || files.flush(&tree))
             .await
-            .map_err(io::Error::other)?
+            .map_err(io::Error::other)?;
+        let took = started.elapsed();
+        if took >= SLOW_SYNC {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                "slow sync of the Raft store: Raft waits for it (a disk this slow delays \
+                 heartbeats and can cost an election; see docs/faults.md)"
+            );
+        }
+        flushed
     }
 
     /// How many `sync_data` calls on `db` have succeeded so far.
