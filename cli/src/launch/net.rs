@@ -124,16 +124,21 @@ impl Network {
     pub fn create(id: u16) -> Result<Network> {
         let slot = id / 100;
         let prefix = format!("pq{id}");
+        // Claiming an owner file and sweeping the dead ones exclude each other: else a
+        // sweep (by another test in this process, or another process) could lock a file
+        // its new owner has opened but not locked yet, and the owner would see it in use.
+        let claiming = owners_lock()?;
         sweep_dead_owners();
         // Locked before `net` exists: dropping it would remove the owner's network.
-        std::fs::create_dir_all(OWNERS)?;
         let path = std::path::Path::new(OWNERS).join(&prefix);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)?;
-        let owner = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        let owner = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock);
+        drop(claiming);
+        let owner = match owner {
             Ok(owner) => owner,
             Err(_) => {
                 let by = std::fs::read_to_string(&path).unwrap_or_default();
@@ -374,12 +379,27 @@ fn remove_network(prefix: &str) {
     }
 }
 
+/// The lock taken while an owner file is claimed or the dead ones swept (`OWNERS/.lock`).
+fn owners_lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(OWNERS)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::path::Path::new(OWNERS).join(OWNERS_LOCK))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::Launch(format!("cannot lock {OWNERS}/{OWNERS_LOCK}: {e}")))
+}
+
+const OWNERS_LOCK: &str = ".lock";
+
 /// Removes the networks whose creating process is gone (killed before its cleanup).
+/// Call with [`owners_lock`] held.
 fn sweep_dead_owners() {
     let Ok(entries) = std::fs::read_dir(OWNERS) else {
         return;
     };
-    for e in entries.flatten() {
+    for e in entries.flatten().filter(|e| e.file_name() != OWNERS_LOCK) {
         let Ok(file) = std::fs::OpenOptions::new().write(true).open(e.path()) else {
             continue;
         };
