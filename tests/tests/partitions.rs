@@ -69,12 +69,13 @@ async fn primary_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &
         })
         .await
         .unwrap();
-    // KNOWN (open): one fresh run in about ten saw a second failover after the heal
-    // (the new primary replaced in turn); safety held. Until its cause is found, the
-    // turns are checked whatever the number of failovers.
-    if s.primary != promoted {
-        eprintln!("a second failover after the heal: {promoted} -> {}", s.primary);
-    }
+    // A heal costs no second failover. (Runs on a busy machine once saw one: Raft store
+    // syncs and heartbeats stalled on the shared disk and CPU; docs/faults.md.)
+    assert_eq!(
+        (s.primary.as_str(), s.epoch),
+        (promoted.as_str(), 2),
+        "one failover, none after the heal"
+    );
     writers.assert_took_turns();
 }
 
