@@ -233,6 +233,7 @@ impl Sim {
                             OwnLease::granted(ms(self.t - at), ms(length))
                         }),
                         seen_reply_ago: s.seen_reply.map(|r| ms(self.t - r)),
+                        last_grant_ago: s.lease_granted.map(|(at, _)| ms(self.t - at)),
                         role_for: ms(self.t - s.role_since),
                         observed_ago: ms(self.t - s.at),
                     };

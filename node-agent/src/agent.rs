@@ -149,19 +149,6 @@ async fn lease_timer(mut deadlines: tokio::sync::watch::Receiver<Option<Instant>
     }
 }
 
-/// A random, non-zero number for this agent process.
-fn new_incarnation() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.finish() | 1
-}
-
 /// How long one coordinator may take to answer a heartbeat before all are asked.
 fn attempt_timeout(interval: Duration) -> Duration {
     (interval * 4).clamp(Duration::from_millis(150), Duration::from_millis(500))
@@ -195,7 +182,15 @@ impl Agent {
         let observer = Observer::new(config.postgres.clone());
         let probe = PrimaryProbe::new(config.postgres.clone());
         let state_file = StateFile::next_to(&config.postgres.data_dir);
-        let state = state_file.load()?;
+        let mut state = state_file.load()?;
+        // Persisted before the first report: a later start must take a larger one.
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        state.incarnation = state.next_incarnation(unix_ms);
+        state_file.save(&state)?;
+        let incarnation = state.incarnation;
         let interval = Duration::from_millis(config.heartbeat_interval_ms);
         let guard = GuardFiles::next_to(&config.postgres.data_dir);
         Ok(Agent {
@@ -214,7 +209,7 @@ impl Agent {
             following: None,
             last_problem: None,
             reply_mark: 0,
-            incarnation: new_incarnation(),
+            incarnation,
             commit_check_verified: None,
             commit_check_seen: None,
             seq: 0,
@@ -436,7 +431,10 @@ impl Agent {
             return;
         }
         if reply.epoch > self.state.epoch {
-            let next = AgentState { epoch: reply.epoch };
+            let next = AgentState {
+                epoch: reply.epoch,
+                ..self.state.clone()
+            };
             if let Err(e) = self.state_file.save(&next) {
                 self.problem(format!(
                     "cannot persist epoch {}: {e}; not acting on it",

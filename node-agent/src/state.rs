@@ -16,6 +16,20 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentState {
     pub epoch: u64,
+    /// The last agent process's incarnation: each start takes a larger one (see
+    /// [`AgentState::next_incarnation`]), so coordinators can tell a late report of
+    /// a killed agent from its successor's.
+    #[serde(default)]
+    pub incarnation: u64,
+}
+
+impl AgentState {
+    /// An incarnation above the last one this file saw and above every earlier one
+    /// if the file was lost (milliseconds of the wall clock: larger at each start
+    /// unless the clock went back, which the file covers). Persist it before reporting.
+    pub fn next_incarnation(&self, unix_ms: u64) -> u64 {
+        (self.incarnation + 1).max(unix_ms)
+    }
 }
 
 pub struct StateFile {
@@ -66,12 +80,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn incarnations_only_grow() {
+        let mut state = AgentState::default();
+        let first = state.next_incarnation(1_000);
+        assert_eq!(first, 1_000);
+        state.incarnation = first;
+        assert_eq!(state.next_incarnation(900), 1_001, "the clock went back");
+        assert_eq!(state.next_incarnation(5_000), 5_000);
+    }
+
+    #[test]
     fn epoch_round_trips_and_starts_at_zero() {
         let dir = tempfile::tempdir().unwrap();
         let file = StateFile::next_to(&dir.path().join("data"));
         assert_eq!(file.load().unwrap().epoch, 0);
-        file.save(&AgentState { epoch: 7 }).unwrap();
+        file.save(&AgentState {
+            epoch: 7,
+            incarnation: 0,
+        })
+        .unwrap();
         assert_eq!(file.load().unwrap().epoch, 7);
+        std::fs::write(&file.path, "epoch = 3\n").unwrap();
+        assert_eq!(
+            file.load().unwrap().incarnation,
+            0,
+            "a file from before incarnations"
+        );
         std::fs::write(&file.path, "epoch = \"x\"").unwrap();
         assert!(file.load().is_err());
     }

@@ -262,7 +262,13 @@ fn fenced(
     old_primary: &str,
     lease_expired: bool,
 ) -> Option<(String, Duration)> {
-    if let Some(o) = fresh(cluster, reports, old_primary) {
+    // Its agent's word counts only for an observation made after the latest reply
+    // that granted it a lease (which may have ordered a start or a promotion that an
+    // earlier "stopped" knows nothing of), and never while its data directory is
+    // missing (the agent cannot see a postmaster that runs without one).
+    if let Some(o) =
+        fresh(cluster, reports, old_primary).filter(|o| o.followed_last_grant() && !o.report.initializing)
+    {
         // It stopped before the first report of the unbroken run saying so.
         if !o.report.postgres_up && o.report.role == "stopped" {
             return Some(("its agent confirmed Postgres stopped".into(), o.role_for));
@@ -670,6 +676,54 @@ mod tests {
             Step::Choose { ref candidate, ref fenced_by, .. }
                 if candidate == "node2" && fenced_by.contains("confirmed")
         ));
+    }
+
+    #[test]
+    fn a_stop_counts_as_a_fence_only_if_observed_after_the_latest_grant() {
+        // Review finding: a leader answers node1's "stopped" with an order to start and
+        // a lease; node1's agent then spends a while in `pg_ctl start` (crash recovery)
+        // and reports nothing. Its earlier "stopped" must not fence it: it is about to
+        // run as primary, with that lease.
+        let ms = Duration::from_millis;
+        let c = {
+            let mut c = cluster();
+            c.failover = Some(started_from_node1());
+            c
+        };
+        let mut r = reports(vec![("node1", stopped(), 10)]);
+        let n1 = r.nodes.get_mut("node1").unwrap();
+        n1.seen_reply_ago = Some(ms(300));
+        n1.last_grant_ago = Some(ms(100));
+        assert_eq!(fenced(&c, &r, "node1", false), None, "observed before the grant");
+        assert!(
+            fenced(&c, &r, "node1", true).is_some_and(|(how, _)| how.contains("lease")),
+            "its lease running out still fences it"
+        );
+        // Its next report, observed after that reply, says what became of the start.
+        let n1 = r.nodes.get_mut("node1").unwrap();
+        n1.seen_reply_ago = Some(ms(60));
+        assert!(fenced(&c, &r, "node1", false).is_some_and(|(how, _)| how.contains("confirmed")));
+        // An observation that followed no reply of this leader proves nothing either: an
+        // earlier leader's order to start may be under way.
+        r.nodes.get_mut("node1").unwrap().seen_reply_ago = None;
+        assert_eq!(fenced(&c, &r, "node1", false), None);
+    }
+
+    #[test]
+    fn a_node_without_its_data_directory_is_never_fenced_by_its_word() {
+        // Review finding: the data directory removed (or unmounted) under a running
+        // Postgres; the agent sees no postmaster.pid and reports "stopped, initializing",
+        // while the server and its sessions keep committing. Only the lease fences it.
+        let c = {
+            let mut c = cluster();
+            c.failover = Some(started_from_node1());
+            c
+        };
+        let mut gone = stopped();
+        gone.initializing = true;
+        let r = reports(vec![("node1", gone, 10)]);
+        assert_eq!(fenced(&c, &r, "node1", false), None);
+        assert!(fenced(&c, &r, "node1", true).is_some());
     }
 
     #[test]

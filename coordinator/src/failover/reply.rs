@@ -35,13 +35,6 @@ pub fn heartbeat_reply(
     } else {
         String::new()
     };
-    // A candidate told to promote holds a lease too: if it is then lost, the failover
-    // can move on to another candidate once that lease has certainly run out.
-    let lease_ms = if (is_primary && cluster.failover.is_none()) || promote {
-        cluster.policy.lease_ms
-    } else {
-        0
-    };
     let observed = reports.nodes.get(name);
     let stopped = observed.is_some_and(|o| !o.report.postgres_up && o.report.role == "stopped");
     // A stopped primary is started again only if this leader never saw it running
@@ -49,7 +42,21 @@ pub fn heartbeat_reply(
     let start_primary = is_primary
         && cluster.failover.is_none()
         && stopped
+        && !initializing
         && (observed.is_none_or(|o| o.up_ago.is_none()) || choose(cluster, reports, name).is_err());
+    let bootstrap = initializing && is_primary && cluster.system_identifier.is_none();
+    // A candidate told to promote holds a lease too: if it is then lost, the failover
+    // can move on to another candidate once that lease has certainly run out. A primary
+    // whose agent says it is stopped (or has no data) gets one only with an order to
+    // start: its agent's next "stopped" then shows the failover it did not start,
+    // without waiting for a lease it had no use for (see `decide::fenced`).
+    let idle = stopped || initializing;
+    let lease_ms =
+        if (is_primary && cluster.failover.is_none() && (!idle || start_primary || bootstrap)) || promote {
+            cluster.policy.lease_ms
+        } else {
+            0
+        };
     let standby_slots = if is_primary || promote {
         cluster
             .members
@@ -69,7 +76,7 @@ pub fn heartbeat_reply(
         }),
         // Only before the cluster's database is known: a primary whose data is gone
         // must not start an empty one; it is failed over and rebuilt from a standby.
-        bootstrap: initializing && is_primary && cluster.system_identifier.is_none(),
+        bootstrap,
         synchronous_standby_names,
         heartbeat_interval_ms: cluster.policy.heartbeat_interval_ms,
         lease_ms,
@@ -82,5 +89,53 @@ pub fn heartbeat_reply(
             .failover
             .as_ref()
             .is_some_and(|f| f.kind == "switchover" && f.step == "started" && f.old_primary == name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::observe::health::tests::{cluster, primary, reports, standby, stopped};
+
+    #[test]
+    fn a_stopped_primary_gets_a_lease_only_with_an_order_to_start() {
+        let mut c = cluster();
+        c.sync_set = vec!["node2".into()];
+        let mut r = reports(vec![
+            ("node1", stopped(), 10),
+            ("node2", standby("0/5000000", 0), 10),
+        ]);
+        // Seen running by this leader, and node2 could take over: no start, no lease.
+        r.nodes.get_mut("node1").unwrap().up_ago = Some(Duration::from_millis(500));
+        let reply = heartbeat_reply(&c, &r, "node1", false);
+        assert!(!reply.start_primary);
+        assert_eq!(reply.lease_ms, 0);
+        // Nobody could take over: started again, under a lease.
+        r.nodes.remove("node2");
+        let reply = heartbeat_reply(&c, &r, "node1", false);
+        assert!(reply.start_primary);
+        assert_eq!(reply.lease_ms, c.policy.lease_ms);
+        // A running primary is granted one at every heartbeat.
+        let r = reports(vec![("node1", primary("0/5000000", "", vec![]), 10)]);
+        assert_eq!(
+            heartbeat_reply(&c, &r, "node1", false).lease_ms,
+            c.policy.lease_ms
+        );
+    }
+
+    #[test]
+    fn a_primary_without_data_gets_a_lease_only_to_bootstrap_the_cluster() {
+        let mut c = cluster();
+        let mut empty = stopped();
+        empty.initializing = true;
+        let r = reports(vec![("node1", empty, 10)]);
+        let reply = heartbeat_reply(&c, &r, "node1", true);
+        assert!(reply.bootstrap && reply.lease_ms > 0, "the cluster's first start");
+        c.system_identifier = Some(7);
+        let reply = heartbeat_reply(&c, &r, "node1", true);
+        assert!(!reply.bootstrap && !reply.start_primary);
+        assert_eq!(reply.lease_ms, 0, "its data is gone: failed over, never renewed");
     }
 }

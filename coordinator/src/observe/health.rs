@@ -254,6 +254,7 @@ pub(crate) mod tests {
                     own_lease: OwnLease::Never,
                     // Observed right after a reply it got just before: as fresh as it is.
                     seen_reply_ago: Some(age),
+                    last_grant_ago: None,
                     role_for: age,
                     observed_ago: age,
                 },

@@ -30,12 +30,27 @@ pub struct Observed {
     /// reply this leader built that long ago (see [`Reports::reply_mark`]). None: no
     /// such reply (not yet, or from another leader).
     pub seen_reply_ago: Option<Duration>,
+    /// Since this leader last granted the node a primary lease (dated like a reply
+    /// mark); None: never. A reply with a lease may order a start or a promotion, so
+    /// only an observation made after it says what the node does now.
+    pub last_grant_ago: Option<Duration>,
     /// Since the first of the unbroken run of reports with this report's role and
-    /// Postgres state (so a stop was reported at least this long ago).
+    /// Postgres state (so a stop was reported at least this long ago). A lease granted
+    /// between two reports breaks the run: the node may have started in between.
     pub role_for: Duration,
     /// Since the observation was made: `age` plus how long the agent took from
     /// observing to sending (what lag is dated by).
     pub observed_ago: Duration,
+}
+
+impl Observed {
+    /// Whether the observation was made after the node received this leader's latest
+    /// lease-carrying reply (and any reply of this leader at all): only then does it
+    /// show what the node did with the start or promotion that reply may have ordered.
+    pub fn followed_last_grant(&self) -> bool {
+        self.seen_reply_ago
+            .is_some_and(|seen| self.last_grant_ago.is_none_or(|grant| seen <= grant))
+    }
 }
 
 /// How old an agent may say its observation was on sending; more is a bad report,
@@ -169,18 +184,14 @@ impl OwnLease {
     }
 }
 
-/// How many earlier agent incarnations of a node are remembered, so that their late
-/// reports are ignored.
-const RETIRED_INCARNATIONS: usize = 8;
-
 struct NodeEntry {
     report: pb::NodeReport,
-    /// Incarnations of this node's agent that a later one replaced.
-    retired: Vec<u64>,
     at: Instant,
     last_up: Option<Instant>,
     /// When the latest-ending lease this leader granted the node ends (margin included).
     lease_ends: Option<Instant>,
+    /// When this leader last granted the node a lease, rounded down like a reply mark.
+    last_grant: Option<Instant>,
     /// When this leader built the reply the report's observation followed.
     seen_reply: Option<Instant>,
     /// When the current role and Postgres state were first reported.
@@ -228,6 +239,11 @@ impl Table {
         (mark & !MARK_MS_MASK == self.mark_base)
             .then(|| self.since + Duration::from_millis(mark & MARK_MS_MASK))
     }
+
+    fn mark(&self, now: Instant) -> u64 {
+        let ms = now.saturating_duration_since(self.since).as_millis() as u64;
+        self.mark_base | (ms & MARK_MS_MASK)
+    }
 }
 
 /// Shared, cheap to clone; each operation holds the lock briefly.
@@ -261,27 +277,18 @@ impl Reports {
         self.0.lock().expect("reports lock poisoned").reset(None, now);
     }
 
-    /// Keeps `report` as the node's latest, unless it is older than the one kept (same
-    /// agent incarnation and a sequence number not above it, or from an incarnation
-    /// since replaced). Returns whether it was kept.
+    /// Keeps `report` as the node's latest, unless it is older than the one kept: from
+    /// an earlier agent incarnation (they only grow: the agent persists its own before
+    /// it reports), or from the same with a sequence number not above it. Returns
+    /// whether it was kept.
     pub fn record(&self, cluster: &str, node: &str, report: pb::NodeReport, now: Instant) -> bool {
         let mut all = self.0.lock().expect("reports lock poisoned");
         let seen_reply = all.decode_mark(report.reply_mark_seen);
         let entry = all.clusters.entry(cluster.to_string()).or_default();
-        let mut retired = Vec::new();
         if let Some(previous) = entry.nodes.get(node) {
             let (inc, prev_inc) = (report.incarnation, previous.report.incarnation);
-            if inc != 0
-                && (previous.retired.contains(&inc) || (inc == prev_inc && report.seq <= previous.report.seq))
-            {
+            if inc != 0 && prev_inc != 0 && (inc, report.seq) <= (prev_inc, previous.report.seq) {
                 return false;
-            }
-            retired = previous.retired.clone();
-            if inc != prev_inc && prev_inc != 0 {
-                retired.push(prev_inc);
-                if retired.len() > RETIRED_INCARNATIONS {
-                    retired.remove(0);
-                }
             }
         }
         if report.role == "primary" && report.postgres_up {
@@ -312,16 +319,18 @@ impl Reports {
         let role_since = previous
             .as_ref()
             .filter(|p| p.report.role == report.role && p.report.postgres_up == report.postgres_up)
+            .filter(|p| p.last_grant.is_none_or(|g| g + Duration::from_millis(1) <= p.at))
             .map_or(now, |p| p.role_since);
         let lease_ends = previous.as_ref().and_then(|p| p.lease_ends);
+        let last_grant = previous.as_ref().and_then(|p| p.last_grant);
         entry.nodes.insert(
             node.to_string(),
             NodeEntry {
                 report,
-                retired,
                 at: now,
                 last_up,
                 lease_ends,
+                last_grant,
                 seen_reply,
                 role_since,
             },
@@ -333,9 +342,7 @@ impl Reports {
     /// receiving the reply, which dates those observations on this leader's clock.
     /// Rounded down, so a decoded mark is never later than the reply.
     pub fn reply_mark(&self, now: Instant) -> u64 {
-        let all = self.0.lock().expect("reports lock poisoned");
-        let ms = now.saturating_duration_since(all.since).as_millis() as u64;
-        all.mark_base | (ms & MARK_MS_MASK)
+        self.0.lock().expect("reports lock poisoned").mark(now)
     }
 
     /// Notes the cluster's `lease_ms_settling` as applied here now (None: nothing
@@ -364,9 +371,12 @@ impl Reports {
     /// leaves the longer grants before it to run out).
     pub fn lease_granted(&self, cluster: &str, node: &str, length: Duration, now: Instant) {
         let mut all = self.0.lock().expect("reports lock poisoned");
+        // Dated as the reply's mark is, so a report that echoes that mark follows it.
+        let granted = all.decode_mark(all.mark(now));
         if let Some(n) = all.clusters.get_mut(cluster).and_then(|c| c.nodes.get_mut(node)) {
             let ends = now + length + pgquorum_client::lease::margin(length);
             n.lease_ends = n.lease_ends.max(Some(ends));
+            n.last_grant = n.last_grant.max(granted);
         }
     }
 
@@ -396,6 +406,7 @@ impl Reports {
                             Some(end) => OwnLease::EndedAgo(now - end),
                         },
                         seen_reply_ago: ago(n.seen_reply),
+                        last_grant_ago: ago(n.last_grant),
                         role_for: now.saturating_duration_since(n.role_since),
                         observed_ago: now.saturating_duration_since(n.at) + observed_ago(&n.report),
                     };
@@ -468,6 +479,35 @@ mod tests {
         reports.lead(3, now);
         reports.record("main", "node2", report(mark, "standby"), now);
         assert_eq!(reports.cluster("main", now).nodes["node2"].seen_reply_ago, None);
+    }
+
+    #[test]
+    fn only_an_observation_after_the_latest_grant_follows_it_and_a_grant_breaks_a_run() {
+        let t0 = Instant::now();
+        let reports = table(t0);
+        let node1 = |at| reports.cluster("main", at).nodes["node1"].clone();
+        let mark = reports.reply_mark(t0 + ms(10));
+        reports.record("main", "node1", report(mark, "stopped"), t0 + ms(20));
+        assert!(node1(t0 + ms(20)).followed_last_grant(), "no grant yet");
+        // The reply to that report starts it, with a lease.
+        let grant_mark = reports.reply_mark(t0 + ms(30));
+        reports.lease_granted("main", "node1", ms(1000), t0 + ms(30));
+        let seen = node1(t0 + ms(40));
+        assert_eq!(seen.last_grant_ago, Some(ms(10)));
+        assert!(!seen.followed_last_grant(), "observed before the order to start");
+        // A report still observed before it (sent before the reply came) changes nothing,
+        // and the run of "stopped" reports is broken: it may have run in between.
+        reports.record("main", "node1", report(mark, "stopped"), t0 + ms(50));
+        let seen = node1(t0 + ms(60));
+        assert!(!seen.followed_last_grant());
+        assert_eq!(
+            seen.role_for,
+            ms(10),
+            "a new run since the report after the grant"
+        );
+        // The first observation after that reply does follow it.
+        reports.record("main", "node1", report(grant_mark, "stopped"), t0 + ms(70));
+        assert!(node1(t0 + ms(80)).followed_last_grant());
     }
 
     #[test]
@@ -568,12 +608,15 @@ mod tests {
             "twice"
         );
         assert!(reports.record("main", "node1", numbered(7, 3, "primary"), t0));
-        // The agent restarted: a new incarnation counts from 1; the old one is retired.
+        // The agent restarted: a new, higher incarnation counts from 1; the old one's
+        // late reports are ignored, also when they come in first (review finding: a
+        // late report of the killed agent shut the new one out for the whole term).
         assert!(reports.record("main", "node1", numbered(9, 1, "primary"), t0));
         assert!(
             !reports.record("main", "node1", numbered(7, 4, "stopped"), t0),
-            "retired"
+            "an earlier incarnation"
         );
+        assert!(reports.record("main", "node1", numbered(9, 2, "primary"), t0));
         assert!(
             reports.record("main", "node1", numbered(0, 0, "primary"), t0),
             "unnumbered"
