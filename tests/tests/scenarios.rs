@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use pgquorum::check::{Checker, Verdict};
-use pgquorum::launch::{coordinator_host, Sandbox};
+use pgquorum::launch::{coordinator_host, Sandbox, SandboxSpec};
 use pgquorum_tests::{set_policy, start_sandbox_with, wait_new_primary, InTempDir};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -26,8 +26,22 @@ async fn begin(
     postgres_base: u16,
     sync_mode: &str,
 ) -> (tokio::sync::MutexGuard<'static, ()>, InTempDir<Sandbox>, Checker) {
+    begin_with(coordinator_base, postgres_base, sync_mode, |_| {}).await
+}
+
+/// [`begin`] with the sandbox's spec adjusted by `spec` (e.g. five coordinators).
+async fn begin_with(
+    coordinator_base: u16,
+    postgres_base: u16,
+    sync_mode: &str,
+    spec: impl FnOnce(&mut SandboxSpec),
+) -> (tokio::sync::MutexGuard<'static, ()>, InTempDir<Sandbox>, Checker) {
     let turn = ONE_AT_A_TIME.lock().await;
-    let sandbox = start_sandbox_with(coordinator_base, postgres_base, |s| s.network = true).await;
+    let sandbox = start_sandbox_with(coordinator_base, postgres_base, |s| {
+        s.network = true;
+        spec(s);
+    })
+    .await;
     set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
     let checker = Checker::start(&sandbox, "checked", Duration::from_secs(180))
         .await
@@ -214,6 +228,56 @@ async fn a_coordinator_killed_during_a_failover_leaves_one_promotion() {
         s.start_agent("node1").unwrap();
     })
     .await;
+}
+
+/// A region split 3 | 2 on a sandbox with five coordinators: `minority` and
+/// `majority` are the hosts on each side (coordinators `coordN`, nodes `nodeN`).
+fn split_regions(sandbox: &mut Sandbox, minority: &[&str], majority: &[&str]) {
+    let net = sandbox.network().unwrap();
+    let mut all: Vec<&str> = minority.iter().chain(majority).copied().collect();
+    all.sort();
+    let mut hosts = net.host_names();
+    hosts.sort();
+    assert_eq!(all, hosts, "every host on one side");
+    net.split(minority, majority).unwrap();
+}
+
+/// Region split 3 | 2, the primary on the minority side (the primary region with two
+/// of five coordinators, cut from the DR region's three and the standbys): the
+/// minority cannot renew its lease, so node1 stops taking writes before the majority,
+/// which waits the lease out, promotes node2; one primary at a time, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_split_with_the_primary_in_the_minority_fails_over_once() {
+    let (_turn, mut sandbox, checker) = begin_with(29200, 29210, "strict", |s| s.coordinators = 5).await;
+    split_regions(
+        &mut sandbox,
+        &["coord1", "coord2", "node1"],
+        &["coord3", "coord4", "coord5", "node2", "node3"],
+    );
+    fails_over_once(
+        "region split, primary in the minority",
+        &mut sandbox,
+        &checker,
+        |_| {},
+    )
+    .await;
+}
+
+/// Region split 3 | 2, the primary on the majority side with its sync standby: it
+/// keeps its lease and its postmaster, nobody fails over; the cut-off standby and the
+/// two coordinators come back after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_split_with_the_primary_in_the_majority_costs_nothing() {
+    let (_turn, mut sandbox, checker) = begin_with(29300, 29310, "strict", |s| s.coordinators = 5).await;
+    let postmaster = sandbox.postmaster_pid("node1");
+    split_regions(
+        &mut sandbox,
+        &["coord4", "coord5", "node3"],
+        &["coord1", "coord2", "coord3", "node1", "node2"],
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let verdict = end("region split, primary in the majority", &mut sandbox, &checker).await;
+    assert_kept_its_lease(&sandbox, postmaster, &verdict);
 }
 
 /// Expects exactly one failover away from node1: waits for the new primary and its

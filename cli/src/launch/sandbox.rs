@@ -65,6 +65,10 @@ pub struct SandboxSpec {
     /// Where the coordinators keep their Raft stores (see
     /// [`GroupSpec::raft_store_root`]); by default in their directories.
     pub raft_store_root: Option<PathBuf>,
+    /// How many coordinators (1 to 9; 3 by default, 5 for a region split 3 | 2).
+    /// Coordinators 1 and 2 are in the primary region, the rest in the DR region
+    /// ([`super::sandbox_region`]).
+    pub coordinators: u64,
 }
 
 impl SandboxSpec {
@@ -78,6 +82,7 @@ impl SandboxSpec {
             postgres_parameters: Vec::new(),
             network: false,
             raft_store_root: None,
+            coordinators: 3,
         }
     }
 }
@@ -184,7 +189,13 @@ impl Sandbox {
         // Postgres may run as another user, who must be able to reach its directory.
         std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o755))?;
         let agent_bin = find_binary(AGENT_BIN)?;
-        let mut group_spec = GroupSpec::new(&spec.dir, spec.coordinator_base, 3);
+        if !(1..=9).contains(&spec.coordinators) {
+            return Err(Error::Launch(format!(
+                "a sandbox has 1 to 9 coordinators (ports coordinator_base + 1..9), not {}",
+                spec.coordinators
+            )));
+        }
+        let mut group_spec = GroupSpec::new(&spec.dir, spec.coordinator_base, spec.coordinators);
         group_spec.raft_store_root = spec.raft_store_root.clone();
         let mut network = None;
         if spec.network {
