@@ -289,6 +289,16 @@ pub struct Checker {
     table: String,
 }
 
+/// Whether the cluster is settled: a primary, and every node healthy on its timeline
+/// (what a fault scenario waits for after healing).
+pub fn settled(s: &pgquorum_client::pb::StatusReply) -> bool {
+    let primary_timeline = s.nodes.iter().find(|p| p.name == s.primary).map(|p| p.timeline);
+    !s.primary.is_empty()
+        && s.nodes
+            .iter()
+            .all(|n| n.health == "HEALTHY" && Some(n.timeline) == primary_timeline)
+}
+
 /// A scenario's outcome.
 #[derive(Clone, Debug, Default)]
 pub struct Verdict {

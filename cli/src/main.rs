@@ -231,6 +231,29 @@ enum BenchCommand {
         #[arg(long, default_value_t = 24110, value_name = "BASE")]
         postgres_base: u16,
     },
+    /// Faults drawn at random (from the seed) on a sandbox with a network of its own
+    /// (needs root, ip and nft), judged by a checker: lost acknowledged writes, two
+    /// primaries at once, needless failovers; failover times.
+    Chaos {
+        /// How long to keep drawing faults.
+        #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+        duration: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Keep the sandbox here (default: a temporary directory, removed after).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Coordinator N listens on BASE + N (and names the test network).
+        #[arg(long, default_value_t = 29400, value_name = "BASE")]
+        coordinator_base: u16,
+        /// nodeN's Postgres on BASE + N; the router from BASE + 30.
+        #[arg(long, default_value_t = 29410, value_name = "BASE")]
+        postgres_base: u16,
+        /// Keep the coordinators' Raft stores here (e.g. on tmpfs: on one machine the
+        /// disk is shared with every Postgres, which a coordinator host's is not).
+        #[arg(long, value_name = "DIR")]
+        raft_store_dir: Option<PathBuf>,
+    },
     /// Commit latency, throughput and leader failover of a local 3-node group.
     Raft {
         #[arg(long, default_value_t = 2000)]
@@ -326,6 +349,24 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             bench::failover::run(opts).await
         }
         Command::Bench(BenchCommand::Router(opts)) => bench::router::run(opts).await,
+        Command::Bench(BenchCommand::Chaos {
+            duration,
+            seed,
+            dir,
+            coordinator_base,
+            postgres_base,
+            raft_store_dir,
+        }) => {
+            let opts = bench::chaos::Options {
+                duration: Duration::from_secs(duration),
+                seed,
+                dir,
+                coordinator_base,
+                postgres_base,
+                raft_store_root: raft_store_dir,
+            };
+            bench::chaos::run(opts).await.map(drop)
+        }
         Command::Bench(BenchCommand::Raft {
             writes,
             concurrency,

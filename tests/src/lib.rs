@@ -90,7 +90,7 @@ fn temp_dir_in(prefix: &str, parent: &std::path::Path) -> tempfile::TempDir {
 /// failover in tests about something else). A coordinator host of its own, with a disk
 /// that syncs in milliseconds (docs/faults.md, "Disks"), does not see that; tmpfs plays
 /// that disk. The syncs still run, and their order is unit-tested in the coordinator.
-fn raft_store_dir() -> Option<tempfile::TempDir> {
+pub fn raft_store_dir() -> Option<tempfile::TempDir> {
     let shm = std::path::Path::new("/dev/shm");
     shm.is_dir().then(|| temp_dir_in("pgquorum-raft-test-", shm))
 }

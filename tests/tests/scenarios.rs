@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use pgquorum::check::{Checker, Verdict};
+use pgquorum::check::{settled, Checker, Verdict};
 use pgquorum::launch::{coordinator_host, Sandbox, SandboxSpec};
 use pgquorum_tests::{set_policy, start_sandbox_with, wait_new_primary, InTempDir};
 
@@ -54,13 +54,7 @@ async fn begin_with(
 /// panics with every broken rule.
 async fn end(name: &str, sandbox: &mut Sandbox, checker: &Checker) -> Verdict {
     sandbox.network().unwrap().heal_all().unwrap();
-    let back = |s: &pgquorum_client::pb::StatusReply| {
-        !s.primary.is_empty()
-            && s.nodes.iter().all(|n| {
-                n.health == "HEALTHY"
-                    && Some(n.timeline) == s.nodes.iter().find(|p| p.name == s.primary).map(|p| p.timeline)
-            })
-    };
+    let back = settled;
     if let Err(e) = sandbox
         .wait_for(
             "every node healthy under one primary",

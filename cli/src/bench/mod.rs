@@ -3,6 +3,7 @@
 //! Every benchmark prints a table for people and, as its last line, one JSON object
 //! for scripts; times are milliseconds as `{"p50": …, "p99": …, "max": …}`.
 
+pub mod chaos;
 pub mod failover;
 pub mod raft;
 pub mod router;
