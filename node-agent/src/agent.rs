@@ -189,7 +189,12 @@ impl Agent {
             .unwrap_or_default()
             .as_millis() as u64;
         state.incarnation = state.next_incarnation(unix_ms);
-        state_file.save(&state)?;
+        if let Err(e) = state_file.save(&state) {
+            // Not fatal: a full or read-only disk must not keep a primary's agent from
+            // renewing its lease. The next start may then reuse a number, which the
+            // coordinators take after the old one's silence.
+            warn!("cannot persist this agent's incarnation ({e}); going on without");
+        }
         let incarnation = state.incarnation;
         let interval = Duration::from_millis(config.heartbeat_interval_ms);
         let guard = GuardFiles::next_to(&config.postgres.data_dir);

@@ -1,7 +1,7 @@
 //! Issue 11: the CI subset of `pgquorum bench chaos`: faults drawn from a fixed seed
 //! for 90 s on a sandbox with a network of its own (needs root, as CI runs). Fails if
 //! an acknowledged write is lost, two primaries acknowledged at once, a fault caused a
-//! needless failover, or the cluster did not recover.
+//! needless failover or missed a needed one, or the cluster did not recover.
 
 use std::time::Duration;
 
@@ -32,4 +32,6 @@ async fn ninety_seconds_of_random_faults_lose_nothing_and_never_split_the_brain(
     assert_eq!(report["lost_acked_writes"], 0, "{report}");
     assert_eq!(report["split_brain_windows"], 0, "{report}");
     assert_eq!(report["false_failovers"], 0, "{report}");
+    assert_eq!(report["missed_failovers"], 0, "{report}");
+    assert_eq!(report["unrecovered"], 0, "{report}");
 }

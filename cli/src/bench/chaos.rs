@@ -11,8 +11,10 @@
 //! primary's first acknowledged write. The last line is JSON: `faults`,
 //! `lost_acked_writes` (acknowledged through the router, missing at the end),
 //! `split_brain_windows` (two nodes acknowledging as primaries at overlapping times),
-//! `false_failovers` (a failover after a fault that must not cause one, or a second
-//! one after a fault that must cause one), `unrecovered` and `failover_ms`.
+//! `false_failovers` (a failover after a fault that must not cause one, a second one
+//! after a fault that must cause one, or one between faults), `missed_failovers` (none
+//! after a fault that must cause one), `unrecovered` and `failover_ms` (from the fault
+//! to the first write the new primary acknowledged, to its local writer).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -104,8 +106,12 @@ impl Fault {
 struct Outcome {
     fault: Fault,
     primary_before: String,
-    /// Failovers the fault caused (epochs the primary moved through).
+    /// Failovers completed from the fault until the cluster settled after the heal
+    /// (from the history: an abandoned candidate moves the epoch twice in one).
     failovers: u64,
+    /// Failovers completed between the previous fault's end and this one's start:
+    /// nothing explains them.
+    unexplained: u64,
     /// From the fault to the new primary's first acknowledged write.
     failover_ms: Option<f64>,
     recovered: bool,
@@ -114,8 +120,23 @@ struct Outcome {
 impl Outcome {
     fn false_failovers(&self) -> u64 {
         let expected = u64::from(self.fault.fails_over());
-        self.failovers.saturating_sub(expected)
+        self.failovers.saturating_sub(expected) + self.unexplained
     }
+
+    /// A fault that must cause a failover caused none.
+    fn missed(&self) -> bool {
+        self.fault.fails_over() && self.failovers == 0
+    }
+}
+
+/// Failovers completed into an epoch in `after..=upto`, from the committed history
+/// (its oldest entries go first, so only recent ranges are asked for).
+async fn failovers_between(sandbox: &Sandbox, after: u64, upto: u64) -> Result<u64> {
+    let history = sandbox.cluster_state().await?.history;
+    Ok(history
+        .iter()
+        .filter(|e| e.kind == "failover_completed" && e.epoch > after && e.epoch <= upto)
+        .count() as u64)
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -133,23 +154,31 @@ pub async fn run(opts: Options) -> Result<serde_json::Value> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let started = Instant::now();
     let mut outcomes = Vec::new();
+    let mut epoch = sandbox.status().await?.epoch;
     while started.elapsed() < opts.duration {
         let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
-        let outcome = inflict(&mut sandbox, &checker, fault).await?;
+        let outcome = inflict(&mut sandbox, &checker, fault, &mut epoch)
+            .await
+            .map_err(|e| Error::Launch(format!("seed {}, {}: {e}", opts.seed, fault.name())))?;
         println!(
             "{:>4.0}s  {:<45} {:<6} → {}{}{}",
             started.elapsed().as_secs_f64(),
             fault.name(),
             outcome.primary_before,
-            match outcome.failovers {
-                0 => "no failover".to_string(),
-                1 => "one failover".to_string(),
-                n => format!("{n} failovers"),
+            match (outcome.failovers, outcome.missed()) {
+                (0, true) => "NO FAILOVER".to_string(),
+                (0, false) => "no failover".to_string(),
+                (1, _) => "one failover".to_string(),
+                (n, _) => format!("{n} failovers"),
             },
             outcome
                 .failover_ms
                 .map_or(String::new(), |ms| format!(", first write after {ms:.0} ms")),
-            if outcome.recovered { "" } else { ", NOT RECOVERED" },
+            match (outcome.unexplained, outcome.recovered) {
+                (0, true) => String::new(),
+                (n, true) => format!(", {n} failover(s) before it that nothing caused"),
+                (_, false) => ", NOT RECOVERED".to_string(),
+            },
         );
         let recovered = outcome.recovered;
         outcomes.push(outcome);
@@ -162,6 +191,7 @@ pub async fn run(opts: Options) -> Result<serde_json::Value> {
     let failover_ms: Vec<f64> = outcomes.iter().filter_map(|o| o.failover_ms).collect();
     let false_failovers: u64 = outcomes.iter().map(Outcome::false_failovers).sum();
     let unrecovered = outcomes.iter().filter(|o| !o.recovered).count();
+    let missed_failovers = outcomes.iter().filter(|o| o.missed()).count();
     let problems = verdict.problems();
     for p in &problems {
         println!("problem: {p}");
@@ -175,13 +205,14 @@ pub async fn run(opts: Options) -> Result<serde_json::Value> {
             "lost_acked_writes": verdict.lost_acked_writes.len(),
             "split_brain_windows": verdict.split_brain.len(),
             "false_failovers": false_failovers,
+            "missed_failovers": missed_failovers,
             "unrecovered": unrecovered,
             "published_violations": verdict.published.len(),
             "stragglers": verdict.stragglers.len(),
             "failover_ms": summary(&failover_ms),
     });
     println!("{report}");
-    if !problems.is_empty() || false_failovers > 0 || unrecovered > 0 {
+    if !problems.is_empty() || false_failovers > 0 || missed_failovers > 0 || unrecovered > 0 {
         return Err(Error::Launch(format!(
             "chaos run with seed {} broke a rule (see above)",
             opts.seed
@@ -191,8 +222,11 @@ pub async fn run(opts: Options) -> Result<serde_json::Value> {
 }
 
 /// Inflicts `fault`, holds it, heals it and waits for the cluster to settle.
-async fn inflict(sandbox: &mut Sandbox, checker: &Checker, fault: Fault) -> Result<Outcome> {
+/// `epoch` is the cluster's epoch when the previous fault ended; it is moved on to
+/// this one's end.
+async fn inflict(sandbox: &mut Sandbox, checker: &Checker, fault: Fault, epoch: &mut u64) -> Result<Outcome> {
     let before = sandbox.wait_for("a settled cluster", WAIT, settled).await?;
+    let unexplained = failovers_between(sandbox, *epoch, before.epoch).await?;
     let primary = before.primary.clone();
     let leader = sandbox.coordinators().wait_for_leader(WAIT).await?;
     let leader_host = coordinator_host(leader);
@@ -284,14 +318,15 @@ async fn inflict(sandbox: &mut Sandbox, checker: &Checker, fault: Fault) -> Resu
     let after = sandbox
         .wait_for("every node healthy under one primary", WAIT, settled)
         .await;
-    let epoch_now = match &after {
+    *epoch = match &after {
         Ok(s) => s.epoch,
         Err(_) => sandbox.status().await.map_or(before.epoch, |s| s.epoch),
     };
     Ok(Outcome {
         fault,
         primary_before: primary,
-        failovers: epoch_now.saturating_sub(before.epoch),
+        failovers: failovers_between(sandbox, before.epoch, *epoch).await?,
+        unexplained,
         failover_ms,
         recovered: after.is_ok(),
     })

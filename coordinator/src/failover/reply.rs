@@ -49,8 +49,10 @@ pub fn heartbeat_reply(
     // can move on to another candidate once that lease has certainly run out. A primary
     // whose agent says it is stopped (or has no data) gets one only with an order to
     // start: its agent's next "stopped" then shows the failover it did not start,
-    // without waiting for a lease it had no use for (see `decide::fenced`).
-    let idle = stopped || initializing;
+    // without waiting for a lease it had no use for (see `decide::fenced`). Under
+    // maintenance no failover starts by itself, and an operator who stopped the primary
+    // (to load a library, say) must be able to start it again: it keeps its lease.
+    let idle = initializing || (stopped && !cluster.policy.maintenance);
     let lease_ms =
         if (is_primary && cluster.failover.is_none() && (!idle || start_primary || bootstrap)) || promote {
             cluster.policy.lease_ms
@@ -112,6 +114,13 @@ mod tests {
         let reply = heartbeat_reply(&c, &r, "node1", false);
         assert!(!reply.start_primary);
         assert_eq!(reply.lease_ms, 0);
+        // Under maintenance an operator's stop keeps the lease, so the operator can start
+        // it again (review finding: its own guard killed it).
+        let mut paused = c.clone();
+        paused.policy.maintenance = true;
+        let reply = heartbeat_reply(&paused, &r, "node1", false);
+        assert!(!reply.start_primary);
+        assert_eq!(reply.lease_ms, c.policy.lease_ms);
         // Nobody could take over: started again, under a lease.
         r.nodes.remove("node2");
         let reply = heartbeat_reply(&c, &r, "node1", false);

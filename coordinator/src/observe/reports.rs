@@ -221,6 +221,11 @@ struct Table {
     mark_base: u64,
 }
 
+/// Longer than any heartbeat stays in flight (the agent's deadline, a follower's
+/// forward): a report of an earlier agent incarnation cannot arrive later than this
+/// after the newer one last reported.
+const MAX_IN_FLIGHT: Duration = Duration::from_secs(5);
+
 /// Reply marks: `mark_base | milliseconds since the table's `since``.
 const MARK_MS_BITS: u32 = 40;
 const MARK_MS_MASK: u64 = (1 << MARK_MS_BITS) - 1;
@@ -288,7 +293,22 @@ impl Reports {
         if let Some(previous) = entry.nodes.get(node) {
             let (inc, prev_inc) = (report.incarnation, previous.report.incarnation);
             if inc != 0 && prev_inc != 0 && (inc, report.seq) <= (prev_inc, previous.report.seq) {
-                return false;
+                // A lower incarnation after the kept one has been silent longer than any
+                // report stays in flight is an agent whose count went back (one from
+                // before incarnations grew, or a lost state file and a clock behind):
+                // kept, or that node would look silent for the rest of the term.
+                let silent = now.saturating_duration_since(previous.at);
+                if inc == prev_inc || silent <= MAX_IN_FLIGHT {
+                    return false;
+                }
+                tracing::warn!(
+                    cluster,
+                    node,
+                    incarnation = inc,
+                    kept = prev_inc,
+                    "an agent incarnation below the last one, after {} ms of silence: taken as a restart",
+                    silent.as_millis()
+                );
             }
         }
         if report.role == "primary" && report.postgres_up {
@@ -617,6 +637,10 @@ mod tests {
             "an earlier incarnation"
         );
         assert!(reports.record("main", "node1", numbered(9, 2, "primary"), t0));
+        // An agent whose count went back (state file lost, clock behind; or one from
+        // before incarnations grew) is taken once the kept one has been silent for long.
+        let later = t0 + MAX_IN_FLIGHT + ms(1);
+        assert!(reports.record("main", "node1", numbered(8, 1, "primary"), later));
         assert!(
             reports.record("main", "node1", numbered(0, 0, "primary"), t0),
             "unnumbered"
