@@ -150,6 +150,8 @@ async fn new_leader_waits_out_the_lease(coordinator_base: u16, postgres_base: u1
     let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // a grant of the long lease
 
+    let old_postmaster = sandbox.postmaster_pid("node1");
+    assert!(old_postmaster.is_some());
     let frozen_at = Instant::now();
     let frozen = ThawOnDrop::freeze(sandbox.host_pids("node1").unwrap());
     let all_frozen_at = Instant::now();
@@ -184,10 +186,16 @@ async fn new_leader_waits_out_the_lease(coordinator_base: u16, postgres_base: u1
          primary's first write: {late:?}"
     );
     writers.assert_only_acknowledged_by(&["node1", &promoted]);
-    assert_eq!(
+    // Its agent, thawed too, may already have brought it back as a standby (a fresh run
+    // saw pg_rewind and a new postmaster within the 2 s): the old server must be gone.
+    assert_ne!(
         sandbox.postmaster_pid("node1"),
-        None,
-        "the guard fenced it on thawing"
+        old_postmaster,
+        "the old primary's server was fenced on thawing"
+    );
+    assert!(
+        fenced_by_lease(&sandbox, "node1"),
+        "fenced by its guard or its agent's lease timer"
     );
 }
 
