@@ -253,15 +253,7 @@ async fn inflict(sandbox: &mut Sandbox, checker: &Checker, fault: Fault, epoch: 
             Fault::CutPrimaryFromStandbys => net.cut(&primary, &standbys)?,
             Fault::OneWayFromPrimary => net.drop_outgoing(&primary, &coordinators)?,
             Fault::IsolateLeader => net.isolate(&leader_host)?,
-            Fault::LeaderWithPrimary => {
-                let rest: Vec<String> = net
-                    .host_names()
-                    .into_iter()
-                    .filter(|h| *h != leader_host && *h != primary)
-                    .collect();
-                let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
-                net.split(&[leader_host.as_str(), primary.as_str()], &rest)?;
-            }
+            Fault::LeaderWithPrimary => net.split_off(&[leader_host.as_str(), primary.as_str()])?,
             Fault::Blips => {
                 for _ in 0..5 {
                     net.isolate(&primary)?;

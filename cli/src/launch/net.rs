@@ -303,6 +303,19 @@ impl Network {
         Ok(())
     }
 
+    /// Splits `group` from every other host (e.g. the Raft leader and the primary
+    /// together from the rest).
+    pub fn split_off(&mut self, group: &[&str]) -> Result<()> {
+        let rest: Vec<String> = self
+            .hosts
+            .keys()
+            .filter(|h| !group.contains(&h.as_str()))
+            .cloned()
+            .collect();
+        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+        self.split(group, &rest)
+    }
+
     fn drop_packets(&mut self, host: &str, others: &[&str], from: bool, to: bool) -> Result<()> {
         let ips: Vec<Ipv4Addr> = others
             .iter()
