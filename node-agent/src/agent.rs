@@ -1,19 +1,9 @@
 //! The agent's loop: check the lease, observe, report, act on the reply.
 //!
 //! Every heartbeat interval the agent reads its Postgres (and, on a standby, probes
-//! the primary), sends the report to the coordinators and does what the reply calls
-//! for. What it does depends on what the data directory is and what the coordinators
-//! say, never on what the agent remembers alone:
-//!
-//! - no cluster on disk: initdb when granted the bootstrap, else clone the primary;
-//! - a primary's data, but not this epoch's primary: stop Postgres (fence), then,
-//!   once a new primary is published, rejoin as its standby (pg_rewind, or a fresh
-//!   base backup);
-//! - told to promote: set the standbys to wait for, `pg_promote`, create slots;
-//! - this epoch's primary: run with the sync standbys decided; restart a stopped
-//!   Postgres only when the coordinators say so (otherwise they are failing over);
-//! - a standby: follow the published primary (primary_conninfo + reload), keep
-//!   Postgres running.
+//! the primary), sends the report to the coordinators and carries out what the reply
+//! calls for. What that is, [`crate::plan`] decides without I/O; this module observes,
+//! asks it and executes its [`Action`]s.
 //!
 //! **Leases.** A primary's agent holds a lease counted from when it *sent* the
 //! heartbeat that earned it, less a margin ([`pgquorum_client::lease::margin`]), so it
@@ -41,7 +31,8 @@ use tracing::{info, warn};
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
 use crate::guard::{self, GuardFiles};
-use crate::postgres::ctl::{slot_name, PostgresCtl, Upstream};
+use crate::plan::{self, Action, FenceReason, LeaseChange, Local, Reception};
+use crate::postgres::ctl::{PostgresCtl, Upstream};
 use crate::postgres::observe::Observer;
 use crate::postgres::probe::PrimaryProbe;
 use crate::state::{AgentState, StateFile};
@@ -76,6 +67,12 @@ pub struct Agent {
     /// The postmaster last checked for it (once per postmaster).
     commit_check_seen: Option<i32>,
     seq: u64,
+    /// Whether the lease file holds `lease` (written by this process, or found so).
+    lease_file_synced: bool,
+    /// Whether this running standby streams, over time.
+    streaming: plan::StreamWatch,
+    /// When this standby was last checked for divergence.
+    divergence_checked_at: Option<Instant>,
 }
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
@@ -154,15 +151,11 @@ fn attempt_timeout(interval: Duration) -> Duration {
     (interval * 4).clamp(Duration::from_millis(150), Duration::from_millis(500))
 }
 
+/// How long asking the primary whether this standby diverged may take.
+const DIVERGENCE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A heartbeat's whole budget when nothing is at stake.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
-
-fn upstream(p: &pb::PostgresEndpoint) -> Upstream {
-    Upstream {
-        host: p.host.clone(),
-        port: u16::try_from(p.port).unwrap_or(0),
-    }
-}
 
 impl Agent {
     pub fn new(config: AgentConfig) -> Result<Agent> {
@@ -218,6 +211,9 @@ impl Agent {
             commit_check_verified: None,
             commit_check_seen: None,
             seq: 0,
+            lease_file_synced: false,
+            streaming: plan::StreamWatch::default(),
+            divergence_checked_at: None,
         })
     }
 
@@ -270,19 +266,27 @@ impl Agent {
 
     /// Replaces the lease and tells the guard (a deadline it cannot read counts as
     /// none, so a failed write fences rather than extends).
+    /// The first call of a process writes the file whatever it holds: "no lease" from
+    /// a new agent must also reach a deadline an earlier one left there.
     fn set_lease(&mut self, lease: Option<Lease>) {
-        if self.lease == lease {
+        if self.lease == lease && self.lease_file_synced {
             return;
         }
-        self.lease = lease;
-        self.lease_deadline.send_replace(lease.map(|l| l.until));
-        let deadline = lease.map_or(0, |l| l.until_boot_ns);
-        if let Err(e) = guard::write_deadline(&self.guard.lease, deadline) {
-            self.problem(format!(
-                "cannot write the lease file {}: {e}",
-                self.guard.lease.display()
-            ));
+        if self.lease != lease {
+            self.lease = lease;
+            self.lease_deadline.send_replace(lease.map(|l| l.until));
         }
+        let deadline = lease.map_or(0, |l| l.until_boot_ns);
+        self.lease_file_synced = match guard::write_deadline(&self.guard.lease, deadline) {
+            Ok(()) => true,
+            Err(e) => {
+                self.problem(format!(
+                    "cannot write the lease file {}: {e}",
+                    self.guard.lease.display()
+                ));
+                false
+            }
+        };
     }
 
     /// Makes sure a guard enforces the lease file.
@@ -387,6 +391,10 @@ impl Agent {
         // how old its observation is by then.
         let sent_at = Instant::now();
         let sent_boot_ns = guard::boottime_ns();
+        self.streaming.observe(
+            (report.role == "standby").then_some(report.wal_receiver_status == "streaming"),
+            observed_at,
+        );
         report.observed_ago_ms = sent_at.duration_since(observed_at).as_millis() as u64;
         self.seq += 1;
         report.incarnation = self.incarnation;
@@ -428,85 +436,121 @@ impl Agent {
             }
         };
         self.reply_mark = reply.reply_mark;
-        if reply.epoch < self.state.epoch {
-            self.problem(format!(
-                "ignoring a reply for epoch {} older than epoch {} already seen (stale coordinator)",
-                reply.epoch, self.state.epoch
-            ));
-            return;
-        }
-        if reply.epoch > self.state.epoch {
-            let next = AgentState {
-                epoch: reply.epoch,
-                ..self.state.clone()
-            };
-            if let Err(e) = self.state_file.save(&next) {
-                self.problem(format!(
-                    "cannot persist epoch {}: {e}; not acting on it",
-                    reply.epoch
-                ));
-                return;
+        let lease = match plan::receive(&self.config.name, self.state.epoch, &reply) {
+            Reception::Stale {
+                reply_epoch,
+                seen_epoch,
+            } => {
+                return self.problem(format!(
+                    "ignoring a reply for epoch {reply_epoch} older than epoch {seen_epoch} already seen (stale coordinator)"
+                ))
             }
-            info!(from = self.state.epoch, to = reply.epoch, "new epoch");
-            self.state = next;
-        }
+            Reception::Accept { new_epoch, lease } => {
+                if let Some(epoch) = new_epoch {
+                    let next = AgentState {
+                        epoch,
+                        ..self.state.clone()
+                    };
+                    if let Err(e) = self.state_file.save(&next) {
+                        return self.problem(format!("cannot persist epoch {epoch}: {e}; not acting on it"));
+                    }
+                    info!(from = self.state.epoch, to = epoch, "new epoch");
+                    self.state = next;
+                }
+                lease
+            }
+        };
         if reply.heartbeat_interval_ms >= 10 {
             self.interval = Duration::from_millis(reply.heartbeat_interval_ms);
         }
-        let is_primary = reply.primary.as_ref().is_some_and(|p| p.name == self.config.name);
-        if (is_primary || reply.promote) && reply.lease_ms > 0 {
-            let length = Duration::from_millis(reply.lease_ms);
-            let usable = length.saturating_sub(pgquorum_client::lease::margin(length));
-            self.set_lease(Some(Lease {
+        match lease {
+            LeaseChange::Grant(usable) => self.set_lease(Some(Lease {
                 until: sent_at + usable,
                 until_boot_ns: sent_boot_ns + usable.as_nanos() as u64,
-            }));
-        } else if !is_primary && !reply.promote && !reply.stop_cleanly {
-            self.set_lease(None);
+            })),
+            LeaseChange::Drop => self.set_lease(None),
+            LeaseChange::Keep => {}
         }
-        // A switchover's clean stop keeps the old deadline: the guard must not kill
-        // the server while it shuts down cleanly (the coordinators wait for the stop).
-        // Otherwise ours but not renewed (a failover is in flight): it runs out.
-        self.primary = reply.primary.as_ref().map(|p| (p.name.clone(), upstream(p)));
-        match self.act(&reply, &report, is_primary).await {
+        self.primary = reply
+            .primary
+            .as_ref()
+            .map(|p| (p.name.clone(), plan::upstream(p)));
+        // Reported once per postmaster; a promotion is refused by the plan.
+        if self.ctl.initialized() {
+            self.verify_commit_check(&report).await;
+        }
+        let local = self.local();
+        let mut result = Ok(());
+        for action in plan::plan(&local, &report, &reply) {
+            result = self.execute(action, &reply).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        match result {
             Ok(()) => self.resolved(),
             Err(e) => self.problem(e.to_string()),
         }
     }
 
-    async fn act(
-        &mut self,
-        reply: &pb::HeartbeatReply,
-        report: &pb::NodeReport,
-        is_primary: bool,
-    ) -> Result<()> {
-        let me = self.config.name.clone();
-        let other_primary = reply.primary.as_ref().filter(|p| p.name != me).map(upstream);
-        if !self.ctl.initialized() {
-            return self.create(reply, other_primary.as_ref()).await;
+    /// What the planner needs to know of this node, read now.
+    fn local(&self) -> Local {
+        let pid = self.ctl.running_pid();
+        Local {
+            me: self.config.name.clone(),
+            initialized: self.ctl.initialized(),
+            running: pid.is_some(),
+            standby_data: self.ctl.is_standby_data(),
+            promoting: self.guard.promoting.exists(),
+            lease_valid: self.lease_valid(),
+            lease_file_current: guard::read_deadline(&self.guard.lease)
+                == self.lease.map(|l| l.until_boot_ns),
+            commit_check_ok: !self.config.postgres.commit_check
+                || (pid.is_some() && self.commit_check_verified == pid),
+            following: self.following.clone(),
+            not_streaming_for: self.streaming.not_streaming_for(Instant::now()),
+            divergence_checked_ago: self.divergence_checked_at.map(|t| t.elapsed()),
         }
-        let mut running = self.ctl.running_pid().is_some();
-        // Reported once per postmaster; a promotion is refused below, anything else
-        // goes on.
-        self.verify_commit_check(report).await;
-        if self.guard.promoting.exists() && (is_primary || !reply.promote) {
-            if !is_primary && running {
-                // No longer the candidate, perhaps half promoted: fence before
-                // anything else, then rejoin as a standby.
-                warn!(
-                    epoch = reply.epoch,
-                    "no longer the promotion candidate: stopping postgres (fence)"
-                );
-                self.ctl.fence().await?;
-                running = false;
-            }
-            std::fs::remove_file(&self.guard.promoting)?;
-        }
+    }
 
-        if !self.ctl.is_standby_data() && !is_primary && !reply.promote {
-            // A primary's data, but not this epoch's primary: fence, then rejoin.
-            if running && reply.stop_cleanly {
-                info!(epoch = reply.epoch, "switchover: stopping postgres cleanly");
+    /// Carries out one step of the plan.
+    async fn execute(&mut self, action: Action, reply: &pb::HeartbeatReply) -> Result<()> {
+        let epoch = reply.epoch;
+        match action {
+            Action::InitPrimary => {
+                info!(
+                    epoch,
+                    "granted the bootstrap: creating the cluster's first primary"
+                );
+                self.ctl.init_primary().await?;
+                self.start_under_lease("start the first primary").await
+            }
+            Action::Clone(up) => {
+                info!(primary = ?up, "cloning the primary into a new standby");
+                self.ctl.clone_from(&up).await?;
+                self.following = Some(up);
+                self.ctl.start().await
+            }
+            Action::Fence(reason) => {
+                match reason {
+                    FenceReason::NoLongerCandidate => {
+                        warn!(
+                            epoch,
+                            "no longer the promotion candidate: stopping postgres (fence)"
+                        )
+                    }
+                    FenceReason::NotThePrimary => {
+                        warn!(
+                            epoch,
+                            "this node is no longer the primary: stopping postgres (fence)"
+                        )
+                    }
+                }
+                self.ctl.fence().await
+            }
+            Action::ClearPromoting => Ok(std::fs::remove_file(&self.guard.promoting)?),
+            Action::StopCleanly => {
+                info!(epoch, "switchover: stopping postgres cleanly");
                 // Bounded: a shutdown stuck on a standby that never confirms must not
                 // hold up the handover (the coordinators fence by lease meanwhile).
                 match tokio::time::timeout(Duration::from_secs(5), self.ctl.stop()).await {
@@ -514,136 +558,114 @@ impl Agent {
                     Ok(Err(e)) => warn!("switchover: the clean stop failed ({e}); fencing"),
                     Err(_) => warn!("switchover: the clean stop takes over 5 s; fencing"),
                 }
+                self.ctl.fence().await
             }
-            if running {
-                warn!(
-                    epoch = reply.epoch,
-                    "this node is no longer the primary: stopping postgres (fence)"
-                );
-                return self.ctl.fence().await;
+            Action::Rejoin(up) => {
+                info!(primary = ?up, "rejoining as a standby of the new primary");
+                let how = self.ctl.rejoin(&up).await?;
+                info!("rejoined by {how}");
+                self.following = Some(up);
+                self.ctl.start().await
             }
-            let Some(new_primary) = other_primary else {
-                return Err(Error::Tool {
-                    tool: "rejoin".into(),
-                    detail: "fenced; waiting for the new primary to be published".into(),
-                });
-            };
-            info!(primary = ?new_primary, "rejoining as a standby of the new primary");
-            let how = self.ctl.rejoin(&new_primary).await?;
-            info!("rejoined by {how}");
-            self.following = Some(new_primary);
-            return self.ctl.start().await;
-        }
-
-        if reply.promote && report.role == "primary" {
-            // Promoted already; the coordinators have not committed it yet.
-            return Ok(());
-        }
-        if reply.promote && !running {
-            // Chosen while down, or down since promoting (before the coordinators
-            // committed it): start it; as the epoch's candidate it may run as primary.
-            warn!("asked to promote but postgres is not running; starting it first");
-            return self.start_under_lease("start the promotion candidate").await;
-        }
-        if reply.promote {
-            if !running || report.role != "standby" {
-                return Err(Error::Tool {
-                    tool: "promote".into(),
-                    detail: format!("asked to promote but postgres is {}", report.role),
-                });
+            Action::StartUnderLease(what) => {
+                warn!(epoch, "postgres is stopped: {what}");
+                self.start_under_lease(what).await
             }
-            self.check_lease("promote")?;
-            if self.config.postgres.commit_check && self.commit_check_verified != self.ctl.running_pid() {
-                return Err(Error::Tool {
-                    tool: "promote".into(),
-                    detail: "refused: the commit-time lease check is not loaded in this Postgres (see the agent's log)"
-                        .into(),
-                });
+            Action::Promote {
+                synchronous_standby_names,
+                slots,
+            } => {
+                // Checked again at the last moment: the plan read the lease a moment ago.
+                self.check_lease("promote")?;
+                info!(epoch, "promoting to primary");
+                // From here the data counts as a primary's for the guard and the lease
+                // timer, whatever standby.signal says: the promotion may end at any time.
+                std::fs::write(&self.guard.promoting, "")?;
+                self.observer.promote(&synchronous_standby_names).await?;
+                self.observer.ensure_slots(&slots).await?;
+                self.following = None;
+                info!(epoch, "promoted");
+                Ok(())
             }
-            info!(epoch = reply.epoch, "promoting to primary");
-            // From here the data counts as a primary's for the guard and the lease
-            // timer, whatever standby.signal says: the promotion may end at any time.
-            std::fs::write(&self.guard.promoting, "")?;
-            self.observer.promote(&reply.synchronous_standby_names).await?;
-            let slots: Vec<String> = reply.standby_slots.iter().map(|s| slot_name(s)).collect();
-            self.observer.ensure_slots(&slots).await?;
-            self.following = None;
-            info!(epoch = reply.epoch, "promoted");
-            return Ok(());
-        }
-
-        if is_primary {
-            if !running {
-                if reply.start_primary {
-                    warn!("postgres is stopped; the coordinators ask to start it as primary");
-                    return self.start_under_lease("start as primary").await;
-                }
-                return Err(Error::Tool {
-                    tool: "primary".into(),
-                    detail: "postgres is stopped; reported to the coordinators, who decide to fail over or restart it"
-                        .into(),
-                });
+            Action::SetSyncNames(names) => {
+                info!(to = %names, "applying synchronous_standby_names");
+                self.observer.set_synchronous_standby_names(&names).await
             }
-            if report.role == "primary" && report.synchronous_standby_names != reply.synchronous_standby_names
-            {
-                info!(
-                    from = %report.synchronous_standby_names,
-                    to = %reply.synchronous_standby_names,
-                    "applying synchronous_standby_names"
-                );
-                self.observer
-                    .set_synchronous_standby_names(&reply.synchronous_standby_names)
-                    .await?;
-            }
-            if report.role == "primary" {
-                let wanted: Vec<String> = reply.standby_slots.iter().map(|s| slot_name(s)).collect();
-                let missing: Vec<String> = wanted
-                    .into_iter()
-                    .filter(|s| !report_has_slot(report, s))
-                    .collect();
-                if !missing.is_empty() {
-                    self.observer.ensure_slots(&missing).await?;
-                }
-            }
-        } else if let Some(up) = &other_primary {
-            // A standby follows the published primary.
-            if self.following.as_ref() != Some(up) {
-                if running && report.role == "standby" {
-                    // A standby that got further than the new primary's fork point (WAL
-                    // of the old primary the new one never had) must be rewound first.
-                    let lsn = pgquorum_client::lsn::Lsn::parse(&report.receive_lsn)
-                        .max(pgquorum_client::lsn::Lsn::parse(&report.replay_lsn))
-                        .map(|l| l.to_string())
-                        .unwrap_or_default();
-                    if self.ctl.diverged_from(up, report.timeline, &lsn).await? {
-                        warn!(primary = ?up, %lsn, "this standby went past the new primary's fork point: rewinding");
-                        self.ctl.stop().await?;
-                        let how = self.ctl.rejoin(up).await?;
-                        info!("rejoined by {how}");
-                        self.following = Some(up.clone());
-                        return self.ctl.start().await;
+            Action::EnsureSlots(slots) => self.observer.ensure_slots(&slots).await,
+            Action::Follow {
+                primary,
+                check_divergence,
+                reload,
+            } => {
+                // A standby that got further than the new primary's fork point (WAL of
+                // the old primary the new one never had) must be rewound first.
+                if let Some(check) = check_divergence {
+                    if self.rewind_if_diverged(&primary, check).await? {
+                        return Ok(());
                     }
                 }
-                info!(primary = ?up, "following the primary");
-                self.ctl.ensure_slot_on(up).await?;
-                self.ctl.repoint(up)?;
-                if running && report.postgres_up {
+                info!(primary = ?primary, "following the primary");
+                self.ctl.ensure_slot_on(&primary).await?;
+                self.ctl.repoint(&primary)?;
+                if reload {
                     self.observer.reload().await?;
                 }
-                self.following = Some(up.clone());
+                self.following = Some(primary);
+                Ok(())
             }
-        }
-        if !running && self.ctl.is_standby_data() {
-            warn!("postgres (standby) is not running; starting it");
-            return self.ctl.start().await;
-        }
-        if report.role == "unknown" {
-            return Err(Error::Postgres {
+            Action::CheckDivergence { primary, check } => {
+                info!(
+                    primary = ?primary,
+                    not_streaming_s = self.streaming.not_streaming_for(Instant::now()).as_secs(),
+                    "this standby does not stream from the primary: checking whether it went past the primary's fork point"
+                );
+                self.rewind_if_diverged(&primary, check).await?;
+                Ok(())
+            }
+            Action::StartStandby => {
+                warn!("postgres (standby) is not running; starting it");
+                self.ctl.start().await
+            }
+            Action::Wait { what, why } => Err(Error::Tool {
+                tool: what.into(),
+                detail: why,
+            }),
+            Action::Unhealthy(detail) => Err(Error::Postgres {
                 target: "local server".into(),
-                detail: report.error.clone(),
-            });
+                detail,
+            }),
         }
-        Ok(())
+    }
+
+    /// Whether this standby went past `primary`'s fork point; if so it is stopped,
+    /// rewound onto `primary` and started again as its standby.
+    async fn rewind_if_diverged(&mut self, primary: &Upstream, check: plan::DivergenceCheck) -> Result<bool> {
+        let lsn = check.lsn.map(|l| l.to_string()).unwrap_or_default();
+        self.divergence_checked_at = Some(Instant::now());
+        // Bounded: a primary that accepts the connection and then hangs must not
+        // silence this agent.
+        let diverged = tokio::time::timeout(
+            DIVERGENCE_CHECK_TIMEOUT,
+            self.ctl.diverged_from(primary, check.timeline, &lsn),
+        )
+        .await
+        .map_err(|_| Error::Postgres {
+            target: format!("{}:{}", primary.host, primary.port),
+            detail: format!(
+                "no answer within {} ms to the divergence check",
+                DIVERGENCE_CHECK_TIMEOUT.as_millis()
+            ),
+        })??;
+        if !diverged {
+            return Ok(false);
+        }
+        warn!(primary = ?primary, %lsn, timeline = check.timeline, "this standby went past the primary's fork point: rewinding");
+        self.ctl.stop().await?;
+        let how = self.ctl.rejoin(primary).await?;
+        info!("rejoined by {how}");
+        self.following = Some(primary.clone());
+        self.ctl.start().await?;
+        Ok(true)
     }
 
     /// Refuses `what` (something only a lease holder may do) once the lease ran out,
@@ -724,39 +746,6 @@ impl Agent {
         }
         Ok(())
     }
-
-    /// No cluster on disk yet: initdb when granted the bootstrap, else clone.
-    async fn create(&mut self, reply: &pb::HeartbeatReply, primary: Option<&Upstream>) -> Result<()> {
-        if reply.bootstrap {
-            info!(
-                epoch = reply.epoch,
-                "granted the bootstrap: creating the cluster's first primary"
-            );
-            self.ctl.init_primary().await?;
-            return self.start_under_lease("start the first primary").await;
-        }
-        match primary {
-            Some(up) => {
-                info!(primary = ?up, "cloning the primary into a new standby");
-                self.ctl.clone_from(up).await?;
-                self.following = Some(up.clone());
-                self.ctl.start().await
-            }
-            None => Err(Error::Tool {
-                tool: "create".into(),
-                detail: "waiting for a primary to clone, or for the bootstrap grant".into(),
-            }),
-        }
-    }
-}
-
-/// Whether the primary's report shows a standby connected through `slot` — then the
-/// slot certainly exists and no query is needed.
-fn report_has_slot(report: &pb::NodeReport, slot: &str) -> bool {
-    report
-        .replicas
-        .iter()
-        .any(|r| slot_name(&r.application_name) == slot)
 }
 
 #[cfg(test)]

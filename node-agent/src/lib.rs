@@ -6,7 +6,8 @@
 //! - [`postgres`]: running Postgres's tools as the right OS user, and observing the
 //!   server over one kept-open connection.
 //! - [`state`]: the newest epoch seen, kept across restarts.
-//! - [`agent`]: the observe → report → act loop.
+//! - [`plan`]: what to do with a heartbeat reply, decided without I/O.
+//! - [`agent`]: the observe → report → act loop that executes the plan.
 //! - [`guard`]: the process that stops a primary whose lease ran out, whatever
 //!   happens to the agent.
 
@@ -14,6 +15,7 @@ pub mod agent;
 pub mod config;
 mod error;
 pub mod guard;
+pub mod plan;
 pub mod postgres;
 pub mod state;
 

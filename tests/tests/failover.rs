@@ -672,3 +672,103 @@ async fn an_operator_takes_over_a_failover_that_lost_its_only_candidate() {
     let h = history(&sandbox).await;
     assert!(h.iter().any(|(k, _)| k == "candidate_overridden"), "{h:?}");
 }
+
+/// The standby's WAL position (received or replayed, the higher).
+async fn standby_lsn(sandbox: &Sandbox, node: &str) -> String {
+    pg(sandbox, node)
+        .await
+        .query_one(
+            "SELECT greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Found by the simulation once it drove the real agent: a standby that is down when
+/// the primary changes, and holds WAL past the new primary's fork point, must be
+/// rewound when it comes back, though its agent repoints it while it is stopped (no
+/// divergence check is possible then) and then sees it already following the right
+/// primary. Before the fix it ran forever without streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_back_with_wal_past_the_new_primarys_fork_point_is_rewound() {
+    let mut sandbox = start_sandbox(29500, 29510).await;
+    let settled = sandbox
+        .wait_for("a sync standby", WAIT, |s| {
+            s.sync_set.len() == 1 && s.nodes.iter().all(|n| n.health == "HEALTHY")
+        })
+        .await
+        .unwrap();
+    let old = settled.primary.clone();
+    let sync = settled.sync_set[0].clone();
+    let other = sandbox
+        .node_names()
+        .into_iter()
+        .find(|n| *n != old && *n != sync)
+        .unwrap();
+    let primary = pg(&sandbox, &old).await;
+    primary
+        .batch_execute("CREATE TABLE fork (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    // The primary stops sending to the sync standby (its WAL sender frozen: what it
+    // sent before sits in the socket, so the receiver is not the one to stop);
+    // `synchronous_commit = local` writes reach only the other standby, which then
+    // holds WAL the next primary never gets.
+    let sender: i32 = primary
+        .query_one(
+            "SELECT pid FROM pg_stat_replication WHERE application_name = $1",
+            &[&sync],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let frozen = ThawOnDrop::freeze(vec![sender]);
+    primary
+        .batch_execute("SET synchronous_commit = local; INSERT INTO fork SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
+    let end: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let lsn = |text: &str| pgquorum_client::lsn::Lsn::parse(text).unwrap();
+    eventually("the other standby holding the local writes", WAIT, || async {
+        lsn(&standby_lsn(&sandbox, &other).await) >= lsn(&end)
+    })
+    .await;
+    let sync_at = standby_lsn(&sandbox, &sync).await;
+    assert!(
+        lsn(&sync_at) < lsn(&end),
+        "the sync standby received the local writes ({sync_at} ≥ {end}): no fork to test"
+    );
+    // The other standby's host goes down, then the primary's (its frozen WAL sender
+    // with it).
+    sandbox.kill_host(&other).unwrap();
+    sandbox.kill_host(&old).unwrap();
+    drop(frozen);
+    let promoted = wait_new_primary(&sandbox, &old, 2, WAIT).await;
+    assert_eq!(promoted, sync);
+    // The other host comes back: stopped, on the old timeline, past the fork.
+    sandbox.start_agent(&other).unwrap();
+    sandbox
+        .wait_for(
+            "the returning standby streaming from the new primary",
+            WAIT,
+            |s| {
+                let timeline = node(s, &promoted).timeline;
+                let back = node(s, &other);
+                s.primary == promoted && back.health == "HEALTHY" && back.timeline == timeline
+            },
+        )
+        .await
+        .unwrap();
+    let log = std::fs::read_to_string(sandbox.path_of_agent_log(&other)).unwrap_or_default();
+    assert!(
+        log.contains("does not stream from the primary: checking")
+            && log.contains("went past the primary's fork point: rewinding"),
+        "{other} was not found diverged and rewound:\n{log}"
+    );
+}
