@@ -134,6 +134,22 @@ fn settle_lease(cluster: &Cluster, reports: &ClusterReports, at_ms: u64) -> Opti
     })
 }
 
+/// One round of the leader's loop for `cluster` at `now`: notes what it applied, then
+/// decides on the reports as of `now` ([`next_command`]).
+pub fn step(
+    cluster: &Cluster,
+    reports: &Reports,
+    now: Instant,
+    at_ms: u64,
+) -> (Option<Command>, Option<String>) {
+    reports.note_settling(
+        &cluster.name,
+        cluster.lease_ms_settling.map(|s| s.since_log_index),
+        now,
+    );
+    next_command(cluster, &reports.cluster(&cluster.name, now), at_ms)
+}
+
 pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports) {
     let mut was_leader = false;
     let mut stuck: HashMap<String, String> = HashMap::new();
@@ -155,8 +171,7 @@ pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports
         {
             let applied = state.read();
             for c in applied.state.clusters.values() {
-                reports.note_settling(&c.name, c.lease_ms_settling.map(|s| s.since_log_index), now);
-                let (command, why) = next_command(c, &reports.cluster(&c.name, now), now_ms());
+                let (command, why) = step(c, &reports, now, now_ms());
                 match why {
                     Some(why) if stuck.get(&c.name) != Some(&why) => {
                         warn!(cluster = %c.name, "{why}");

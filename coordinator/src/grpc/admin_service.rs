@@ -16,32 +16,18 @@ use tonic::{Request, Response, Status};
 
 use super::proposer::Proposer;
 use crate::config::check_host_port;
-use crate::failover::{choose, decide, lease_expired, Step};
+use crate::failover::{decide, lease_expired, manual, Step};
 use crate::observe::alerts::alerts;
-use crate::observe::health::fresh;
 use crate::observe::health::node_statuses;
 use crate::observe::Reports;
 use crate::raft::{CoordinatorNode, NodeId};
 use crate::state::policy::is_valid_name;
-use crate::state::{Cluster, ClusterState, Command, CommandError, CommandOutput};
+use crate::state::{Cluster, ClusterState, Command, CommandOutput};
 use crate::{Error, Result};
-use pgquorum_client::lsn::Lsn;
 
 pub struct AdminServiceImpl {
     p: Proposer,
     reports: Reports,
-}
-
-/// A target must be a standby whose Postgres runs and whose agent reports.
-fn running_standby(cluster: &Cluster, reports: &crate::observe::ClusterReports, to: &str) -> Result<()> {
-    let running =
-        fresh(cluster, reports, to).is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
-    if running {
-        return Ok(());
-    }
-    Err(Error::Command(CommandError::FailoverStep(format!(
-        "{to} is not a running standby reporting to the coordinators"
-    ))))
 }
 
 fn now_ms() -> u64 {
@@ -140,143 +126,15 @@ impl AdminServiceImpl {
         }
     }
 
-    /// The cluster a status or alerts request means: the named one, or the only one.
-    /// Starts an operator's failover (`manual`) or switchover to `to` (None: the best
-    /// candidate), after checking that it can finish and, unless `accept_data_loss`,
-    /// that `to` holds every acknowledged commit.
-    async fn hand_over(
-        &self,
-        cluster: &str,
-        to: Option<String>,
-        accept_data_loss: bool,
-        kind: &str,
-        actor: String,
-    ) -> Result<pb::FailoverReply> {
+    /// Starts an operator's failover or switchover ([`manual::hand_over`] checks it
+    /// and says which commands carry it out).
+    async fn hand_over(&self, cluster: &str, request: manual::Request) -> Result<pb::FailoverReply> {
         self.require_leader().await?;
         let cluster = self.resolve_cluster(cluster)?;
         let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
-        if let Some(f) = &cluster.failover {
-            return match to {
-                Some(to) if accept_data_loss && kind == "manual" => {
-                    self.override_in_flight(&cluster, &reports, f, to, actor).await
-                }
-                _ => Err(Error::Command(CommandError::FailoverStep(format!(
-                    "a {} to epoch {} is in flight (step {}, candidate {:?}); wait for it, or if it cannot \
-                     finish, take over with `pgquorum failover --to NODE --accept-data-loss`",
-                    f.kind, f.to_epoch, f.step, f.candidate
-                )))),
-            };
+        for command in manual::hand_over(&cluster, &reports, request, now_ms())? {
+            self.p.propose(command).await?;
         }
-        let Some(old_primary) = cluster.primary.clone() else {
-            return Err(invalid(
-                "cluster",
-                "the cluster has no primary yet (not bootstrapped)",
-            ));
-        };
-        let to = match to {
-            Some(to) => to,
-            None => {
-                choose(&cluster, &reports, &old_primary)
-                    .map_err(|why| {
-                        Error::Command(CommandError::FailoverStep(format!(
-                            "no standby to hand over to: {why}"
-                        )))
-                    })?
-                    .name
-            }
-        };
-        if !cluster.members.contains_key(&to) {
-            return Err(Error::Command(CommandError::UnknownMember(to)));
-        }
-        if old_primary == to {
-            return Err(invalid("to", format!("{to} is already the primary")));
-        }
-        running_standby(&cluster, &reports, &to)?;
-        if !accept_data_loss {
-            let safe = choose(&cluster, &reports, &old_primary);
-            let to_lsn = fresh(&cluster, &reports, &to).and_then(|o| Lsn::parse(&o.report.receive_lsn));
-            let why = match safe {
-                Ok(best)
-                    if Some(best.lsn) == to_lsn && (cluster.sync_set.contains(&to) || best.name == to) =>
-                {
-                    None
-                }
-                Ok(best) => Some(format!("{} is more caught up or in the sync set", best.name)),
-                Err(e) => Some(e),
-            };
-            if let Some(why) = why {
-                let hint = if kind == "switchover" {
-                    "; switch over to a synchronous standby, or wait for it to catch up"
-                } else {
-                    "; to promote it anyway, add --accept-data-loss"
-                };
-                return Err(Error::Command(CommandError::FailoverStep(format!(
-                    "{to} may lack acknowledged commits ({why}){hint}"
-                ))));
-            }
-        }
-        let reason = match (kind, accept_data_loss) {
-            ("switchover", _) => format!("operator asked for a switchover to {to}"),
-            (_, true) => format!("operator asked for {to} accepting data loss"),
-            _ => format!("operator asked for {to}"),
-        };
-        let command = Command::StartFailover {
-            cluster: cluster.name.clone(),
-            from_epoch: cluster.epoch,
-            old_primary,
-            candidate: Some(to),
-            accept_data_loss,
-            kind: kind.into(),
-            reason,
-            actor,
-            at_ms: now_ms(),
-        };
-        self.p.propose(command).await?;
-        self.failover_reply(&cluster.name)
-    }
-
-    /// An operator's candidate for a failover in flight that cannot finish on its own:
-    /// one still waiting for a candidate (`started`), or one whose chosen candidate is
-    /// lost (silent, its promote lease certainly over), which is given up first.
-    async fn override_in_flight(
-        &self,
-        cluster: &Cluster,
-        reports: &crate::observe::ClusterReports,
-        f: &crate::state::FailoverRecord,
-        to: String,
-        actor: String,
-    ) -> Result<pb::FailoverReply> {
-        running_standby(cluster, reports, &to)?;
-        let mut to_epoch = f.to_epoch;
-        if f.step == "candidate_chosen" {
-            let lost = fresh(cluster, reports, &f.candidate).is_none()
-                && crate::failover::lease_expired(cluster, reports, &f.candidate);
-            if !lost {
-                return Err(Error::Command(CommandError::FailoverStep(format!(
-                    "{} is being promoted (or its lease may still run); wait for it",
-                    f.candidate
-                ))));
-            }
-            self.p
-                .propose(Command::AbandonCandidate {
-                    cluster: cluster.name.clone(),
-                    to_epoch,
-                    candidate: f.candidate.clone(),
-                    reason: format!("the operator takes over with {to}"),
-                    at_ms: now_ms(),
-                })
-                .await?;
-            to_epoch += 1;
-        }
-        self.p
-            .propose(Command::OverrideCandidate {
-                cluster: cluster.name.clone(),
-                to_epoch,
-                candidate: to,
-                actor,
-                at_ms: now_ms(),
-            })
-            .await?;
         self.failover_reply(&cluster.name)
     }
 
@@ -291,6 +149,7 @@ impl AdminServiceImpl {
         })
     }
 
+    /// The cluster a status or alerts request means: the named one, or the only one.
     fn resolve_cluster(&self, name: &str) -> Result<Cluster> {
         let applied = self.p.state.read();
         if !name.is_empty() {
@@ -634,9 +493,13 @@ impl AdminService for AdminServiceImpl {
         let actor = actor(&request, &request.get_ref().actor);
         let req = request.into_inner();
         let to = req.to.trim().to_string();
-        let reply = self
-            .hand_over(&req.cluster, Some(to), req.accept_data_loss, "manual", actor)
-            .await?;
+        let request = manual::Request {
+            to: Some(to),
+            accept_data_loss: req.accept_data_loss,
+            kind: manual::Kind::Manual,
+            actor,
+        };
+        let reply = self.hand_over(&req.cluster, request).await?;
         Ok(Response::new(reply))
     }
 
@@ -647,9 +510,13 @@ impl AdminService for AdminServiceImpl {
         let actor = actor(&request, &request.get_ref().actor);
         let req = request.into_inner();
         let to = Some(req.to.trim().to_string()).filter(|t| !t.is_empty());
-        let reply = self
-            .hand_over(&req.cluster, to, false, "switchover", actor)
-            .await?;
+        let request = manual::Request {
+            to,
+            accept_data_loss: false,
+            kind: manual::Kind::Switchover,
+            actor,
+        };
+        let reply = self.hand_over(&req.cluster, request).await?;
         Ok(Response::new(reply))
     }
 

@@ -317,15 +317,7 @@ impl AgentServiceImpl {
         name: &str,
         now: Instant,
     ) -> Result<pb::HeartbeatReply, Error> {
-        reply.reply_mark = self.reports.reply_mark(now);
-        if reply.lease_ms > 0 {
-            let length = Duration::from_millis(reply.lease_ms);
-            self.reports.lease_granted(cluster, name, length, now);
-        }
-        if reply.primary.as_ref().is_some_and(|p| p.name == name) {
-            self.reports
-                .told_sync_names(cluster, name, &reply.synchronous_standby_names);
-        }
+        self.reports.answered(cluster, name, &mut reply, now);
         Ok(reply)
     }
 }

@@ -400,6 +400,18 @@ impl Reports {
         }
     }
 
+    /// Notes what `reply`, built for `node` now, grants and tells (its lease, the sync
+    /// standbys a primary must run with) and gives it this leader's reply mark.
+    pub fn answered(&self, cluster: &str, node: &str, reply: &mut pb::HeartbeatReply, now: Instant) {
+        reply.reply_mark = self.reply_mark(now);
+        if reply.lease_ms > 0 {
+            self.lease_granted(cluster, node, Duration::from_millis(reply.lease_ms), now);
+        }
+        if reply.primary.as_ref().is_some_and(|p| p.name == node) {
+            self.told_sync_names(cluster, node, &reply.synchronous_standby_names);
+        }
+    }
+
     pub fn cluster(&self, cluster: &str, now: Instant) -> ClusterReports {
         let all = self.0.lock().expect("reports lock poisoned");
         let leader_for = now.saturating_duration_since(all.since);
