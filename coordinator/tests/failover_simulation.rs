@@ -1,34 +1,51 @@
-//! Deterministic simulation of the failover controller.
+//! Deterministic simulation of the failover controller, driving the real code.
 //!
-//! Three Postgres nodes with their agents, modelled in memory, and the coordinators'
-//! replicated state driven by the real pure functions: the same heartbeat replies
-//! (`failover::heartbeat_reply`), the same leader decisions (`leader::next_command`),
-//! the same state machine (`ClusterState::apply`). Each run is seeded and random:
-//! heartbeats lost, replies delayed past the lease, clocks advanced, hosts and
-//! postmasters killed, agents killed with their Postgres left running, agents frozen,
-//! Raft leaders replaced in mid-lease (the new leader forgets every report), nodes
-//! revived. Each node's lease guard outlives its agent and fences at the deadline, as
-//! `node-agent/src/guard.rs` does. After every step the promises of DESIGN.md are
-//! checked:
+//! Three Postgres servers are modelled in memory (running or not, frozen, primary or
+//! standby data, timeline and WAL position, whom they follow and wait for); everything
+//! that decides is the project's own code:
+//! - the agent: [`pgquorum_agent::plan::receive`] and [`pgquorum_agent::plan::plan`],
+//!   whose actions the simulation carries out on its modelled Postgres as the agent's
+//!   executor does on a real one;
+//! - the leader: the real report table ([`Reports`], on the simulated clock), the real
+//!   reply ([`heartbeat_reply`], [`Reports::answered`]), the real decisions
+//!   ([`pgquorum_coordinator::leader::step`]) and the real state machine
+//!   ([`ClusterState::apply`]); operators' switchovers and overrides go through
+//!   [`manual::hand_over`], as the admin service's do.
 //!
-//! 1. one writable primary per epoch: a write is acknowledged only by the newest
-//!    promoted primary — also a `synchronous_commit = local` one, which only the lease
-//!    stops — and no epoch is promoted twice;
-//! 2. no acknowledged write is lost: a node promotes only holding every
-//!    acknowledged LSN;
+//! Each run is seeded and random, with a policy drawn per seed (`strict`, `prefer` or
+//! `off`; one or two sync standbys). Faults: heartbeats lost, replies delayed past the
+//! lease, old requests delivered again (duplicated or reordered), an agent cut off
+//! from the coordinators while it still reaches its Postgres, hosts and postmasters
+//! killed, agents killed with their Postgres left running or frozen, agents and
+//! Postgres frozen (a paused clock), a Raft leader replaced in mid-lease (the new one
+//! starts from an empty table) while the deposed one keeps answering for a while from
+//! its stale state (it cannot grant a lease: it confirms its leadership first), and
+//! nodes revived. Each node's lease guard outlives its agent and fences at the
+//! deadline, as `node-agent/src/guard.rs` does; Postgres's commit-time check refuses a
+//! commit once the lease file's deadline has passed. Timelines fork at every
+//! promotion: a standby past the fork point cannot follow until rewound.
+//!
+//! After every step the promises of DESIGN.md are checked:
+//! 1. one writable primary: never two nodes that could acknowledge a write at the same
+//!    instant (running as primary under a lease that has not run out), and no epoch
+//!    promoted twice;
+//! 2. no acknowledged write is lost in `strict` mode: a node is promoted only if its
+//!    history holds the newest acknowledged write (unless an operator accepted data
+//!    loss);
 //! 3. the primary waits only for standbys in the committed sync set;
-//! 4. the epoch never goes back, and after the faults stop the cluster heals to
-//!    exactly one running primary.
+//! 4. the epoch never goes back; after the faults stop the cluster heals to exactly
+//!    one running primary, every node on its timeline's history.
 //!
-//! A failure prints the seed; rerun one with `SIM_SEED=<seed>`.
+//! A failure prints the seed and the last events; rerun one with `SIM_SEED=<seed>`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
+use pgquorum_agent::plan::{self, Action, LeaseChange, Local, Reception, StreamWatch};
+use pgquorum_agent::postgres::ctl::Upstream;
 use pgquorum_client::{pb, sync_names};
-use pgquorum_coordinator::failover::heartbeat_reply;
-use pgquorum_coordinator::leader::next_command;
-use pgquorum_coordinator::observe::{ClusterReports, Observed, OwnLease};
+use pgquorum_coordinator::failover::{heartbeat_reply, manual};
+use pgquorum_coordinator::observe::Reports;
 use pgquorum_coordinator::state::{ClusterState, Command, Member};
 
 /// SplitMix64: small, seedable, good enough to pick events.
@@ -50,10 +67,23 @@ impl Rng {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    Primary,
-    Standby,
+const NAMES: [&str; 3] = ["node1", "node2", "node3"];
+const HOST: &str = "sim";
+const FIRST_PORT: u16 = 5432;
+
+fn port_of(name: &str) -> u16 {
+    FIRST_PORT + NAMES.iter().position(|n| *n == name).expect("a node") as u16
+}
+
+fn name_of(up: &Upstream) -> String {
+    NAMES[usize::from(up.port - FIRST_PORT)].to_string()
+}
+
+fn upstream_of(name: &str) -> Upstream {
+    Upstream {
+        host: HOST.into(),
+        port: port_of(name),
+    }
 }
 
 #[derive(Debug)]
@@ -62,7 +92,9 @@ struct Node {
     up: bool,
     /// Postgres frozen (SIGSTOP) until then: it answers nothing, but is not dead.
     pg_frozen_until: u64,
-    role: Role,
+    /// No `standby.signal`: the data is a primary's.
+    primary_data: bool,
+    timeline: u64,
     lsn: u64,
     follows: Option<String>,
     waits_for: Vec<String>,
@@ -71,62 +103,102 @@ struct Node {
     agent_alive: bool,
     /// The lease guard: started by the agent, outlives it, dies with the host.
     guard_alive: bool,
-    /// A heartbeat reply on its way: (delivered at, sent at, reply).
-    in_flight: Option<(u64, u64, pb::HeartbeatReply)>,
+    /// A heartbeat reply on its way.
+    in_flight: Option<InFlight>,
+    /// The agent (its whole process, clock included) frozen until then.
     frozen_until: u64,
+    /// The agent reaches no coordinator until then (it still reaches its Postgres).
+    cut_until: u64,
     epoch: u64,
+    /// The lease deadline, as in the lease file the guard and Postgres read.
     lease_until: Option<u64>,
+    /// The promotion marker.
+    promoting: bool,
+    /// What the agent's configuration points at.
+    following: Option<Upstream>,
     last_probe_ok: Option<u64>,
-    /// The leader generation and time of the last reply the agent received: its next
-    /// report echoes it (`reply_mark_seen`).
-    reply_seen: Option<(u64, u64)>,
+    /// `reply_mark` of the last reply, echoed by the next observation.
+    reply_mark: u64,
+    incarnation: u64,
+    seq: u64,
+    /// The last report sent, which the network may deliver again later.
+    last_sent: Option<pb::NodeReport>,
+    /// Whether the agent has seen this running standby stream, over time.
+    streaming: StreamWatch,
+    divergence_checked_at: Option<u64>,
 }
 
-/// What the leader remembers of one node (lost on a leader change).
-struct Seen {
-    report: pb::NodeReport,
+impl Node {
+    /// A new agent process: it remembers only what it persists (the epoch) and what
+    /// it reads from disk; its lease comes back from the lease file.
+    fn restart_agent(&mut self) {
+        self.agent_alive = true;
+        self.in_flight = None;
+        self.following = None;
+        self.reply_mark = 0;
+        self.incarnation += 1;
+        self.seq = 0;
+        self.streaming = StreamWatch::default();
+        self.divergence_checked_at = None;
+    }
+}
+
+#[derive(Clone, Debug)]
+struct InFlight {
     at: u64,
-    last_up: Option<u64>,
-    /// When this leader last granted a lease, and its length (ms).
-    lease_granted: Option<(u64, u64)>,
-    /// When this leader sent the reply the report's observation followed.
-    seen_reply: Option<u64>,
-    /// First report of the unbroken run with this role and Postgres state.
-    role_since: u64,
+    sent: u64,
+    report: pb::NodeReport,
+    reply: pb::HeartbeatReply,
+}
+
+/// A Raft leader as far as agents see it: its applied state and its report table.
+struct Leader {
+    term: u64,
+    state: ClusterState,
+    reports: Reports,
+}
+
+/// What a timeline forked from: its parent and the WAL position of the fork.
+#[derive(Clone, Copy, Debug)]
+struct Fork {
+    parent: u64,
+    at: u64,
 }
 
 struct Sim {
     rng: Rng,
     t: u64,
+    base: Instant,
     nodes: BTreeMap<String, Node>,
-    state: ClusterState,
+    /// The current leader; its state is the committed state.
+    leader: Leader,
+    /// A deposed leader that does not know it yet: it answers heartbeats from its
+    /// stale state until then.
+    deposed: Option<(Leader, u64)>,
     log_index: u64,
-    seen: HashMap<String, Seen>,
-    leader_since: u64,
-    /// Bumped when the Raft leader is replaced: reply marks of an earlier leader
-    /// mean nothing to the new one.
-    leader_gen: u64,
-    told: BTreeMap<String, String>,
-    acked_max: u64,
+    timelines: BTreeMap<u64, Fork>,
+    /// The newest acknowledged write: (timeline, lsn).
+    acked: (u64, u64),
     promoted: BTreeMap<u64, String>,
-    newest_primary: String,
     last_epoch: u64,
     trace: Vec<String>,
     /// Whether faults are being injected in this step.
     faults: bool,
+    /// Invariant 2 holds in `strict` sync mode (DESIGN.md); `prefer` and `off` may
+    /// promote a standby without the newest acknowledged write, by design.
+    strict: bool,
 }
 
-const LSN_HI: u64 = 0;
-/// The default policy's lease and its margin (`pgquorum_client::lease::margin`).
-const LEASE_MS: u64 = 1000;
-const MARGIN_MS: u64 = 20;
-
-fn lsn_text(lsn: u64) -> String {
-    format!("{LSN_HI:X}/{lsn:X}")
+fn grant_window() -> Duration {
+    // The coordinators' default election_timeout_min_ms.
+    Duration::from_millis(150)
 }
 
 impl Sim {
     fn new(seed: u64) -> Sim {
+        let mut rng = Rng(seed);
+        let sync_mode = ["strict", "strict", "prefer", "off"][rng.below(4) as usize];
+        let sync_standbys = if rng.chance(25) { "2" } else { "1" };
         let mut state = ClusterState::default();
         let mut log_index = 0;
         let mut apply = |state: &mut ClusterState, cmd: Command| {
@@ -137,17 +209,20 @@ impl Sim {
             &mut state,
             Command::CreateCluster {
                 name: "main".into(),
-                settings: Default::default(),
+                settings: BTreeMap::from([
+                    ("sync_mode".to_string(), sync_mode.to_string()),
+                    ("sync_standbys".to_string(), sync_standbys.to_string()),
+                ]),
                 actor: "sim".into(),
                 at_ms: 0,
             },
         );
-        for (i, name) in ["node1", "node2", "node3"].iter().enumerate() {
+        for name in NAMES {
             let member = Member {
                 name: name.to_string(),
                 region: "r1".into(),
-                host: "sim".into(),
-                port: 5432 + i as u16,
+                host: HOST.into(),
+                port: port_of(name),
                 workload: "general".into(),
                 priority: 100,
                 nofailover: false,
@@ -171,89 +246,106 @@ impl Sim {
             },
         );
         let mut nodes = BTreeMap::new();
-        for name in ["node1", "node2", "node3"] {
+        for name in NAMES {
             let primary = name == "node1";
             nodes.insert(
                 name.to_string(),
                 Node {
                     up: true,
                     pg_frozen_until: 0,
-                    role: if primary { Role::Primary } else { Role::Standby },
+                    primary_data: primary,
+                    timeline: 1,
                     lsn: 100,
                     follows: (!primary).then(|| "node1".to_string()),
                     waits_for: Vec::new(),
-                    wait_k: 1,
+                    wait_k: 0,
                     agent_alive: true,
                     guard_alive: true,
                     in_flight: None,
                     frozen_until: 0,
+                    cut_until: 0,
                     epoch: 1,
                     // The bootstrap's grant.
-                    lease_until: primary.then_some(LEASE_MS - MARGIN_MS),
+                    lease_until: primary.then_some(900),
+                    promoting: false,
+                    following: (!primary).then(|| upstream_of("node1")),
                     last_probe_ok: Some(0),
-                    reply_seen: None,
+                    reply_mark: 0,
+                    incarnation: 1,
+                    seq: 0,
+                    last_sent: None,
+                    streaming: StreamWatch::default(),
+                    divergence_checked_at: None,
                 },
             );
         }
+        let base = Instant::now();
+        let reports = Reports::new(grant_window(), base);
+        reports.lead(1, base);
         Sim {
-            rng: Rng(seed),
+            rng,
             t: 0,
+            base,
             nodes,
-            state,
+            leader: Leader {
+                term: 1,
+                state,
+                reports,
+            },
+            deposed: None,
             log_index,
-            seen: HashMap::new(),
-            leader_since: 0,
-            leader_gen: 0,
-            told: BTreeMap::new(),
-            acked_max: 100,
+            timelines: BTreeMap::new(),
+            acked: (1, 100),
             promoted: BTreeMap::from([(1, "node1".to_string())]),
-            newest_primary: "node1".into(),
             last_epoch: 1,
-            trace: Vec::new(),
+            trace: vec![format!("sync_mode={sync_mode} sync_standbys={sync_standbys}")],
             faults: false,
+            strict: sync_mode == "strict",
         }
+    }
+
+    fn now(&self) -> Instant {
+        self.base + Duration::from_millis(self.t)
     }
 
     fn note(&mut self, what: String) {
         self.trace.push(format!("t={} {what}", self.t));
     }
 
-    fn reports(&self) -> ClusterReports {
-        let ms = |d: u64| Duration::from_millis(d);
-        ClusterReports {
-            nodes: self
-                .seen
-                .iter()
-                .map(|(name, s)| {
-                    let o = Observed {
-                        report: s.report.clone(),
-                        age: ms(self.t - s.at),
-                        up_ago: s.last_up.map(|u| ms(self.t - u)),
-                        own_lease: s.lease_granted.map_or(OwnLease::Never, |(at, length)| {
-                            OwnLease::granted(ms(self.t - at), ms(length))
-                        }),
-                        seen_reply_ago: s.seen_reply.map(|r| ms(self.t - r)),
-                        last_grant_ago: s.lease_granted.map(|(at, _)| ms(self.t - at)),
-                        role_for: ms(self.t - s.role_since),
-                        observed_ago: ms(self.t - s.at),
-                    };
-                    (name.clone(), o)
-                })
-                .collect(),
-            applied_sync: None,
-            leader_for: ms(self.t - self.leader_since),
-            told_sync_names: self.told.clone(),
-            wal_clock: None,
-            grant_window: Duration::ZERO,
-            settling_seen_for: None,
+    fn cluster(&self) -> &pgquorum_coordinator::state::Cluster {
+        &self.leader.state.clusters["main"]
+    }
+
+    /// Whether a server at `node` (timeline, lsn) holds the write at `write`: the
+    /// write is on its timeline's history, before its position and every fork since.
+    fn holds(&self, node: (u64, u64), write: (u64, u64)) -> bool {
+        let (mut t, mut limit) = node;
+        loop {
+            if t == write.0 {
+                return write.1 <= limit;
+            }
+            match self.timelines.get(&t) {
+                Some(f) => {
+                    limit = limit.min(f.at);
+                    t = f.parent;
+                }
+                None => return false,
+            }
         }
-        .with_applied_sync(&self.seen)
+    }
+
+    /// Whether a server at `from` holds nothing a server on timeline `to` lacks, so
+    /// it can stream from it.
+    fn on_history(&self, from: (u64, u64), to: u64) -> bool {
+        self.holds((to, u64::MAX), from)
     }
 
     fn report_of(&self, name: &str) -> pb::NodeReport {
         let n = &self.nodes[name];
         let mut r = pb::NodeReport {
             epoch: n.epoch,
+            reply_mark_seen: n.reply_mark,
+            data_is_standby: !n.primary_data,
             ..Default::default()
         };
         if !n.up {
@@ -263,101 +355,138 @@ impl Sim {
         if self.t < n.pg_frozen_until {
             // The agent's queries time out.
             r.role = "unknown".into();
+            r.error = "postgres runs but did not answer".into();
             return r;
         }
         r.postgres_up = true;
-        match n.role {
-            Role::Primary => {
-                r.role = "primary".into();
-                r.current_lsn = lsn_text(n.lsn);
-                r.synchronous_standby_names = sync_names::format(n.wait_k as u32, &n.waits_for, true);
-                r.replicas = self
-                    .nodes
-                    .iter()
-                    .filter(|(_, s)| s.up && s.role == Role::Standby && s.follows.as_deref() == Some(name))
-                    .map(|(sname, s)| pb::ReplicationInfo {
-                        application_name: sname.clone(),
-                        state: "streaming".into(),
-                        sync_state: if n.waits_for.contains(sname) {
-                            "quorum".into()
-                        } else {
-                            "async".into()
-                        },
-                        flush_lsn: lsn_text(s.lsn),
-                        replay_lsn: lsn_text(s.lsn),
-                        ..Default::default()
-                    })
-                    .collect();
-            }
-            Role::Standby => {
-                r.role = "standby".into();
-                r.receive_lsn = lsn_text(n.lsn);
-                r.replay_lsn = lsn_text(n.lsn);
+        r.timeline = n.timeline as u32;
+        if n.primary_data {
+            r.role = "primary".into();
+            r.current_lsn = lsn_text(n.lsn);
+            r.synchronous_standby_names = if n.wait_k == 0 {
+                String::new()
+            } else {
+                sync_names::format(n.wait_k as u32, &n.waits_for, true)
+            };
+            r.replicas = self
+                .nodes
+                .iter()
+                .filter(|(_, s)| s.up && !s.primary_data && s.follows.as_deref() == Some(name))
+                .filter(|(_, s)| s.timeline == n.timeline)
+                .map(|(sname, s)| pb::ReplicationInfo {
+                    application_name: sname.clone(),
+                    state: "streaming".into(),
+                    sync_state: if n.waits_for.contains(sname) {
+                        "quorum".into()
+                    } else {
+                        "async".into()
+                    },
+                    flush_lsn: lsn_text(s.lsn),
+                    replay_lsn: lsn_text(s.lsn),
+                    ..Default::default()
+                })
+                .collect();
+        } else {
+            r.role = "standby".into();
+            r.receive_lsn = lsn_text(n.lsn);
+            r.replay_lsn = lsn_text(n.lsn);
+            // A receiver that cannot follow (past the fork point) still streams the old
+            // timeline for a moment each time it retries.
+            if self.streams(name) || (self.diverged(name) && self.t % 50 < 5) {
                 r.wal_receiver_status = "streaming".into();
-                r.data_is_standby = true;
-                r.primary_probe_age_ms = n.last_probe_ok.map(|ok| self.t - ok);
             }
+            r.primary_probe_age_ms = n.last_probe_ok.map(|ok| self.t - ok);
         }
         r
     }
 
-    /// One heartbeat from `name`'s agent, the leader's reply, and the agent acting on it.
+    /// The leader's side of a heartbeat, as the agent service does it: keep the
+    /// report, build the reply, note what it grants. None: no reply (a deposed leader
+    /// cannot confirm its leadership for a lease).
+    fn answer(
+        leader: &Leader,
+        name: &str,
+        report: pb::NodeReport,
+        now: Instant,
+        deposed: bool,
+    ) -> Option<pb::HeartbeatReply> {
+        leader.reports.record("main", name, report, now);
+        let cluster = &leader.state.clusters["main"];
+        let mut reply = heartbeat_reply(cluster, &leader.reports.cluster("main", now), name, false);
+        if deposed && reply.lease_ms > 0 {
+            return None;
+        }
+        leader.reports.answered("main", name, &mut reply, now);
+        Some(reply)
+    }
+
+    /// One heartbeat from `name`'s agent: the leader's reply, now or later.
     fn heartbeat(&mut self, name: &str) {
         // The standby's probe of the published primary.
-        let published = self.state.clusters["main"].primary.clone();
+        let published = self.cluster().primary.clone();
         if let Some(p) = &published {
             if p != name && self.nodes[p].up && self.t >= self.nodes[p].pg_frozen_until {
                 self.nodes.get_mut(name).unwrap().last_probe_ok = Some(self.t);
             }
         }
-        let report = self.report_of(name);
-        let prev = self.seen.remove(name);
-        let last_up = if report.postgres_up {
-            Some(self.t)
+        // The agent's own lease check comes first in its round.
+        self.enforce_lease(name);
+        let mut report = self.report_of(name);
+        {
+            let now = self.now();
+            let n = self.nodes.get_mut(name).unwrap();
+            n.streaming.observe(
+                (report.role == "standby").then_some(report.wal_receiver_status == "streaming"),
+                now,
+            );
+            n.seq += 1;
+            report.incarnation = n.incarnation;
+            report.seq = n.seq;
+            n.last_sent = Some(report.clone());
+        }
+        if self.t < self.nodes[name].cut_until {
+            return;
+        }
+        let now = self.now();
+        let to_deposed =
+            self.deposed.as_ref().is_some_and(|(_, until)| self.t < *until) && self.rng.chance(40);
+        let reply = if to_deposed {
+            let (old, _) = self.deposed.as_ref().unwrap();
+            Self::answer(old, name, report.clone(), now, true)
         } else {
-            prev.as_ref().and_then(|p| p.last_up)
+            Self::answer(&self.leader, name, report.clone(), now, false)
         };
-        let role_since = prev
-            .as_ref()
-            .filter(|p| p.report.role == report.role && p.report.postgres_up == report.postgres_up)
-            .map_or(self.t, |p| p.role_since);
-        let lease_granted = prev.and_then(|p| p.lease_granted);
-        let seen_reply = self.nodes[name]
-            .reply_seen
-            .filter(|(generation, _)| *generation == self.leader_gen)
-            .map(|(_, at)| at);
-        self.seen.insert(
-            name.to_string(),
-            Seen {
-                report,
-                at: self.t,
-                last_up,
-                lease_granted,
-                seen_reply,
-                role_since,
-            },
-        );
-        let reply = heartbeat_reply(&self.state.clusters["main"], &self.reports(), name, false);
-        self.nodes.get_mut(name).unwrap().reply_seen = Some((self.leader_gen, self.t));
-        if reply.lease_ms > 0 {
-            self.seen.get_mut(name).unwrap().lease_granted = Some((self.t, reply.lease_ms));
-        }
-        if self.state.clusters["main"].primary.as_deref() == Some(name) {
-            self.told
-                .insert(name.to_string(), reply.synchronous_standby_names.clone());
-        }
+        let Some(reply) = reply else {
+            return;
+        };
         // Most replies arrive at once; some take up to two leases (a slow network or
         // coordinator): the lease still counts from the send.
         let delay = if self.faults && self.rng.chance(5) {
-            self.rng.below(2 * LEASE_MS)
+            self.rng.below(2 * 1000)
         } else {
             0
         };
-        let sent = self.t;
+        let flight = InFlight {
+            at: self.t + delay,
+            sent: self.t,
+            report,
+            reply,
+        };
         if delay == 0 {
-            self.act(name, sent, &reply);
+            self.act(name, flight);
         } else {
-            self.nodes.get_mut(name).unwrap().in_flight = Some((sent + delay, sent, reply));
+            self.nodes.get_mut(name).unwrap().in_flight = Some(flight);
+        }
+    }
+
+    /// The network delivers an old request of `name` again (a duplicate, or one that
+    /// took the long way): the leader keeps it only if it is the newest, and answers
+    /// into the void (the agent stopped waiting), noting any lease it grants.
+    fn redeliver(&mut self, name: &str) {
+        if let Some(old) = self.nodes[name].last_sent.clone() {
+            let now = self.now();
+            let _ = Self::answer(&self.leader, name, old, now, false);
+            self.note(format!("{name}'s last request delivered again"));
         }
     }
 
@@ -365,172 +494,365 @@ impl Sim {
     /// for (it waits no longer than its lease) is dropped. Returns whether the agent
     /// is still waiting.
     fn deliver(&mut self, name: &str) -> bool {
-        let Some((at, sent, reply)) = self.nodes[name].in_flight.clone() else {
+        let Some(flight) = self.nodes[name].in_flight.clone() else {
             return false;
         };
-        if self.t < at {
-            let lease_left = self.nodes[name].lease_until.map_or(0, |u| u.saturating_sub(sent));
-            if self.t - sent <= lease_left.max(500) {
+        if self.t < flight.at {
+            let lease_left = self.nodes[name]
+                .lease_until
+                .map_or(0, |u| u.saturating_sub(flight.sent));
+            if self.t - flight.sent <= lease_left.max(500) {
                 return true;
             }
             self.nodes.get_mut(name).unwrap().in_flight = None;
             return false;
         }
         self.nodes.get_mut(name).unwrap().in_flight = None;
-        self.act(name, sent, &reply);
+        self.act(name, flight);
         false
     }
 
-    /// The agent's side (see node-agent/src/agent.rs for the real one), for a reply to
-    /// the heartbeat sent at `sent`.
-    fn act(&mut self, name: &str, sent: u64, reply: &pb::HeartbeatReply) {
+    /// The agent's lease check at the start of its round (the guard's is in `step`).
+    fn enforce_lease(&mut self, name: &str) {
         let t = self.t;
-        let primary_name = reply.primary.as_ref().map(|p| p.name.clone());
-        let primary_lsn = primary_name.as_ref().map(|p| self.nodes[p].lsn);
         let n = self.nodes.get_mut(name).unwrap();
-        if reply.epoch < n.epoch {
-            return;
-        }
-        n.epoch = reply.epoch;
-        let is_primary = primary_name.as_deref() == Some(name);
-        // Counted from the send, less the margin; only a grant extends it, and only a
-        // reply naming another primary ends it.
-        if (is_primary || reply.promote) && reply.lease_ms > 0 {
-            n.lease_until = Some(sent + reply.lease_ms - MARGIN_MS);
-        } else if !is_primary && !reply.promote {
+        if n.up && (n.primary_data || n.promoting) && n.lease_until.is_some_and(|u| t >= u) {
+            n.up = false;
             n.lease_until = None;
+            self.note(format!("{name} fenced by its agent: lease over"));
         }
-        let lease_valid = n.lease_until.is_some_and(|u| t < u);
-        let mut note = None;
-        if n.role == Role::Primary && !is_primary && !reply.promote {
-            if n.up {
-                n.up = false;
-                note = Some(format!("{name} fenced (epoch {})", reply.epoch));
-            } else if let (Some(p), Some(plsn)) = (&primary_name, primary_lsn) {
-                // pg_rewind: back to where the new primary's history forked.
-                n.role = Role::Standby;
-                n.lsn = n.lsn.min(plsn);
-                n.follows = Some(p.clone());
-                n.up = true;
-                note = Some(format!("{name} rejoined {p}"));
-            }
-        } else if reply.promote && !lease_valid {
-            // A promotion order that outlived its lease is not carried out.
-        } else if reply.promote && !n.up {
-            n.up = true;
-        } else if reply.promote {
-            if n.up && n.role == Role::Standby {
-                n.role = Role::Primary;
-                n.follows = None;
-                n.waits_for = sync_names::parse(&reply.synchronous_standby_names);
-                n.wait_k = wait_k(&reply.synchronous_standby_names);
-                note = Some(format!("{name} promoted at epoch {} lsn {}", reply.epoch, n.lsn));
-                let lsn = n.lsn;
-                assert!(
-                    lsn >= self.acked_max,
-                    "Invariant 2: {name} promoted with lsn {lsn} < acknowledged {}",
-                    self.acked_max
-                );
-                if let Some(other) = self.promoted.insert(reply.epoch, name.to_string()) {
-                    assert_eq!(other, name, "Invariant 1: epoch {} promoted twice", reply.epoch);
+    }
+
+    /// The agent's side: the real planner's decisions on the reply to the heartbeat
+    /// sent at `flight.sent`, carried out on the modelled Postgres.
+    fn act(&mut self, name: &str, flight: InFlight) {
+        let InFlight {
+            sent, report, reply, ..
+        } = flight;
+        let t = self.t;
+        let n = self.nodes.get_mut(name).unwrap();
+        n.reply_mark = reply.reply_mark;
+        let lease = match plan::receive(name, n.epoch, &reply) {
+            Reception::Stale { .. } => return,
+            Reception::Accept { new_epoch, lease } => {
+                if let Some(e) = new_epoch {
+                    n.epoch = e;
                 }
-                self.newest_primary = name.to_string();
+                lease
             }
-        } else if is_primary {
-            if n.up && n.role == Role::Primary {
-                n.waits_for = sync_names::parse(&reply.synchronous_standby_names);
-                n.wait_k = wait_k(&reply.synchronous_standby_names);
-            } else if !n.up && reply.start_primary && lease_valid {
-                n.up = true;
-                note = Some(format!("{name} restarted as primary"));
-            }
-        } else if n.role == Role::Standby {
-            if let Some(p) = &primary_name {
-                n.follows = Some(p.clone());
-            }
-            if !n.up {
-                n.up = true;
+        };
+        match lease {
+            LeaseChange::Grant(usable) => n.lease_until = Some(sent + usable.as_millis() as u64),
+            LeaseChange::Drop => n.lease_until = None,
+            LeaseChange::Keep => {}
+        }
+        let local = Local {
+            me: name.to_string(),
+            initialized: true,
+            running: n.up,
+            standby_data: !n.primary_data,
+            promoting: n.promoting,
+            lease_valid: n.lease_until.is_some_and(|u| t < u),
+            lease_file_current: true,
+            commit_check_ok: true,
+            following: n.following.clone(),
+            not_streaming_for: n
+                .streaming
+                .not_streaming_for(self.base + Duration::from_millis(t)),
+            divergence_checked_ago: n.divergence_checked_at.map(|at| Duration::from_millis(t - at)),
+        };
+        for action in plan::plan(&local, &report, &reply) {
+            if !self.execute(name, action, &reply) {
+                break;
             }
         }
-        if let Some(what) = note {
-            self.note(what);
+    }
+
+    /// Carries out one action on the modelled node, as the agent's executor does;
+    /// false where the real one returns an error (the rest of the plan is skipped).
+    fn execute(&mut self, name: &str, action: Action, reply: &pb::HeartbeatReply) -> bool {
+        let t = self.t;
+        let lease_valid = self.nodes[name].lease_until.is_some_and(|u| t < u);
+        match action {
+            Action::InitPrimary | Action::Clone(_) => panic!("{name}: {action:?} on an initialized node"),
+            Action::Fence(reason) => {
+                self.nodes.get_mut(name).unwrap().up = false;
+                self.note(format!("{name} fenced ({reason:?}, epoch {})", reply.epoch));
+            }
+            Action::StopCleanly => {
+                self.nodes.get_mut(name).unwrap().up = false;
+                self.note(format!("{name} stopped cleanly (epoch {})", reply.epoch));
+            }
+            Action::ClearPromoting => self.nodes.get_mut(name).unwrap().promoting = false,
+            Action::Rejoin(up) => {
+                let p = name_of(&up);
+                if !self.answers(&p) {
+                    return false;
+                }
+                self.rewind(name, &p);
+                let n = self.nodes.get_mut(name).unwrap();
+                n.up = true;
+                self.note(format!("{name} rejoined {p}"));
+            }
+            Action::StartUnderLease(what) => {
+                if !lease_valid {
+                    return false;
+                }
+                self.nodes.get_mut(name).unwrap().up = true;
+                self.note(format!("{name}: {what}"));
+            }
+            Action::Promote {
+                synchronous_standby_names,
+                ..
+            } => {
+                if !lease_valid {
+                    return false;
+                }
+                self.promote(name, reply.epoch, &synchronous_standby_names);
+            }
+            Action::SetSyncNames(names) => {
+                let n = self.nodes.get_mut(name).unwrap();
+                n.waits_for = sync_names::parse(&names);
+                n.wait_k = wait_k(&names);
+            }
+            Action::EnsureSlots(_) => {}
+            Action::Follow {
+                primary,
+                check_divergence,
+                ..
+            } => {
+                let p = name_of(&primary);
+                if check_divergence.is_some() && !self.answers(&p) {
+                    return false;
+                }
+                self.nodes.get_mut(name).unwrap().divergence_checked_at = Some(t);
+                let n = &self.nodes[name];
+                if check_divergence.is_some()
+                    && !self.on_history((n.timeline, n.lsn), self.nodes[&p].timeline)
+                {
+                    self.rewind(name, &p);
+                    self.note(format!("{name} went past {p}'s fork point: rewound"));
+                }
+                let n = self.nodes.get_mut(name).unwrap();
+                n.follows = Some(p);
+                n.following = Some(primary);
+            }
+            Action::CheckDivergence { primary, .. } => {
+                let p = name_of(&primary);
+                self.nodes.get_mut(name).unwrap().divergence_checked_at = Some(t);
+                if !self.answers(&p) {
+                    return false;
+                }
+                let n = &self.nodes[name];
+                if !self.on_history((n.timeline, n.lsn), self.nodes[&p].timeline) {
+                    self.rewind(name, &p);
+                    self.note(format!(
+                        "{name}, not streaming, went past {p}'s fork point: rewound"
+                    ));
+                }
+            }
+            Action::StartStandby => self.nodes.get_mut(name).unwrap().up = true,
+            Action::Wait { .. } | Action::Unhealthy(_) => return false,
         }
+        true
+    }
+
+    /// Whether `name`'s Postgres answers (a rewind or a divergence check asks it).
+    fn answers(&self, name: &str) -> bool {
+        let n = &self.nodes[name];
+        n.up && self.t >= n.pg_frozen_until
+    }
+
+    /// pg_rewind onto `primary`'s history (or a fresh base backup): a standby of it,
+    /// holding what it holds.
+    fn rewind(&mut self, name: &str, primary: &str) {
+        let (tl, lsn) = (self.nodes[primary].timeline, self.nodes[primary].lsn);
+        let n = self.nodes.get_mut(name).unwrap();
+        n.primary_data = false;
+        n.timeline = tl;
+        n.lsn = lsn;
+        n.follows = Some(primary.to_string());
+        n.following = Some(upstream_of(primary));
+    }
+
+    fn promote(&mut self, name: &str, epoch: u64, names: &str) {
+        let (tl, lsn) = (self.nodes[name].timeline, self.nodes[name].lsn);
+        let accepted_loss = self
+            .cluster()
+            .failover
+            .as_ref()
+            .is_some_and(|f| f.accept_data_loss);
+        if self.strict && !accepted_loss {
+            assert!(
+                self.holds((tl, lsn), self.acked),
+                "Invariant 2: {name} promoted at epoch {epoch} on (timeline {tl}, lsn {lsn}) without the acknowledged write {:?}",
+                self.acked
+            );
+        }
+        if let Some(other) = self.promoted.insert(epoch, name.to_string()) {
+            assert_eq!(other, name, "Invariant 1: epoch {epoch} promoted twice");
+        }
+        let new_tl = self.timelines.keys().last().copied().unwrap_or(1).max(1) + 1;
+        self.timelines.insert(new_tl, Fork { parent: tl, at: lsn });
+        let n = self.nodes.get_mut(name).unwrap();
+        n.promoting = true;
+        n.primary_data = true;
+        n.timeline = new_tl;
+        n.follows = None;
+        n.following = None;
+        n.waits_for = sync_names::parse(names);
+        n.wait_k = wait_k(names);
+        if !self.holds((new_tl, lsn), self.acked) {
+            // Lost as the policy or the operator allowed: what counts from here is
+            // the new primary's history.
+            self.acked = (new_tl, lsn);
+        }
+        self.note(format!(
+            "{name} promoted at epoch {epoch}: timeline {new_tl} from lsn {lsn}"
+        ));
     }
 
     /// The leader's loop: commit what the decisions call for.
     fn lead(&mut self) {
-        let (command, _) = next_command(&self.state.clusters["main"], &self.reports(), self.t);
+        let now = self.now();
+        let (command, _) =
+            pgquorum_coordinator::leader::step(self.cluster(), &self.leader.reports, now, self.t);
         if let Some(cmd) = command {
-            self.log_index += 1;
-            if self.state.apply(&cmd, self.log_index).is_ok() {
-                self.note(format!("committed {}", describe(&cmd)));
-            }
+            self.commit(cmd);
         }
-        let epoch = self.state.clusters["main"].epoch;
+        let epoch = self.cluster().epoch;
         assert!(epoch >= self.last_epoch, "Invariant 4: epoch went back");
         self.last_epoch = epoch;
     }
 
-    /// The primary's write; acknowledged once k standbys it waits for have it.
+    fn commit(&mut self, cmd: Command) {
+        self.log_index += 1;
+        if self.leader.state.apply(&cmd, self.log_index).is_ok() {
+            self.note(format!("committed {}", describe(&cmd)));
+        }
+    }
+
+    /// An operator's switchover or override, through the admin service's checks.
+    fn operator(&mut self) {
+        let target = NAMES[self.rng.below(3) as usize].to_string();
+        let switchover = self.rng.chance(70);
+        let request = manual::Request {
+            to: if switchover && self.rng.chance(50) {
+                None
+            } else {
+                Some(target)
+            },
+            accept_data_loss: !switchover,
+            kind: if switchover {
+                manual::Kind::Switchover
+            } else {
+                manual::Kind::Manual
+            },
+            actor: "sim".into(),
+        };
+        let what = format!("operator: {request:?}");
+        let reports = self.leader.reports.cluster("main", self.now());
+        match manual::hand_over(self.cluster(), &reports, request, self.t) {
+            Ok(commands) => {
+                self.note(what);
+                for c in commands {
+                    self.commit(c);
+                }
+            }
+            Err(e) => self.note(format!("{what} refused: {e}")),
+        }
+    }
+
+    /// Primaries acknowledge writes: `synchronous_commit = local` sessions at once,
+    /// others once k standbys they wait for have them. Postgres's commit-time check
+    /// refuses a commit once the lease file's deadline has passed.
     fn write(&mut self) {
+        let t = self.t;
         let writers: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.up && n.role == Role::Primary && self.t >= n.pg_frozen_until)
+            .filter(|(_, n)| n.up && n.primary_data && t >= n.pg_frozen_until)
+            .filter(|(_, n)| n.lease_until.is_some_and(|u| t < u))
             .map(|(k, _)| k.clone())
             .collect();
         for w in writers {
-            // A `synchronous_commit = local` session: acknowledged at once.
-            assert_eq!(
-                w, self.newest_primary,
-                "Invariant 1: {w} acknowledged a local commit while {} is the newest primary",
-                self.newest_primary
-            );
             let lsn = self.nodes[&w].lsn + 1;
+            let tl = self.nodes[&w].timeline;
             self.nodes.get_mut(&w).unwrap().lsn = lsn;
             let (waits, k) = (self.nodes[&w].waits_for.clone(), self.nodes[&w].wait_k);
             let mut holders = 0;
             for s in &waits {
                 let sn = self.nodes.get_mut(s).unwrap();
-                if sn.up && sn.role == Role::Standby && sn.follows.as_deref() == Some(w.as_str()) {
+                let streaming = sn.up && t >= sn.pg_frozen_until && !sn.primary_data && sn.timeline == tl;
+                if streaming && sn.follows.as_deref() == Some(w.as_str()) {
                     sn.lsn = sn.lsn.max(lsn);
                     holders += 1;
                 }
             }
             if k > 0 && holders >= k {
-                assert_eq!(
-                    w, self.newest_primary,
-                    "Invariant 1: {w} acknowledged a write while {} is the newest primary",
-                    self.newest_primary
-                );
-                self.acked_max = self.acked_max.max(lsn);
+                self.acked = (tl, lsn);
             }
         }
     }
 
-    fn replicate(&mut self) {
+    /// Whether the standby `name` can stream from whom it follows: both run, and its
+    /// WAL is on that server's history.
+    fn streams(&self, name: &str) -> bool {
         let t = self.t;
-        let lsns: HashMap<String, u64> = self.nodes.iter().map(|(k, n)| (k.clone(), n.lsn)).collect();
-        let ups: HashMap<String, bool> = self
-            .nodes
-            .iter()
-            .map(|(k, n)| (k.clone(), n.up && t >= n.pg_frozen_until))
-            .collect();
-        for n in self.nodes.values_mut() {
-            if let Some(p) = n.follows.clone() {
-                if n.up && t >= n.pg_frozen_until && n.role == Role::Standby && ups[&p] {
-                    n.lsn = n.lsn.max(lsns[&p]);
-                }
+        let n = &self.nodes[name];
+        let Some(p) = &n.follows else { return false };
+        let src = &self.nodes[p];
+        n.up && t >= n.pg_frozen_until
+            && !n.primary_data
+            && src.up
+            && t >= src.pg_frozen_until
+            && self.on_history((n.timeline, n.lsn), src.timeline)
+    }
+
+    /// Whether the standby `name` went past the fork point of whom it follows.
+    fn diverged(&self, name: &str) -> bool {
+        let n = &self.nodes[name];
+        n.follows
+            .as_ref()
+            .is_some_and(|p| !self.on_history((n.timeline, n.lsn), self.nodes[p].timeline))
+    }
+
+    /// Standbys stream from whom they follow, if their WAL is on its history.
+    fn replicate(&mut self) {
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            if self.streams(&name) {
+                let p = self.nodes[&name].follows.clone().expect("follows");
+                let src = &self.nodes[&p];
+                let (tl, lsn) = (src.timeline, src.lsn);
+                let n = self.nodes.get_mut(&name).unwrap();
+                n.timeline = tl;
+                n.lsn = n.lsn.max(lsn);
             }
         }
+    }
+
+    /// Invariant 1: never two nodes that could acknowledge a write at this instant.
+    fn check_one_writer(&self) {
+        let t = self.t;
+        let writers: Vec<&String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.up && n.primary_data && n.lease_until.is_some_and(|u| t < u))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            writers.len() <= 1,
+            "Invariant 1: {writers:?} could all acknowledge a write at t={t}"
+        );
     }
 
     /// Invariant 3: the committed primary waits only for committed sync standbys.
     fn check_sync_set(&self) {
-        let c = &self.state.clusters["main"];
+        let c = self.cluster();
         if let Some(p) = &c.primary {
             let n = &self.nodes[p];
-            if n.up && n.role == Role::Primary {
+            if n.up && n.primary_data {
                 for w in &n.waits_for {
                     assert!(
                         c.sync_set.contains(w),
@@ -543,10 +865,11 @@ impl Sim {
     }
 
     fn fault(&mut self) {
-        let names: Vec<String> = self.nodes.keys().cloned().collect();
-        let victim = names[self.rng.below(3) as usize].clone();
+        let victim = NAMES[self.rng.below(3) as usize].to_string();
+        let t = self.t;
+        let pause = 200 + self.rng.below(3000);
         let n = self.nodes.get_mut(&victim).unwrap();
-        let what = match self.rng.below(8) {
+        let what = match self.rng.below(13) {
             0 => {
                 n.up = false;
                 n.agent_alive = false;
@@ -554,50 +877,86 @@ impl Sim {
                 n.in_flight = None;
                 "host killed"
             }
-            6 => {
-                n.agent_alive = false;
-                n.in_flight = None;
-                "agent killed, its postgres left running"
-            }
-            7 => {
-                n.agent_alive = false;
-                n.in_flight = None;
-                n.pg_frozen_until = self.t + 200 + self.rng.below(4000);
-                "agent killed, its postgres frozen"
-            }
             1 => {
                 n.up = false;
                 "postmaster killed"
             }
             2 => {
-                n.frozen_until = self.t + 200 + self.rng.below(3000);
+                n.frozen_until = t + pause;
                 "agent frozen"
             }
             3 => {
-                n.agent_alive = true;
+                n.restart_agent();
                 n.frozen_until = 0;
-                "agent revived"
+                "agent restarted"
             }
             4 => {
-                self.seen.clear();
-                self.told.clear();
-                self.leader_since = self.t;
-                self.leader_gen += 1;
-                "Raft leader replaced"
+                n.agent_alive = false;
+                n.in_flight = None;
+                "agent killed, its postgres left running"
+            }
+            5 => {
+                n.agent_alive = false;
+                n.in_flight = None;
+                n.pg_frozen_until = t + 200 + pause;
+                "agent killed, its postgres frozen"
+            }
+            6 => {
+                n.pg_frozen_until = t + pause;
+                "postgres frozen"
+            }
+            7 => {
+                n.frozen_until = t + pause;
+                n.pg_frozen_until = t + pause;
+                "whole host frozen"
+            }
+            8 => {
+                n.cut_until = t + pause;
+                "agent cut from the coordinators"
+            }
+            9 => {
+                self.redeliver(&victim);
+                return;
+            }
+            10 => {
+                self.replace_leader();
+                return;
+            }
+            11 => {
+                self.operator();
+                return;
             }
             _ => "nothing",
         };
         self.note(format!("fault: {victim} {what}"));
     }
 
+    /// A new Raft leader with an empty report table; the old one keeps answering from
+    /// its state for a while, not knowing it was deposed.
+    fn replace_leader(&mut self) {
+        let term = self.leader.term + 1;
+        let now = self.now();
+        let reports = Reports::new(grant_window(), now);
+        reports.lead(term, now);
+        let state = self.leader.state.clone();
+        let old = std::mem::replace(&mut self.leader, Leader { term, state, reports });
+        let until = self.t + self.rng.below(1500);
+        self.deposed = Some((old, until));
+        self.note(format!(
+            "Raft leader replaced (term {term}); the old one answers until t={until}"
+        ));
+    }
+
     fn step(&mut self, faults: bool) {
         self.t += 10 + self.rng.below(140);
         // Leases are enforced first, by the guard (which outlives the agent) or the
         // agent's own timer: a primary's data runs only under a lease.
+        let t = self.t;
         for n in self.nodes.values_mut() {
-            let active = n.agent_alive && self.t >= n.frozen_until;
+            let active = n.agent_alive && t >= n.frozen_until;
             let enforced = n.guard_alive || active;
-            if enforced && n.role == Role::Primary && n.up && n.lease_until.is_none_or(|u| self.t >= u) {
+            let primary = n.primary_data || n.promoting;
+            if enforced && primary && n.up && n.lease_until.is_none_or(|u| t >= u) {
                 n.up = false;
             }
             if active {
@@ -608,14 +967,13 @@ impl Sim {
             self.fault();
         }
         self.faults = faults;
-        let names: Vec<String> = self.nodes.keys().cloned().collect();
-        for name in names {
-            let n = &self.nodes[&name];
-            if !n.agent_alive || self.t < n.frozen_until || self.deliver(&name) {
+        for name in NAMES {
+            let n = &self.nodes[name];
+            if !n.agent_alive || self.t < n.frozen_until || self.deliver(name) {
                 continue;
             }
             if self.rng.chance(if faults { 85 } else { 100 }) {
-                self.heartbeat(&name);
+                self.heartbeat(name);
             }
         }
         self.lead();
@@ -625,28 +983,44 @@ impl Sim {
         if self.rng.chance(70) {
             self.replicate();
         }
+        self.check_one_writer();
         self.check_sync_set();
     }
-}
 
-trait WithAppliedSync {
-    fn with_applied_sync(self, seen: &HashMap<String, Seen>) -> Self;
-}
-
-impl WithAppliedSync for ClusterReports {
-    /// What the primary reports it waits for, since the WAL position it reports now: a
-    /// conservative stand-in for the leader's record of when the list last changed.
-    fn with_applied_sync(mut self, seen: &HashMap<String, Seen>) -> Self {
-        self.applied_sync = seen
+    /// After healing: one running primary, the committed one, and every other node a
+    /// running standby of it on its history.
+    fn check_healed(&self) {
+        let c = self.cluster();
+        let primary = c
+            .primary
+            .clone()
+            .unwrap_or_else(|| panic!("no primary after healing: {:?}", c.failover));
+        let running: Vec<&String> = self
+            .nodes
             .iter()
-            .find(|(_, s)| s.report.role == "primary")
-            .map(|(name, s)| pgquorum_coordinator::observe::AppliedSync {
-                node: name.clone(),
-                names: sync_names::parse(&s.report.synchronous_standby_names),
-                since: pgquorum_client::lsn::Lsn::parse(&s.report.current_lsn).unwrap_or_default(),
-            });
-        self
+            .filter(|(_, n)| n.up && n.primary_data)
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            running,
+            [&primary],
+            "exactly the committed primary runs as primary after healing"
+        );
+        let p = &self.nodes[&primary];
+        for (name, n) in &self.nodes {
+            if *name != primary {
+                assert!(
+                    n.up && n.follows.as_deref() == Some(primary.as_str()) && n.timeline == p.timeline,
+                    "{name} is not a running standby of {primary} on timeline {} after healing: {n:?}",
+                    p.timeline
+                );
+            }
+        }
     }
+}
+
+fn lsn_text(lsn: u64) -> String {
+    format!("0/{lsn:X}")
 }
 
 fn wait_k(names: &str) -> usize {
@@ -663,8 +1037,10 @@ fn describe(cmd: &Command) -> String {
         Command::StartFailover {
             old_primary,
             from_epoch,
+            kind,
+            candidate,
             ..
-        } => format!("StartFailover({old_primary}, from {from_epoch})"),
+        } => format!("StartFailover({kind}, {old_primary}, from {from_epoch}, to {candidate:?})"),
         Command::ChooseCandidate {
             candidate, fenced_by, ..
         } => format!("ChooseCandidate({candidate}, {fenced_by})"),
@@ -672,6 +1048,7 @@ fn describe(cmd: &Command) -> String {
             primary, to_epoch, ..
         } => format!("CompletePromotion({primary}, {to_epoch})"),
         Command::SetSyncSet { sync_set, .. } => format!("SetSyncSet({sync_set:?})"),
+        Command::PublishRoutes { .. } => "PublishRoutes".into(),
         other => format!("{other:?}"),
     }
 }
@@ -684,41 +1061,30 @@ fn run(seed: u64) {
         }
         // Faults stop; everything comes back; the cluster must heal.
         for n in sim.nodes.values_mut() {
-            n.agent_alive = true;
+            if !n.agent_alive {
+                n.restart_agent();
+            }
             n.frozen_until = 0;
             n.pg_frozen_until = 0;
+            n.cut_until = 0;
         }
-        for _ in 0..300 {
+        sim.deposed = None;
+        for _ in 0..400 {
             sim.step(false);
         }
-        let c = &sim.state.clusters["main"];
-        let primary = c
-            .primary
-            .clone()
-            .unwrap_or_else(|| panic!("no primary after healing: {:?}", c.failover));
-        let running: Vec<&String> = sim
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.up && n.role == Role::Primary)
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(
-            running,
-            [&primary],
-            "exactly the committed primary runs as primary after healing"
-        );
+        sim.check_healed();
     }));
     if let Err(e) = outcome {
         let tail: Vec<&String> = sim
             .trace
             .iter()
             .rev()
-            .take(40)
+            .take(50)
             .collect::<Vec<_>>()
             .into_iter()
             .rev()
             .collect();
-        eprintln!("seed {seed} failed; last events:");
+        eprintln!("seed {seed} failed ({}); last events:", sim.trace[0]);
         for line in tail {
             eprintln!("  {line}");
         }
@@ -735,7 +1101,22 @@ fn thousands_of_seeded_runs_keep_the_invariants() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    for seed in 0..runs {
-        run(seed);
-    }
+    // Seeds are independent: shared out among the cores.
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seed >= runs {
+                    break;
+                }
+                if std::panic::catch_unwind(|| run(seed)).is_err() {
+                    // The others stop too: the first failure is the one to read.
+                    next.store(runs, std::sync::atomic::Ordering::Relaxed);
+                    panic!("seed {seed} failed");
+                }
+            });
+        }
+    });
 }
