@@ -15,7 +15,11 @@ pub struct Ack {
     pub sent: Instant,
     pub acked: Instant,
     pub id: i64,
+    /// The server's port: which node committed it.
     pub port: u16,
+    /// The timeline the server wrote it on: each promotion starts a new one, so it
+    /// stands for the epoch the write was acknowledged in.
+    pub timeline: u32,
 }
 
 #[derive(Default)]
@@ -60,7 +64,10 @@ impl TimedWriter {
         let log = Arc::new(Mutex::new(Log::default()));
         let record = log.clone();
         let conninfo = format!("{conninfo} connect_timeout=1");
-        let insert = format!("INSERT INTO {table} DEFAULT VALUES RETURNING id, inet_server_port()");
+        let insert = format!(
+            "INSERT INTO {table} DEFAULT VALUES RETURNING id, inet_server_port(), \
+             ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int"
+        );
         let refused = move |log: &Mutex<Log>| {
             let mut log = log.lock().expect("writer log lock");
             log.refused_since_last_ack.get_or_insert_with(Instant::now);
@@ -96,6 +103,7 @@ impl TimedWriter {
                                 acked,
                                 id: row.get(0),
                                 port: row.try_get::<_, Option<i32>>(1).ok().flatten().unwrap_or(0) as u16,
+                                timeline: row.try_get::<_, i32>(2).unwrap_or(0) as u32,
                             });
                             log.refused_since_last_ack = None;
                         }
@@ -189,6 +197,28 @@ pub fn took_turns(acks: &[(String, Ack)]) -> Vec<SplitBrain> {
             overlap_ms: (pair[0].last_acked - pair[1].first_sent).as_secs_f64() * 1000.0,
         })
         .collect()
+}
+
+/// Where an acknowledgement came on an older timeline than one before it (in reply
+/// order): a write taken by a primary of an older epoch — through a router that
+/// went back to it, or directly. Pure.
+pub fn epochs_went_back(acks: &[(String, Ack)]) -> Vec<String> {
+    let mut sorted: Vec<&(String, Ack)> = acks.iter().collect();
+    sorted.sort_by_key(|(_, a)| a.acked);
+    let mut newest: Option<&(String, Ack)> = None;
+    let mut found = Vec::new();
+    for entry in sorted {
+        let (node, ack) = entry;
+        match newest {
+            Some((n, a)) if ack.timeline < a.timeline => found.push(format!(
+                "write {} acknowledged by {node} on timeline {} after write {} by {n} on timeline {}",
+                ack.id, ack.timeline, a.id, a.timeline
+            )),
+            Some((_, a)) if ack.timeline == a.timeline => {}
+            _ => newest = Some(entry),
+        }
+    }
+    found
 }
 
 /// One node's unbroken run of acknowledgements, in reply order.
@@ -315,6 +345,9 @@ pub struct Verdict {
     pub primaries: Vec<String>,
     /// Nodes not on the final primary's timeline, or not healthy, at the end.
     pub stragglers: Vec<String>,
+    /// Writes acknowledged on an older timeline than one before them
+    /// ([`epochs_went_back`]).
+    pub epochs_back: Vec<String>,
 }
 
 impl Verdict {
@@ -327,6 +360,7 @@ impl Verdict {
         out.extend(self.split_brain.iter().map(|s| format!("two primaries: {s:?}")));
         out.extend(self.published.iter().cloned());
         out.extend(self.stragglers.iter().cloned());
+        out.extend(self.epochs_back.iter().cloned());
         out
     }
 }
@@ -430,6 +464,7 @@ impl Checker {
         let mut v = Verdict {
             acked_writes: all.len(),
             split_brain: took_turns(&all),
+            epochs_back: epochs_went_back(&all),
             ..Default::default()
         };
         let published = self.published.lock().expect("published lock").clone();
@@ -491,6 +526,7 @@ mod tests {
             acked: t0 + Duration::from_millis(acked),
             id: 0,
             port: 0,
+            timeline: 1,
         }
     }
 
@@ -533,6 +569,39 @@ mod tests {
             &published(&["node1", "node3", "node2", "node1"])
         ));
         assert!(!in_published_order(&taken, &published(&["node1", "node2"])));
+    }
+
+    #[test]
+    fn an_acknowledgement_on_an_older_timeline_after_a_newer_one_is_found() {
+        let t0 = Instant::now();
+        let on = |node: &str, tl: u32, sent: u64, acked: u64| {
+            (
+                node.to_string(),
+                Ack {
+                    timeline: tl,
+                    id: acked as i64,
+                    ..ack(t0, sent, acked)
+                },
+            )
+        };
+        let ordered = vec![
+            on("node1", 1, 0, 1),
+            on("node2", 2, 10, 11),
+            on("node2", 2, 12, 13),
+            on("node1", 3, 20, 21),
+        ];
+        assert!(epochs_went_back(&ordered).is_empty());
+        // The old primary (timeline 2) acknowledged once more after timeline 3 began.
+        let mut back = ordered.clone();
+        back.push(on("node2", 2, 21, 22));
+        let found = epochs_went_back(&back);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains(
+                "write 22 acknowledged by node2 on timeline 2 after write 21 by node1 on timeline 3"
+            ),
+            "{found:?}"
+        );
     }
 
     #[test]

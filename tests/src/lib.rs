@@ -65,7 +65,7 @@ impl<T> std::ops::DerefMut for InTempDir<T> {
 
 /// A fresh temporary directory, removed when dropped unless `PGQUORUM_KEEP_TEST_DIRS=1`
 /// (to read a failed test's logs; the test prints nothing of it).
-fn temp_dir(prefix: &str) -> tempfile::TempDir {
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
     temp_dir_in(prefix, &std::env::temp_dir())
 }
 

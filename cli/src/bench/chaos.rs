@@ -209,13 +209,25 @@ pub async fn run(opts: Options) -> Result<serde_json::Value> {
             "unrecovered": unrecovered,
             "published_violations": verdict.published.len(),
             "stragglers": verdict.stragglers.len(),
+            "epochs_back": verdict.epochs_back.len(),
             "failover_ms": summary(&failover_ms),
     });
     println!("{report}");
-    if !problems.is_empty() || false_failovers > 0 || missed_failovers > 0 || unrecovered > 0 {
+    let mut broken = problems;
+    for (count, what) in [
+        (false_failovers, "needless failovers"),
+        (missed_failovers as u64, "missed failovers"),
+        (unrecovered as u64, "faults not recovered from"),
+    ] {
+        if count > 0 {
+            broken.push(format!("{count} {what}"));
+        }
+    }
+    if !broken.is_empty() {
         return Err(Error::Launch(format!(
-            "chaos run with seed {} broke a rule (see above)",
-            opts.seed
+            "chaos run with seed {} broke a rule: {}",
+            opts.seed,
+            broken.join("; ")
         )));
     }
     Ok(report)
@@ -228,7 +240,8 @@ async fn inflict(sandbox: &mut Sandbox, checker: &Checker, fault: Fault, epoch: 
     let before = sandbox.wait_for("a settled cluster", WAIT, settled).await?;
     let unexplained = failovers_between(sandbox, *epoch, before.epoch).await?;
     let primary = before.primary.clone();
-    let leader = sandbox.coordinators().wait_for_leader(WAIT).await?;
+    // The last fault's coordinator must be back in the group, or this one is a second.
+    let leader = sandbox.coordinators().wait_whole(WAIT).await?;
     let leader_host = coordinator_host(leader);
     let coordinators: Vec<String> = sandbox
         .coordinators()

@@ -273,6 +273,58 @@ impl CoordinatorGroup {
         }
     }
 
+    /// Waits until the group is whole: every running voter follows one leader in its
+    /// term and holds the log the leader had applied when asked (a node back from a
+    /// partition or a restart has caught up). A fault injected before that hits a
+    /// group still short of a member: a second fault, not the one meant. Returns the
+    /// leader's id.
+    pub async fn wait_whole(&self, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self
+                .wait_for_leader(deadline.saturating_duration_since(Instant::now()))
+                .await?;
+            let why = match self.behind(leader).await {
+                Ok(None) => return Ok(leader),
+                Ok(Some(why)) => why,
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(format!(
+                    "the coordinator group is not whole within {timeout:?}: {why}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A running voter that is not in `leader`'s term or that the leader does not
+    /// know to hold what it has applied.
+    async fn behind(&self, leader: u64) -> Result<Option<String>> {
+        let l = self.status_of(leader).await?;
+        for (&id, node) in &self.nodes {
+            if node.child.is_none() || id == leader {
+                continue;
+            }
+            let s = self.status_of(id).await?;
+            if s.state == "learner" {
+                continue;
+            }
+            let matched = l
+                .members
+                .iter()
+                .find(|m| m.id == id)
+                .and_then(|m| m.matched_index);
+            if s.term != l.term || matched.is_none_or(|m| m < l.last_applied_index) {
+                return Ok(Some(format!(
+                    "node {id} is at term {}, matched {matched:?}; the leader {leader} at term {} applied {}",
+                    s.term, l.term, l.last_applied_index
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     async fn agreed_leader(&self) -> std::result::Result<u64, String> {
         let mut leader = None;
         for (&id, node) in &self.nodes {
