@@ -95,6 +95,9 @@ struct Node {
     /// No `standby.signal`: the data is a primary's.
     primary_data: bool,
     timeline: u64,
+    /// The timeline of the last restartpoint: what a standby without a WAL receiver
+    /// reports (it lags `timeline` until the next restartpoint).
+    restartpoint_timeline: u64,
     lsn: u64,
     follows: Option<String>,
     waits_for: Vec<String>,
@@ -255,6 +258,7 @@ impl Sim {
                     pg_frozen_until: 0,
                     primary_data: primary,
                     timeline: 1,
+                    restartpoint_timeline: 1,
                     lsn: 100,
                     follows: (!primary).then(|| "node1".to_string()),
                     waits_for: Vec::new(),
@@ -359,7 +363,11 @@ impl Sim {
             return r;
         }
         r.postgres_up = true;
-        r.timeline = n.timeline as u32;
+        r.timeline = if n.primary_data || self.streams(name) {
+            n.timeline
+        } else {
+            n.restartpoint_timeline
+        } as u32;
         if n.primary_data {
             r.role = "primary".into();
             r.current_lsn = lsn_text(n.lsn);
@@ -622,39 +630,59 @@ impl Sim {
                 ..
             } => {
                 let p = name_of(&primary);
-                if check_divergence.is_some() && !self.answers(&p) {
-                    return false;
-                }
-                self.nodes.get_mut(name).unwrap().divergence_checked_at = Some(t);
-                let n = &self.nodes[name];
-                if check_divergence.is_some()
-                    && !self.on_history((n.timeline, n.lsn), self.nodes[&p].timeline)
-                {
-                    self.rewind(name, &p);
-                    self.note(format!("{name} went past {p}'s fork point: rewound"));
+                if let Some(check) = check_divergence {
+                    match self.rewind_if_diverged(name, &p, check) {
+                        None => return false,
+                        Some(true) => return true,
+                        Some(false) => {}
+                    }
                 }
                 let n = self.nodes.get_mut(name).unwrap();
                 n.follows = Some(p);
                 n.following = Some(primary);
             }
-            Action::CheckDivergence { primary, .. } => {
+            Action::CheckDivergence { primary, check } => {
                 let p = name_of(&primary);
-                self.nodes.get_mut(name).unwrap().divergence_checked_at = Some(t);
-                if !self.answers(&p) {
+                if self.rewind_if_diverged(name, &p, check).is_none() {
                     return false;
-                }
-                let n = &self.nodes[name];
-                if !self.on_history((n.timeline, n.lsn), self.nodes[&p].timeline) {
-                    self.rewind(name, &p);
-                    self.note(format!(
-                        "{name}, not streaming, went past {p}'s fork point: rewound"
-                    ));
                 }
             }
             Action::StartStandby => self.nodes.get_mut(name).unwrap().up = true,
             Action::Wait { .. } | Action::Unhealthy(_) => return false,
         }
         true
+    }
+
+    /// The agent's divergence check against `primary`, as its executor makes it: the
+    /// reported position, on the newer of the reported timeline and the newest one
+    /// in `pg_wal` (the node's own). Rewinds if diverged; None: the primary did not
+    /// answer (an error).
+    fn rewind_if_diverged(
+        &mut self,
+        name: &str,
+        primary: &str,
+        check: plan::DivergenceCheck,
+    ) -> Option<bool> {
+        self.nodes.get_mut(name).unwrap().divergence_checked_at = Some(self.t);
+        if !self.answers(primary) {
+            return None;
+        }
+        let n = &self.nodes[name];
+        let timeline = u64::from(check.timeline).max(n.timeline);
+        let lsn = check.lsn.map_or(0, |l| l.0);
+        let to = self.nodes[primary].timeline;
+        if self.on_history((timeline, lsn), to) {
+            return Some(false);
+        }
+        assert!(
+            !self.on_history((n.timeline, n.lsn), to),
+            "{name} on its primary's history (timeline {}, lsn {}) taken for diverged: a needless rewind",
+            n.timeline,
+            n.lsn
+        );
+        self.rewind(name, primary);
+        self.note(format!("{name} went past {primary}'s fork point: rewound"));
+        Some(true)
     }
 
     /// Whether `name`'s Postgres answers (a rewind or a divergence check asks it).
@@ -670,6 +698,7 @@ impl Sim {
         let n = self.nodes.get_mut(name).unwrap();
         n.primary_data = false;
         n.timeline = tl;
+        n.restartpoint_timeline = tl;
         n.lsn = lsn;
         n.follows = Some(primary.to_string());
         n.following = Some(upstream_of(primary));
@@ -825,9 +854,13 @@ impl Sim {
                 let p = self.nodes[&name].follows.clone().expect("follows");
                 let src = &self.nodes[&p];
                 let (tl, lsn) = (src.timeline, src.lsn);
+                let restartpoint = self.rng.chance(5);
                 let n = self.nodes.get_mut(&name).unwrap();
                 n.timeline = tl;
                 n.lsn = n.lsn.max(lsn);
+                if restartpoint {
+                    n.restartpoint_timeline = tl;
+                }
             }
         }
     }

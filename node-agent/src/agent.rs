@@ -641,12 +641,15 @@ impl Agent {
     /// rewound onto `primary` and started again as its standby.
     async fn rewind_if_diverged(&mut self, primary: &Upstream, check: plan::DivergenceCheck) -> Result<bool> {
         let lsn = check.lsn.map(|l| l.to_string()).unwrap_or_default();
+        // The timeline it reports may be its last restartpoint's: the newest it holds
+        // WAL of is the one it is on.
+        let timeline = check.timeline.max(self.ctl.newest_wal_timeline().unwrap_or(0));
         self.divergence_checked_at = Some(Instant::now());
         // Bounded: a primary that accepts the connection and then hangs must not
         // silence this agent.
         let diverged = tokio::time::timeout(
             DIVERGENCE_CHECK_TIMEOUT,
-            self.ctl.diverged_from(primary, check.timeline, &lsn),
+            self.ctl.diverged_from(primary, timeline, &lsn),
         )
         .await
         .map_err(|_| Error::Postgres {
@@ -659,7 +662,7 @@ impl Agent {
         if !diverged {
             return Ok(false);
         }
-        warn!(primary = ?primary, %lsn, timeline = check.timeline, "this standby went past the primary's fork point: rewinding");
+        warn!(primary = ?primary, %lsn, timeline, "this standby went past the primary's fork point: rewinding");
         self.ctl.stop().await?;
         let how = self.ctl.rejoin(primary).await?;
         info!("rejoined by {how}");

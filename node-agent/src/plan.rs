@@ -116,10 +116,10 @@ pub struct Local {
 }
 
 /// How long a standby pointed at the primary may go without streaming before it is
-/// checked for divergence, and how often at most: a healthy one whose connection
-/// dropped reconnects within `wal_retrieve_retry_interval` (5 s by default), and
-/// without a WAL receiver the timeline it reports is its last restartpoint's, which
-/// can be older than the one it replays (a check then could rewind it needlessly).
+/// checked for divergence, and how often at most. A healthy one whose connection
+/// dropped reconnects within a second (`wal_retrieve_retry_interval`, 100 ms as the
+/// agent configures it) once the primary answers; a check costs the primary a
+/// connection and, when it finds divergence, the standby a restart.
 pub const DIVERGENCE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// One step of carrying out a reply. [`plan`] returns them in order; the executor
@@ -182,7 +182,9 @@ pub enum FenceReason {
     NotThePrimary,
 }
 
-/// Where the standby's WAL ends, to compare with the new primary's fork point.
+/// Where the standby's WAL ends, to compare with the new primary's fork point. The
+/// timeline is the one it reports, which without a WAL receiver is its last
+/// restartpoint's: the executor takes the newest it holds WAL of, if newer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DivergenceCheck {
     pub timeline: u32,

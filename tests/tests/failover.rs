@@ -753,10 +753,11 @@ async fn a_standby_back_with_wal_past_the_new_primarys_fork_point_is_rewound() {
     assert_eq!(promoted, sync);
     // The other host comes back: stopped, on the old timeline, past the fork.
     sandbox.start_agent(&other).unwrap();
+    // Checked after 10 s without streaming (`DIVERGENCE_PATIENCE`), then rewound.
     sandbox
         .wait_for(
             "the returning standby streaming from the new primary",
-            WAIT,
+            WAIT * 2,
             |s| {
                 let timeline = node(s, &promoted).timeline;
                 let back = node(s, &other);

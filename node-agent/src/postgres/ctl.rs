@@ -559,6 +559,19 @@ impl PostgresCtl {
         Ok(())
     }
 
+    /// The newest timeline among the WAL segments in `pg_wal`: the timeline a standby
+    /// has received WAL on. Without a WAL receiver a standby reports its last
+    /// restartpoint's timeline, which stays older than the one it replays until its
+    /// next restartpoint; taken for its own, it would make a standby that streamed
+    /// the new timeline past the fork point look diverged.
+    pub fn newest_wal_timeline(&self) -> Option<u32> {
+        let dir = std::fs::read_dir(self.cfg.data_dir.join("pg_wal")).ok()?;
+        dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit()))
+            .filter_map(|name| u32::from_str_radix(&name[..8], 16).ok())
+            .max()
+    }
+
     /// Whether the data directory is a standby's (it has `standby.signal`).
     pub fn is_standby_data(&self) -> bool {
         self.cfg.data_dir.join("standby.signal").exists()
