@@ -147,15 +147,26 @@ impl CoordinatorGroup {
         let dir = self.node_dir(id);
         std::fs::create_dir_all(&dir)?;
         let addr = self.addr_of(id);
+        let data_dir = match &self.spec.raft_store_root {
+            Some(root) => root.join(format!("coord-{id}")),
+            None => dir.join("data"),
+        };
+        // A new node must start from nothing: a store left by an earlier group would
+        // bring that group's state back (its clusters, its epoch).
+        let used = std::fs::read_dir(&data_dir).is_ok_and(|mut d| d.next().is_some());
+        if used {
+            return Err(Error::Launch(format!(
+                "the Raft store {} already holds a coordinator's state (an earlier run's?); remove it \
+                 (`pgquorum sandbox down --clean` for a stopped sandbox) or give another directory",
+                data_dir.display()
+            )));
+        }
         let config = Config {
             id,
             region: sandbox_region(id).into(),
             listen: addr.clone(),
             advertise: None,
-            data_dir: match &self.spec.raft_store_root {
-                Some(root) => root.join(format!("coord-{id}")),
-                None => dir.join("data"),
-            },
+            data_dir,
             initial_members: founders,
             raft: self.spec.raft.clone(),
         };
