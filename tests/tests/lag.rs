@@ -14,6 +14,7 @@ use pgquorum_client::pb;
 use pgquorum_client::watch::watch_endpoints;
 use pgquorum_tests::{
     cli_json, eventually, keep_writing, next_map_where, node_status as node, pg, readable, start_sandbox,
+    try_pg,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -111,6 +112,13 @@ async fn a_restarted_standby_with_replay_paused_stops_taking_realtime_reads_and_
         .unwrap();
     sandbox.stop_node("node2").unwrap();
     sandbox.start_agent("node2").unwrap();
+    // Its Postgres answering first: the status may still show the HEALTHY from before
+    // the stop, and a connection while it starts is refused ("the database system is
+    // starting up"; a fresh-clone run failed so).
+    eventually("node2's Postgres answering again", WAIT, || async {
+        try_pg(&sandbox, "node2").await.is_some()
+    })
+    .await;
     sandbox
         .wait_for("node2 streaming again", WAIT, |s| {
             node(s, "node2").health == "HEALTHY"
