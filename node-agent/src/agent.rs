@@ -562,10 +562,7 @@ impl Agent {
             }
             Action::Rejoin(up) => {
                 info!(primary = ?up, "rejoining as a standby of the new primary");
-                let how = self.ctl.rejoin(&up).await?;
-                info!("rejoined by {how}");
-                self.following = Some(up);
-                self.ctl.start().await
+                self.rejoin_onto(&up).await
             }
             Action::StartUnderLease(what) => {
                 warn!(epoch, "postgres is stopped: {what}");
@@ -664,11 +661,17 @@ impl Agent {
         }
         warn!(primary = ?primary, %lsn, timeline, "this standby went past the primary's fork point: rewinding");
         self.ctl.stop().await?;
+        self.rejoin_onto(primary).await?;
+        Ok(true)
+    }
+
+    /// pg_rewind (or a fresh base backup) of the stopped server onto `primary`, then
+    /// starts it as its standby.
+    async fn rejoin_onto(&mut self, primary: &Upstream) -> Result<()> {
         let how = self.ctl.rejoin(primary).await?;
         info!("rejoined by {how}");
         self.following = Some(primary.clone());
-        self.ctl.start().await?;
-        Ok(true)
+        self.ctl.start().await
     }
 
     /// Refuses `what` (something only a lease holder may do) once the lease ran out,

@@ -585,31 +585,27 @@ mod tests {
 
     #[test]
     fn a_half_promoted_node_that_is_no_longer_the_candidate_is_fenced_before_it_rejoins() {
-        let local = Local {
+        // With primary data, and even with standby data (the promotion may be ending
+        // as it is fenced): what the data is gets read again next round.
+        let half_promoted = Local {
             promoting: true,
             standby_data: false,
             ..running_primary()
         };
-        assert_eq!(
-            plan(&local, &report("primary"), &reply(Some("node2"))),
-            [
-                Action::Fence(FenceReason::NoLongerCandidate),
-                Action::ClearPromoting
-            ]
-        );
-        // Even with standby data (the promotion may be ending as it is fenced): what
-        // the data is gets read again next round.
-        let local = Local {
+        let not_begun = Local {
             promoting: true,
             ..running_standby()
         };
-        assert_eq!(
-            plan(&local, &report("standby"), &reply(Some("node2"))),
-            [
-                Action::Fence(FenceReason::NoLongerCandidate),
-                Action::ClearPromoting
-            ]
-        );
+        for (local, role) in [(half_promoted, "primary"), (not_begun, "standby")] {
+            assert_eq!(
+                plan(&local, &report(role), &reply(Some("node2"))),
+                [
+                    Action::Fence(FenceReason::NoLongerCandidate),
+                    Action::ClearPromoting
+                ],
+                "{role}"
+            );
+        }
         // Fenced: rejoined next round.
         let fenced = Local {
             running: false,
