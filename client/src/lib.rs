@@ -52,6 +52,38 @@ pub const COORDINATORS_ENV: &str = "PGQUORUM_COORDINATORS";
 /// each failure, up to four times this.
 pub const HEARTBEAT_RETRY: Duration = Duration::from_millis(25);
 
+/// How long a connection may go without receiving anything before it is pinged, and
+/// how long the ping's answer may then take before the connection is dropped and a
+/// fresh one made. Set on every pgquorum connection, both ends.
+///
+/// Without it a connection that lived through a network cut can stall for seconds
+/// after the cut heals: whatever one side sent during the cut is still unacknowledged,
+/// its TCP retransmission timer has backed off (0.2, 0.4, 0.8, 1.6 s, …), and every
+/// later request or reply on that connection queues behind the next retransmission.
+/// Chaos runs showed it: two Raft-leader isolations a few seconds apart, the new leader
+/// the coordinator isolated just before, and the primary's heartbeats reached it but
+/// its grants did not come back within the lease, so a healthy primary was replaced.
+/// With the ping, a connection that hears nothing is dropped during the cut, and the
+/// next request after the heal opens a fresh one.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long opening a connection to a coordinator may take (one address on a LAN).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// An endpoint for `host:port` with the settings every pgquorum connection uses: no
+/// Nagle delay, [`CONNECT_TIMEOUT`], and HTTP/2 pings ([`KEEPALIVE_INTERVAL`]) that
+/// replace a stalled or dead connection. Callers add their own request timeout.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no coordinator addresses given: pass --coordinators host:port[,host:port…] or set {COORDINATORS_ENV}")]
@@ -164,11 +196,10 @@ impl Coordinators {
         if let Some(channel) = self.channels.lock().expect("lock").get(addr) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = endpoint(addr)
             .map_err(|e| e.to_string())?
             .connect_timeout(self.timeouts.connect)
-            .timeout(self.timeouts.request)
-            .tcp_nodelay(true);
+            .timeout(self.timeouts.request);
         let channel = endpoint
             .connect()
             .await

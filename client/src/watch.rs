@@ -11,7 +11,6 @@ use pgquorum_proto::v1 as pb;
 use pgquorum_proto::v1::endpoint_service_client::EndpointServiceClient;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
 use tonic::Code;
 
 use crate::ClientError;
@@ -68,17 +67,13 @@ async fn follow(
     last: &mut u64,
     tx: &mpsc::Sender<Result<pb::EndpointMap, ClientError>>,
 ) -> Result<(), Option<ClientError>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+    let channel = crate::endpoint(addr)
         .map_err(|e| {
             Some(ClientError::InvalidAddress {
                 addr: addr.to_string(),
                 reason: e.to_string(),
             })
         })?
-        .connect_timeout(Duration::from_millis(500))
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|_| None)?;

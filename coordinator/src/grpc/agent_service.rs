@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pgquorum_proto::v1 as pb;
 use pgquorum_proto::v1::agent_service_client::AgentServiceClient;
 use pgquorum_proto::v1::agent_service_server::AgentService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::proposer::Proposer;
@@ -115,11 +115,9 @@ impl AgentServiceImpl {
             match channels.get(&addr) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = Endpoint::from_shared(format!("http://{addr}"))
+                    let c = pgquorum_client::endpoint(&addr)
                         .map_err(|e| Status::internal(format!("leader address {addr:?}: {e}")))?
-                        .connect_timeout(Duration::from_millis(500))
                         .timeout(self.confirm_within + FORWARD_SLACK)
-                        .tcp_nodelay(true)
                         .connect_lazy();
                     channels.insert(addr.clone(), c.clone());
                     c

@@ -27,7 +27,7 @@ use pgquorum_proto::v1::raft_service_client::RaftServiceClient;
 use pgquorum_proto::v1::RaftMessage;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::codec::{decode, encode};
 use super::{CoordinatorNode, NodeId, TypeConfig};
@@ -35,7 +35,6 @@ use super::{CoordinatorNode, NodeId, TypeConfig};
 /// How long to wait before retrying an unreachable peer. Short, because a restarted
 /// coordinator should rejoin quickly; unreachable peers cost one failed connect each.
 const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(200);
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Creates connections to peers; keeps one channel per address.
 #[derive(Clone, Default)]
@@ -49,12 +48,7 @@ impl Network {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let channel = pgquorum_client::endpoint(addr)?.connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
