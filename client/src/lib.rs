@@ -52,22 +52,37 @@ pub const COORDINATORS_ENV: &str = "PGQUORUM_COORDINATORS";
 /// each failure, up to four times this.
 pub const HEARTBEAT_RETRY: Duration = Duration::from_millis(25);
 
-/// How long a connection may go without receiving anything before it is pinged, and
-/// how long the ping's answer may then take before the connection is dropped and a
-/// fresh one made. Set on every pgquorum connection, both ends.
+/// How long a client's connection may go without receiving anything before it is
+/// pinged, and how long the ping's answer may then take before the connection is
+/// dropped and a fresh one made. Set on every pgquorum client connection.
 ///
 /// Without it a connection that lived through a network cut can stall for seconds
 /// after the cut heals: whatever one side sent during the cut is still unacknowledged,
 /// its TCP retransmission timer has backed off (0.2, 0.4, 0.8, 1.6 s, …), and every
 /// later request or reply on that connection queues behind the next retransmission.
-/// Chaos runs showed it: two Raft-leader isolations a few seconds apart, the new leader
-/// the coordinator isolated just before, and the primary's heartbeats reached it but
-/// its grants did not come back within the lease, so a healthy primary was replaced.
-/// With the ping, a connection that hears nothing is dropped during the cut, and the
-/// next request after the heal opens a fresh one.
+/// That is the best explanation found for what chaos runs showed (docs/faults.md): two
+/// Raft-leader isolations a few seconds apart, the new leader the coordinator isolated
+/// just before, and the primary's heartbeats reached it but no grant came back within
+/// the lease, so a healthy primary was replaced. With the ping, a connection that hears
+/// nothing for a second (a cut longer than that) is dropped during the cut, and the
+/// first request after the heal opens a fresh one. (A shorter cut can still leave a
+/// stall of a few hundred milliseconds.) A pong stuck behind the backoff counts as
+/// nothing heard, whichever direction stalled.
+///
+/// On a link with more than ~0.5 s round trip, or losing many packets, connections
+/// get replaced needlessly; pgquorum's connections are within a region or between
+/// neighbouring ones.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
 /// See [`KEEPALIVE_INTERVAL`].
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A server's pings, to its clients: slower and more patient than a client's own (which
+/// catch a stall quickly), since a server serves any client, across a WAN too. They
+/// free what a vanished client held, and end a stream whose client-to-server direction
+/// stalled, which the client's reads cannot notice.
+pub const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// See [`SERVER_KEEPALIVE_INTERVAL`].
+pub const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long opening a connection to a coordinator may take (one address on a LAN).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);

@@ -109,8 +109,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
 
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(pgquorum_client::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(pgquorum_client::KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(pgquorum_client::SERVER_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(pgquorum_client::SERVER_KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(endpoints)
         .add_service(reflection)

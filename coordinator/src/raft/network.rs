@@ -11,6 +11,8 @@
 //! spinning. A single timeout is not: openraft gives an AppendEntries one heartbeat
 //! interval, a follower's fsync can take longer, and backing off then would hold up a
 //! new leader's first commit (and with it every lease grant) for the whole backoff.
+//! A connection dropped by its keepalive ([`pgquorum_client::KEEPALIVE_INTERVAL`]: a
+//! second without hearing anything) is `Unavailable` and so `Unreachable` at once.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
