@@ -24,6 +24,15 @@ use crate::sync::plan;
 /// step wait for this loop.
 const INTERVAL: Duration = Duration::from_millis(25);
 
+/// A round this late means the coordinator was paused (SIGSTOP, a VM pause, starved of
+/// CPU): every report it holds is that much older than its age says, and a primary
+/// would look silent. It starts afresh then, as a new leader does: it counts no lease
+/// as expired and no node as silent for a full lease (DESIGN.md, "a new leader starts
+/// from nothing"). A quarter of the default failure timeout: a pause long enough to
+/// make a primary look silent is caught (with failure timeouts as short as this, only
+/// the rounds' own lateness is).
+const PAUSED: Duration = Duration::from_millis(250);
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -153,8 +162,18 @@ pub fn step(
 pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports) {
     let mut was_leader = false;
     let mut stuck: HashMap<String, String> = HashMap::new();
+    let mut last_round = Instant::now();
     loop {
         tokio::time::sleep(INTERVAL).await;
+        let late = last_round.elapsed().saturating_sub(INTERVAL);
+        last_round = Instant::now();
+        if late > PAUSED && was_leader {
+            warn!(
+                late_ms = late.as_millis() as u64,
+                "this coordinator was paused: its reports are stale, so it starts afresh as a new leader would"
+            );
+            reports.clear(Instant::now());
+        }
         // Leadership first, then the clock: read the other way round, a pause between
         // the two would date "leader since" before the election.
         let Some(lead) = leadership.current() else {
