@@ -19,8 +19,12 @@
 //! killed, agents killed with their Postgres left running or frozen, agents and
 //! Postgres frozen (a paused clock), a Raft leader replaced in mid-lease (the new one
 //! starts from an empty table) while the deposed one keeps answering for a while from
-//! its stale state (it cannot grant a lease: it confirms its leadership first), and
-//! nodes revived. Each node's lease guard outlives its agent and fences at the
+//! its stale state (it cannot grant a lease: it confirms its leadership first), an
+//! outage of the whole coordinator group (no leader; the one after it starts afresh),
+//! agents cut off from each other, and nodes revived. A primary no leader answers
+//! asks the other agents for failsafe promises as `node-agent/src/agent.rs` does, judged
+//! by the real [`pgquorum_agent::failsafe`] rules; a standby that promised reports it
+//! and its planner refuses promotion until it ends. Each node's lease guard outlives its agent and fences at the
 //! deadline, as `node-agent/src/guard.rs` does; Postgres's commit-time check refuses a
 //! commit once the lease file's deadline has passed. Timelines fork at every
 //! promotion: a standby past the fork point cannot follow until rewound.
@@ -41,6 +45,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use pgquorum_agent::failsafe::{self, Promise, Standing};
 use pgquorum_agent::plan::{self, Action, LeaseChange, Local, Reception, StreamWatch};
 use pgquorum_agent::postgres::ctl::Upstream;
 use pgquorum_client::{pb, sync_names};
@@ -112,6 +117,19 @@ struct Node {
     frozen_until: u64,
     /// The agent reaches no coordinator until then (it still reaches its Postgres).
     cut_until: u64,
+    /// The agent reaches no other agent until then (the failsafe's links).
+    peers_cut_until: u64,
+    /// When a coordinator leader last answered the agent.
+    leader_answered_at: Option<u64>,
+    /// The primary, and whether this node is told to promote, as the last reply said.
+    known_primary: Option<String>,
+    told_promote: bool,
+    /// Whose promises the primary needs, and its last grant's length (ms), from its
+    /// last reply; lost with the agent's memory.
+    failsafe_peers: Vec<pb::FailsafePeer>,
+    granted_ms: u64,
+    /// A failsafe promise given; on disk, so it outlives the agent.
+    promise: Option<Promise>,
     epoch: u64,
     /// The lease deadline, as in the lease file the guard and Postgres read.
     lease_until: Option<u64>,
@@ -143,6 +161,11 @@ impl Node {
         self.seq = 0;
         self.streaming = StreamWatch::default();
         self.divergence_checked_at = None;
+        self.leader_answered_at = None;
+        self.known_primary = None;
+        self.told_promote = false;
+        self.failsafe_peers = Vec::new();
+        self.granted_ms = 0;
     }
 }
 
@@ -187,6 +210,9 @@ struct Sim {
     trace: Vec<String>,
     /// Whether faults are being injected in this step.
     faults: bool,
+    /// No coordinator leader exists until then (a lost quorum, every coordinator
+    /// frozen): nothing is answered or committed.
+    outage_until: Option<u64>,
     /// Invariant 2 holds in `strict` sync mode (DESIGN.md); `prefer` and `off` may
     /// promote a standby without the newest acknowledged write, by design.
     strict: bool,
@@ -230,6 +256,7 @@ impl Sim {
                 priority: 100,
                 nofailover: false,
                 sync_eligible: true,
+                agent_addr: format!("{HOST}:{}", port_of(name) + 20),
             };
             apply(
                 &mut state,
@@ -268,6 +295,13 @@ impl Sim {
                     in_flight: None,
                     frozen_until: 0,
                     cut_until: 0,
+                    peers_cut_until: 0,
+                    leader_answered_at: None,
+                    known_primary: Some("node1".into()),
+                    told_promote: false,
+                    failsafe_peers: Vec::new(),
+                    granted_ms: 0,
+                    promise: None,
                     epoch: 1,
                     // The bootstrap's grant.
                     lease_until: primary.then_some(900),
@@ -304,6 +338,7 @@ impl Sim {
             last_epoch: 1,
             trace: vec![format!("sync_mode={sync_mode} sync_standbys={sync_standbys}")],
             faults: false,
+            outage_until: None,
             strict: sync_mode == "strict",
         }
     }
@@ -350,6 +385,14 @@ impl Sim {
             epoch: n.epoch,
             reply_mark_seen: n.reply_mark,
             data_is_standby: !n.primary_data,
+            promise: n.promise.as_ref().and_then(|p| {
+                let left = p.left(self.now())?;
+                Some(pb::PromiseHeld {
+                    primary: p.primary.clone(),
+                    epoch: p.epoch,
+                    left_ms: left.as_millis() as u64,
+                })
+            }),
             ..Default::default()
         };
         if !n.up {
@@ -452,8 +495,8 @@ impl Sim {
             report.seq = n.seq;
             n.last_sent = Some(report.clone());
         }
-        if self.t < self.nodes[name].cut_until {
-            return;
+        if self.t < self.nodes[name].cut_until || self.outage_until.is_some() {
+            return self.failsafe(name);
         }
         let now = self.now();
         let to_deposed =
@@ -484,6 +527,68 @@ impl Sim {
             self.act(name, flight);
         } else {
             self.nodes.get_mut(name).unwrap().in_flight = Some(flight);
+        }
+    }
+
+    /// A primary whose heartbeat no leader answered, as its agent does once half its
+    /// lease is left: asks every peer its last grant named for a promise, judged by
+    /// the real rules on what that peer's agent knows, and writes on the earliest.
+    fn failsafe(&mut self, name: &str) {
+        let t = self.t;
+        let now = self.now();
+        let n = &self.nodes[name];
+        let Some(until) = n.lease_until.filter(|u| *u > t) else {
+            return;
+        };
+        if n.failsafe_peers.is_empty() || until - t > n.granted_ms / 2 {
+            return;
+        }
+        let request = pb::PromiseRequest {
+            cluster: "main".into(),
+            primary: name.into(),
+            epoch: n.epoch,
+            for_ms: n.granted_ms,
+        };
+        let asker_cut = t < n.peers_cut_until;
+        let mut granted = Vec::new();
+        for peer in n.failsafe_peers.clone() {
+            let p = &self.nodes[&peer.name];
+            if asker_cut || !p.agent_alive || t < p.frozen_until || t < p.peers_cut_until {
+                granted.push(None);
+                continue;
+            }
+            let standing = Standing {
+                cluster: "main".into(),
+                me: peer.name.clone(),
+                epoch: p.epoch,
+                primary: p.known_primary.clone(),
+                standby: !p.primary_data && !p.promoting && !p.told_promote,
+                leader_answered_at: p.leader_answered_at.map(|a| self.base + Duration::from_millis(a)),
+                reach_window: Duration::from_millis(200),
+            };
+            match failsafe::judge(&standing, &request, now) {
+                Ok(length) => {
+                    let held = p.promise.clone().filter(|h| h.left(now).is_some());
+                    let promise = failsafe::merge(
+                        held,
+                        Promise {
+                            primary: name.into(),
+                            epoch: request.epoch,
+                            until: now + length,
+                        },
+                    );
+                    self.nodes.get_mut(&peer.name).unwrap().promise = Some(promise);
+                    granted.push(Some(length));
+                }
+                Err(_) => granted.push(None),
+            }
+        }
+        if let Some(usable) = failsafe::extension(&granted) {
+            let extended = t + usable.as_millis() as u64;
+            if extended > until {
+                self.nodes.get_mut(name).unwrap().lease_until = Some(extended);
+                self.note(format!("{name} writes on promises until t={extended}"));
+            }
         }
     }
 
@@ -538,8 +643,10 @@ impl Sim {
             sent, report, reply, ..
         } = flight;
         let t = self.t;
+        let now = self.now();
         let n = self.nodes.get_mut(name).unwrap();
         n.reply_mark = reply.reply_mark;
+        n.leader_answered_at = Some(t);
         let lease = match plan::receive(name, n.epoch, &reply) {
             Reception::Stale { .. } => return,
             Reception::Accept { new_epoch, lease } => {
@@ -550,10 +657,16 @@ impl Sim {
             }
         };
         match lease {
-            LeaseChange::Grant(usable) => n.lease_until = Some(sent + usable.as_millis() as u64),
+            LeaseChange::Grant(usable) => {
+                n.lease_until = Some(sent + usable.as_millis() as u64);
+                n.granted_ms = reply.lease_ms;
+            }
             LeaseChange::Drop => n.lease_until = None,
             LeaseChange::Keep => {}
         }
+        n.known_primary = reply.primary.as_ref().map(|p| p.name.clone());
+        n.told_promote = reply.promote;
+        n.failsafe_peers = reply.failsafe_peers.clone();
         let local = Local {
             me: name.to_string(),
             initialized: true,
@@ -568,6 +681,7 @@ impl Sim {
                 .streaming
                 .not_streaming_for(self.base + Duration::from_millis(t)),
             divergence_checked_ago: n.divergence_checked_at.map(|at| Duration::from_millis(t - at)),
+            promised_for: n.promise.as_ref().and_then(|p| p.left(now)),
         };
         for action in plan::plan(&local, &report, &reply) {
             if !self.execute(name, action, &reply) {
@@ -743,6 +857,9 @@ impl Sim {
 
     /// The leader's loop: commit what the decisions call for.
     fn lead(&mut self) {
+        if self.outage_until.is_some() {
+            return;
+        }
         let now = self.now();
         let (command, _) =
             pgquorum_coordinator::leader::step(self.cluster(), &self.leader.reports, now, self.t);
@@ -763,6 +880,9 @@ impl Sim {
 
     /// An operator's switchover or override, through the admin service's checks.
     fn operator(&mut self) {
+        if self.outage_until.is_some() {
+            return;
+        }
         let target = NAMES[self.rng.below(3) as usize].to_string();
         let switchover = self.rng.chance(70);
         let request = manual::Request {
@@ -902,7 +1022,7 @@ impl Sim {
         let t = self.t;
         let pause = 200 + self.rng.below(3000);
         let n = self.nodes.get_mut(&victim).unwrap();
-        let what = match self.rng.below(13) {
+        let what = match self.rng.below(16) {
             0 => {
                 n.up = false;
                 n.agent_alive = false;
@@ -955,6 +1075,32 @@ impl Sim {
                 self.replace_leader();
                 return;
             }
+            12 => {
+                n.peers_cut_until = t + pause;
+                "agent cut from the other agents"
+            }
+            14 => {
+                // A region cut off from the coordinators: every agent but one (or all),
+                // each healing at its own moment.
+                let spared = self.rng.below(4) as usize;
+                for (i, name) in NAMES.iter().enumerate() {
+                    if i != spared {
+                        let until = t + pause + self.rng.below(1500);
+                        self.nodes.get_mut(*name).unwrap().cut_until = until;
+                    }
+                }
+                self.note(format!(
+                    "fault: every agent but {:?} cut from the coordinators",
+                    NAMES.get(spared)
+                ));
+                return;
+            }
+            13 => {
+                let until = t + 500 + self.rng.below(5000);
+                self.outage_until = Some(self.outage_until.map_or(until, |u| u.max(until)));
+                self.note(format!("fault: no coordinator leader until t={until}"));
+                return;
+            }
             11 => {
                 self.operator();
                 return;
@@ -980,8 +1126,28 @@ impl Sim {
         ));
     }
 
+    /// A leader with an empty report table, and no deposed one answering.
+    fn replace_leader_afresh(&mut self) {
+        let term = self.leader.term + 1;
+        let now = self.now();
+        let reports = Reports::new(grant_window(), now);
+        reports.lead(term, now);
+        self.leader = Leader {
+            term,
+            state: self.leader.state.clone(),
+            reports,
+        };
+        self.deposed = None;
+        self.note(format!("coordinators back: leader of term {term} starts afresh"));
+    }
+
     fn step(&mut self, faults: bool) {
         self.t += 10 + self.rng.below(140);
+        if self.outage_until.is_some_and(|u| self.t >= u) {
+            // Back: a new leader, or the old one thawed; either starts afresh.
+            self.outage_until = None;
+            self.replace_leader_afresh();
+        }
         // Leases are enforced first, by the guard (which outlives the agent) or the
         // agent's own timer: a primary's data runs only under a lease.
         let t = self.t;
@@ -1100,8 +1266,12 @@ fn run(seed: u64) {
             n.frozen_until = 0;
             n.pg_frozen_until = 0;
             n.cut_until = 0;
+            n.peers_cut_until = 0;
         }
         sim.deposed = None;
+        if sim.outage_until.is_some() {
+            sim.outage_until = Some(sim.t);
+        }
         for _ in 0..400 {
             sim.step(false);
         }

@@ -15,6 +15,13 @@
 //! (one slow coordinator costs one short attempt, then all are asked at once), and
 //! nothing is started or promoted as primary on a lease that ran out.
 //!
+//! **Failsafe.** A primary whose heartbeats no coordinator leader answers gives up on
+//! them halfway through its lease and asks the standbys that could replace it for
+//! promises ([`crate::failsafe`]); with every one it writes on until the earliest ends,
+//! round after round, until a leader answers again. A standby answers from what its
+//! own loop last saw ([`crate::peer::Book`]), and while a promise it gave runs it
+//! reports it and refuses to be promoted.
+//!
 //! **Epochs.** The agent persists the newest epoch it has seen before acting on it and
 //! ignores any reply from an older one.
 //!
@@ -30,7 +37,9 @@ use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
+use crate::failsafe::{self, Standing};
 use crate::guard::{self, GuardFiles};
+use crate::peer::{Book, Peers, SharedBook};
 use crate::plan::{self, Action, FenceReason, LeaseChange, Local, Reception};
 use crate::postgres::ctl::{PostgresCtl, Upstream};
 use crate::postgres::observe::Observer;
@@ -73,6 +82,18 @@ pub struct Agent {
     streaming: plan::StreamWatch,
     /// When this standby was last checked for divergence.
     divergence_checked_at: Option<Instant>,
+    /// The promise this node gave (as a standby), and what it judges requests by.
+    book: SharedBook,
+    /// Channels to the standbys' agents, for asking promises (as a primary).
+    peers: Peers,
+    /// Whose promises this primary needs, from its last lease grant; and that grant's
+    /// length as the coordinators count it.
+    failsafe_peers: Vec<pb::FailsafePeer>,
+    granted_ms: u64,
+    /// The lease now rests on promises, not on a grant.
+    failsafe: bool,
+    /// When a coordinator leader last answered.
+    leader_answered_at: Option<Instant>,
 }
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
@@ -154,6 +175,9 @@ fn attempt_timeout(interval: Duration) -> Duration {
 /// How long asking the primary whether this standby diverged may take.
 const DIVERGENCE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a primary waits for its standbys' promises at most.
+const PROMISE_TIMEOUT: Duration = Duration::from_millis(300);
+
 /// A heartbeat's whole budget when nothing is at stake.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -191,6 +215,7 @@ impl Agent {
         let incarnation = state.incarnation;
         let interval = Duration::from_millis(config.heartbeat_interval_ms);
         let guard = GuardFiles::next_to(&config.postgres.data_dir);
+        let book = Book::open(&config.postgres.data_dir)?;
         Ok(Agent {
             config,
             coordinators,
@@ -214,6 +239,12 @@ impl Agent {
             lease_file_synced: false,
             streaming: plan::StreamWatch::default(),
             divergence_checked_at: None,
+            book,
+            peers: Peers::default(),
+            failsafe_peers: Vec::new(),
+            granted_ms: 0,
+            failsafe: false,
+            leader_answered_at: None,
         })
     }
 
@@ -231,8 +262,20 @@ impl Agent {
     }
 
     /// Runs until `shutdown` completes. Leaves Postgres as it is: stopping the agent
-    /// must not stop the database.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+    /// must not stop the database. Fails only at the start, when its PeerService
+    /// cannot listen.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let peer_server = match &self.config.peer_address {
+            Some(addr) => {
+                let server = crate::peer::bind(addr, self.book.clone()).await?;
+                Some(tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        warn!("the failsafe's PeerService stopped: {e}");
+                    }
+                }))
+            }
+            None => None,
+        };
         info!(cluster = %self.config.cluster, name = %self.config.name, epoch = self.state.epoch, "agent started");
         let timer = tokio::spawn(lease_timer(self.lease_deadline.subscribe(), self.guard.clone()));
         tokio::pin!(shutdown);
@@ -255,7 +298,11 @@ impl Agent {
             }
         }
         timer.abort();
+        if let Some(server) = peer_server {
+            server.abort();
+        }
         info!("agent stopped; postgres left as it is");
+        Ok(())
     }
 
     /// Whether this node holds a primary lease that has not run out.
@@ -399,16 +446,30 @@ impl Agent {
         self.seq += 1;
         report.incarnation = self.incarnation;
         report.seq = self.seq;
+        report.failsafe = self.failsafe;
+        report.promise = self.book().held(sent_at).map(|(p, left)| pb::PromiseHeld {
+            primary: p.primary,
+            epoch: p.epoch,
+            left_ms: left.as_millis() as u64,
+        });
         let request = pb::HeartbeatRequest {
             cluster: self.config.cluster.clone(),
             member: Some(self.config.member_spec()),
             report: Some(report.clone()),
             forwarded: false,
         };
-        // A lease holder waits no longer than its lease: past it, it is fenced anyway.
+        // A lease holder waits no longer than its lease: past it, it is fenced anyway;
+        // one that could ask for promises, only until half a lease is left.
+        let reserve = if self.failsafe_peers.is_empty() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(self.granted_ms / 2)
+        };
         let overall = self
             .lease
-            .map_or(HEARTBEAT_TIMEOUT, |l| l.left(sent_at).min(HEARTBEAT_TIMEOUT))
+            .map_or(HEARTBEAT_TIMEOUT, |l| {
+                l.left(sent_at).saturating_sub(reserve).min(HEARTBEAT_TIMEOUT)
+            })
             .max(attempt_timeout(self.interval));
         let reply = match self
             .coordinators
@@ -432,9 +493,11 @@ impl Agent {
             }
             Err(e) => {
                 self.problem(format!("cannot reach the coordinators: {e}"));
+                self.keep_writing_on_promises().await;
                 return;
             }
         };
+        self.leader_answered_at = Some(Instant::now());
         self.reply_mark = reply.reply_mark;
         let lease = match plan::receive(&self.config.name, self.state.epoch, &reply) {
             Reception::Stale {
@@ -464,13 +527,21 @@ impl Agent {
             self.interval = Duration::from_millis(reply.heartbeat_interval_ms);
         }
         match lease {
-            LeaseChange::Grant(usable) => self.set_lease(Some(Lease {
-                until: sent_at + usable,
-                until_boot_ns: sent_boot_ns + usable.as_nanos() as u64,
-            })),
+            LeaseChange::Grant(usable) => {
+                if self.failsafe {
+                    info!("failsafe over: a coordinator leader answers again and granted the lease");
+                    self.failsafe = false;
+                }
+                self.granted_ms = reply.lease_ms;
+                self.set_lease(Some(Lease {
+                    until: sent_at + usable,
+                    until_boot_ns: sent_boot_ns + usable.as_nanos() as u64,
+                }))
+            }
             LeaseChange::Drop => self.set_lease(None),
             LeaseChange::Keep => {}
         }
+        self.failsafe_peers = reply.failsafe_peers.clone();
         self.primary = reply
             .primary
             .as_ref()
@@ -491,6 +562,64 @@ impl Agent {
             Ok(()) => self.resolved(),
             Err(e) => self.problem(e.to_string()),
         }
+        let standing = Standing {
+            cluster: self.config.cluster.clone(),
+            me: self.config.name.clone(),
+            epoch: self.state.epoch,
+            primary: self.primary.as_ref().map(|(name, _)| name.clone()),
+            standby: self.ctl.is_standby_data() && !self.guard.promoting.exists() && !reply.promote,
+            leader_answered_at: self.leader_answered_at,
+            reach_window: attempt_timeout(self.interval),
+        };
+        self.book().set_standing(standing);
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().expect("promise book lock poisoned")
+    }
+
+    /// The failsafe, as a primary no coordinator leader answered: asks every standby
+    /// that could replace it for a promise and, with all of them, extends the lease to
+    /// the earliest one's end. Without, the lease runs out as granted.
+    async fn keep_writing_on_promises(&mut self) {
+        let Some(lease) = self.lease else {
+            return;
+        };
+        let asked_at = Instant::now();
+        let asked_boot_ns = guard::boottime_ns();
+        let within = lease.left(asked_at).min(PROMISE_TIMEOUT);
+        if self.failsafe_peers.is_empty() || within.is_zero() {
+            return;
+        }
+        let request = pb::PromiseRequest {
+            cluster: self.config.cluster.clone(),
+            primary: self.config.name.clone(),
+            epoch: self.state.epoch,
+            for_ms: self.granted_ms,
+        };
+        let peers = self.failsafe_peers.clone();
+        let (granted, refusals) = self.peers.ask_all(&peers, &request, within).await;
+        let Some(usable) = failsafe::extension(&granted) else {
+            return self.problem(format!(
+                "failsafe: not every standby that could take over promised ({}); the lease ends as granted",
+                refusals.join("; ")
+            ));
+        };
+        if asked_at + usable <= lease.until {
+            return;
+        }
+        if !self.failsafe {
+            warn!(
+                epoch = self.state.epoch,
+                standbys = %peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(","),
+                "failsafe: no coordinator leader answers; writing on the standbys' promises"
+            );
+            self.failsafe = true;
+        }
+        self.set_lease(Some(Lease {
+            until: asked_at + usable,
+            until_boot_ns: asked_boot_ns + usable.as_nanos() as u64,
+        }));
     }
 
     /// What the planner needs to know of this node, read now.
@@ -510,6 +639,7 @@ impl Agent {
             following: self.following.clone(),
             not_streaming_for: self.streaming.not_streaming_for(Instant::now()),
             divergence_checked_ago: self.divergence_checked_at.map(|t| t.elapsed()),
+            promised_for: self.book().held(Instant::now()).map(|(_, left)| left),
         }
     }
 

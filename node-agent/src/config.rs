@@ -11,6 +11,10 @@
 //! sync_eligible = true             # may be chosen as a synchronous standby
 //! coordinators = ["10.0.1.11:7101", "10.0.1.12:7101", "10.0.2.11:7101"]
 //! heartbeat_interval_ms = 100      # until the cluster policy says otherwise
+//! peer_address = "10.0.1.21:7201" # this agent's own gRPC service (the failsafe: a
+//!                                  # primary that no coordinator leader answers asks
+//!                                  # its standbys' agents here for promises); listened
+//!                                  # on and advertised; absent: no failsafe with it
 //!
 //! [postgres]
 //! bin_dir = "/usr/lib/postgresql/15/bin"
@@ -80,6 +84,11 @@ pub struct AgentConfig {
     pub coordinators: Vec<String>,
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_ms: u64,
+    /// `ip:port` of this agent's PeerService (the failsafe), listened on and told to
+    /// the coordinators; None: it serves none, so a primary that needs this node's
+    /// promise cannot get one, and this node as a primary gets none from others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_address: Option<String>,
     pub postgres: PostgresConfig,
 }
 
@@ -193,6 +202,14 @@ impl AgentConfig {
         if let Err(e) = pgquorum_client::parse_addrs(&self.coordinators.join(",")) {
             return bad("coordinators", e.to_string());
         }
+        if let Some(addr) = &self.peer_address {
+            if let Err(e) = addr.parse::<std::net::SocketAddr>() {
+                return bad(
+                    "peer_address",
+                    format!("{addr:?} is not an IP address and port (e.g. \"10.0.1.21:7201\"): {e}"),
+                );
+            }
+        }
         if self.heartbeat_interval_ms < 10 {
             return bad(
                 "heartbeat_interval_ms",
@@ -256,6 +273,7 @@ impl AgentConfig {
             priority: self.priority,
             nofailover: self.nofailover,
             sync_eligible: self.sync_eligible,
+            agent_addr: self.peer_address.clone().unwrap_or_default(),
         }
     }
 }

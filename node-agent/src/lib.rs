@@ -10,11 +10,16 @@
 //! - [`agent`]: the observe → report → act loop that executes the plan.
 //! - [`guard`]: the process that stops a primary whose lease ran out, whatever
 //!   happens to the agent.
+//! - [`failsafe`]: when a standby may promise a primary that no coordinator leader
+//!   answers not to be promoted, and how long the primary may write on the promises;
+//!   [`peer`]: the agent's own gRPC service that carries them.
 
 pub mod agent;
 pub mod config;
 mod error;
+pub mod failsafe;
 pub mod guard;
+pub mod peer;
 pub mod plan;
 pub mod postgres;
 pub mod state;

@@ -48,8 +48,7 @@ fn main() -> ExitCode {
         || AgentConfig::load(&config),
         |config| async {
             let agent = Agent::new(config).map_err(Failure::usage)?;
-            agent.run(shutdown_signal()).await;
-            Ok(())
+            agent.run(shutdown_signal()).await.map_err(Failure::usage)
         },
     )
 }

@@ -113,6 +113,9 @@ pub struct Local {
     pub not_streaming_for: Duration,
     /// Since this agent last checked the standby for divergence; None: never.
     pub divergence_checked_ago: Option<Duration>,
+    /// A failsafe promise this node gave still runs, this much longer: it must not be
+    /// promoted before it ends ([`crate::failsafe`]).
+    pub promised_for: Option<Duration>,
 }
 
 /// How long a standby pointed at the primary may go without streaming before it is
@@ -358,6 +361,15 @@ fn promote(
 ) -> Option<Action> {
     if report.role == "primary" {
         return None;
+    }
+    if let Some(left) = local.promised_for {
+        return Some(wait(
+            "promote",
+            format!(
+                "promised the old primary (failsafe) not to be promoted for {} ms more",
+                left.as_millis()
+            ),
+        ));
     }
     Some(promote_standby(local, report, reply, running))
 }
@@ -658,6 +670,21 @@ mod tests {
                     ..granted.clone()
                 },
                 "commit-time lease check",
+            ),
+            (
+                Local {
+                    promised_for: Some(Duration::from_millis(400)),
+                    ..granted.clone()
+                },
+                "promised the old primary (failsafe) not to be promoted for 400 ms more",
+            ),
+            (
+                Local {
+                    promised_for: Some(Duration::from_millis(400)),
+                    running: false,
+                    ..granted.clone()
+                },
+                "promised the old primary",
             ),
         ] {
             match &plan(&local, &report("standby"), &r)[..] {

@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -32,33 +33,47 @@ impl AgentState {
     }
 }
 
-pub struct StateFile {
+/// A small TOML file the agent keeps across restarts, replaced atomically and durably.
+pub struct StateFile<T = AgentState> {
     path: PathBuf,
+    /// What the file holds, for the message when it cannot be read.
+    holds: &'static str,
+    _kind: std::marker::PhantomData<T>,
 }
 
-impl StateFile {
+impl StateFile<AgentState> {
     /// Kept next to the data directory (not inside it: a base backup or rewind
     /// replaces the data directory, and the epoch must survive that).
-    pub fn next_to(data_dir: &Path) -> StateFile {
+    pub fn next_to(data_dir: &Path) -> StateFile<AgentState> {
+        StateFile::named(data_dir, ".pgquorum-agent.toml", "the last epoch seen")
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Default> StateFile<T> {
+    /// `DATA_DIR` + `suffix`, next to the data directory.
+    pub fn named(data_dir: &Path, suffix: &str, holds: &'static str) -> StateFile<T> {
         let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
-        name.push(".pgquorum-agent.toml");
+        name.push(suffix);
         StateFile {
             path: data_dir.with_file_name(name),
+            holds,
+            _kind: std::marker::PhantomData,
         }
     }
 
-    pub fn load(&self) -> Result<AgentState> {
+    /// What the file holds; the default when there is none.
+    pub fn load(&self) -> Result<T> {
         match std::fs::read_to_string(&self.path) {
             Ok(text) => toml::from_str(&text).map_err(|e| Error::Config {
                 path: self.path.display().to_string(),
-                message: format!("agent state file is damaged ({e}); it holds the last epoch seen"),
+                message: format!("agent state file is damaged ({e}); it holds {}", self.holds),
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
             Err(e) => Err(e.into()),
         }
     }
 
-    pub fn save(&self, state: &AgentState) -> Result<()> {
+    pub fn save(&self, state: &T) -> Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }

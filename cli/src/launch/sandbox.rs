@@ -50,7 +50,8 @@ pub struct SandboxSpec {
     pub dir: PathBuf,
     /// Coordinator N listens on 127.0.0.1:(coordinator_base + N).
     pub coordinator_base: u16,
-    /// nodeN's Postgres listens on 127.0.0.1:(postgres_base + N).
+    /// nodeN's Postgres listens on 127.0.0.1:(postgres_base + N), its agent's
+    /// PeerService on postgres_base + 20 + N, the router from postgres_base + 30.
     pub postgres_base: u16,
     pub cluster: String,
     /// Policy settings for the cluster, if it is created.
@@ -72,6 +73,11 @@ pub struct SandboxSpec {
 }
 
 impl SandboxSpec {
+    /// nodeN's agent serves its PeerService (the failsafe) on `postgres_base + 20 + N`.
+    pub fn peer_port(&self, index: u16) -> u16 {
+        self.postgres_base + 20 + index
+    }
+
     pub fn new(dir: impl Into<PathBuf>, coordinator_base: u16, postgres_base: u16) -> SandboxSpec {
         SandboxSpec {
             dir: dir.into(),
@@ -359,6 +365,7 @@ impl Sandbox {
             sync_eligible: true,
             coordinators: self.group.addrs(),
             heartbeat_interval_ms: 100,
+            peer_address: Some(format!("{advertise_host}:{}", self.spec.peer_port(index))),
             postgres: PostgresConfig {
                 bin_dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
                 data_dir: dir.join("pg").join("data"),

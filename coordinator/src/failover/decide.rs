@@ -359,13 +359,17 @@ pub fn lease_expired(cluster: &Cluster, reports: &ClusterReports, node: &str) ->
 }
 
 /// How long ago `node`'s lease ran out at the latest; None while it may still run.
+///
+/// A primary that no leader answered may also write on its standbys' failsafe
+/// promises: until the last one reported to it has run out (plus the margin).
 fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Option<Duration> {
     let lease = Duration::from_millis(cluster.policy.lease_ms);
-    let over_own = match reports.nodes.get(node).map_or(OwnLease::Never, |o| o.own_lease) {
-        OwnLease::Never => Some(Duration::MAX),
-        OwnLease::EndsIn(_) => None,
-        OwnLease::EndedAgo(ago) => Some(ago),
-    };
+    let over_own = reports
+        .nodes
+        .get(node)
+        .map_or(OwnLease::Never, |o| o.own_lease)
+        .over();
+    let over_promises = promised_to(reports, node).over();
     // An earlier leader may have granted a longer lease before the policy lowered it.
     let earlier = lease.max(Duration::from_millis(
         cluster.lease_ms_settling.map_or(0, |s| s.lease_ms),
@@ -373,7 +377,22 @@ fn lease_over_for(cluster: &Cluster, reports: &ClusterReports, node: &str) -> Op
     let over_earlier = reports
         .leader_for
         .checked_sub(earlier + pgquorum_client::lease::margin(earlier) + reports.grant_window);
-    over_own.zip(over_earlier).map(|(a, b)| a.min(b))
+    Some(over_own?.min(over_earlier?).min(over_promises?))
+}
+
+/// The latest end (margin included) of the failsafe promises standbys report having
+/// given `primary`. Each was counted by the standby from when it answered, which was
+/// before it sent the report saying how much was left: ending it that long after the
+/// report arrived errs late, the safe side.
+pub fn promised_to(reports: &ClusterReports, primary: &str) -> OwnLease {
+    reports
+        .nodes
+        .values()
+        .filter_map(|o| {
+            let p = o.report.promise.as_ref().filter(|p| p.primary == primary)?;
+            Some(OwnLease::granted(o.age, Duration::from_millis(p.left_ms)))
+        })
+        .fold(OwnLease::Never, OwnLease::max)
 }
 
 /// The next step for `cluster`. `lease_expired`: the old primary's lease has certainly
@@ -779,6 +798,41 @@ mod tests {
         );
         grant(&mut r, ms(100), ms(1_000));
         assert!(!lease_expired(&c, &r, "node1"), "a 1 s grant after it");
+    }
+
+    #[test]
+    fn a_failsafe_promise_to_the_old_primary_keeps_it_unfenced_until_it_ran_out() {
+        let c = cluster();
+        let ms = Duration::from_millis;
+        let promised = |to: &str, left_ms, age_ms| {
+            let mut s = standby("0/5000000", 0);
+            s.promise = Some(pb::PromiseHeld {
+                primary: to.into(),
+                epoch: c.epoch,
+                left_ms,
+            });
+            reports(vec![("node1", stopped(), 5_000), ("node2", s, age_ms)])
+        };
+        // No grant from this leader, elected an hour ago: over, but for the promise.
+        assert!(
+            lease_expired(&c, &promised("node3", 1_000, 10), "node1"),
+            "a promise to another node"
+        );
+        // 1000 ms left when sent, plus a 20 ms margin, counted from the report's arrival.
+        assert!(!lease_expired(&c, &promised("node1", 1_000, 1_019), "node1"));
+        assert!(lease_expired(&c, &promised("node1", 1_000, 1_020), "node1"));
+        assert_eq!(
+            promised_to(&promised("node1", 1_000, 20), "node1"),
+            OwnLease::EndsIn(ms(1_000))
+        );
+        // A failover waits for it like for a lease.
+        let mut failing = c.clone();
+        failing.failover = Some(started_from_node1());
+        let r = promised("node1", 1_000, 500);
+        assert_eq!(
+            fenced(&failing, &r, "node1", lease_expired(&failing, &r, "node1")),
+            None
+        );
     }
 
     #[test]

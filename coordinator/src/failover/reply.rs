@@ -59,6 +59,17 @@ pub fn heartbeat_reply(
         } else {
             0
         };
+    // With a lease, who must promise for the primary to write past it (the failsafe).
+    let failsafe_peers = if is_primary && lease_ms > 0 {
+        failsafe_roster(cluster, name)
+            .map(|m| pb::FailsafePeer {
+                name: m.name.clone(),
+                agent_addr: m.agent_addr.clone(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let standby_slots = if is_primary || promote {
         cluster
             .members
@@ -91,7 +102,23 @@ pub fn heartbeat_reply(
             .failover
             .as_ref()
             .is_some_and(|f| f.kind == "switchover" && f.step == "started" && f.old_primary == name),
+        failsafe_peers,
     }
+}
+
+/// Whose promises a primary needs to write past its lease while no leader answers it
+/// (the failsafe, docs/leases.md): everyone who could be promoted in its place — by an
+/// automatic failover (in `strict` mode only the sync set) *or by an operator*, whose
+/// `failover --to NODE --accept-data-loss` may pick any running standby, `nofailover`
+/// and other regions included. So every other member, as in Patroni's failsafe mode: a
+/// node that never promised must never be promoted while the primary may still write
+/// on promises. The cost: during an outage, one member down or unreachable from the
+/// primary ends the failsafe (the primary then stops at its lease's end, as without).
+pub fn failsafe_roster<'a>(
+    cluster: &'a Cluster,
+    primary: &'a str,
+) -> impl Iterator<Item = &'a crate::state::Member> + 'a {
+    cluster.members.values().filter(move |m| m.name != primary)
 }
 
 #[cfg(test)]
@@ -132,6 +159,36 @@ mod tests {
             heartbeat_reply(&c, &r, "node1", false).lease_ms,
             c.policy.lease_ms
         );
+    }
+
+    #[test]
+    fn a_lease_grant_names_every_other_member_as_a_failsafe_peer() {
+        let mut c = cluster();
+        c.sync_set = vec!["node2".into()];
+        c.members.get_mut("node3").unwrap().nofailover = true;
+        c.members.get_mut("node3").unwrap().agent_addr = "10.0.0.3:7201".into();
+        let r = reports(vec![
+            ("node1", primary("0/5000000", "", vec![]), 10),
+            ("node2", standby("0/5000000", 0), 10),
+        ]);
+        let reply = heartbeat_reply(&c, &r, "node1", false);
+        assert!(reply.lease_ms > 0);
+        // Not only the sync set: an operator's override may pick any running standby.
+        assert_eq!(
+            reply.failsafe_peers,
+            [
+                pb::FailsafePeer {
+                    name: "node2".into(),
+                    agent_addr: String::new()
+                },
+                pb::FailsafePeer {
+                    name: "node3".into(),
+                    agent_addr: "10.0.0.3:7201".into()
+                }
+            ]
+        );
+        let standby_reply = heartbeat_reply(&c, &r, "node2", false);
+        assert!(standby_reply.failsafe_peers.is_empty(), "only the lease holder");
     }
 
     #[test]

@@ -406,10 +406,14 @@ impl AdminService for AdminServiceImpl {
             .ready_to_read(pb::ReadConsistency::Linearizable as i32)
             .await?;
         let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
-        let statuses = node_statuses(
-            &cluster,
-            &self.reports.cluster(&cluster.name, std::time::Instant::now()),
-        );
+        let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
+        let statuses = node_statuses(&cluster, &reports);
+        let failsafe = cluster.primary.as_ref().is_some_and(|p| {
+            matches!(
+                crate::failover::decide::promised_to(&reports, p),
+                crate::observe::OwnLease::EndsIn(_)
+            )
+        });
         let raft = self
             .raft_status(Request::new(pb::RaftStatusRequest {}))
             .await?
@@ -454,6 +458,7 @@ impl AdminService for AdminServiceImpl {
             nodes,
             sync_mode: cluster.policy.sync_mode.as_str().into(),
             failover: cluster.failover.as_ref().map(Into::into),
+            failsafe,
         }))
     }
 

@@ -68,6 +68,15 @@ fn member_of(spec: &pb::MemberSpec) -> Result<Member, Error> {
         field: "member.port".into(),
         message: format!("must be 1-65535, got {}", spec.port),
     })?;
+    if !spec.agent_addr.is_empty() {
+        pgquorum_client::parse_addrs(&spec.agent_addr)
+            .ok()
+            .filter(|a| a.len() == 1)
+            .ok_or_else(|| Error::InvalidArgument {
+                field: "member.agent_addr".into(),
+                message: format!("expected host:port, got {:?}", spec.agent_addr),
+            })?;
+    }
     Ok(Member {
         name: spec.name.clone(),
         region: spec.region.clone(),
@@ -77,6 +86,7 @@ fn member_of(spec: &pb::MemberSpec) -> Result<Member, Error> {
         priority: spec.priority,
         nofailover: spec.nofailover,
         sync_eligible: spec.sync_eligible,
+        agent_addr: spec.agent_addr.clone(),
     })
 }
 

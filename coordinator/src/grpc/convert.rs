@@ -34,6 +34,7 @@ impl From<&Member> for pb::Member {
             priority: m.priority,
             nofailover: m.nofailover,
             sync_eligible: m.sync_eligible,
+            agent_addr: m.agent_addr.clone(),
         }
     }
 }

@@ -179,6 +179,7 @@ pub(crate) mod tests {
             priority: 100,
             nofailover: false,
             sync_eligible: eligible,
+            agent_addr: String::new(),
         }
     }
 

@@ -172,6 +172,15 @@ impl OwnLease {
         }
     }
 
+    /// How long ago it ended (`Duration::MAX`: never granted); None while it runs.
+    pub fn over(self) -> Option<Duration> {
+        match self {
+            OwnLease::Never => Some(Duration::MAX),
+            OwnLease::EndsIn(_) => None,
+            OwnLease::EndedAgo(ago) => Some(ago),
+        }
+    }
+
     /// The later-ending of two.
     pub fn max(self, other: OwnLease) -> OwnLease {
         use OwnLease::*;

@@ -28,6 +28,10 @@ pub struct Member {
     pub nofailover: bool,
     /// May be chosen into the sync set.
     pub sync_eligible: bool,
+    /// `host:port` of its agent's PeerService, which a primary asks for failsafe
+    /// promises; empty: none.
+    #[serde(default)]
+    pub agent_addr: String,
 }
 
 /// Where an in-flight failover or switchover stands, so that a new Raft leader resumes

@@ -770,6 +770,7 @@ mod tests {
             priority: 100,
             nofailover: false,
             sync_eligible: true,
+            agent_addr: String::new(),
         }
     }
 
