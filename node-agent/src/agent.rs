@@ -550,6 +550,9 @@ impl Agent {
         if self.ctl.initialized() {
             self.verify_commit_check(&report).await;
         }
+        // Before planning: a node told to promote gives no promise from here on, and
+        // one given before this point is in `local`, so the plan waits for it to end.
+        self.publish_standing(&reply);
         let local = self.local();
         let mut result = Ok(());
         for action in plan::plan(&local, &report, &reply) {
@@ -562,6 +565,12 @@ impl Agent {
             Ok(()) => self.resolved(),
             Err(e) => self.problem(e.to_string()),
         }
+        // What the actions made of the data counts from now on.
+        self.publish_standing(&reply);
+    }
+
+    /// Tells the PeerService what this node now is, for judging promises.
+    fn publish_standing(&self, reply: &pb::HeartbeatReply) {
         let standing = Standing {
             cluster: self.config.cluster.clone(),
             me: self.config.name.clone(),
