@@ -27,6 +27,8 @@ struct Log {
     acks: Vec<Ack>,
     /// The first write that failed after the last acknowledged one.
     refused_since_last_ack: Option<Instant>,
+    /// When each write failed (refused, or the connection lost or not made).
+    refusals: Vec<Instant>,
 }
 
 /// A writer that records when each of its commits was sent and acknowledged. It
@@ -70,7 +72,9 @@ impl TimedWriter {
         );
         let refused = move |log: &Mutex<Log>| {
             let mut log = log.lock().expect("writer log lock");
-            log.refused_since_last_ack.get_or_insert_with(Instant::now);
+            let now = Instant::now();
+            log.refused_since_last_ack.get_or_insert(now);
+            log.refusals.push(now);
         };
         let task = tokio::spawn(async move {
             let end = Instant::now() + for_at_most;
@@ -146,6 +150,17 @@ impl TimedWriter {
     /// Every acknowledged commit, in order.
     pub fn all(&self) -> Vec<Ack> {
         self.read(|l| l.acks.clone())
+    }
+
+    /// When each write that failed between `from` and `to` failed.
+    pub fn refused_between(&self, from: Instant, to: Instant) -> Vec<Instant> {
+        self.read(|l| {
+            l.refusals
+                .iter()
+                .filter(|t| **t >= from && **t <= to)
+                .copied()
+                .collect()
+        })
     }
 
     /// When the first write after the last acknowledged one failed, if one did.

@@ -60,6 +60,15 @@ async fn primary_cut_off(coordinator_base: u16, postgres_base: u16, sync_mode: &
         None,
         "the cut-off primary's Postgres was stopped at its lease's end"
     );
+    if cut == Cut::CoordinatorsOnly {
+        // Issue 12: it asked its standbys for failsafe promises, and they refused:
+        // they still reach a coordinator leader.
+        let log = std::fs::read_to_string(sandbox.path_of_agent_log("node1")).unwrap_or_default();
+        assert!(
+            log.contains("reaches a coordinator leader"),
+            "node1's standbys refused it a failsafe promise because they reach a leader"
+        );
+    }
 
     sandbox.network().unwrap().heal_all().unwrap();
     let s = sandbox

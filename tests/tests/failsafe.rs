@@ -1,0 +1,203 @@
+//! The failsafe (issue 12): while no coordinator leader answers, a primary keeps
+//! writing on promises from every standby that could replace it, so an outage of the
+//! coordinator group costs a healthy primary nothing; with a promise missing it stops
+//! within its lease. Writers with `synchronous_commit = local` on every node record
+//! who acknowledged what, and when. (A primary cut off from the coordinators while its
+//! standbys reach them is refused its promises and replaced: `partitions.rs`.)
+
+use std::time::{Duration, Instant};
+
+use pgquorum::launch::Sandbox;
+use pgquorum_tests::{
+    eventually, node_status as node, set_policy, start_sandbox, InTempDir, ThawOnDrop, WritersOnEveryNode,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+const LEASE: Duration = Duration::from_millis(1000);
+
+fn log_of(path: std::path::PathBuf) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A sandbox in `sync_mode`, healthy, with node1's sync standby committed (so node1
+/// knows whose promises it needs) and writers on every node.
+async fn healthy(
+    coordinator_base: u16,
+    postgres_base: u16,
+    sync_mode: &str,
+) -> (InTempDir<Sandbox>, WritersOnEveryNode) {
+    let sandbox = start_sandbox(coordinator_base, postgres_base).await;
+    set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
+    sandbox
+        .wait_for("all healthy, a sync standby committed", WAIT, |s| {
+            !s.sync_set.is_empty() && s.nodes.iter().all(|n| n.health == "HEALTHY")
+        })
+        .await
+        .unwrap();
+    let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(180)).await;
+    (sandbox, writers)
+}
+
+/// Panics unless node1 wrote throughout `from..to` (no write refused, writes
+/// acknowledged), went on the failsafe, and was never fenced.
+fn assert_wrote_throughout(sandbox: &Sandbox, writers: &WritersOnEveryNode, from: Instant, to: Instant) {
+    let node1 = writers.on("node1");
+    let refused = node1.refused_between(from, to);
+    assert!(
+        refused.is_empty(),
+        "node1 refused {} writes during the outage, the first {:?} into it",
+        refused.len(),
+        refused.first().map(|t| t.duration_since(from))
+    );
+    let acked = node1
+        .acked_since(from)
+        .into_iter()
+        .filter(|a| a.acked <= to)
+        .count();
+    assert!(acked > 0, "node1 acknowledged writes during the outage");
+    let agent = log_of(sandbox.path_of_agent_log("node1"));
+    assert!(
+        agent.contains("failsafe: no coordinator leader answers"),
+        "node1 wrote on its standbys' promises"
+    );
+    assert!(!agent.contains("fence"), "node1's agent never fenced it");
+    assert!(
+        !log_of(sandbox.path_of_guard_log("node1")).contains("fence"),
+        "node1's guard never fenced it"
+    );
+}
+
+/// After the outage: the coordinators answer again, node1 is still the primary of
+/// epoch 1 on the same postmaster, and no other node ever acknowledged a write.
+async fn assert_nothing_failed_over(
+    sandbox: &Sandbox,
+    writers: &WritersOnEveryNode,
+    postmaster: Option<i32>,
+) {
+    let back = Instant::now();
+    let s = sandbox
+        .wait_for("the coordinators answering, node1 healthy", WAIT, |s| {
+            node(s, "node1").health == "HEALTHY" && !s.failsafe
+        })
+        .await
+        .unwrap();
+    // Long enough for a failover the return caused to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = sandbox.status().await.unwrap_or(s);
+    assert_eq!((s.epoch, s.primary.as_str()), (1, "node1"), "no failover");
+    assert_eq!(
+        sandbox.postmaster_pid("node1"),
+        postmaster,
+        "node1's Postgres never stopped"
+    );
+    assert!(
+        !writers.on("node1").acked_since(back).is_empty(),
+        "node1 writes after the coordinators returned"
+    );
+    writers.assert_only_acknowledged_by(&["node1"]);
+}
+
+/// Issue 12: two of three coordinators (the leader among them) killed for 60 s: no
+/// quorum, no leader. The primary writes throughout on its sync standby's promise;
+/// when they return, nothing fails over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_three_coordinators_killed_for_a_minute_cost_the_primary_nothing() {
+    let (mut sandbox, writers) = healthy(27100, 27110, "strict").await;
+    let postmaster = sandbox.postmaster_pid("node1");
+    let leader = sandbox.coordinators().wait_for_leader(WAIT).await.unwrap();
+    let other = sandbox
+        .coordinators()
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .unwrap();
+    let from = Instant::now();
+    for id in [leader, other] {
+        sandbox.coordinators().kill(id).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let to = Instant::now();
+    assert_wrote_throughout(&sandbox, &writers, from, to);
+    assert!(
+        log_of(sandbox.path_of_agent_log("node2")).contains("promised the primary not to be promoted"),
+        "node2 gave the promise"
+    );
+    for id in [leader, other] {
+        sandbox.coordinators().start_node(id).unwrap();
+    }
+    assert_nothing_failed_over(&sandbox, &writers, postmaster).await;
+}
+
+/// Issue 12: every coordinator frozen (SIGSTOP) for 20 s, in `prefer` mode (both
+/// standbys must promise). Thawed, the old leader's reports are 20 s old: it must not
+/// take the primary for silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_coordinator_frozen_costs_the_primary_nothing() {
+    let (mut sandbox, writers) = healthy(27200, 27210, "prefer").await;
+    let postmaster = sandbox.postmaster_pid("node1");
+    let group = sandbox.coordinators();
+    let pids = group
+        .ids()
+        .into_iter()
+        .filter_map(|id| group.pid(id))
+        .map(|p| p as i32)
+        .collect();
+    let from = Instant::now();
+    let frozen = ThawOnDrop::freeze(pids);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let to = Instant::now();
+    drop(frozen);
+    assert_wrote_throughout(&sandbox, &writers, from, to);
+    for standby in ["node2", "node3"] {
+        assert!(
+            log_of(sandbox.path_of_agent_log(standby)).contains("promised the primary not to be promoted"),
+            "{standby} gave a promise"
+        );
+    }
+    assert_nothing_failed_over(&sandbox, &writers, postmaster).await;
+}
+
+/// Issue 12: during an outage of every coordinator the sync standby's host dies: its
+/// promise is not renewed, and the primary stops before the last one it gave ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_lost_during_an_outage_stops_the_primary_within_its_lease() {
+    let (mut sandbox, writers) = healthy(27300, 27310, "strict").await;
+    let group = sandbox.coordinators();
+    let pids = group
+        .ids()
+        .into_iter()
+        .filter_map(|id| group.pid(id))
+        .map(|p| p as i32)
+        .collect();
+    let frozen = ThawOnDrop::freeze(pids);
+    // On the failsafe by now (its lease alone would have ended).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let on_failsafe = Instant::now() - Duration::from_secs(1);
+    assert!(
+        !writers.on("node1").acked_since(on_failsafe).is_empty(),
+        "node1 writes on its standby's promise"
+    );
+    let killed = Instant::now();
+    sandbox.kill_host("node2").unwrap();
+    eventually("node1's Postgres stopped", WAIT, || async {
+        sandbox.postmaster_pid("node1").is_none()
+    })
+    .await;
+    // Its last promise was asked for before the kill and lasts a lease; the slack
+    // covers the kill taking effect and the client noting the acknowledgement.
+    let last = writers.on("node1").last().unwrap().acked;
+    let after = last.saturating_duration_since(killed);
+    assert!(
+        after < LEASE + Duration::from_millis(300),
+        "node1 acknowledged a write {after:?} after its only promising standby died (promises last {LEASE:?})"
+    );
+    drop(frozen);
+    // Back: a primary again (node1: strict, its only sync standby gone), never two.
+    sandbox
+        .wait_for("a primary again", WAIT, |s| {
+            !s.primary.is_empty() && node(s, &s.primary).health == "HEALTHY"
+        })
+        .await
+        .unwrap();
+    writers.assert_took_turns();
+}
