@@ -254,6 +254,10 @@ enum BenchCommand {
         #[arg(long, value_name = "DIR")]
         raft_store_dir: Option<PathBuf>,
     },
+    /// An outage of every coordinator (frozen, or two of three killed) while a writer
+    /// runs on the primary: writes refused (the failsafe's target: none), the longest
+    /// wait, and the failover time when the primary dies during an outage.
+    Outage(bench::outage::Options),
     /// Commit latency, throughput and leader failover of a local 3-node group.
     Raft {
         #[arg(long, default_value_t = 2000)]
@@ -349,6 +353,7 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             bench::failover::run(opts).await
         }
         Command::Bench(BenchCommand::Router(opts)) => bench::router::run(opts).await,
+        Command::Bench(BenchCommand::Outage(opts)) => bench::outage::run(opts).await,
         Command::Bench(BenchCommand::Chaos {
             duration,
             seed,

@@ -5,6 +5,7 @@
 
 pub mod chaos;
 pub mod failover;
+pub mod outage;
 pub mod raft;
 pub mod router;
 
