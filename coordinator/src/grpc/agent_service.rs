@@ -224,24 +224,39 @@ impl AgentServiceImpl {
         }
 
         let draft = self.draft(lead, &cluster_name, &name, initializing)?;
-        if draft.lease_ms == 0 {
-            return self.finish(draft, &cluster_name, &name, Instant::now());
-        }
-        // A lease: confirm this leadership with a quorum first, then answer from the
-        // state applied through that confirmation.
         let asked = Instant::now();
-        // Counted as granted from now on, before it is: the controller, deciding on
-        // another thread while this round runs, must not see the lease as over and
-        // start a failover that this reply then contradicts. Unused, it only errs late.
-        self.reports
-            .lease_granted(&cluster_name, &name, Duration::from_millis(draft.lease_ms), asked);
+        // A reply without a lease needs a quorum heard from lately; a leader that lost
+        // its followers (openraft keeps it leader) must not answer at all: a standby it
+        // answered would count as reaching a leader and refuse the primary its failsafe
+        // promise, although nothing can be committed.
+        let quorum_recent = lead
+            .quorum_acked_at
+            .is_some_and(|at| asked.saturating_duration_since(at) < self.confirm_within);
+        if draft.lease_ms == 0 && quorum_recent {
+            return self.finish(draft, &cluster_name, &name, asked);
+        }
+        // A lease (or no recent quorum): confirm this leadership with a quorum first,
+        // then answer from the state applied through that confirmation.
+        if draft.lease_ms > 0 {
+            // Counted as granted from now on, before it is: the controller, deciding on
+            // another thread while this round runs, must not see the lease as over and
+            // start a failover that this reply then contradicts. Unused, it only errs late.
+            self.reports
+                .lease_granted(&cluster_name, &name, Duration::from_millis(draft.lease_ms), asked);
+        }
         if !self
             .confirm_leadership(lead, asked, asked + self.confirm_within)
             .await
         {
             return Err(self.no_quorum_contact(lead, Instant::now()));
         }
-        let reply = self.draft(lead, &cluster_name, &name, initializing)?;
+        let mut reply = self.draft(lead, &cluster_name, &name, initializing)?;
+        if draft.lease_ms == 0 && reply.lease_ms > 0 {
+            // The state moved meanwhile; a lease noted as granted only from now would
+            // start later than it counts: none this time (the next heartbeat has one).
+            reply.lease_ms = 0;
+            reply.failsafe_peers.clear();
+        }
         self.finish(reply, &cluster_name, &name, asked)
     }
 
