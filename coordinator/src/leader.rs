@@ -24,14 +24,52 @@ use crate::sync::plan;
 /// step wait for this loop.
 const INTERVAL: Duration = Duration::from_millis(25);
 
-/// A round this late means the coordinator was paused (SIGSTOP, a VM pause, starved of
+/// A timer this late means the coordinator was paused (SIGSTOP, a VM pause, starved of
 /// CPU): every report it holds is that much older than its age says, and a primary
 /// would look silent. It starts afresh then, as a new leader does: it counts no lease
 /// as expired and no node as silent for a full lease (DESIGN.md, "a new leader starts
-/// from nothing"). A quarter of the default failure timeout: a pause long enough to
-/// make a primary look silent is caught (with failure timeouts as short as this, only
-/// the rounds' own lateness is).
+/// from nothing"). A quarter of the default failure timeout.
 const PAUSED: Duration = Duration::from_millis(250);
+
+/// How often [`PauseWatch`] looks at the clock.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Counts this process's pauses: a task of its own that should wake every [`TICK`]
+/// and woke more than [`PAUSED`] late. Apart from the loop, so the loop's own waits
+/// (a slow commit) are not taken for one, and a pause during them is.
+struct PauseWatch {
+    pauses: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PauseWatch {
+    fn start() -> PauseWatch {
+        let pauses = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = pauses.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let before = Instant::now();
+                tokio::time::sleep(TICK).await;
+                let late = before.elapsed().saturating_sub(TICK);
+                if late > PAUSED {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    warn!(late_ms = late.as_millis() as u64, "this coordinator was paused");
+                }
+            }
+        });
+        PauseWatch { pauses, task }
+    }
+
+    fn count(&self) -> u64 {
+        self.pauses.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for PauseWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -162,17 +200,16 @@ pub fn step(
 pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports) {
     let mut was_leader = false;
     let mut stuck: HashMap<String, String> = HashMap::new();
-    let mut last_round = Instant::now();
+    let pauses = PauseWatch::start();
+    let mut pauses_seen = pauses.count();
     loop {
         tokio::time::sleep(INTERVAL).await;
-        let late = last_round.elapsed().saturating_sub(INTERVAL);
-        last_round = Instant::now();
-        if late > PAUSED && was_leader {
-            warn!(
-                late_ms = late.as_millis() as u64,
-                "this coordinator was paused: its reports are stale, so it starts afresh as a new leader would"
-            );
-            reports.clear(Instant::now());
+        if pauses.count() != pauses_seen {
+            pauses_seen = pauses.count();
+            if was_leader {
+                warn!("its reports are stale after the pause: starting afresh as a new leader would");
+                reports.clear(Instant::now());
+            }
         }
         // Leadership first, then the clock: read the other way round, a pause between
         // the two would date "leader since" before the election.
