@@ -121,7 +121,8 @@ struct Node {
     peers_cut_until: u64,
     /// When a coordinator leader last answered the agent.
     leader_answered_at: Option<u64>,
-    /// The primary, and whether this node is told to promote, as the last reply said.
+    /// The primary (persisted with the epoch), and whether this node is told to
+    /// promote, as the last reply said.
     known_primary: Option<String>,
     told_promote: bool,
     /// Whose promises the primary needs, and its last grant's length (ms), from its
@@ -162,7 +163,7 @@ impl Node {
         self.streaming = StreamWatch::default();
         self.divergence_checked_at = None;
         self.leader_answered_at = None;
-        self.known_primary = None;
+        // The primary is persisted with the epoch.
         self.told_promote = false;
         self.failsafe_peers = Vec::new();
         self.granted_ms = 0;
@@ -562,7 +563,7 @@ impl Sim {
                 me: peer.name.clone(),
                 epoch: p.epoch,
                 primary: p.known_primary.clone(),
-                standby: !p.primary_data && !p.promoting && !p.told_promote,
+                being_promoted: p.promoting || p.told_promote,
                 leader_answered_at: p.leader_answered_at.map(|a| self.base + Duration::from_millis(a)),
                 reach_window: Duration::from_millis(200),
             };

@@ -177,6 +177,10 @@ const DIVERGENCE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a primary waits for its standbys' promises at most.
 const PROMISE_TIMEOUT: Duration = Duration::from_millis(300);
+/// Below this much lease left, no point in asking.
+const PROMISE_MIN: Duration = Duration::from_millis(20);
+/// Between two asks for promises when one was missing.
+const PROMISE_RETRY: Duration = Duration::from_millis(20);
 
 /// A heartbeat's whole budget when nothing is at stake.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -276,6 +280,16 @@ impl Agent {
             }
             None => None,
         };
+        // Until a coordinator answers, promises are judged by what was persisted.
+        self.book().set_standing(Standing {
+            cluster: self.config.cluster.clone(),
+            me: self.config.name.clone(),
+            epoch: self.state.epoch,
+            primary: Some(self.state.primary.clone()).filter(|p| !p.is_empty()),
+            being_promoted: self.guard.promoting.exists(),
+            leader_answered_at: None,
+            reach_window: attempt_timeout(self.interval),
+        });
         info!(cluster = %self.config.cluster, name = %self.config.name, epoch = self.state.epoch, "agent started");
         let timer = tokio::spawn(lease_timer(self.lease_deadline.subscribe(), self.guard.clone()));
         tokio::pin!(shutdown);
@@ -458,19 +472,25 @@ impl Agent {
             report: Some(report.clone()),
             forwarded: false,
         };
-        // A lease holder waits no longer than its lease: past it, it is fenced anyway;
-        // one that could ask for promises, only until half a lease is left.
-        let reserve = if self.failsafe_peers.is_empty() {
-            Duration::ZERO
-        } else {
+        // A lease holder waits no longer than its lease: past it, it is fenced anyway.
+        // One that could ask for promises waits only until half a lease is left, and
+        // one already writing on promises one attempt, then asks again.
+        let can_ask =
+            !self.failsafe_peers.is_empty() && self.failsafe_peers.iter().all(|p| !p.agent_addr.is_empty());
+        let reserve = if can_ask {
             Duration::from_millis(self.granted_ms / 2)
+        } else {
+            Duration::ZERO
         };
-        let overall = self
-            .lease
-            .map_or(HEARTBEAT_TIMEOUT, |l| {
-                l.left(sent_at).saturating_sub(reserve).min(HEARTBEAT_TIMEOUT)
-            })
-            .max(attempt_timeout(self.interval));
+        let overall = if self.failsafe {
+            attempt_timeout(self.interval)
+        } else {
+            self.lease
+                .map_or(HEARTBEAT_TIMEOUT, |l| {
+                    l.left(sent_at).saturating_sub(reserve).min(HEARTBEAT_TIMEOUT)
+                })
+                .max(attempt_timeout(self.interval))
+        };
         let reply = match self
             .coordinators
             .heartbeat_within(request, attempt_timeout(self.interval), overall)
@@ -509,15 +529,20 @@ impl Agent {
                 ))
             }
             Reception::Accept { new_epoch, lease } => {
-                if let Some(epoch) = new_epoch {
+                let primary = reply.primary.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+                if new_epoch.is_some() || primary != self.state.primary {
+                    let epoch = new_epoch.unwrap_or(self.state.epoch);
                     let next = AgentState {
                         epoch,
+                        primary,
                         ..self.state.clone()
                     };
                     if let Err(e) = self.state_file.save(&next) {
                         return self.problem(format!("cannot persist epoch {epoch}: {e}; not acting on it"));
                     }
-                    info!(from = self.state.epoch, to = epoch, "new epoch");
+                    if new_epoch.is_some() {
+                        info!(from = self.state.epoch, to = epoch, "new epoch");
+                    }
                     self.state = next;
                 }
                 lease
@@ -576,7 +601,7 @@ impl Agent {
             me: self.config.name.clone(),
             epoch: self.state.epoch,
             primary: self.primary.as_ref().map(|(name, _)| name.clone()),
-            standby: self.ctl.is_standby_data() && !self.guard.promoting.exists() && !reply.promote,
+            being_promoted: self.guard.promoting.exists() || reply.promote,
             leader_answered_at: self.leader_answered_at,
             reach_window: attempt_timeout(self.interval),
         };
@@ -591,13 +616,7 @@ impl Agent {
     /// that could replace it for a promise and, with all of them, extends the lease to
     /// the earliest one's end. Without, the lease runs out as granted.
     async fn keep_writing_on_promises(&mut self) {
-        let Some(lease) = self.lease else {
-            return;
-        };
-        let asked_at = Instant::now();
-        let asked_boot_ns = guard::boottime_ns();
-        let within = lease.left(asked_at).min(PROMISE_TIMEOUT);
-        if self.failsafe_peers.is_empty() || within.is_zero() {
+        if self.failsafe_peers.is_empty() {
             return;
         }
         let request = pb::PromiseRequest {
@@ -607,12 +626,27 @@ impl Agent {
             for_ms: self.granted_ms,
         };
         let peers = self.failsafe_peers.clone();
-        let (granted, refusals) = self.peers.ask_all(&peers, &request, within).await;
-        let Some(usable) = failsafe::extension(&granted) else {
-            return self.problem(format!(
-                "failsafe: not every standby that could take over promised ({}); the lease ends as granted",
-                refusals.join("; ")
-            ));
+        // Asked again at once after a miss (a slow disk, a lost packet), while the
+        // lease leaves time for an answer.
+        let (asked_at, asked_boot_ns, usable, lease) = loop {
+            let Some(lease) = self.lease else {
+                return;
+            };
+            let asked_at = Instant::now();
+            let asked_boot_ns = guard::boottime_ns();
+            let within = lease.left(asked_at).min(PROMISE_TIMEOUT);
+            if within < PROMISE_MIN {
+                return;
+            }
+            let (granted, refusals) = self.peers.ask_all(&peers, &request, within).await;
+            match failsafe::extension(&granted) {
+                Some(usable) => break (asked_at, asked_boot_ns, usable, lease),
+                None => self.problem(format!(
+                    "failsafe: not every other member promised ({}); the lease ends as granted unless they do",
+                    refusals.join("; ")
+                )),
+            }
+            tokio::time::sleep(PROMISE_RETRY).await;
         };
         if asked_at + usable <= lease.until {
             return;

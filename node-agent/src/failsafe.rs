@@ -38,8 +38,11 @@ pub struct Standing {
     /// The newest epoch seen, and the primary the last reply named.
     pub epoch: u64,
     pub primary: Option<String>,
-    /// Its data is a standby's and it is not being promoted.
-    pub standby: bool,
+    /// It is being promoted (told to, or the promotion marker is there). Any other
+    /// node may promise, whatever its data: a stopped old primary, a node still being
+    /// cloned or rewound can only be promoted as a standby later, and the promise
+    /// holds it back until then.
+    pub being_promoted: bool,
     /// When a coordinator leader last answered this agent (every heartbeat reply comes
     /// from the leader; followers forward).
     pub leader_answered_at: Option<Instant>,
@@ -83,17 +86,14 @@ pub fn judge(standing: &Standing, request: &pb::PromiseRequest, now: Instant) ->
             request.primary, standing.epoch
         ));
     }
-    if !standing.standby {
-        return Err("this node is not a standby (or is being promoted)".into());
+    if standing.being_promoted {
+        return Err("this node is being promoted".into());
     }
-    if let Some(at) = standing.leader_answered_at {
-        let ago = now.saturating_duration_since(at);
-        if ago < standing.reach_window {
-            return Err(format!(
-                "this node reaches a coordinator leader (answered {} ms ago)",
-                ago.as_millis()
-            ));
-        }
+    if standing
+        .leader_answered_at
+        .is_some_and(|at| now.saturating_duration_since(at) < standing.reach_window)
+    {
+        return Err("this node reaches a coordinator leader".into());
     }
     if request.for_ms == 0 {
         return Err("a promise of 0 ms".into());
@@ -184,7 +184,7 @@ mod tests {
             me: "node2".into(),
             epoch: 3,
             primary: Some("node1".into()),
-            standby: true,
+            being_promoted: false,
             leader_answered_at: Some(now - Duration::from_millis(600)),
             reach_window: Duration::from_millis(400),
         }
@@ -218,8 +218,8 @@ mod tests {
         other.primary = Some("node3".into());
         refused(&other, &ask(), "not the primary");
         let mut promoting = s.clone();
-        promoting.standby = false;
-        refused(&promoting, &ask(), "not a standby");
+        promoting.being_promoted = true;
+        refused(&promoting, &ask(), "being promoted");
         refused(
             &s,
             &pb::PromiseRequest {
@@ -239,6 +239,10 @@ mod tests {
         let mut never = s.clone();
         never.leader_answered_at = None;
         assert!(judge(&never, &ask(), now).is_ok(), "no leader since it started");
+        assert!(
+            judge(&Standing::default(), &ask(), now).is_err(),
+            "an agent that knows nothing yet promises nothing"
+        );
         let long = pb::PromiseRequest {
             for_ms: 3_600_000,
             ..ask()

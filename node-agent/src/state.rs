@@ -22,6 +22,10 @@ pub struct AgentState {
     /// a killed agent from its successor's.
     #[serde(default)]
     pub incarnation: u64,
+    /// The primary of `epoch` as the last reply named it (empty: none): a restarted
+    /// agent judges failsafe promises by it until a coordinator answers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub primary: String,
 }
 
 impl AgentState {
@@ -74,16 +78,30 @@ impl<T: Serialize + DeserializeOwned + Default> StateFile<T> {
     }
 
     pub fn save(&self, state: &T) -> Result<()> {
+        self.replace(state, true)
+    }
+
+    /// Like [`Self::save`], but left to the page cache: it survives the agent's
+    /// process (a restart reads it back at once), not a crash of the host before the
+    /// kernel writes it out. For what is written several times a second and matters
+    /// only for as long as a crashed host takes to boot again.
+    pub fn save_unsynced(&self, state: &T) -> Result<()> {
+        self.replace(state, false)
+    }
+
+    fn replace(&self, state: &T, durable: bool) -> Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = self.path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(toml::to_string(state).unwrap_or_default().as_bytes())?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, &self.path)?;
         // The rename itself is durable only once the directory is.
-        if let Some(dir) = self.path.parent() {
+        if let (true, Some(dir)) = (durable, self.path.parent()) {
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
@@ -111,7 +129,7 @@ mod tests {
         assert_eq!(file.load().unwrap().epoch, 0);
         file.save(&AgentState {
             epoch: 7,
-            incarnation: 0,
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(file.load().unwrap().epoch, 7);
