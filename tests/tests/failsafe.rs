@@ -98,7 +98,7 @@ async fn assert_nothing_failed_over(
 }
 
 /// Issue 12: two of three coordinators (the leader among them) killed for 60 s: no
-/// quorum, no leader. The primary writes throughout on its sync standby's promise;
+/// quorum, no leader. The primary writes throughout on its standbys' promises;
 /// when they return, nothing fails over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_three_coordinators_killed_for_a_minute_cost_the_primary_nothing() {

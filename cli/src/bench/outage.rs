@@ -234,7 +234,7 @@ async fn one_round(sandbox: &mut Sandbox, opts: &Options) -> Result<Round> {
     let acks: Vec<Instant> = writer.acks();
     let in_window: Vec<Instant> = acks.iter().copied().filter(|a| *a >= from && *a <= to).collect();
     let mut max_gap = Duration::ZERO;
-    let mut previous = acks.iter().copied().filter(|a| *a < from).last().unwrap_or(from);
+    let mut previous = acks.iter().copied().rfind(|a| *a < from).unwrap_or(from);
     for a in in_window.iter().copied().chain(std::iter::once(to)) {
         max_gap = max_gap.max(a.saturating_duration_since(previous));
         previous = a;

@@ -35,6 +35,7 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
         "epoch": s.epoch,
         "primary": if s.primary.is_empty() { Value::Null } else { Value::from(s.primary.clone()) },
         "maintenance": s.maintenance,
+        "failsafe": s.failsafe,
         "sync_mode": s.sync_mode,
         "sync_set": s.sync_set,
         "failover": s.failover.as_ref().map(|f| json!({
@@ -158,13 +159,18 @@ fn status_table(s: &pb::StatusReply) -> String {
         })
         .unwrap_or_default();
     format!(
-        "cluster {}   epoch {}   primary {}   sync {} {:?}{}   raft leader {} (term {})\n{in_flight}{}",
+        "cluster {}   epoch {}   primary {}   sync {} {:?}{}{}   raft leader {} (term {})\n{in_flight}{}",
         s.cluster,
         s.epoch,
         if s.primary.is_empty() { "-" } else { &s.primary },
         s.sync_mode,
         s.sync_set,
         if s.maintenance { "   MAINTENANCE" } else { "" },
+        if s.failsafe {
+            "   FAILSAFE (the primary wrote on its standbys' promises)"
+        } else {
+            ""
+        },
         raft.leader_id
             .map(|l| l.to_string())
             .unwrap_or_else(|| "-".into()),
