@@ -179,6 +179,8 @@ const DIVERGENCE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 const PROMISE_TIMEOUT: Duration = Duration::from_millis(300);
 /// Below this much lease left, no point in asking.
 const PROMISE_MIN: Duration = Duration::from_millis(20);
+/// How many times a round asks for promises at most.
+const PROMISE_TRIES: u32 = 2;
 /// Between two asks for promises when one was missing.
 const PROMISE_RETRY: Duration = Duration::from_millis(20);
 
@@ -473,8 +475,9 @@ impl Agent {
             forwarded: false,
         };
         // A lease holder waits no longer than its lease: past it, it is fenced anyway.
-        // One that could ask for promises waits only until half a lease is left, and
-        // one already writing on promises one attempt, then asks again.
+        // One that could ask for promises waits only until half a lease is left (so a
+        // round on promises asks about every half lease; a coordinator back after an
+        // outage gets that long to confirm its leadership and grant).
         let can_ask =
             !self.failsafe_peers.is_empty() && self.failsafe_peers.iter().all(|p| !p.agent_addr.is_empty());
         let reserve = if can_ask {
@@ -482,15 +485,12 @@ impl Agent {
         } else {
             Duration::ZERO
         };
-        let overall = if self.failsafe {
-            attempt_timeout(self.interval)
-        } else {
-            self.lease
-                .map_or(HEARTBEAT_TIMEOUT, |l| {
-                    l.left(sent_at).saturating_sub(reserve).min(HEARTBEAT_TIMEOUT)
-                })
-                .max(attempt_timeout(self.interval))
-        };
+        let overall = self
+            .lease
+            .map_or(HEARTBEAT_TIMEOUT, |l| {
+                l.left(sent_at).saturating_sub(reserve).min(HEARTBEAT_TIMEOUT)
+            })
+            .max(attempt_timeout(self.interval));
         let reply = match self
             .coordinators
             .heartbeat_within(request, attempt_timeout(self.interval), overall)
@@ -626,9 +626,15 @@ impl Agent {
             for_ms: self.granted_ms,
         };
         let peers = self.failsafe_peers.clone();
-        // Asked again at once after a miss (a slow disk, a lost packet), while the
-        // lease leaves time for an answer.
+        // Asked once more at once after an answer that did not come (a slow disk, a
+        // lost packet), while the lease leaves time; then back to heartbeats, which the
+        // next round tries again. Not after a "no": a standby that reaches a leader
+        // says so again, and a heartbeat is the thing to retry (chaos: a 300 ms blip,
+        // the primary's heartbeat stalled behind a TCP retransmission, and it asked
+        // over and over until its lease ended).
+        let mut tries = 0;
         let (asked_at, asked_boot_ns, usable, lease) = loop {
+            tries += 1;
             let Some(lease) = self.lease else {
                 return;
             };
@@ -638,13 +644,16 @@ impl Agent {
             if within < PROMISE_MIN {
                 return;
             }
-            let (granted, refusals) = self.peers.ask_all(&peers, &request, within).await;
-            match failsafe::extension(&granted) {
-                Some(usable) => break (asked_at, asked_boot_ns, usable, lease),
-                None => self.problem(format!(
-                    "failsafe: not every other member promised ({}); the lease ends as granted unless they do",
-                    refusals.join("; ")
-                )),
+            let answers = self.peers.ask_all(&peers, &request, within).await;
+            if let Some(usable) = failsafe::extension(&answers.granted) {
+                break (asked_at, asked_boot_ns, usable, lease);
+            }
+            self.problem(format!(
+                "failsafe: not every other member promised ({}); the lease ends as granted unless they do",
+                answers.refusals.join("; ")
+            ));
+            if answers.said_no || tries >= PROMISE_TRIES {
+                return;
             }
             tokio::time::sleep(PROMISE_RETRY).await;
         };

@@ -165,16 +165,25 @@ pub struct Peers {
     channels: HashMap<String, Channel>,
 }
 
+/// What a primary's peers answered it.
+pub struct Answers {
+    /// The length each gave (None: refused, unreachable, too slow, or no address).
+    pub granted: Vec<Option<Duration>>,
+    /// Why not, for the log.
+    pub refusals: Vec<String>,
+    /// Some peer answered "no" (it reaches a leader, it knows another epoch, …):
+    /// asking again at once would get the same answer.
+    pub said_no: bool,
+}
+
 impl Peers {
-    /// Asks every one of `peers` for a promise at once, each bounded by `within`:
-    /// the length each gave (None: refused, unreachable, too slow, or no address),
-    /// with the reasons for the log.
+    /// Asks every one of `peers` for a promise at once, each bounded by `within`.
     pub async fn ask_all(
         &mut self,
         peers: &[pb::FailsafePeer],
         request: &pb::PromiseRequest,
         within: Duration,
-    ) -> (Vec<Option<Duration>>, Vec<String>) {
+    ) -> Answers {
         let asks = peers.iter().map(|peer| {
             let channel = self.channel(&peer.agent_addr);
             let request = request.clone();
@@ -188,16 +197,20 @@ impl Peers {
                 if reply.granted {
                     Ok(Duration::from_millis(reply.for_ms))
                 } else {
-                    Err(format!("{}: {}", peer.name, reply.refusal))
+                    Err(format!("{}: said no: {}", peer.name, reply.refusal))
                 }
             }
         });
         let outcomes = futures::future::join_all(asks).await;
-        let why = outcomes
+        let refusals: Vec<String> = outcomes
             .iter()
             .filter_map(|o| o.as_ref().err().cloned())
             .collect();
-        (outcomes.into_iter().map(|o| o.ok()).collect(), why)
+        Answers {
+            said_no: refusals.iter().any(|r| r.contains(": said no: ")),
+            refusals,
+            granted: outcomes.into_iter().map(|o| o.ok()).collect(),
+        }
     }
 
     fn channel(&mut self, addr: &str) -> std::result::Result<Channel, String> {
