@@ -1,6 +1,7 @@
 //! Leases against frozen and killed coordinators (issue 10): a frozen follower costs
-//! the primary nothing; with every coordinator frozen the primary stops within its
-//! lease; a new Raft leader never promotes before the old primary's lease has ended.
+//! the primary nothing; with every coordinator frozen and no standby able to promise
+//! (the failsafe, `failsafe.rs`) the primary stops within its lease; a new Raft leader
+//! never promotes before the old primary's lease has ended.
 //! Bounds asserted here are safety bounds (the latest a write may be acknowledged, the
 //! earliest a promotion may happen), which a slow machine cannot make fail.
 
@@ -74,22 +75,25 @@ async fn a_frozen_follower_coordinator_first_in_every_agent_s_list_costs_the_pri
     );
 }
 
-/// Issue 10, case 2: every coordinator frozen. The primary stops within its lease;
-/// once they thaw there is a primary again, and (writers with `synchronous_commit =
-/// local` on every node) never two at a time.
+/// Issue 10, case 2: every coordinator frozen, and (since the failsafe of issue 12
+/// would otherwise keep the primary writing on its standbys' promises) the standbys'
+/// agents too: no promise can be had. The primary stops within its lease; once they
+/// thaw there is a primary again, and (writers with `synchronous_commit = local` on
+/// every node) never two at a time.
 async fn every_coordinator_frozen(coordinator_base: u16, postgres_base: u16, sync_mode: &str) {
     let mut sandbox = start_sandbox(coordinator_base, postgres_base).await;
     set_policy(&sandbox.client(), "main", "sync_mode", sync_mode).await;
     let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(120)).await;
     let lease = Duration::from_millis(1000);
 
-    let pids = sandbox
+    let mut pids: Vec<i32> = sandbox
         .coordinators()
         .ids()
         .into_iter()
         .filter_map(|id| sandbox.coordinators().pid(id))
         .map(|p| p as i32)
         .collect();
+    pids.extend(["node2", "node3"].iter().filter_map(|n| sandbox.agent_pid(n)));
     let frozen_at = Instant::now();
     let frozen = ThawOnDrop::freeze(pids);
     eventually("node1's Postgres stopped by its guard", WAIT, || async {
@@ -128,12 +132,12 @@ async fn every_coordinator_frozen(coordinator_base: u16, postgres_base: u16, syn
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_every_coordinator_frozen_the_primary_stops_within_its_lease_strict() {
+async fn with_every_coordinator_and_every_standby_agent_frozen_the_primary_stops_within_its_lease_strict() {
     every_coordinator_frozen(26200, 26210, "strict").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_every_coordinator_frozen_the_primary_stops_within_its_lease_prefer() {
+async fn with_every_coordinator_and_every_standby_agent_frozen_the_primary_stops_within_its_lease_prefer() {
     every_coordinator_frozen(28000, 28010, "prefer").await;
 }
 

@@ -70,6 +70,9 @@ pub struct SandboxSpec {
     /// Coordinators 1 and 2 are in the primary region, the rest in the DR region
     /// ([`super::sandbox_region`]).
     pub coordinators: u64,
+    /// The router refuses new read-write connections once no coordinator has vouched
+    /// for its map this long (`stop_writes_after_ms`; 30 s by default).
+    pub router_stop_writes_after: Duration,
 }
 
 impl SandboxSpec {
@@ -89,6 +92,7 @@ impl SandboxSpec {
             network: false,
             raft_store_root: None,
             coordinators: 3,
+            router_stop_writes_after: Duration::from_secs(30),
         }
     }
 }
@@ -276,6 +280,8 @@ impl Sandbox {
             metrics: Some(at(5)),
             workers: None,
             pgbouncer: None,
+            stale_after_ms: 3000,
+            stop_writes_after_ms: self.spec.router_stop_writes_after.as_millis() as u64,
         };
         for offset in 0..=5 {
             ensure_port_free(base + offset)?;
@@ -524,6 +530,11 @@ impl Sandbox {
 
     /// The pids of a node's processes (lease guard first, then agent, then Postgres),
     /// e.g. to freeze the host: thawed in this order, the guard runs first.
+    /// The node's agent's pid, while the agent this sandbox started runs.
+    pub fn agent_pid(&self, name: &str) -> Option<i32> {
+        self.agent(name).ok()?.child.as_ref().map(|c| c.id() as i32)
+    }
+
     pub fn host_pids(&self, name: &str) -> Result<Vec<i32>> {
         let agent = self.agent(name)?;
         let mut pids: Vec<i32> = self.guard_pid(name).into_iter().collect();
