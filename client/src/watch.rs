@@ -4,8 +4,11 @@
 //! serves it); when that coordinator goes away it moves to the next one and carries
 //! on. Maps come out in growing version order only: a map older than one already
 //! delivered (a lagging follower) is skipped, so a consumer never goes back in time.
+//! [`EndpointWatch::confirmed`] says when a coordinator last vouched for the newest
+//! map (a coordinator repeats it every second while it knows a leader with a quorum):
+//! how stale it may be.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgquorum_proto::v1 as pb;
 use pgquorum_proto::v1::endpoint_service_client::EndpointServiceClient;
@@ -21,6 +24,7 @@ const RETRY: Duration = Duration::from_millis(100);
 /// A live watch; dropping it stops watching.
 pub struct EndpointWatch {
     rx: mpsc::Receiver<Result<pb::EndpointMap, ClientError>>,
+    confirmed: tokio::sync::watch::Receiver<Option<Instant>>,
     task: JoinHandle<()>,
 }
 
@@ -28,6 +32,11 @@ impl EndpointWatch {
     /// The next newer map, or the error that ended the watch (e.g. an unknown cluster).
     pub async fn next(&mut self) -> Option<Result<pb::EndpointMap, ClientError>> {
         self.rx.recv().await
+    }
+
+    /// When a coordinator last sent the newest map, new or repeated; None: never.
+    pub fn confirmed(&self) -> Option<Instant> {
+        *self.confirmed.borrow()
     }
 }
 
@@ -40,13 +49,14 @@ impl Drop for EndpointWatch {
 /// Watches `cluster`'s endpoint map through any of `addrs`.
 pub fn watch_endpoints(addrs: Vec<String>, cluster: String) -> EndpointWatch {
     let (tx, rx) = mpsc::channel(4);
+    let (confirm, confirmed) = tokio::sync::watch::channel(None);
     let task = tokio::spawn(async move {
         let mut last = 0u64;
         let mut i = 0usize;
         loop {
             let addr = &addrs[i % addrs.len().max(1)];
             i += 1;
-            match follow(addr, &cluster, &mut last, &tx).await {
+            match follow(addr, &cluster, &mut last, &tx, &confirm).await {
                 Ok(()) => return,
                 Err(Some(e)) => {
                     let _ = tx.send(Err(e)).await;
@@ -56,7 +66,7 @@ pub fn watch_endpoints(addrs: Vec<String>, cluster: String) -> EndpointWatch {
             }
         }
     });
-    EndpointWatch { rx, task }
+    EndpointWatch { rx, confirmed, task }
 }
 
 /// Streams from one coordinator until it fails. `Ok`: the consumer went away;
@@ -66,6 +76,7 @@ async fn follow(
     cluster: &str,
     last: &mut u64,
     tx: &mpsc::Sender<Result<pb::EndpointMap, ClientError>>,
+    confirm: &tokio::sync::watch::Sender<Option<Instant>>,
 ) -> Result<(), Option<ClientError>> {
     let channel = crate::endpoint(addr)
         .map_err(|e| {
@@ -95,6 +106,9 @@ async fn follow(
     loop {
         match stream.message().await {
             Ok(Some(map)) => {
+                if map.version >= *last {
+                    confirm.send_replace(Some(Instant::now()));
+                }
                 if map.version > *last {
                     *last = map.version;
                     if tx.send(Ok(map)).await.is_err() {

@@ -7,6 +7,10 @@
 //! hold_ms = 5000                       # how long a new read-write connection waits for
 //!                                      # a primary during a failover before an error
 //! metrics = "127.0.0.1:9187"           # Prometheus /metrics (optional)
+//! stale_after_ms = 3000                # no coordinator vouched for the map this long:
+//!                                      # it is stale (metric, log)
+//! stop_writes_after_ms = 30000         # stale this long: new read-write connections
+//!                                      # are refused (Stolon's proxy rule); 0: never
 //! workers = 2                          # threads carrying connections (default: half the cores)
 //! [ro]                                 # read-only ports, per workload class
 //! realtime = "0.0.0.0:6544"
@@ -27,6 +31,12 @@ pub const READ_CLASSES: &[&str] = &["realtime", "reporting", "analytics", "gener
 
 fn default_hold() -> u64 {
     5000
+}
+fn default_stale_after() -> u64 {
+    3000
+}
+fn default_stop_writes_after() -> u64 {
+    30_000
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,6 +60,15 @@ pub struct RouterConfig {
     /// Drive a PgBouncer as well (see [`PgBouncerConfig`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pgbouncer: Option<PgBouncerConfig>,
+    /// The map counts as stale once no coordinator has vouched for it this long (a
+    /// coordinator repeats it every second while it knows a leader with a quorum).
+    #[serde(default = "default_stale_after")]
+    pub stale_after_ms: u64,
+    /// Stale this long, new read-write connections are refused until a coordinator
+    /// vouches again (Stolon's proxy rule: a primary the router cannot hear about may
+    /// have been replaced); 0: never. Read-only ports keep routing.
+    #[serde(default = "default_stop_writes_after")]
+    pub stop_writes_after_ms: u64,
 }
 
 /// PgBouncer mode: on every map change the router rewrites a `[databases]` file that
@@ -134,6 +153,18 @@ impl RouterConfig {
         if let Some(m) = &c.metrics {
             addr("metrics", m)?;
         }
+        if c.stale_after_ms < 1500 {
+            return Err(format!(
+                "field `stale_after_ms`: {} ms; at least 1500 (coordinators vouch for the map every second)",
+                c.stale_after_ms
+            ));
+        }
+        if c.stop_writes_after_ms != 0 && c.stop_writes_after_ms < c.stale_after_ms {
+            return Err(format!(
+                "field `stop_writes_after_ms`: {} ms is less than stale_after_ms ({} ms); 0 turns it off",
+                c.stop_writes_after_ms, c.stale_after_ms
+            ));
+        }
         pgquorum_client::parse_addrs(&c.coordinators.join(","))
             .map_err(|e| format!("field `coordinators`: {e}"))?;
         if c.cluster.is_empty() {
@@ -159,6 +190,11 @@ mod tests {
         assert!(e.contains("`coordinators`"), "{e}");
         let e = RouterConfig::parse(&format!("workers = 0\n{good}")).unwrap_err();
         assert!(e.contains("`workers`"), "{e}");
+        let e = RouterConfig::parse(&format!("stale_after_ms = 100\n{good}")).unwrap_err();
+        assert!(e.contains("`stale_after_ms`"), "{e}");
+        let e = RouterConfig::parse(&format!("stop_writes_after_ms = 2000\n{good}")).unwrap_err();
+        assert!(e.contains("`stop_writes_after_ms`"), "{e}");
+        RouterConfig::parse(&format!("stop_writes_after_ms = 0\n{good}")).unwrap();
         assert_eq!(
             RouterConfig::parse(&format!("workers = 3\n{good}"))
                 .unwrap()

@@ -27,6 +27,34 @@ use tracing::{info, warn};
 use config::RouterConfig;
 use proxy::{Load, Port};
 
+/// Logs and publishes a change of how far the map is trusted.
+fn note_freshness(
+    was: route::Freshness,
+    now: route::Freshness,
+    unconfirmed_for: Duration,
+    gate: &watch::Sender<Option<String>>,
+) {
+    use route::Freshness::*;
+    let secs = unconfirmed_for.as_secs();
+    metrics::gauge!("pgquorum_router_map_stale").set(if now == Current { 0.0 } else { 1.0 });
+    match now {
+        Current => info!(was = ?was, "endpoint map confirmed again by a coordinator; routing as usual"),
+        Stale => warn!(
+            unconfirmed_s = secs,
+            "endpoint map stale: no coordinator has confirmed it for {secs} s; still routing by it"
+        ),
+        WritesStopped => warn!(
+            unconfirmed_s = secs,
+            "endpoint map stale for {secs} s: refusing new read-write connections until a coordinator confirms it"
+        ),
+    }
+    gate.send_replace(
+        (now == WritesStopped).then(|| {
+            format!("no coordinator has confirmed the endpoint map for {secs} s; not routing writes")
+        }),
+    );
+}
+
 /// Binds every port, follows the map and serves until the process ends.
 pub async fn run(config: RouterConfig) -> Result<(), String> {
     if let Some(addr) = &config.metrics {
@@ -46,6 +74,7 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
     );
     let load = Load::default();
     let hold = Duration::from_millis(config.hold_ms);
+    let (gate_tx, gate) = watch::channel(None);
     let workers = workers::Workers::start(config.worker_count(), maps.clone())
         .map_err(|e| format!("cannot start the worker threads: {e}"))?;
     for (addr, port) in ports {
@@ -60,10 +89,33 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
             load.clone(),
             hold,
             workers.clone(),
+            gate.clone(),
         ));
     }
     let mut watch = watch_endpoints(config.coordinators.clone(), config.cluster.clone());
-    while let Some(map) = watch.next().await {
+    let started = std::time::Instant::now();
+    let stale_after = Duration::from_millis(config.stale_after_ms);
+    let stop_writes_after =
+        (config.stop_writes_after_ms > 0).then(|| Duration::from_millis(config.stop_writes_after_ms));
+    let mut freshness = route::Freshness::Current;
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let map = tokio::select! {
+            map = watch.next() => match map {
+                Some(map) => map,
+                None => break,
+            },
+            _ = check.tick() => {
+                let unconfirmed_for = watch.confirmed().unwrap_or(started).elapsed();
+                metrics::gauge!("pgquorum_router_map_unconfirmed_seconds").set(unconfirmed_for.as_secs_f64());
+                let now = route::freshness(unconfirmed_for, stale_after, stop_writes_after);
+                if now != freshness {
+                    note_freshness(freshness, now, unconfirmed_for, &gate_tx);
+                    freshness = now;
+                }
+                continue;
+            }
+        };
         match map {
             Ok(map) => {
                 info!(version = map.version, epoch = map.epoch, primary = ?map.primary.as_ref().map(|p| &p.name), "endpoint map");

@@ -40,6 +40,10 @@ impl Port {
 /// The latest map (None until the first arrives).
 pub type Maps = watch::Receiver<Option<pb::EndpointMap>>;
 
+/// Why new read-write connections are refused now (the map went stale); None: they
+/// are not.
+pub type WriteGate = watch::Receiver<Option<String>>;
+
 /// Open connections per backend, for least-loaded read routing.
 #[derive(Clone, Default)]
 pub struct Load(Arc<Mutex<HashMap<String, usize>>>);
@@ -63,6 +67,7 @@ pub async fn serve(
     load: Load,
     hold: Duration,
     workers: Workers,
+    gate: WriteGate,
 ) {
     loop {
         let (client, _) = match listener.accept().await {
@@ -81,6 +86,7 @@ pub async fn serve(
             load.clone(),
             hold,
             workers.clone(),
+            gate.clone(),
         ));
     }
 }
@@ -116,9 +122,18 @@ async fn handle(
     load: Load,
     hold: Duration,
     workers: Workers,
+    gate: WriteGate,
 ) {
     let label = port.label();
     metrics::counter!("pgquorum_router_connections_total", "port" => label.clone()).increment(1);
+    let refused = matches!(port, Port::ReadWrite)
+        .then(|| gate.borrow().clone())
+        .flatten();
+    if let Some(why) = refused {
+        metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone()).increment(1);
+        reject(&mut client, &format!("pgquorum-router: {why}")).await;
+        return;
+    }
     let deadline = tokio::time::Instant::now() + hold;
     let (backend, epoch) = loop {
         if let Some(choice) = pick(&port, &maps, &load) {

@@ -48,6 +48,31 @@ pub fn replica(map: &pb::EndpointMap, class: &str, load: &HashMap<String, usize>
         .or_else(|| primary(map))
 }
 
+/// How far the router trusts its map, by how long ago a coordinator last vouched for
+/// it. Pure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    Current,
+    /// Kept and used, but flagged (metric, log).
+    Stale,
+    /// Stale past `stop_writes_after_ms`: no new read-write connection.
+    WritesStopped,
+}
+
+pub fn freshness(
+    unconfirmed_for: std::time::Duration,
+    stale_after: std::time::Duration,
+    stop_writes_after: Option<std::time::Duration>,
+) -> Freshness {
+    if stop_writes_after.is_some_and(|s| unconfirmed_for >= s) {
+        Freshness::WritesStopped
+    } else if unconfirmed_for >= stale_after {
+        Freshness::Stale
+    } else {
+        Freshness::Current
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +86,19 @@ mod tests {
             readable,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_map_nobody_vouches_for_goes_stale_then_stops_writes() {
+        let s = std::time::Duration::from_secs;
+        assert_eq!(freshness(s(1), s(3), Some(s(30))), Freshness::Current);
+        assert_eq!(freshness(s(3), s(3), Some(s(30))), Freshness::Stale);
+        assert_eq!(freshness(s(30), s(3), Some(s(30))), Freshness::WritesStopped);
+        assert_eq!(
+            freshness(s(3600), s(3), None),
+            Freshness::Stale,
+            "never stops writes"
+        );
     }
 
     #[test]

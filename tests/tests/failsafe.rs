@@ -254,3 +254,70 @@ async fn a_standby_lost_during_an_outage_stops_the_primary_within_its_lease() {
         .unwrap();
     writers.assert_took_turns();
 }
+
+/// Whether a new connection through the router's read-write port is let through to a
+/// primary that takes a write; Err: the message it was refused with.
+async fn write_through_router(rw: &str) -> Result<(), String> {
+    let (host, port) = rw.rsplit_once(':').unwrap();
+    let conninfo = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=3");
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| e.as_db_error().map_or(e.to_string(), |d| d.message().to_string()))?;
+    tokio::spawn(conn);
+    client
+        .batch_execute("SET synchronous_commit = local; INSERT INTO w DEFAULT VALUES")
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Issue 12: a router whose map no coordinator vouches for (every coordinator frozen)
+/// keeps routing writes to the primary, which writes on promises, until
+/// `stop_writes_after_ms` (Stolon's proxy rule), then refuses new read-write
+/// connections saying why, and routes them again once the coordinators are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_without_coordinators_stops_routing_writes_after_its_limit_and_resumes() {
+    let mut sandbox = pgquorum_tests::start_sandbox_with(27500, 27510, |s| {
+        s.router_stop_writes_after = Duration::from_secs(4)
+    })
+    .await;
+    sandbox
+        .wait_for("all healthy", WAIT, |s| {
+            s.nodes.iter().all(|n| n.health == "HEALTHY")
+        })
+        .await
+        .unwrap();
+    pgquorum_tests::create_writes_table(&sandbox).await;
+    let (rw, _) = sandbox.router_addrs().unwrap();
+    write_through_router(&rw).await.unwrap();
+    let group = sandbox.coordinators();
+    let pids = group
+        .ids()
+        .into_iter()
+        .filter_map(|id| group.pid(id))
+        .map(|p| p as i32)
+        .collect();
+    let frozen_at = Instant::now();
+    let frozen = ThawOnDrop::freeze(pids);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    write_through_router(&rw)
+        .await
+        .expect("writes still routed while the map is recent");
+    let refused = loop {
+        match write_through_router(&rw).await {
+            Err(why) => break why,
+            Ok(()) if frozen_at.elapsed() < Duration::from_secs(12) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Ok(()) => panic!("the router still routes writes 12 s into the outage (limit 4 s)"),
+        }
+    };
+    assert!(
+        refused.contains("not routing writes"),
+        "refused with a message that says why: {refused}"
+    );
+    drop(frozen);
+    eventually("writes routed again", WAIT, || async {
+        write_through_router(&rw).await.is_ok()
+    })
+    .await;
+}

@@ -46,6 +46,8 @@ async fn pgbouncer_follows_the_primary_through_a_failover() {
         hold_ms: 1000,
         metrics: None,
         workers: None,
+        stale_after_ms: 3000,
+        stop_writes_after_ms: 30_000,
         pgbouncer: Some(PgBouncerConfig {
             databases_file: databases.clone(),
             pidfile: d.join("pgbouncer.pid"),
