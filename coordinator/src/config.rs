@@ -291,16 +291,24 @@ mod tests {
     /// this machine's).
     #[test]
     fn deploy_examples_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/two-region");
-        let mut n = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let c = Config::parse(&std::fs::read_to_string(&path).unwrap())
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert_eq!(c.initial_members.len(), 5);
-            n += 1;
+        for (example, regions) in [("two-region", 2), ("two-region-tiebreaker", 3)] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy")
+                .join(example);
+            let mut n = 0;
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let c = Config::parse(&std::fs::read_to_string(&path).unwrap())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert_eq!(c.initial_members.len(), 5);
+                let mut seen: Vec<&str> = c.initial_members.iter().map(|m| m.region.as_str()).collect();
+                seen.sort();
+                seen.dedup();
+                assert_eq!(seen.len(), regions, "{}", path.display());
+                n += 1;
+            }
+            assert_eq!(n, 5, "{example}");
         }
-        assert_eq!(n, 5);
     }
 
     #[test]
