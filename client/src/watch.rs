@@ -20,6 +20,10 @@ use crate::ClientError;
 
 /// Pause before trying the next coordinator after a failure.
 const RETRY: Duration = Duration::from_millis(100);
+/// A coordinator that has sent no vouched map this long (it does every second while it
+/// leads with a quorum) is left for the next one: it may be a follower, cut off from
+/// the group, or a leader that lost its quorum.
+const MOVE_ON: Duration = Duration::from_secs(3);
 
 /// A live watch; dropping it stops watching.
 pub struct EndpointWatch {
@@ -34,7 +38,8 @@ impl EndpointWatch {
         self.rx.recv().await
     }
 
-    /// When a coordinator last sent the newest map, new or repeated; None: never.
+    /// When a coordinator leading with a quorum last sent the newest map, new or
+    /// repeated (`vouched`); None: never.
     pub fn confirmed(&self) -> Option<Instant> {
         *self.confirmed.borrow()
     }
@@ -103,10 +108,16 @@ async fn follow(
         .await
         .map_err(refused)?
         .into_inner();
+    let mut vouched_at = tokio::time::Instant::now();
     loop {
-        match stream.message().await {
+        let Ok(message) = tokio::time::timeout_at(vouched_at + MOVE_ON, stream.message()).await else {
+            // Connected, but nobody vouches here: try the next coordinator.
+            return Err(None);
+        };
+        match message {
             Ok(Some(map)) => {
-                if map.version >= *last {
+                if map.vouched && map.version >= *last {
+                    vouched_at = tokio::time::Instant::now();
                     confirm.send_replace(Some(Instant::now()));
                 }
                 if map.version > *last {

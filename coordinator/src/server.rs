@@ -99,11 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let grant_window = Duration::from_millis(config.raft.election_timeout_min_ms);
     let reports = Reports::new(grant_window, Instant::now());
     let leadership = Leadership::watch(config.id, &raft);
-    let endpoints = EndpointServiceServer::new(EndpointServiceImpl::new(
-        state.clone(),
-        raft.clone(),
-        leadership.clone(),
-    ));
+    let endpoints = EndpointServiceServer::new(EndpointServiceImpl::new(state.clone(), leadership.clone()));
     let leader_loop = tokio::spawn(crate::leader::run(
         raft.clone(),
         leadership.clone(),

@@ -27,16 +27,10 @@ use tracing::{info, warn};
 use config::RouterConfig;
 use proxy::{Load, Port};
 
-/// Logs and publishes a change of how far the map is trusted.
-fn note_freshness(
-    was: route::Freshness,
-    now: route::Freshness,
-    unconfirmed_for: Duration,
-    gate: &watch::Sender<Option<String>>,
-) {
+/// Logs a change of how far the map is trusted.
+fn note_freshness(was: route::Freshness, now: route::Freshness, unconfirmed_for: Duration) {
     use route::Freshness::*;
     let secs = unconfirmed_for.as_secs();
-    metrics::gauge!("pgquorum_router_map_stale").set(if now == Current { 0.0 } else { 1.0 });
     match now {
         Current => info!(was = ?was, "endpoint map confirmed again by a coordinator; routing as usual"),
         Stale => warn!(
@@ -48,11 +42,6 @@ fn note_freshness(
             "endpoint map stale for {secs} s: refusing new read-write connections until a coordinator confirms it"
         ),
     }
-    gate.send_replace(
-        (now == WritesStopped).then(|| {
-            format!("no coordinator has confirmed the endpoint map for {secs} s; not routing writes")
-        }),
-    );
 }
 
 /// Binds every port, follows the map and serves until the process ends.
@@ -110,9 +99,16 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
                 metrics::gauge!("pgquorum_router_map_unconfirmed_seconds").set(unconfirmed_for.as_secs_f64());
                 let now = route::freshness(unconfirmed_for, stale_after, stop_writes_after);
                 if now != freshness {
-                    note_freshness(freshness, now, unconfirmed_for, &gate_tx);
+                    note_freshness(freshness, now, unconfirmed_for);
                     freshness = now;
                 }
+                metrics::gauge!("pgquorum_router_map_stale").set(if now == route::Freshness::Current { 0.0 } else { 1.0 });
+                gate_tx.send_replace((now == route::Freshness::WritesStopped).then(|| {
+                    format!(
+                        "no coordinator has confirmed the endpoint map for {} s; not routing writes",
+                        unconfirmed_for.as_secs()
+                    )
+                }));
                 continue;
             }
         };

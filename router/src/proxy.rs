@@ -130,7 +130,8 @@ async fn handle(
         .then(|| gate.borrow().clone())
         .flatten();
     if let Some(why) = refused {
-        metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone()).increment(1);
+        metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => "stale_map")
+            .increment(1);
         reject(&mut client, &format!("pgquorum-router: {why}")).await;
         return;
     }
@@ -141,7 +142,7 @@ async fn handle(
         }
         // No primary (failover in flight) or no map yet: wait for the next map.
         if tokio::time::timeout_at(deadline, maps.changed()).await.is_err() {
-            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone()).increment(1);
+            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => "no_primary").increment(1);
             let why = format!(
                 "pgquorum-router: no primary available after {} ms (failover in progress?)",
                 hold.as_millis()
@@ -153,7 +154,7 @@ async fn handle(
     let server = match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&backend.addr)).await {
         Ok(Ok(s)) => s,
         _ => {
-            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone()).increment(1);
+            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => "unreachable").increment(1);
             reject(
                 &mut client,
                 &format!(

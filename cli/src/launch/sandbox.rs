@@ -528,13 +528,13 @@ impl Sandbox {
         self.kill_postgres(name)
     }
 
-    /// The pids of a node's processes (lease guard first, then agent, then Postgres),
-    /// e.g. to freeze the host: thawed in this order, the guard runs first.
     /// The node's agent's pid, while the agent this sandbox started runs.
     pub fn agent_pid(&self, name: &str) -> Option<i32> {
         self.agent(name).ok()?.child.as_ref().map(|c| c.id() as i32)
     }
 
+    /// The pids of a node's processes (lease guard first, then agent, then Postgres),
+    /// e.g. to freeze the host: thawed in this order, the guard runs first.
     pub fn host_pids(&self, name: &str) -> Result<Vec<i32>> {
         let agent = self.agent(name)?;
         let mut pids: Vec<i32> = self.guard_pid(name).into_iter().collect();

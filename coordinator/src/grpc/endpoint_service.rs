@@ -16,11 +16,13 @@ use tonic::{Request, Response, Status};
 use crate::observe::routes::endpoint_map;
 use crate::raft::leadership::Leadership;
 use crate::raft::state_machine::StateHandle;
-use crate::raft::Raft;
 use crate::Error;
 
 /// How often a watch stream repeats the current map while it is known current.
 const CONFIRM_EVERY: Duration = Duration::from_secs(1);
+/// How recently a quorum must have acknowledged this leader for it to vouch for its
+/// map (several Raft heartbeats: `raft.heartbeat_interval_ms` is well under it).
+const VOUCH_WITHIN: Duration = Duration::from_secs(2);
 
 pub struct EndpointServiceImpl {
     state: StateHandle,
@@ -28,29 +30,27 @@ pub struct EndpointServiceImpl {
 }
 
 /// Whether this coordinator's applied state is the group's: it leads with a quorum
-/// heard from within [`CONFIRM_EVERY`], or it follows a leader it knows.
+/// heard from within [`VOUCH_WITHIN`]. Only a leader can know that: a follower that
+/// still hears a leader which lost its quorum (openraft keeps it leader) would vouch
+/// for an outdated map forever.
 #[derive(Clone)]
 struct Currency {
-    raft: Raft,
     leadership: Leadership,
 }
 
 impl Currency {
     fn known(&self) -> bool {
-        if let Some(lead) = self.leadership.current() {
-            return lead
-                .quorum_acked_at
-                .is_some_and(|at| at.elapsed() < CONFIRM_EVERY);
-        }
-        self.raft.metrics().borrow().current_leader.is_some()
+        self.leadership
+            .current()
+            .is_some_and(|lead| lead.quorum_acked_at.is_some_and(|at| at.elapsed() < VOUCH_WITHIN))
     }
 }
 
 impl EndpointServiceImpl {
-    pub fn new(state: StateHandle, raft: Raft, leadership: Leadership) -> Self {
+    pub fn new(state: StateHandle, leadership: Leadership) -> Self {
         EndpointServiceImpl {
             state,
-            current: Currency { raft, leadership },
+            current: Currency { leadership },
         }
     }
 }
@@ -82,7 +82,8 @@ impl EndpointService for EndpointServiceImpl {
         request: Request<pb::WatchEndpointsRequest>,
     ) -> Result<Response<MapStream>, Status> {
         let cluster = request.into_inner().cluster;
-        let first = current(&self.state, &cluster)?;
+        let mut first = current(&self.state, &cluster)?;
+        first.vouched = self.current.known();
         let state = self.state.clone();
         let currency = self.current.clone();
         let mut changes = state.subscribe();
@@ -105,13 +106,14 @@ impl EndpointService for EndpointServiceImpl {
                     }
                     _ = confirm.tick() => currency.known(),
                 };
-                let map = match current(&state, &cluster) {
+                let mut map = match current(&state, &cluster) {
                     Ok(m) => m,
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
                 };
+                map.vouched = repeat || currency.known();
                 if map.version > sent || repeat {
                     sent = sent.max(map.version);
                     if tx.send(Ok(map)).await.is_err() {

@@ -93,6 +93,8 @@ pub fn endpoint_map(cluster: &Cluster) -> pb::EndpointMap {
             .filter(|n| Some(n.as_str()) != cluster.primary.as_deref())
             .filter_map(|n| endpoint(cluster, n))
             .collect(),
+        // Set by the watch stream that sends it.
+        vouched: false,
     }
 }
 
