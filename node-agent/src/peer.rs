@@ -187,28 +187,33 @@ impl Peers {
         let asks = peers.iter().map(|peer| {
             let channel = self.channel(&peer.agent_addr);
             let request = request.clone();
+            // Err((said no, why)).
             async move {
-                let channel = channel.map_err(|e| format!("{}: {e}", peer.name))?;
+                let channel = channel.map_err(|e| (false, format!("{}: {e}", peer.name)))?;
                 let reply = tokio::time::timeout(within, PeerServiceClient::new(channel).promise(request))
                     .await
-                    .map_err(|_| format!("{}: no answer within {} ms", peer.name, within.as_millis()))?
-                    .map_err(|s| format!("{}: {}", peer.name, s.message()))?
+                    .map_err(|_| {
+                        (
+                            false,
+                            format!("{}: no answer within {} ms", peer.name, within.as_millis()),
+                        )
+                    })?
+                    .map_err(|s| (false, format!("{}: {}", peer.name, s.message())))?
                     .into_inner();
                 if reply.granted {
                     Ok(Duration::from_millis(reply.for_ms))
                 } else {
-                    Err(format!("{}: said no: {}", peer.name, reply.refusal))
+                    Err((true, format!("{}: said no: {}", peer.name, reply.refusal)))
                 }
             }
         });
         let outcomes = futures::future::join_all(asks).await;
-        let refusals: Vec<String> = outcomes
-            .iter()
-            .filter_map(|o| o.as_ref().err().cloned())
-            .collect();
         Answers {
-            said_no: refusals.iter().any(|r| r.contains(": said no: ")),
-            refusals,
+            said_no: outcomes.iter().any(|o| matches!(o, Err((true, _)))),
+            refusals: outcomes
+                .iter()
+                .filter_map(|o| o.as_ref().err().map(|(_, why)| why.clone()))
+                .collect(),
             granted: outcomes.into_iter().map(|o| o.ok()).collect(),
         }
     }
