@@ -5,8 +5,8 @@
 //! on. Maps come out in growing version order only: a map older than one already
 //! delivered (a lagging follower) is skipped, so a consumer never goes back in time.
 //! [`EndpointWatch::confirmed`] says when a coordinator last vouched for the newest
-//! map (a coordinator repeats it every second while it knows a leader with a quorum):
-//! how stale it may be.
+//! map (only the Raft leader does, every second while it has a quorum; a coordinator
+//! that has not vouched for [`MOVE_ON`] is left for the next): how stale it may be.
 
 use std::time::{Duration, Instant};
 

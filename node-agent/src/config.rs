@@ -85,8 +85,9 @@ pub struct AgentConfig {
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_ms: u64,
     /// `ip:port` of this agent's PeerService (the failsafe), listened on and told to
-    /// the coordinators; None: it serves none, so a primary that needs this node's
-    /// promise cannot get one, and this node as a primary gets none from others.
+    /// the coordinators: this host's address as the other members reach it. None: it
+    /// serves none and cannot promise, so no primary can use the failsafe while this
+    /// node is a member. Set it on every member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_address: Option<String>,
     pub postgres: PostgresConfig,

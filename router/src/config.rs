@@ -60,8 +60,9 @@ pub struct RouterConfig {
     /// Drive a PgBouncer as well (see [`PgBouncerConfig`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pgbouncer: Option<PgBouncerConfig>,
-    /// The map counts as stale once no coordinator has vouched for it this long (a
-    /// coordinator repeats it every second while it knows a leader with a quorum).
+    /// The map counts as stale once no coordinator has vouched for it this long (the
+    /// Raft leader repeats it every second while it has a quorum; so `coordinators`
+    /// must list every voting coordinator).
     #[serde(default = "default_stale_after")]
     pub stale_after_ms: u64,
     /// Stale this long, new read-write connections are refused until a coordinator

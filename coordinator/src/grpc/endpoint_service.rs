@@ -3,7 +3,9 @@
 //! Any coordinator serves it, follower or leader, so watchers ride out leader changes.
 //! A watch sends the current map, then waits for applied changes and sends a map
 //! whenever its version grew; a slow watcher simply gets the newest map when it reads
-//! next (a `watch` channel coalesces), never a backlog.
+//! next (a `watch` channel coalesces), never a backlog. Only the leader, while a quorum
+//! acknowledges it, marks its maps `vouched` and repeats them every second: watchers
+//! use that to tell a current map from a possibly stale one, and to find the leader.
 
 use std::pin::Pin;
 use std::time::Duration;
