@@ -187,13 +187,7 @@ async fn a_leader_that_lost_both_followers_costs_the_primary_nothing() {
 async fn every_coordinator_frozen_costs_the_primary_nothing() {
     let (mut sandbox, writers) = healthy(27200, 27210, "prefer").await;
     let postmaster = sandbox.postmaster_pid("node1");
-    let group = sandbox.coordinators();
-    let pids = group
-        .ids()
-        .into_iter()
-        .filter_map(|id| group.pid(id))
-        .map(|p| p as i32)
-        .collect();
+    let pids = sandbox.coordinators().pids();
     let fences_before = node1_fences(&sandbox);
     let from = Instant::now();
     let frozen = ThawOnDrop::freeze(pids);
@@ -215,13 +209,7 @@ async fn every_coordinator_frozen_costs_the_primary_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_lost_during_an_outage_stops_the_primary_within_its_lease() {
     let (mut sandbox, writers) = healthy(27300, 27310, "strict").await;
-    let group = sandbox.coordinators();
-    let pids = group
-        .ids()
-        .into_iter()
-        .filter_map(|id| group.pid(id))
-        .map(|p| p as i32)
-        .collect();
+    let pids = sandbox.coordinators().pids();
     let frozen = ThawOnDrop::freeze(pids);
     // On the failsafe by now (its lease alone would have ended).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -289,13 +277,7 @@ async fn a_router_without_coordinators_stops_routing_writes_after_its_limit_and_
     pgquorum_tests::create_writes_table(&sandbox).await;
     let (rw, _) = sandbox.router_addrs().unwrap();
     write_through_router(&rw).await.unwrap();
-    let group = sandbox.coordinators();
-    let pids = group
-        .ids()
-        .into_iter()
-        .filter_map(|id| group.pid(id))
-        .map(|p| p as i32)
-        .collect();
+    let pids = sandbox.coordinators().pids();
     let frozen_at = Instant::now();
     let frozen = ThawOnDrop::freeze(pids);
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -86,13 +86,7 @@ async fn every_coordinator_frozen(coordinator_base: u16, postgres_base: u16, syn
     let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(120)).await;
     let lease = Duration::from_millis(1000);
 
-    let mut pids: Vec<i32> = sandbox
-        .coordinators()
-        .ids()
-        .into_iter()
-        .filter_map(|id| sandbox.coordinators().pid(id))
-        .map(|p| p as i32)
-        .collect();
+    let mut pids = sandbox.coordinators().pids();
     pids.extend(["node2", "node3"].iter().filter_map(|n| sandbox.agent_pid(n)));
     let frozen_at = Instant::now();
     let frozen = ThawOnDrop::freeze(pids);

@@ -71,12 +71,7 @@ impl Outage {
         let group = sandbox.coordinators();
         match how {
             How::Freeze => {
-                let frozen: Vec<i32> = group
-                    .ids()
-                    .into_iter()
-                    .filter_map(|id| group.pid(id))
-                    .map(|p| p as i32)
-                    .collect();
+                let frozen = group.pids();
                 for pid in &frozen {
                     let _ = kill(Pid::from_raw(*pid), Signal::SIGSTOP);
                 }

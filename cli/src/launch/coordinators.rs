@@ -142,6 +142,15 @@ impl CoordinatorGroup {
         self.nodes.get(&id)?.child.as_ref().map(Child::id)
     }
 
+    /// The pids of every running node (e.g. to freeze the whole group).
+    pub fn pids(&self) -> Vec<i32> {
+        self.ids()
+            .into_iter()
+            .filter_map(|id| self.pid(id))
+            .map(|p| p as i32)
+            .collect()
+    }
+
     /// Writes a node's config. `founders` empty: the node joins a running group later.
     pub fn create_node(&mut self, id: u64, founders: Vec<MemberConfig>) -> Result<()> {
         let dir = self.node_dir(id);
