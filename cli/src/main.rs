@@ -127,6 +127,24 @@ enum RaftCommand {
     Promote { id: u64 },
     /// Remove a coordinator from the group (stop it afterwards).
     Remove { id: u64 },
+    /// After the majority of the group is lost for good (its region gone): make the
+    /// coordinator at --on the only voter of a new group, from its own state. It
+    /// restarts to do so; every database node is then held until `cluster readmit`.
+    /// Refused while a majority of the old group answers, and without
+    /// --accept-split-brain-risk. Run it on the survivor with the highest LAST LOG in
+    /// `raft status`. See docs/regions.md.
+    ForceNewGroup {
+        /// The surviving coordinator (this command is sent there only, never forwarded).
+        #[arg(long, value_name = "HOST:PORT")]
+        on: String,
+        /// Why (kept in its audit record and every cluster's history).
+        #[arg(long)]
+        reason: String,
+        /// If the old majority still runs (a partition, not a loss), two groups will
+        /// each decide failovers and may each promote a primary.
+        #[arg(long)]
+        accept_split_brain_risk: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -150,6 +168,9 @@ enum ClusterCommand {
         #[arg(long)]
         local: bool,
     },
+    /// Answer a node held since force-new-group again (check it first: a returning old
+    /// primary may hold writes the new primary never had; readmitted, it is rewound).
+    Readmit { cluster: String, node: String },
 }
 
 #[derive(Subcommand)]
@@ -395,11 +416,17 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             RaftCommand::Add { id, addr, region } => raft::add(&ctx()?, id, &addr, &region).await,
             RaftCommand::Promote { id } => raft::promote(&ctx()?, id).await,
             RaftCommand::Remove { id } => raft::remove(&ctx()?, id).await,
+            RaftCommand::ForceNewGroup {
+                on,
+                reason,
+                accept_split_brain_risk,
+            } => raft::force_new_group(&ctx()?, &on, &reason, accept_split_brain_risk).await,
         },
         Command::Cluster(c) => match c {
             ClusterCommand::Create { name, settings } => cluster::create(&ctx()?, &name, &settings).await,
             ClusterCommand::List { local } => cluster::list(&ctx()?, local).await,
             ClusterCommand::Show { name, local } => cluster::show(&ctx()?, &name, local).await,
+            ClusterCommand::Readmit { cluster, node } => cluster::readmit(&ctx()?, &cluster, &node).await,
         },
         Command::Policy(c) => match c {
             PolicyCommand::Get { cluster, local } => policy::get(&ctx()?, &cluster, local).await,

@@ -56,6 +56,15 @@ pub enum Error {
 
     #[error("{0}")]
     Io(#[from] std::io::Error),
+
+    /// This coordinator's group was replaced by force-new-group elsewhere.
+    #[error("coordinator {id}'s group was replaced by force-new-group ({why}); it answers no node: stop it, empty its data_dir, remove initial_members from its config and re-add it with `pgquorum raft add`")]
+    GroupReplaced { id: NodeId, why: String },
+
+    /// force-new-group made this coordinator's group; the replicated state does not
+    /// record it yet (the leader commits that first).
+    #[error("the coordinator group was just re-formed and is not recorded yet; ask again in a moment")]
+    GroupReforming,
 }
 
 impl From<Error> for tonic::Status {
@@ -83,7 +92,11 @@ impl From<Error> for tonic::Status {
                 tonic::Status::failed_precondition(message)
             }
             Error::Command(CommandError::SyncSetChanged { .. }) => tonic::Status::aborted(message),
-            Error::Command(CommandError::FailoverStep(_)) => tonic::Status::failed_precondition(message),
+            Error::Command(CommandError::FailoverStep(_))
+            | Error::Command(CommandError::Held { .. })
+            | Error::Command(CommandError::NotHeld { .. })
+            | Error::GroupReplaced { .. } => tonic::Status::failed_precondition(message),
+            Error::GroupReforming => tonic::Status::unavailable(message),
             Error::Command(CommandError::ForeignSystemIdentifier { .. }) => {
                 tonic::Status::failed_precondition(message)
             }

@@ -14,6 +14,7 @@ use crate::failover::{decide, lease_expired, Step};
 use crate::observe::health::node_statuses;
 use crate::observe::routes::{routes, worth_publishing};
 use crate::observe::{ClusterReports, Reports};
+use crate::raft::group::{Group, GroupId, Reform};
 use crate::raft::leadership::Leadership;
 use crate::raft::state_machine::StateHandle;
 use crate::raft::Raft;
@@ -197,7 +198,35 @@ pub fn step(
     next_command(cluster, &reports.cluster(&cluster.name, now), at_ms)
 }
 
-pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports) {
+/// What the leader must commit before anything else: the group a force-new-group
+/// made of this coordinator (the replicated state still names the old one), which
+/// holds every database node until readmitted. Pure.
+pub fn record_group(
+    state_group: &str,
+    local: Option<&GroupId>,
+    audit: Option<&Reform>,
+    at_ms: u64,
+) -> Option<Command> {
+    let local = local?;
+    let recorded = if state_group.is_empty() {
+        GroupId::founding()
+    } else {
+        GroupId::parse(state_group)?
+    };
+    if &recorded == local {
+        return None;
+    }
+    let reform = audit.filter(|r| &r.group == local);
+    Some(Command::RecordGroup {
+        group: local.to_string(),
+        formed_by: reform.map_or(0, |r| r.formed_by),
+        reason: reform.map_or_else(String::new, |r| r.reason.clone()),
+        actor: reform.map_or_else(|| "coordinator".into(), |r| r.actor.clone()),
+        at_ms,
+    })
+}
+
+pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports, group: Group) {
     let mut was_leader = false;
     let mut stuck: HashMap<String, String> = HashMap::new();
     let pauses = PauseWatch::start();
@@ -223,6 +252,19 @@ pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports
         let now = Instant::now();
         was_leader = true;
         reports.lead(lead.term, now);
+        let pending_group = {
+            let applied = state.read();
+            let audit = group.audit().unwrap_or_default();
+            record_group(&applied.state.group, group.id().as_ref(), audit.last(), now_ms())
+        };
+        if let Some(command) = pending_group {
+            // Until it is committed, nothing else: no node is held yet.
+            match raft.client_write(command.clone()).await {
+                Ok(_) => info!(?command, "committed"),
+                Err(e) => warn!(?command, "not committed: {e}"),
+            }
+            continue;
+        }
         let mut commands = Vec::new();
         {
             let applied = state.read();

@@ -26,9 +26,28 @@ fn main() -> ExitCode {
         "info,openraft=warn",
         || Config::load(&args.config),
         |config| async {
-            server::run(config, shutdown_signal())
-                .await
-                .map_err(Failure::runtime)
+            match server::run(config, shutdown_signal()).await {
+                Ok(server::Exit::Stopped) => Ok(()),
+                Ok(server::Exit::Restart) => Err(Failure::runtime(restart())),
+                Err(e) => Err(Failure::runtime(e)),
+            }
         },
+    )
+}
+
+/// Replaces this process with a fresh start of the same program and arguments (same
+/// pid, so a supervisor or the sandbox keeps track of it); returns only on failure.
+fn restart() -> String {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return format!("cannot restart after force-new-group (start it again by hand): {e}"),
+    };
+    let e = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    format!(
+        "cannot restart {} after force-new-group (start it again by hand; the new group is formed at start): {e}",
+        exe.display()
     )
 }

@@ -20,6 +20,7 @@ use crate::grpc::endpoint_service::EndpointServiceImpl;
 use crate::grpc::proposer::Proposer;
 use crate::grpc::raft_service::RaftServiceImpl;
 use crate::observe::Reports;
+use crate::raft::group::{Group, GroupId};
 use crate::raft::leadership::Leadership;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
@@ -31,8 +32,18 @@ use crate::{Error, Result};
 /// a follower's fsync stall, under the 1 s default lease.
 const CONFIRM_LEADERSHIP_WITHIN: Duration = Duration::from_millis(500);
 
+/// How a coordinator's run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Shut down as asked.
+    Stopped,
+    /// A forced re-forming was recorded (`pgquorum raft force-new-group`): start the
+    /// process again (same arguments), which carries it out before Raft runs.
+    Restart,
+}
+
 /// Runs a coordinator until `shutdown` completes, then stops Raft and flushes storage.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Exit> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Config {
         path: config.data_dir.display().to_string(),
         message: format!("field `data_dir`: cannot create: {e}"),
@@ -54,15 +65,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         })?;
     // sled's own flush does not survive a power cut: see raft::durable.
     let durable = crate::raft::durable::Durable::open(&sled_path)?;
-    let log_store = LogStore::open(&db, durable.clone())?;
-    let state_machine = StateMachineStore::open(&db, durable)?;
+    let mut log_store = LogStore::open(&db, durable.clone())?;
+    let state_machine = StateMachineStore::open(&db, durable.clone())?;
     let state = state_machine.handle();
+    let group = open_group(&config, &db, durable, &mut log_store).await?;
 
     let raft_config = Arc::new(config.openraft_config()?);
     let raft = Raft::new(
         config.id,
         raft_config,
-        Network::default(),
+        Network::new(group.clone()),
         log_store,
         state_machine,
     )
@@ -93,18 +105,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         id: config.id,
         raft: raft.clone(),
         state: state.clone(),
+        group: group.clone(),
     };
+    let restart = Arc::new(tokio::sync::Notify::new());
     // Slack a new leader adds before counting an earlier leader's leases as over (see
     // `failover::decide::lease_over_for`); grants themselves follow a quorum round.
     let grant_window = Duration::from_millis(config.raft.election_timeout_min_ms);
     let reports = Reports::new(grant_window, Instant::now());
     let leadership = Leadership::watch(config.id, &raft);
-    let endpoints = EndpointServiceServer::new(EndpointServiceImpl::new(state.clone(), leadership.clone()));
+    let endpoints = EndpointServiceServer::new(EndpointServiceImpl::new(
+        state.clone(),
+        leadership.clone(),
+        group.clone(),
+    ));
     let leader_loop = tokio::spawn(crate::leader::run(
         raft.clone(),
         leadership.clone(),
         state,
         reports.clone(),
+        group.clone(),
     ));
 
     let server = tonic::transport::Server::builder()
@@ -117,10 +136,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .add_service(RaftServiceServer::new(RaftServiceImpl::new(
             config.id,
             raft.clone(),
+            group,
         )))
         .add_service(AdminServiceServer::new(AdminServiceImpl::new(
             proposer.clone(),
             reports.clone(),
+            restart.clone(),
         )))
         .add_service(AgentServiceServer::new(AgentServiceImpl::new(
             proposer,
@@ -129,15 +150,68 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             CONFIRM_LEADERSHIP_WITHIN,
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
-    let served = server.await;
+    // A restart does not wait for open streams (routers' watches) to end: the process
+    // is replaced, which closes them.
+    let (served, exit) = tokio::select! {
+        served = server => (served, Exit::Stopped),
+        _ = restart.notified() => (Ok(()), Exit::Restart),
+    };
 
-    info!("shutting down");
+    info!(?exit, "shutting down");
     leader_loop.abort();
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }
     db.flush_async().await?;
-    served.map_err(|e| Error::Raft(format!("gRPC server: {e}")))
+    served.map_err(|e| Error::Raft(format!("gRPC server: {e}")))?;
+    Ok(exit)
+}
+
+/// This node's group (see [`crate::raft::group`]); carries out a recorded forced
+/// re-forming first.
+async fn open_group(
+    config: &Config,
+    db: &sled::Db,
+    durable: crate::raft::durable::Durable,
+    log_store: &mut LogStore,
+) -> Result<Group> {
+    use openraft::storage::RaftLogStorage;
+    let raft_err = |e: crate::raft::StorageError| Error::Raft(e.to_string());
+    let initialized = log_store.read_vote().await.map_err(raft_err)?.is_some()
+        || log_store
+            .get_log_state()
+            .await
+            .map_err(raft_err)?
+            .last_log_id
+            .is_some();
+    let group = Group::open(db, durable, initialized)?;
+    if group.id().is_none() && !config.initial_members.is_empty() {
+        group.join(GroupId::founding()).await?;
+    }
+    if let Some(mut reform) = group.pending_reform()? {
+        if reform.formed_by != config.id {
+            return Err(Error::Config {
+                path: config.data_dir.display().to_string(),
+                message: format!(
+                    "data_dir holds a force-new-group request for coordinator {}, this is coordinator {}",
+                    reform.formed_by, config.id
+                ),
+            });
+        }
+        let index = log_store.reform(&reform).await.map_err(raft_err)?;
+        reform.last_log_index = index.checked_sub(1);
+        group.reform_done(&reform).await?;
+        warn!(
+            group = %reform.group,
+            previous_group = %reform.previous_group,
+            previous_voters = ?reform.previous_voters,
+            kept_through_log_index = ?reform.last_log_index,
+            actor = %reform.actor,
+            reason = %reform.reason,
+            "FORCED a new coordinator group: this coordinator is its only voter; re-add others with empty data_dirs"
+        );
+    }
+    Ok(group)
 }
 
 /// Forms a new group on first start: every founding member initializes with the same

@@ -1,4 +1,4 @@
-//! `pgquorum cluster create|list|show`.
+//! `pgquorum cluster create|list|show|readmit`.
 
 use serde_json::{json, Value};
 
@@ -96,6 +96,26 @@ pub async fn fetch(ctx: &Ctx, name: &str, local: bool) -> Result<pb::Cluster> {
     Ok(reply.cluster.unwrap_or_default())
 }
 
+pub async fn readmit(ctx: &Ctx, cluster: &str, node: &str) -> Result<()> {
+    let request = pb::ReadmitNodeRequest {
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+        actor: actor(),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.readmit_node(request).await }
+        })
+        .await?;
+    let cluster = reply.cluster.unwrap_or_default();
+    emit(ctx.json, &cluster_json(&cluster), || {
+        format!("{node} readmitted\n{}", cluster_table(&cluster))
+    });
+    Ok(())
+}
+
 fn cluster_table(c: &pb::Cluster) -> String {
     let mut out = table(
         &[
@@ -153,6 +173,13 @@ fn cluster_table(c: &pb::Cluster) -> String {
             rows,
         ));
     }
+    if !c.held.is_empty() {
+        out.push_str(&format!(
+            "\nheld since force-new-group (no lease, no orders until `pgquorum cluster readmit {} NODE`): {}",
+            c.name,
+            c.held.join(", ")
+        ));
+    }
     if let Some(f) = &c.failover {
         out.push_str(&format!(
             "\nin-flight {}: step {}, epoch {} -> {}, {} -> {} ({})",
@@ -206,6 +233,7 @@ fn cluster_json(c: &pb::Cluster) -> Value {
         "sync_set": c.sync_set,
         "endpoint_version": c.endpoint_version,
         "created_at_ms": c.created_at_ms,
+        "held": c.held,
         "policy": c.policy.as_ref().map(policy_json),
         "members": c.members.iter().map(|m| json!({
             "name": m.name, "region": m.region, "host": m.host, "port": m.port,

@@ -1,4 +1,4 @@
-//! `pgquorum raft status|add|promote|remove`: the coordinator group itself.
+//! `pgquorum raft status|add|promote|remove|force-new-group`: the coordinator group itself.
 
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
     let value = json!({
         "leader": view.leader_id,
         "term": view.term,
+        "group": view.group,
+
         "members": rows.iter().map(|r| json!({
             "id": r.member.id,
             "addr": r.member.addr,
@@ -76,6 +78,8 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             "last_applied_index": r.own.as_ref().map(|s| s.last_applied_index),
             "snapshot_index": r.own.as_ref().map(|s| s.snapshot_index),
             "matched_index": r.member.matched_index,
+            "group": r.own.as_ref().map(|s| s.group.clone()),
+            "superseded": r.own.as_ref().map(|s| s.superseded.clone()).filter(|s| !s.is_empty()),
             "error": r.error,
         })).collect::<Vec<Value>>(),
     });
@@ -110,9 +114,15 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
                 ]
             })
             .collect();
+        let superseded: String = rows
+            .iter()
+            .filter_map(|r| r.own.as_ref().filter(|s| !s.superseded.is_empty()))
+            .map(|s| format!("\ncoordinator {} is SUPERSEDED: {}", s.id, s.superseded))
+            .collect();
         format!(
-            "leader: {leader}   term: {}\n{}",
+            "leader: {leader}   term: {}   group: {}\n{}{superseded}",
             view.term,
+            view.group,
             table(
                 &[
                     "ID",
@@ -209,5 +219,36 @@ pub async fn remove(ctx: &Ctx, id: u64) -> Result<()> {
         &format!("coordinator {id} removed; it can be stopped now"),
         &reply,
     );
+    Ok(())
+}
+
+pub async fn force_new_group(ctx: &Ctx, on: &str, reason: &str, accept_split_brain_risk: bool) -> Result<()> {
+    let request = pb::ForceNewGroupRequest {
+        accept_split_brain_risk,
+        reason: reason.to_string(),
+        actor: super::actor(),
+    };
+    let reply = ctx
+        .coordinators
+        .call_at(on, |mut c| {
+            let request = request.clone();
+            async move { c.force_new_group(request).await }
+        })
+        .await?;
+    let value = json!({
+        "group": reply.group,
+        "previous_group": reply.previous_group,
+        "formed_by": reply.formed_by,
+        "previous_voters": reply.previous_voters,
+        "reachable_voters": reply.reachable_voters,
+    });
+    emit(ctx.json, &value, || {
+        format!(
+            "coordinator {} restarts as the only voter of group {} (was {}, voters {:?}; answering: {:?}).\n\
+             Every database node is held until readmitted: check each, then `pgquorum cluster readmit CLUSTER NODE`.\n\
+             Other coordinators join only with an empty data_dir and no initial_members: `pgquorum raft add`, then `raft promote`.",
+            reply.formed_by, reply.group, reply.previous_group, reply.previous_voters, reply.reachable_voters
+        )
+    });
     Ok(())
 }

@@ -72,6 +72,7 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "replay_paused": n.replay_paused,
             "in_sync_set": n.in_sync_set,
             "drained": n.drained,
+            "held": n.held,
             "error": n.error,
         })).collect::<Vec<_>>(),
     })
@@ -112,6 +113,9 @@ fn status_table(s: &pb::StatusReply) -> String {
             let mut health = n.health.clone();
             if n.replay_paused {
                 health.push_str(" (replay paused)");
+            }
+            if n.held {
+                health.push_str(" (held)");
             }
             if n.drained {
                 health.push_str(" (drained)");

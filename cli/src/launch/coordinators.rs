@@ -151,15 +151,33 @@ impl CoordinatorGroup {
             .collect()
     }
 
+    /// Where node `id` keeps its Raft store.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        match &self.spec.raft_store_root {
+            Some(root) => root.join(format!("coord-{id}")),
+            None => self.node_dir(id).join("data"),
+        }
+    }
+
+    /// The way back for a coordinator of a replaced group (force-new-group): kill it,
+    /// empty its Raft store, rewrite its config without founders and start it, ready
+    /// for `pgquorum raft add`.
+    pub fn restart_empty(&mut self, id: u64) -> Result<()> {
+        self.kill(id)?;
+        let data_dir = self.data_dir(id);
+        if data_dir.exists() {
+            std::fs::remove_dir_all(&data_dir)?;
+        }
+        self.create_node(id, Vec::new())?;
+        self.start_node(id)
+    }
+
     /// Writes a node's config. `founders` empty: the node joins a running group later.
     pub fn create_node(&mut self, id: u64, founders: Vec<MemberConfig>) -> Result<()> {
         let dir = self.node_dir(id);
         std::fs::create_dir_all(&dir)?;
         let addr = self.addr_of(id);
-        let data_dir = match &self.spec.raft_store_root {
-            Some(root) => root.join(format!("coord-{id}")),
-            None => dir.join("data"),
-        };
+        let data_dir = self.data_dir(id);
         // A new node must start from nothing: a store left by an earlier group would
         // bring that group's state back (its clusters, its epoch).
         let used = std::fs::read_dir(&data_dir).is_ok_and(|mut d| d.next().is_some());

@@ -173,7 +173,9 @@ fn override_in_flight(
 }
 
 /// A target must be a standby whose Postgres runs and whose agent reports.
+/// `to` may be promoted: not held (force-new-group), running as a standby that reports.
 fn running_standby(cluster: &Cluster, reports: &ClusterReports, to: &str) -> Result<(), Error> {
+    cluster.admits(to)?;
     let running =
         fresh(cluster, reports, to).is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
     if running {

@@ -20,6 +20,7 @@ use crate::failover::{decide, lease_expired, manual, Step};
 use crate::observe::alerts::alerts;
 use crate::observe::health::node_statuses;
 use crate::observe::Reports;
+use crate::raft::group::{self, GroupId, Reform};
 use crate::raft::{CoordinatorNode, NodeId};
 use crate::state::policy::is_valid_name;
 use crate::state::{Cluster, ClusterState, Command, CommandOutput};
@@ -28,6 +29,29 @@ use crate::{Error, Result};
 pub struct AdminServiceImpl {
     p: Proposer,
     reports: Reports,
+    /// Notified to restart this coordinator (after a force-new-group was recorded).
+    restart: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// How long force-new-group waits for each other voter's answer.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Coordinator `id`'s own status at `addr`, if it answers in time as `id`.
+async fn probe(id: NodeId, addr: String) -> Option<pb::RaftStatusReply> {
+    use pgquorum_proto::v1::admin_service_client::AdminServiceClient;
+    let ask = async {
+        let channel = pgquorum_client::endpoint(&addr).ok()?.connect().await.ok()?;
+        let reply = AdminServiceClient::new(channel)
+            .raft_status(pb::RaftStatusRequest {})
+            .await
+            .ok()?;
+        Some(reply.into_inner())
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, ask)
+        .await
+        .ok()
+        .flatten()
+        .filter(|s| s.id == id)
 }
 
 fn now_ms() -> u64 {
@@ -56,8 +80,30 @@ fn invalid(field: &str, message: impl Into<String>) -> Error {
 }
 
 impl AdminServiceImpl {
-    pub fn new(p: Proposer, reports: Reports) -> Self {
-        AdminServiceImpl { p, reports }
+    pub fn new(p: Proposer, reports: Reports, restart: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        AdminServiceImpl { p, reports, restart }
+    }
+
+    /// The voters other than this one that answer as members of `group` in good
+    /// standing.
+    async fn answering_voters(&self, group: &GroupId) -> BTreeSet<NodeId> {
+        let m = self.p.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let mut asks = tokio::task::JoinSet::new();
+        for id in membership.voter_ids().filter(|v| *v != self.p.id) {
+            if let Some(node) = membership.get_node(&id) {
+                asks.spawn(probe(id, node.addr.clone()));
+            }
+        }
+        let mut answered = BTreeSet::new();
+        while let Some(done) = asks.join_next().await {
+            if let Ok(Some(s)) = done {
+                if s.group == group.as_str() && s.superseded.is_empty() {
+                    answered.insert(s.id);
+                }
+            }
+        }
+        answered
     }
 
     async fn read<T>(&self, consistency: i32, f: impl FnOnce(&ClusterState) -> Result<T>) -> Result<T> {
@@ -241,7 +287,108 @@ impl AdminService for AdminServiceImpl {
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members: self.members(m.replication.as_ref()),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
+            group: self.p.group.id().map(|g| g.to_string()).unwrap_or_default(),
+            superseded: self.p.group.superseded().map(|s| s.why).unwrap_or_default(),
         }))
+    }
+
+    async fn force_new_group(
+        &self,
+        request: Request<pb::ForceNewGroupRequest>,
+    ) -> Result<Response<pb::ForceNewGroupReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let reason = req.reason.trim().to_string();
+        if reason.is_empty() {
+            return Err(invalid(
+                "reason",
+                "say why (kept in this coordinator's audit record and every cluster's history)",
+            )
+            .into());
+        }
+        let Some(previous_group) = self.p.group.id() else {
+            return Err(Status::failed_precondition(format!(
+                "coordinator {} has not joined a group; there is nothing to re-form",
+                self.p.id
+            )));
+        };
+        if let Some(s) = self.p.group.superseded() {
+            return Err(Status::failed_precondition(format!(
+                "coordinator {}'s group was already replaced ({}); re-add it to the new group instead",
+                self.p.id, s.why
+            )));
+        }
+        if self.p.group.pending_reform().map_err(Status::from)?.is_some() {
+            return Err(Status::failed_precondition(
+                "a force-new-group is already recorded here and is carried out as this coordinator restarts",
+            ));
+        }
+        let (voters, me) = {
+            let m = self.p.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            (voters, membership.get_node(&self.p.id).cloned())
+        };
+        let answered = self.answering_voters(&previous_group).await;
+        group::may_reform(self.p.id, &voters, &answered, req.accept_split_brain_risk)
+            .map_err(Status::failed_precondition)?;
+        let Some(node) = me else {
+            return Err(Status::failed_precondition(format!(
+                "coordinator {}'s address is not in its own membership",
+                self.p.id
+            )));
+        };
+        let at_ms = now_ms();
+        let reform = Reform {
+            group: previous_group.next(self.p.id, at_ms),
+            previous_group,
+            formed_by: self.p.id,
+            node,
+            previous_voters: voters.iter().copied().collect(),
+            actor,
+            reason,
+            at_ms,
+            last_log_index: None,
+        };
+        self.p.group.request_reform(&reform).await.map_err(Status::from)?;
+        tracing::warn!(group = %reform.group, actor = %reform.actor, reason = %reform.reason,
+            "force-new-group recorded; restarting to carry it out");
+        // After the reply has left.
+        let restart = self.restart.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            restart.notify_one();
+        });
+        Ok(Response::new(pb::ForceNewGroupReply {
+            group: reform.group.to_string(),
+            previous_group: reform.previous_group.to_string(),
+            formed_by: reform.formed_by,
+            previous_voters: reform.previous_voters,
+            reachable_voters: answered.into_iter().collect(),
+        }))
+    }
+
+    async fn readmit_node(
+        &self,
+        request: Request<pb::ReadmitNodeRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let member = req.node.trim().to_string();
+        if member.is_empty() {
+            return Err(invalid("node", "name the node to readmit").into());
+        }
+        let cluster = self.resolve_cluster(&req.cluster)?.name;
+        let command = Command::Readmit {
+            cluster,
+            member,
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of readmit: {other:?}")).into()),
+        }
     }
 
     async fn add_learner(
@@ -424,6 +571,7 @@ impl AdminService for AdminServiceImpl {
                 let m = &cluster.members[&s.name];
                 let r = s.report.unwrap_or_default();
                 let drained = cluster.drained.contains(&s.name);
+                let held = cluster.held.contains(&s.name);
                 pb::NodeStatus {
                     name: s.name,
                     role: s.role,
@@ -445,6 +593,7 @@ impl AdminService for AdminServiceImpl {
                     error: r.error,
                     in_sync_set: s.in_sync_set,
                     drained,
+                    held,
                 }
             })
             .collect();

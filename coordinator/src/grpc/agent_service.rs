@@ -165,13 +165,18 @@ impl AgentServiceImpl {
         let name = member.name.clone();
         let cluster_name = request.cluster;
 
-        let known = self
-            .proposer
-            .state
-            .read()
-            .state
-            .cluster(&cluster_name)
-            .map(|c| c.members.get(&name).cloned());
+        let known = {
+            let applied = self.proposer.state.read();
+            let local = self.proposer.group.id();
+            if crate::leader::record_group(&applied.state.group, local.as_ref(), None, 0).is_some() {
+                return Err(Error::GroupReforming);
+            }
+            let cluster = applied.state.cluster(&cluster_name);
+            if let Ok(c) = cluster {
+                c.admits(&name)?;
+            }
+            cluster.map(|c| c.members.get(&name).cloned())
+        };
         match known {
             Err(CommandError::UnknownCluster(c)) => {
                 return Err(Error::Command(CommandError::UnknownCluster(c)));
@@ -352,6 +357,13 @@ impl AgentService for AgentServiceImpl {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let request = request.into_inner();
+        if let Some(s) = self.proposer.group.superseded() {
+            return Err(Error::GroupReplaced {
+                id: self.proposer.id,
+                why: s.why,
+            }
+            .into());
+        }
         let Some(lead) = self.leadership.current() else {
             if request.forwarded {
                 // Forwarded to us because we were leader a moment ago; do not bounce it on.

@@ -85,6 +85,7 @@ impl From<&Cluster> for pb::Cluster {
             history: c.history.iter().map(Into::into).collect(),
             created_at_ms: c.created_at_ms,
             drained: c.drained.iter().cloned().collect(),
+            held: c.held.iter().cloned().collect(),
         }
     }
 }

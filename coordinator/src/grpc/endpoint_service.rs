@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::observe::routes::endpoint_map;
+use crate::raft::group::Group;
 use crate::raft::leadership::Leadership;
 use crate::raft::state_machine::StateHandle;
 use crate::Error;
@@ -35,24 +36,28 @@ pub struct EndpointServiceImpl {
 /// heard from within [`VOUCH_WITHIN`]. Only a leader can know that: a follower that
 /// still hears a leader which lost its quorum (openraft keeps it leader) would vouch
 /// for an outdated map forever.
+/// A coordinator whose group was replaced (force-new-group) vouches for nothing.
 #[derive(Clone)]
 struct Currency {
     leadership: Leadership,
+    group: Group,
 }
 
 impl Currency {
     fn known(&self) -> bool {
-        self.leadership
-            .current()
-            .is_some_and(|lead| lead.quorum_acked_at.is_some_and(|at| at.elapsed() < VOUCH_WITHIN))
+        self.group.superseded().is_none()
+            && self
+                .leadership
+                .current()
+                .is_some_and(|lead| lead.quorum_acked_at.is_some_and(|at| at.elapsed() < VOUCH_WITHIN))
     }
 }
 
 impl EndpointServiceImpl {
-    pub fn new(state: StateHandle, leadership: Leadership) -> Self {
+    pub fn new(state: StateHandle, leadership: Leadership, group: Group) -> Self {
         EndpointServiceImpl {
             state,
-            current: Currency { leadership },
+            current: Currency { leadership, group },
         }
     }
 }

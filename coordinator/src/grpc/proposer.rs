@@ -2,6 +2,7 @@
 
 use openraft::error::{ClientWriteError, RaftError};
 
+use crate::raft::group::Group;
 use crate::raft::state_machine::StateHandle;
 use crate::raft::{CoordinatorNode, NodeId, Raft};
 use crate::state::{Command, CommandOutput};
@@ -13,6 +14,7 @@ pub struct Proposer {
     pub id: NodeId,
     pub raft: Raft,
     pub state: StateHandle,
+    pub group: Group,
 }
 
 impl Proposer {

@@ -196,14 +196,20 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 pub(crate) fn test_store() -> (tempfile::TempDir, sled::Db, Durable) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("raft.sled");
+    let (db, durable) = test_store_at(&dir.path().join("raft.sled"));
+    (dir, db, durable)
+}
+
+/// A sled store at `path` (new or reopened) with its [`Durable`], for tests.
+#[cfg(test)]
+pub(crate) fn test_store_at(path: &Path) -> (sled::Db, Durable) {
     let db = sled::Config::new()
-        .path(&path)
+        .path(path)
         .flush_every_ms(None)
         .open()
         .unwrap();
-    let durable = Durable::open(&path).unwrap();
-    (dir, db, durable)
+    let durable = Durable::open(path).unwrap();
+    (db, durable)
 }
 
 #[cfg(test)]

@@ -102,6 +102,36 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// Carries out a forced re-forming (see [`super::group`]): after everything this
+    /// log holds, committed or not, one membership entry makes `reform.formed_by` the
+    /// only voter, in a term above any this node has seen, and the vote moves to that
+    /// term (uncommitted: the node wins its own election at start). Returns the index
+    /// of that entry. Run before openraft opens the store.
+    pub async fn reform(&mut self, reform: &super::group::Reform) -> Result<u64, StorageError> {
+        use openraft::{CommittedLeaderId, EntryPayload, Membership};
+        let state = self.get_log_state().await?;
+        let vote = self.read_vote().await?;
+        let seen = vote
+            .map(|v| v.leader_id().term)
+            .into_iter()
+            .chain(state.last_log_id.map(|l| l.leader_id.term))
+            .max()
+            .unwrap_or(0);
+        let term = seen + 1;
+        let index = state.last_log_id.map_or(0, |l| l.index + 1);
+        let voters = std::collections::BTreeSet::from([reform.formed_by]);
+        let nodes = std::collections::BTreeMap::from([(reform.formed_by, reform.node.clone())]);
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, reform.formed_by), index),
+            payload: EntryPayload::Membership(Membership::new(vec![voters], nodes)),
+        };
+        self.save_vote(&Vote::new(term, reform.formed_by)).await?;
+        self.append_then_ack([entry], |_| {}).await?;
+        Ok(index)
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -282,5 +312,43 @@ mod tests {
             entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
             vec![2]
         );
+    }
+
+    /// A forced re-forming keeps every entry, appends a membership of the one survivor
+    /// after them in a term above any seen, and moves the vote there.
+    #[tokio::test]
+    async fn reform_appends_a_single_voter_membership_in_a_new_term() {
+        let (_dir, mut store, _durable) = store();
+        store.save_vote(&Vote::new(7, 1)).await.unwrap();
+        store
+            .append_then_ack((1..=3).map(|i| blank_ent::<TypeConfig>(5, 1, i)), |_| {})
+            .await
+            .unwrap();
+        let node = super::super::CoordinatorNode {
+            addr: "10.0.0.3:7000".into(),
+            region: "us-east-1".into(),
+        };
+        let reform = super::super::group::Reform {
+            previous_group: super::super::group::GroupId::founding(),
+            group: super::super::group::GroupId::founding().next(3, 1),
+            formed_by: 3,
+            node: node.clone(),
+            previous_voters: vec![1, 2, 3],
+            actor: "ops".into(),
+            reason: "region lost".into(),
+            at_ms: 1,
+            last_log_index: None,
+        };
+        assert_eq!(store.reform(&reform).await.unwrap(), 4);
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(8, 3)));
+        let entries = store.try_get_log_entries(0..10).await.unwrap();
+        assert_eq!(entries.len(), 4, "every earlier entry is kept");
+        let last = entries.last().unwrap();
+        assert_eq!(last.log_id, log_id(8, 3, 4));
+        let openraft::EntryPayload::Membership(m) = &last.payload else {
+            panic!("not a membership entry: {last:?}");
+        };
+        assert_eq!(m.voter_ids().collect::<Vec<_>>(), vec![3]);
+        assert_eq!(m.get_node(&3), Some(&node));
     }
 }

@@ -7,10 +7,12 @@
 //!   snapshot plus the log after it; snapshots are the durable copy.
 //! - [`network`]: one lazily connected gRPC channel per peer; every message names the
 //!   node id it is meant for, and the receiver refuses it otherwise.
+//! - [`group`]: which group this node belongs to; re-forming one from a survivor.
 //! - [`codec`]: the versioned encoding every stored and transported value goes through.
 
 pub mod codec;
 pub mod durable;
+pub mod group;
 pub mod leadership;
 pub mod log_store;
 pub mod network;

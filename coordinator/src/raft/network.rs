@@ -4,7 +4,9 @@
 //! stream to that peer (a channel multiplexes; opening one per RPC, as openraft's demo
 //! does, costs a TCP and HTTP/2 handshake per heartbeat). Each message carries the node
 //! id it is meant for; the receiver refuses others (see `grpc::raft_service`), so a peer
-//! address that now belongs to another coordinator cannot split the group.
+//! address that now belongs to another coordinator cannot split the group. It also
+//! carries the sender's group ([`super::group`]); a refusal that names a newer group
+//! marks this coordinator superseded.
 //!
 //! Failures that mean "not there" (connection refused, wrong node, several timeouts
 //! in a row) are reported as `Unreachable`, which makes openraft back off instead of
@@ -32,6 +34,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::codec::{decode, encode};
+use super::group::{compare, Group, GroupId, Mismatch, Superseded, GROUP_METADATA};
 use super::{CoordinatorNode, NodeId, TypeConfig};
 
 /// How long to wait before retrying an unreachable peer. Short, because a restarted
@@ -39,12 +42,22 @@ use super::{CoordinatorNode, NodeId, TypeConfig};
 const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Creates connections to peers; keeps one channel per address.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Network {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// This node's group: named in every message, and marked superseded when a newer
+    /// group refuses one (see [`super::group`]).
+    group: Group,
 }
 
 impl Network {
+    pub fn new(group: Group) -> Network {
+        Network {
+            channels: Arc::default(),
+            group,
+        }
+    }
+
     fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut channels = self.channels.lock().expect("channel cache lock poisoned");
         if let Some(c) = channels.get(addr) {
@@ -68,6 +81,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             client,
             timeouts_in_a_row: 0,
+            group: self.group.clone(),
         }
     }
 }
@@ -81,6 +95,7 @@ pub struct Connection {
     /// RPCs that timed out since the last that did not: past
     /// [`TIMEOUTS_BEFORE_BACKOFF`] the peer counts as unreachable.
     timeouts_in_a_row: u32,
+    group: Group,
 }
 
 /// A timeout or two is a slow peer (a follower's fsync), retried at the next
@@ -121,6 +136,13 @@ impl Connection {
         let mut request = tonic::Request::new(RaftMessage {
             target: self.target,
             payload: encode(req),
+            group: self.group.id().map(|g| g.to_string()).unwrap_or_default(),
+            // So that its old peers learn it too (see `grpc::raft_service`).
+            superseded_by: self
+                .group
+                .superseded()
+                .map(|s| s.by.to_string())
+                .unwrap_or_default(),
         });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc {
@@ -134,6 +156,9 @@ impl Connection {
         );
         self.timeouts_in_a_row = if timed_out { self.timeouts_in_a_row + 1 } else { 0 };
         let cut_off = self.timeouts_in_a_row >= TIMEOUTS_BEFORE_BACKOFF;
+        if let Err(status) = &reply {
+            self.note_refusal(status).await;
+        }
         let reply = reply.map_err(|status| {
             let e = TransportError(format!("{}: {}", status.code(), status.message()));
             match status.code() {
@@ -149,6 +174,34 @@ impl Connection {
         let result: Result<Resp, RaftError<NodeId, E>> =
             decode(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl Connection {
+    /// A refusal that names a newer group than ours: our group was replaced.
+    async fn note_refusal(&self, status: &tonic::Status) {
+        let Some(theirs) = status
+            .metadata()
+            .get(GROUP_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(GroupId::parse)
+        else {
+            return;
+        };
+        let Some(ours) = self.group.id() else { return };
+        if compare(&ours, &theirs) == Some(Mismatch::SenderSuperseded) {
+            let superseded = Superseded {
+                why: format!(
+                    "coordinator {} refused it: it belongs to group {theirs}, formed by force-new-group \
+                     after group {ours}",
+                    self.target
+                ),
+                by: theirs,
+            };
+            if let Err(e) = self.group.mark_superseded(superseded).await {
+                tracing::error!(error = %e, "cannot record that this coordinator's group was replaced");
+            }
+        }
     }
 }
 

@@ -120,6 +120,11 @@ pub struct Cluster {
     /// leader has seen every lease of that length end.
     #[serde(default)]
     pub lease_ms_settling: Option<LeaseSettling>,
+    /// Members held since the coordinator group was re-formed (force-new-group): their
+    /// heartbeats are refused, so they get no lease and no orders, and none is
+    /// promoted, until an operator readmits them (`pgquorum cluster readmit`).
+    #[serde(default)]
+    pub held: std::collections::BTreeSet<String>,
 }
 
 /// A longer lease that may still run after a lowering, and the log index of the last
@@ -147,9 +152,21 @@ impl Cluster {
             lease_ms_settling: None,
             replica_routes: BTreeMap::new(),
             drained: Default::default(),
+            held: Default::default(),
             history: VecDeque::new(),
             created_at_ms,
         }
+    }
+
+    /// Whether `member`'s agent may be answered: refused while it is held.
+    pub fn admits(&self, member: &str) -> Result<(), super::CommandError> {
+        if self.held.contains(member) {
+            return Err(super::CommandError::Held {
+                cluster: self.name.clone(),
+                member: member.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Appends to the bounded history.

@@ -131,6 +131,24 @@ pub enum Command {
         actor: String,
         at_ms: u64,
     },
+    /// The coordinator group was re-formed by force-new-group on `formed_by`: record
+    /// the new group and hold every member of every cluster until readmitted (their
+    /// hosts may be in the lost region, with writes the survivors never saw). Applied
+    /// once per group; a repeat changes nothing.
+    RecordGroup {
+        group: String,
+        formed_by: u64,
+        reason: String,
+        actor: String,
+        at_ms: u64,
+    },
+    /// An operator readmits a held member: its heartbeats are answered again.
+    Readmit {
+        cluster: String,
+        member: String,
+        actor: String,
+        at_ms: u64,
+    },
     /// Step 3: the candidate runs as primary of `to_epoch`; publish it.
     CompletePromotion {
         cluster: String,
@@ -187,6 +205,15 @@ pub enum CommandError {
     /// another failover in flight); a resuming leader treats it as "move on".
     #[error("failover step refused: {0}")]
     FailoverStep(String),
+    #[error(
+        "node {member} of cluster {cluster:?} is held since the coordinator group was re-formed \
+         (force-new-group): it gets no lease and no orders until an operator readmits it; check \
+         it (a returning old primary may hold writes the new primary never had), then run \
+         `pgquorum cluster readmit {cluster} {member}`"
+    )]
+    Held { cluster: String, member: String },
+    #[error("{member:?} of cluster {cluster:?} is not held; nothing to readmit")]
+    NotHeld { cluster: String, member: String },
 }
 
 /// What applying one log entry returned; travels back to the proposer.

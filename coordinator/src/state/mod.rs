@@ -21,6 +21,10 @@ pub use policy::{Policy, PolicyError, SyncMode};
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub clusters: BTreeMap<String, Cluster>,
+    /// The coordinator group this state was last re-formed into (see
+    /// `raft::group`); empty: the founding group.
+    #[serde(default)]
+    pub group: String,
 }
 
 fn settings_iter(settings: &BTreeMap<String, String>) -> impl Iterator<Item = (&str, &str)> {
@@ -297,10 +301,7 @@ impl ClusterState {
                 actor,
                 at_ms,
             } => {
-                let c = self.cluster_mut(cluster)?;
-                if !c.members.contains_key(candidate) {
-                    return Err(CommandError::UnknownMember(candidate.clone()));
-                }
+                let c = self.member_cluster_mut(cluster, candidate)?;
                 let f = match &mut c.failover {
                     Some(f) if f.to_epoch == *to_epoch && f.step == "started" && f.old_primary != *candidate => f,
                     other => {
@@ -380,6 +381,57 @@ impl ClusterState {
                 });
                 Ok(CommandOutput::None)
             }
+            Command::RecordGroup {
+                group,
+                formed_by,
+                reason,
+                actor,
+                at_ms,
+            } => {
+                if &self.group == group {
+                    return Ok(CommandOutput::None);
+                }
+                self.group = group.clone();
+                for c in self.clusters.values_mut() {
+                    c.held = c.members.keys().cloned().collect();
+                    let held = c.held.iter().cloned().collect::<Vec<_>>().join(", ");
+                    c.record(HistoryEvent {
+                        at_ms: *at_ms,
+                        epoch: 0,
+                        kind: "group_reformed".into(),
+                        detail: format!(
+                            "coordinator group re-formed as {group} by force-new-group on coordinator \
+                             {formed_by} ({reason}); held until readmitted: {held}"
+                        ),
+                        actor: actor.clone(),
+                        log_index,
+                    });
+                }
+                Ok(CommandOutput::None)
+            }
+            Command::Readmit {
+                cluster,
+                member,
+                actor,
+                at_ms,
+            } => {
+                let c = self.member_cluster_mut(cluster, member)?;
+                if !c.held.remove(member) {
+                    return Err(CommandError::NotHeld {
+                        cluster: cluster.clone(),
+                        member: member.clone(),
+                    });
+                }
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "readmitted".into(),
+                    detail: format!("{member} readmitted after the coordinator group was re-formed"),
+                    actor: actor.clone(),
+                    log_index,
+                });
+                Ok(CommandOutput::Cluster(Box::new(c.clone())))
+            }
             Command::SetDrain {
                 cluster,
                 member,
@@ -387,10 +439,7 @@ impl ClusterState {
                 actor,
                 at_ms,
             } => {
-                let c = self.cluster_mut(cluster)?;
-                if !c.members.contains_key(member) {
-                    return Err(CommandError::UnknownMember(member.clone()));
-                }
+                let c = self.member_cluster_mut(cluster, member)?;
                 let changed = if *drained {
                     c.drained.insert(member.clone())
                 } else {
@@ -584,6 +633,15 @@ impl ClusterState {
             log_index,
         });
         Ok(CommandOutput::None)
+    }
+
+    /// `name`'s cluster, if `member` is one of its members.
+    fn member_cluster_mut(&mut self, name: &str, member: &str) -> Result<&mut Cluster, CommandError> {
+        let c = self.cluster_mut(name)?;
+        if !c.members.contains_key(member) {
+            return Err(CommandError::UnknownMember(member.to_string()));
+        }
+        Ok(c)
     }
 
     fn cluster_mut(&mut self, name: &str) -> Result<&mut Cluster, CommandError> {
@@ -961,6 +1019,46 @@ mod tests {
         };
         s.apply(&claim, 5).unwrap();
         s
+    }
+
+    #[test]
+    fn a_re_formed_group_holds_every_member_until_readmitted() {
+        let mut s = primary_node1();
+        let record = Command::RecordGroup {
+            group: "g1-c3-1".into(),
+            formed_by: 3,
+            reason: "us-west-2 lost".into(),
+            actor: "ops".into(),
+            at_ms: 9,
+        };
+        s.apply(&record, 10).unwrap();
+        assert_eq!(s.group, "g1-c3-1");
+        let c = &s.clusters["main"];
+        assert_eq!(c.held, c.members.keys().cloned().collect());
+        assert!(matches!(c.admits("node1"), Err(CommandError::Held { .. })));
+        assert_eq!(c.history.back().map(|e| e.kind.as_str()), Some("group_reformed"));
+        let before = s.clone();
+        s.apply(&record, 11).unwrap();
+        assert_eq!(s, before, "recording the same group again changes nothing");
+
+        let readmit = |member: &str| Command::Readmit {
+            cluster: "main".into(),
+            member: member.into(),
+            actor: "ops".into(),
+            at_ms: 12,
+        };
+        s.apply(&readmit("node3"), 12).unwrap();
+        let c = &s.clusters["main"];
+        assert!(c.admits("node3").is_ok());
+        assert!(c.admits("node1").is_err(), "the others stay held");
+        assert!(matches!(
+            s.apply(&readmit("node3"), 13),
+            Err(CommandError::NotHeld { .. })
+        ));
+        assert!(matches!(
+            s.apply(&readmit("node9"), 13),
+            Err(CommandError::UnknownMember(_))
+        ));
     }
 
     /// An automatic failover away from node1 (epoch 1 -> 2).
