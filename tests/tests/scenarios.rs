@@ -232,6 +232,9 @@ fn split_regions(sandbox: &mut Sandbox, minority: &[&str], majority: &[&str]) {
 /// of five coordinators, cut from the DR region's three and the standbys): the
 /// minority cannot renew its lease, so node1 stops taking writes before the majority,
 /// which waits the lease out, promotes node2; one primary at a time, nothing lost.
+/// This is also the 2 + 2 + 1 placement losing its primary region (coordinators 1
+/// and 2 and the primary cut off; the DR region's two and the tiebreaker, 3 of 5,
+/// fail over by themselves).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_split_with_the_primary_in_the_minority_fails_over_once() {
     let (_turn, mut sandbox, checker) = begin_with(29200, 29210, "strict", |s| s.coordinators = 5).await;
