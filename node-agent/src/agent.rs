@@ -498,6 +498,12 @@ impl Agent {
         {
             Ok(r) => r,
             Err(ClientError::Rejected { code, message }) => {
+                // A final refusal comes from the leader (e.g. a node held since the
+                // group was re-formed): this node reaches one, so it gives no failsafe
+                // promise (a primary its peers still reach must not go on writing).
+                let now = Instant::now();
+                self.leader_answered_at = Some(now);
+                self.book().leader_answered(now);
                 let hint = if message.contains("does not exist") {
                     format!(
                         "; create it with `pgquorum cluster create {}`",

@@ -57,6 +57,12 @@ impl Book {
         self.standing = standing;
     }
 
+    /// A coordinator leader answered at `at`, if only to refuse (a held node): this
+    /// node reaches a leader and promises nothing.
+    pub fn leader_answered(&mut self, at: Instant) {
+        self.standing.leader_answered_at = Some(at);
+    }
+
     /// The promise that still runs at `now`, and how long it has left.
     pub fn held(&self, now: Instant) -> Option<(Promise, Duration)> {
         let p = self.promise.as_ref()?;

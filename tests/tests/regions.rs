@@ -110,6 +110,11 @@ async fn a_lost_primary_region_is_recovered_with_force_new_group_and_refused_whe
         s.primary, "node1",
         "the state is the survivor's: node1 was primary"
     );
+    assert!(
+        s.epoch > 1 << 20,
+        "the new group's epochs are above anything the old one reached: {}",
+        s.epoch
+    );
     run(&survivor, &["cluster", "readmit", "main", "node3"]);
     // The DR node is a standby reporting again; promote it, accepting the loss of what
     // it never received.

@@ -31,6 +31,8 @@ pub struct AdminServiceImpl {
     reports: Reports,
     /// Notified to restart this coordinator (after a force-new-group was recorded).
     restart: std::sync::Arc<tokio::sync::Notify>,
+    /// Held while a force-new-group is checked and recorded.
+    reforming: tokio::sync::Mutex<()>,
 }
 
 /// How long force-new-group waits for each other voter's answer.
@@ -81,12 +83,17 @@ fn invalid(field: &str, message: impl Into<String>) -> Error {
 
 impl AdminServiceImpl {
     pub fn new(p: Proposer, reports: Reports, restart: std::sync::Arc<tokio::sync::Notify>) -> Self {
-        AdminServiceImpl { p, reports, restart }
+        AdminServiceImpl {
+            p,
+            reports,
+            restart,
+            reforming: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// The voters other than this one that answer as members of `group` in good
-    /// standing.
-    async fn answering_voters(&self, group: &GroupId) -> BTreeSet<NodeId> {
+    /// standing, with their last log index.
+    async fn answering_voters(&self, group: &GroupId) -> BTreeMap<NodeId, u64> {
         let m = self.p.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let mut asks = tokio::task::JoinSet::new();
@@ -95,11 +102,11 @@ impl AdminServiceImpl {
                 asks.spawn(probe(id, node.addr.clone()));
             }
         }
-        let mut answered = BTreeSet::new();
+        let mut answered = BTreeMap::new();
         while let Some(done) = asks.join_next().await {
             if let Ok(Some(s)) = done {
                 if s.group == group.as_str() && s.superseded.is_empty() {
-                    answered.insert(s.id);
+                    answered.insert(s.id, s.last_log_index);
                 }
             }
         }
@@ -318,19 +325,22 @@ impl AdminService for AdminServiceImpl {
                 self.p.id, s.why
             )));
         }
+        // One at a time: a second request must see the first one's record.
+        let _one = self.reforming.lock().await;
         if self.p.group.pending_reform().map_err(Status::from)?.is_some() {
             return Err(Status::failed_precondition(
                 "a force-new-group is already recorded here and is carried out as this coordinator restarts",
             ));
         }
-        let (voters, me) = {
+        let (voters, me, last) = {
             let m = self.p.raft.metrics().borrow().clone();
             let membership = m.membership_config.membership();
             let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-            (voters, membership.get_node(&self.p.id).cloned())
+            let last = m.last_log_index.unwrap_or(0);
+            (voters, membership.get_node(&self.p.id).cloned(), last)
         };
         let answered = self.answering_voters(&previous_group).await;
-        group::may_reform(self.p.id, &voters, &answered, req.accept_split_brain_risk)
+        group::may_reform(self.p.id, last, &voters, &answered, req.accept_split_brain_risk)
             .map_err(Status::failed_precondition)?;
         let Some(node) = me else {
             return Err(Status::failed_precondition(format!(
@@ -364,7 +374,7 @@ impl AdminService for AdminServiceImpl {
             previous_group: reform.previous_group.to_string(),
             formed_by: reform.formed_by,
             previous_voters: reform.previous_voters,
-            reachable_voters: answered.into_iter().collect(),
+            reachable_voters: answered.into_keys().collect(),
         }))
     }
 

@@ -255,6 +255,13 @@ impl AgentServiceImpl {
         {
             return Err(self.no_quorum_contact(lead, Instant::now()));
         }
+        if let Some(s) = self.proposer.group.superseded() {
+            // Learned during the round: the group this leadership belongs to is gone.
+            return Err(Error::GroupReplaced {
+                id: self.proposer.id,
+                why: s.why,
+            });
+        }
         let mut reply = self.draft(lead, &cluster_name, &name, initializing)?;
         if draft.lease_ms == 0 && reply.lease_ms > 0 {
             // The state moved meanwhile; a lease noted as granted only from now would

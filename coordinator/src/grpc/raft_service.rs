@@ -7,7 +7,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use crate::raft::codec::{decode, encode};
-use crate::raft::group::{compare, Group, GroupId, Mismatch, Superseded, GROUP_METADATA};
+use crate::raft::group::{compare, Group, GroupId, Superseded, GROUP_METADATA, PREVIOUS_GROUP_METADATA};
 use crate::raft::{NodeId, Raft};
 
 pub struct RaftServiceImpl {
@@ -29,12 +29,17 @@ impl RaftServiceImpl {
         RaftServiceImpl { id, raft, group }
     }
 
-    /// A refusal naming `group` in its metadata, so a sender of an older group learns
-    /// it was replaced (see `raft::network`).
-    fn refuse(group: &GroupId, message: String) -> Status {
+    /// A refusal naming `group` (and the group it replaced, `previous`) in its
+    /// metadata, so a sender of that previous group learns it was replaced (see
+    /// `raft::network`).
+    fn refuse(group: &GroupId, previous: Option<&GroupId>, message: String) -> Status {
         let mut status = Status::failed_precondition(message);
+        let md = status.metadata_mut();
         if let Ok(value) = group.as_str().parse() {
-            status.metadata_mut().insert(GROUP_METADATA, value);
+            md.insert(GROUP_METADATA, value);
+        }
+        if let Some(Ok(value)) = previous.map(|p| p.as_str().parse()) {
+            md.insert(PREVIOUS_GROUP_METADATA, value);
         }
         status
     }
@@ -47,7 +52,9 @@ impl RaftServiceImpl {
             .map_err(|e| Status::internal(format!("cannot record the group: {e}")))
     }
 
-    /// Admits messages of this node's group only (see [`crate::raft::group`]).
+    /// Admits messages of this node's group only (see [`crate::raft::group`]). Only a
+    /// peer of this node's own group can tell it that the group was replaced (the
+    /// lineage check): a stray message from elsewhere is refused, nothing more.
     async fn admit(&self, msg: &RaftMessage, kind: Kind) -> Result<(), Status> {
         let parse = |g: &str| {
             GroupId::parse(g)
@@ -58,18 +65,18 @@ impl RaftServiceImpl {
         } else {
             parse(&msg.group)?
         };
+        let mine = self.group.id();
         if !msg.superseded_by.is_empty() {
             // From a coordinator that knows its group was replaced: never acted on.
             let by = parse(&msg.superseded_by)?;
-            let mine = self.group.id();
-            if self.group.superseded().is_none()
-                && mine.as_ref().is_some_and(|m| m.generation() < by.generation())
-            {
-                let why = format!("a coordinator of group {sender} said group {by} replaced it");
+            let same_group = mine.as_ref() == Some(&sender);
+            if same_group && self.group.superseded().is_none() && by.generation() > sender.generation() {
+                let why = format!("a peer of group {sender} said group {by} replaced it");
                 self.mark_superseded(&by, why).await?;
             }
             return Err(Self::refuse(
                 &by,
+                Some(&sender),
                 format!(
                     "coordinator {} refuses a message from a coordinator whose group {sender} was replaced by {by}",
                     self.id
@@ -79,6 +86,7 @@ impl RaftServiceImpl {
         if let Some(s) = self.group.superseded() {
             return Err(Self::refuse(
                 &s.by,
+                mine.as_ref(),
                 format!(
                     "coordinator {} was in group {sender}, which was replaced by group {}: it takes part in \
                      neither; stop it, empty its data_dir, remove initial_members from its config and \
@@ -87,23 +95,12 @@ impl RaftServiceImpl {
                 ),
             ));
         }
-        match self.group.id() {
+        match mine {
             Some(mine) => match compare(&sender, &mine) {
                 None => Ok(()),
-                Some(Mismatch::ReceiverSuperseded) => {
-                    let why =
-                        format!("a message from group {sender} reached it: its group {mine} was replaced");
-                    self.mark_superseded(&sender, why).await?;
-                    Err(Self::refuse(
-                        &sender,
-                        format!(
-                            "coordinator {}'s group {mine} was replaced by group {sender}",
-                            self.id
-                        ),
-                    ))
-                }
                 Some(_) => Err(Self::refuse(
                     &mine,
+                    self.group.previous().as_ref(),
                     format!(
                         "message from coordinator group {sender} reached coordinator {} of group {mine}; a \
                          coordinator of another group takes no part here until it is re-added with an \

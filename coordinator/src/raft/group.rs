@@ -36,6 +36,8 @@ const AUDIT_PREFIX: &str = "audit.";
 
 /// The gRPC metadata key a refusal carries the refusing coordinator's group in.
 pub const GROUP_METADATA: &str = "x-pgquorum-group";
+/// ... and the group that group replaced, if it replaced one.
+pub const PREVIOUS_GROUP_METADATA: &str = "x-pgquorum-previous-group";
 
 /// A coordinator group's name: `g<generation>` for the founding group (generation 0),
 /// `g<generation>-c<formed by>-<unix ms>` for one re-formed by force-new-group.
@@ -49,7 +51,10 @@ impl GroupId {
 
     /// The group a forced re-forming by `formed_by` at `at_ms` makes out of `self`.
     pub fn next(&self, formed_by: NodeId, at_ms: u64) -> GroupId {
-        GroupId(format!("g{}-c{formed_by}-{at_ms}", self.generation() + 1))
+        GroupId(format!(
+            "g{}-c{formed_by}-{at_ms}",
+            self.generation().saturating_add(1)
+        ))
     }
 
     pub fn parse(s: &str) -> Option<GroupId> {
@@ -60,9 +65,9 @@ impl GroupId {
     }
 
     pub fn generation(&self) -> u64 {
-        self.0[1..]
-            .split('-')
-            .next()
+        self.0
+            .strip_prefix('g')
+            .and_then(|rest| rest.split('-').next())
             .and_then(|g| g.parse().ok())
             .unwrap_or(0)
     }
@@ -101,13 +106,12 @@ pub struct Reform {
 /// What a message from another group means for its sender.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Mismatch {
-    /// The receiver's group is newer: the sender's group was replaced.
+    /// The receiver's group is newer: the sender's group may have been replaced (if
+    /// the receiver's group replaced it: see [`superseded_by`]).
     SenderSuperseded,
-    /// The sender names a newer group: the receiver's was replaced (the sender is a
-    /// new-group coordinator, or an old peer that already learned it).
-    ReceiverSuperseded,
-    /// Same generation, another group (two survivors each forced one, or a wrong
-    /// address): refuse, nothing more.
+    /// The sender's group is as new or newer (an old member re-added without
+    /// wiping its data, two survivors each forced a group, a wrong address): refuse,
+    /// nothing more.
     Foreign,
 }
 
@@ -117,11 +121,17 @@ pub fn compare(sender: &GroupId, receiver: &GroupId) -> Option<Mismatch> {
         None
     } else if receiver.generation() > sender.generation() {
         Some(Mismatch::SenderSuperseded)
-    } else if sender.generation() > receiver.generation() {
-        Some(Mismatch::ReceiverSuperseded)
     } else {
         Some(Mismatch::Foreign)
     }
+}
+
+/// Whether a refusal from a coordinator of group `theirs`, which replaced group
+/// `their_previous`, means that `ours` was replaced: only along the lineage (their
+/// group replaced ours), never because some other deployment's coordinator with a
+/// newer generation answered at an old address.
+pub fn superseded_by(ours: &GroupId, theirs: &GroupId, their_previous: Option<&GroupId>) -> bool {
+    compare(ours, theirs) == Some(Mismatch::SenderSuperseded) && their_previous == Some(ours)
 }
 
 /// Why this coordinator's group is known to be replaced.
@@ -137,10 +147,15 @@ pub struct Superseded {
 /// voters other than `me` that did, each in this group and not superseded). A majority
 /// that answers can elect a leader itself, and a new group beside it would be a second
 /// authority over the same databases. Pure.
+///
+/// `answered` maps each answering voter to its last log index; one that holds more
+/// of the log than this one (`my_last_log_index`) is where to run it instead: the new
+/// group starts from the re-forming coordinator's log, and what it lacks is lost.
 pub fn may_reform(
     me: NodeId,
+    my_last_log_index: u64,
     voters: &std::collections::BTreeSet<NodeId>,
-    answered: &std::collections::BTreeSet<NodeId>,
+    answered: &std::collections::BTreeMap<NodeId, u64>,
     accept_split_brain_risk: bool,
 ) -> std::result::Result<(), String> {
     if !accept_split_brain_risk {
@@ -158,13 +173,28 @@ pub fn may_reform(
              surviving voter"
         ));
     }
-    let reachable = answered.intersection(voters).count() + 1;
+    let answering: Vec<NodeId> = answered
+        .keys()
+        .filter(|id| voters.contains(id))
+        .copied()
+        .collect();
+    let reachable = answering.len() + 1;
     if reachable * 2 > voters.len() {
         return Err(format!(
-            "{reachable} of the {} voters answer (this one and {answered:?}): a majority, which can elect \
+            "{reachable} of the {} voters answer (this one and {answering:?}): a majority, which can elect \
              a leader on its own; force-new-group is for a group that lost its majority for good. See \
              `pgquorum raft status`",
             voters.len()
+        ));
+    }
+    if let Some((id, last)) = answered
+        .iter()
+        .filter(|(id, _)| voters.contains(id))
+        .find(|(_, last)| **last > my_last_log_index)
+    {
+        return Err(format!(
+            "coordinator {id} holds more of the log (last index {last}, this one {my_last_log_index}): \
+             run force-new-group there, or what only it holds is lost"
         ));
     }
     Ok(())
@@ -212,6 +242,17 @@ impl Group {
     /// This coordinator's group; None until it founds or joins one.
     pub fn id(&self) -> Option<GroupId> {
         self.lock().id.clone()
+    }
+
+    /// The group this node's group replaced, if a force-new-group formed it here.
+    pub fn previous(&self) -> Option<GroupId> {
+        let id = self.id()?;
+        let audit = self.audit().ok()?;
+        audit
+            .into_iter()
+            .rev()
+            .find(|r| r.group == id)
+            .map(|r| r.previous_group)
     }
 
     /// Why this coordinator's group is known to be replaced, if it is.
@@ -301,7 +342,17 @@ mod tests {
         assert_eq!(GroupId::parse("g"), None);
         assert_eq!(compare(&g0, &g0), None);
         assert_eq!(compare(&g0, &g1), Some(Mismatch::SenderSuperseded));
-        assert_eq!(compare(&g1, &g0), Some(Mismatch::ReceiverSuperseded));
+        assert_eq!(compare(&g1, &g0), Some(Mismatch::Foreign));
+        // Superseded only by the group that replaced this one.
+        assert!(superseded_by(&g0, &g1, Some(&g0)));
+        assert!(!superseded_by(&g0, &g1, None));
+        let elsewhere = GroupId::founding().next(9, 9).next(9, 10);
+        assert!(!superseded_by(
+            &g1,
+            &elsewhere,
+            Some(&GroupId::founding().next(9, 9))
+        ));
+        assert!(!superseded_by(&g1, &g0, Some(&g1)));
         // Two re-formings of the same generation (two survivors each forced one):
         // neither supersedes the other; both refuse.
         let other = g0.next(5, 1_700_000_000_001);
@@ -311,21 +362,25 @@ mod tests {
     #[test]
     fn reform_only_with_the_risk_named_and_no_majority_answering() {
         let voters: std::collections::BTreeSet<NodeId> = [1, 2, 3, 4, 5].into();
+        let at = |pairs: &[(NodeId, u64)]| pairs.iter().copied().collect();
         let none = Default::default();
-        let err = may_reform(4, &voters, &none, false).unwrap_err();
+        let err = may_reform(4, 10, &voters, &none, false).unwrap_err();
         assert!(err.contains("--accept-split-brain-risk"), "{err}");
         // 4 and 5 of 5: a minority; 3 of 5 would be a majority.
-        may_reform(4, &voters, &[5].into(), true).unwrap();
-        let err = may_reform(4, &voters, &[5, 1].into(), true).unwrap_err();
+        may_reform(4, 10, &voters, &at(&[(5, 10)]), true).unwrap();
+        let err = may_reform(4, 10, &voters, &at(&[(5, 10), (1, 3)]), true).unwrap_err();
         assert!(err.contains("3 of the 5 voters answer"), "{err}");
         // Only voters count; a learner answering does not make a majority.
-        may_reform(4, &voters, &[5, 9].into(), true).unwrap();
-        let err = may_reform(9, &voters, &none, true).unwrap_err();
+        may_reform(4, 10, &voters, &at(&[(5, 10), (9, 99)]), true).unwrap();
+        // A survivor with more of the log is the one to run it on.
+        let err = may_reform(4, 10, &voters, &at(&[(5, 11)]), true).unwrap_err();
+        assert!(err.contains("coordinator 5 holds more of the log"), "{err}");
+        let err = may_reform(9, 10, &voters, &none, true).unwrap_err();
         assert!(err.contains("not a voter"), "{err}");
         // 1 of 2 is not a majority (a 1 + 1 group lost one).
-        may_reform(1, &[1, 2].into(), &none, true).unwrap();
+        may_reform(1, 10, &[1, 2].into(), &none, true).unwrap();
         // A group of one answering itself is a majority: nothing to re-form.
-        assert!(may_reform(1, &[1].into(), &none, true).is_err());
+        assert!(may_reform(1, 10, &[1].into(), &none, true).is_err());
     }
 
     #[tokio::test]

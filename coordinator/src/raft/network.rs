@@ -34,7 +34,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::codec::{decode, encode};
-use super::group::{compare, Group, GroupId, Mismatch, Superseded, GROUP_METADATA};
+use super::group::{superseded_by, Group, GroupId, Superseded, GROUP_METADATA, PREVIOUS_GROUP_METADATA};
 use super::{CoordinatorNode, NodeId, TypeConfig};
 
 /// How long to wait before retrying an unreachable peer. Short, because a restarted
@@ -180,16 +180,17 @@ impl Connection {
 impl Connection {
     /// A refusal that names a newer group than ours: our group was replaced.
     async fn note_refusal(&self, status: &tonic::Status) {
-        let Some(theirs) = status
-            .metadata()
-            .get(GROUP_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .and_then(GroupId::parse)
-        else {
+        let group_of = |key: &str| {
+            status
+                .metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .and_then(GroupId::parse)
+        };
+        let (Some(theirs), Some(ours)) = (group_of(GROUP_METADATA), self.group.id()) else {
             return;
         };
-        let Some(ours) = self.group.id() else { return };
-        if compare(&ours, &theirs) == Some(Mismatch::SenderSuperseded) {
+        if superseded_by(&ours, &theirs, group_of(PREVIOUS_GROUP_METADATA).as_ref()) {
             let superseded = Superseded {
                 why: format!(
                     "coordinator {} refused it: it belongs to group {theirs}, formed by force-new-group \

@@ -17,6 +17,10 @@ pub use cluster::{Cluster, FailoverRecord, HistoryEvent, LeaseSettling, Member, 
 pub use command::{Command, CommandError, CommandOutput, CommandResult};
 pub use policy::{Policy, PolicyError, SyncMode};
 
+/// How far a re-formed group moves every cluster's epoch and endpoint map version
+/// (see [`Command::RecordGroup`]): more failovers than an old group will ever make.
+pub const GROUP_EPOCH_JUMP: u64 = 1 << 20;
+
 /// Every database cluster the coordinator group guards, by name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -393,6 +397,15 @@ impl ClusterState {
                 }
                 self.group = group.clone();
                 for c in self.clusters.values_mut() {
+                    // Above anything the old group can have reached: agents and routers
+                    // that heard its last leader (further along than this survivor)
+                    // take the new group's epochs and maps as the newer ones, and the
+                    // old group's, should it come back, as stale.
+                    c.epoch += GROUP_EPOCH_JUMP;
+                    if let Some(f) = &mut c.failover {
+                        f.to_epoch += GROUP_EPOCH_JUMP;
+                    }
+                    c.endpoint_version += GROUP_EPOCH_JUMP;
                     c.held = c.members.keys().cloned().collect();
                     let held = c.held.iter().cloned().collect::<Vec<_>>().join(", ");
                     c.record(HistoryEvent {
@@ -1031,9 +1044,16 @@ mod tests {
             actor: "ops".into(),
             at_ms: 9,
         };
+        let (epoch, version) = (s.clusters["main"].epoch, s.clusters["main"].endpoint_version);
         s.apply(&record, 10).unwrap();
         assert_eq!(s.group, "g1-c3-1");
         let c = &s.clusters["main"];
+        assert_eq!(
+            c.epoch,
+            epoch + GROUP_EPOCH_JUMP,
+            "the old group's epochs are stale now"
+        );
+        assert_eq!(c.endpoint_version, version + GROUP_EPOCH_JUMP);
         assert_eq!(c.held, c.members.keys().cloned().collect());
         assert!(matches!(c.admits("node1"), Err(CommandError::Held { .. })));
         assert_eq!(c.history.back().map(|e| e.kind.as_str()), Some("group_reformed"));
