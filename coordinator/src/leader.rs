@@ -137,6 +137,7 @@ pub fn next_command(
         }),
     };
     let command = command
+        .or_else(|| ack_roster(cluster, reports))
         .or_else(|| {
             plan(cluster, reports)
                 .commit
@@ -162,6 +163,24 @@ pub fn next_command(
             })
         });
     (command, None)
+}
+
+/// Records the members the primary reports it would ask for failsafe promises, when
+/// it names one not recorded yet (see [`Cluster::primary_roster`]). Pure.
+fn ack_roster(cluster: &Cluster, reports: &ClusterReports) -> Option<Command> {
+    let primary = cluster.primary.as_ref()?;
+    let report = &crate::observe::health::fresh(cluster, reports, primary)?.report;
+    let known = cluster.primary_roster.as_ref();
+    let new = report
+        .failsafe_roster
+        .iter()
+        .any(|m| m != primary && cluster.members.contains_key(m) && known.is_none_or(|k| !k.contains(m)));
+    new.then(|| Command::AckRoster {
+        cluster: cluster.name.clone(),
+        epoch: cluster.epoch,
+        primary: primary.clone(),
+        roster: report.failsafe_roster.clone(),
+    })
 }
 
 /// Clears `lease_ms_settling` once no lease of that length can still run: an earlier
@@ -219,6 +238,7 @@ pub fn record_group(
     let reform = audit.filter(|r| &r.group == local);
     Some(Command::RecordGroup {
         group: local.to_string(),
+        previous: recorded.to_string(),
         formed_by: reform.map_or(0, |r| r.formed_by),
         reason: reform.map_or_else(String::new, |r| r.reason.clone()),
         actor: reform.map_or_else(|| "coordinator".into(), |r| r.actor.clone()),
@@ -300,6 +320,30 @@ pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_primarys_reported_roster_is_recorded_when_it_names_someone_new() {
+        use crate::observe::health::tests::{cluster, primary, reports};
+        let mut c = cluster();
+        c.primary_roster = Some(["node2".to_string()].into());
+        let mut report = primary("0/5000000", "", vec![]);
+        report.failsafe_roster = vec!["node2".into(), "node3".into()];
+        let r = reports(vec![("node1", report.clone(), 10)]);
+        assert_eq!(
+            ack_roster(&c, &r),
+            Some(Command::AckRoster {
+                cluster: "main".into(),
+                epoch: 1,
+                primary: "node1".into(),
+                roster: vec!["node2".into(), "node3".into()],
+            })
+        );
+        c.primary_roster = Some(["node2".to_string(), "node3".to_string()].into());
+        assert_eq!(ack_roster(&c, &r), None, "nothing new");
+        report.failsafe_roster = vec!["node9".into()];
+        let r = reports(vec![("node1", report, 10)]);
+        assert_eq!(ack_roster(&c, &r), None, "not a member");
+    }
     use crate::state::Policy;
 
     #[test]

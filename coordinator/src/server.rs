@@ -121,7 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let leader_loop = tokio::spawn(crate::leader::run(
         raft.clone(),
         leadership.clone(),
-        state,
+        state.clone(),
         reports.clone(),
         group.clone(),
     ));
@@ -137,6 +137,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             config.id,
             raft.clone(),
             group,
+            state.clone(),
         )))
         .add_service(AdminServiceServer::new(AdminServiceImpl::new(
             proposer.clone(),

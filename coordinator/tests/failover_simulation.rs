@@ -386,6 +386,7 @@ impl Sim {
             epoch: n.epoch,
             reply_mark_seen: n.reply_mark,
             data_is_standby: !n.primary_data,
+            failsafe_roster: n.failsafe_peers.iter().map(|p| p.name.clone()).collect(),
             promise: n.promise.as_ref().and_then(|p| {
                 let left = p.left(self.now())?;
                 Some(pb::PromiseHeld {

@@ -463,6 +463,7 @@ impl Agent {
         report.incarnation = self.incarnation;
         report.seq = self.seq;
         report.failsafe = self.failsafe;
+        report.failsafe_roster = self.failsafe_peers.iter().map(|p| p.name.clone()).collect();
         report.promise = self.book().held(sent_at).map(|(p, left)| pb::PromiseHeld {
             primary: p.primary,
             epoch: p.epoch,

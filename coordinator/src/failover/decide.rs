@@ -235,6 +235,7 @@ pub fn choose_after_fence(
         .filter(|(_, lsn)| *lsn == best)
         .filter_map(|(name, _)| cluster.members.get(*name))
         .filter(|m| !m.nofailover && region_allowed(cluster, m, old_primary))
+        .filter(|m| cluster.on_primary_roster(&m.name))
         .collect();
     eligible.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
     match eligible.first() {
@@ -563,6 +564,26 @@ mod tests {
             matches!(&step, Step::Stuck(m) if m.contains("heard 0 of the sync set")),
             "{step:?}"
         );
+    }
+
+    /// A member the primary never named in its failsafe roster (it joined after the
+    /// primary's last report) may never have been asked for a promise: not chosen,
+    /// however caught up, until the primary reports it.
+    #[test]
+    fn a_member_off_the_primarys_roster_is_not_chosen() {
+        let mut c = strict();
+        c.epoch = 2;
+        c.primary = None;
+        c.failover = Some(started_from_node1());
+        c.primary_roster = Some(["node3".to_string()].into());
+        let r = reports(vec![("node2", standby("0/5000000", 0), 10)]);
+        let step = decide(&c, &r, true);
+        assert!(matches!(step, Step::Stuck(_)), "{step:?}");
+        c.primary_roster = Some(["node2".to_string(), "node3".to_string()].into());
+        assert!(matches!(decide(&c, &r, true), Step::Choose { .. }));
+        // A cluster without a recorded roster (state from before) counts everyone.
+        c.primary_roster = None;
+        assert!(matches!(decide(&c, &r, true), Step::Choose { .. }));
     }
 
     #[test]

@@ -176,6 +176,13 @@ fn override_in_flight(
 /// `to` may be promoted: not held (force-new-group), running as a standby that reports.
 fn running_standby(cluster: &Cluster, reports: &ClusterReports, to: &str) -> Result<(), Error> {
     cluster.admits(to)?;
+    if !cluster.on_primary_roster(to) {
+        return Err(Error::Command(CommandError::FailoverStep(format!(
+            "{to} joined after the primary's last reported failsafe roster: the primary may be writing on \
+             promises it never asked {to} for; wait until the primary reports again (one heartbeat), \
+             or choose another standby"
+        ))));
+    }
     let running =
         fresh(cluster, reports, to).is_some_and(|o| o.report.postgres_up && o.report.role == "standby");
     if running {

@@ -7,13 +7,16 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use crate::raft::codec::{decode, encode};
-use crate::raft::group::{compare, Group, GroupId, Superseded, GROUP_METADATA, PREVIOUS_GROUP_METADATA};
+use crate::raft::group::{compare, Group, GroupId, Superseded, GROUP_METADATA, REPLACED_METADATA};
+use crate::raft::state_machine::StateHandle;
 use crate::raft::{NodeId, Raft};
 
 pub struct RaftServiceImpl {
     id: NodeId,
     raft: Raft,
     group: Group,
+    /// For the groups this one replaced (named in refusals).
+    state: StateHandle,
 }
 
 /// Which message: a node that has not joined a group yet joins the first leader that
@@ -25,21 +28,26 @@ enum Kind {
 }
 
 impl RaftServiceImpl {
-    pub fn new(id: NodeId, raft: Raft, group: Group) -> Self {
-        RaftServiceImpl { id, raft, group }
+    pub fn new(id: NodeId, raft: Raft, group: Group, state: StateHandle) -> Self {
+        RaftServiceImpl {
+            id,
+            raft,
+            group,
+            state,
+        }
     }
 
-    /// A refusal naming `group` (and the group it replaced, `previous`) in its
-    /// metadata, so a sender of that previous group learns it was replaced (see
-    /// `raft::network`).
-    fn refuse(group: &GroupId, previous: Option<&GroupId>, message: String) -> Status {
+    /// A refusal naming `group` and the groups it replaced (`replaced`,
+    /// comma-separated) in its metadata, so a sender of one of those learns it was
+    /// replaced (see `raft::network`).
+    fn refuse(group: &GroupId, replaced: &str, message: String) -> Status {
         let mut status = Status::failed_precondition(message);
         let md = status.metadata_mut();
         if let Ok(value) = group.as_str().parse() {
             md.insert(GROUP_METADATA, value);
         }
-        if let Some(Ok(value)) = previous.map(|p| p.as_str().parse()) {
-            md.insert(PREVIOUS_GROUP_METADATA, value);
+        if let Ok(value) = replaced.parse() {
+            md.insert(REPLACED_METADATA, value);
         }
         status
     }
@@ -76,7 +84,7 @@ impl RaftServiceImpl {
             }
             return Err(Self::refuse(
                 &by,
-                Some(&sender),
+                sender.as_str(),
                 format!(
                     "coordinator {} refuses a message from a coordinator whose group {sender} was replaced by {by}",
                     self.id
@@ -86,7 +94,7 @@ impl RaftServiceImpl {
         if let Some(s) = self.group.superseded() {
             return Err(Self::refuse(
                 &s.by,
-                mine.as_ref(),
+                mine.as_ref().map_or("", |m| m.as_str()),
                 format!(
                     "coordinator {} was in group {sender}, which was replaced by group {}: it takes part in \
                      neither; stop it, empty its data_dir, remove initial_members from its config and \
@@ -100,7 +108,7 @@ impl RaftServiceImpl {
                 None => Ok(()),
                 Some(_) => Err(Self::refuse(
                     &mine,
-                    self.group.previous().as_ref(),
+                    &self.state.read().state.replaced.join(","),
                     format!(
                         "message from coordinator group {sender} reached coordinator {} of group {mine}; a \
                          coordinator of another group takes no part here until it is re-added with an \

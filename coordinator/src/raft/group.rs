@@ -36,8 +36,8 @@ const AUDIT_PREFIX: &str = "audit.";
 
 /// The gRPC metadata key a refusal carries the refusing coordinator's group in.
 pub const GROUP_METADATA: &str = "x-pgquorum-group";
-/// ... and the group that group replaced, if it replaced one.
-pub const PREVIOUS_GROUP_METADATA: &str = "x-pgquorum-previous-group";
+/// ... and every group that group replaced, comma-separated.
+pub const REPLACED_METADATA: &str = "x-pgquorum-replaced-groups";
 
 /// A coordinator group's name: `g<generation>` for the founding group (generation 0),
 /// `g<generation>-c<formed by>-<unix ms>` for one re-formed by force-new-group.
@@ -126,12 +126,16 @@ pub fn compare(sender: &GroupId, receiver: &GroupId) -> Option<Mismatch> {
     }
 }
 
-/// Whether a refusal from a coordinator of group `theirs`, which replaced group
-/// `their_previous`, means that `ours` was replaced: only along the lineage (their
-/// group replaced ours), never because some other deployment's coordinator with a
-/// newer generation answered at an old address.
-pub fn superseded_by(ours: &GroupId, theirs: &GroupId, their_previous: Option<&GroupId>) -> bool {
-    compare(ours, theirs) == Some(Mismatch::SenderSuperseded) && their_previous == Some(ours)
+/// Whether a refusal from a coordinator of group `theirs`, which replaced the groups
+/// `replaced`, means that `ours` was replaced: only along the lineage, never because
+/// some other lineage's coordinator with a newer generation answered at an old address.
+pub fn superseded_by(ours: &GroupId, theirs: &GroupId, replaced: &[GroupId]) -> bool {
+    compare(ours, theirs) == Some(Mismatch::SenderSuperseded) && replaced.contains(ours)
+}
+
+/// The groups a refusal names as replaced (comma-separated in its metadata).
+pub fn parse_replaced(text: &str) -> Vec<GroupId> {
+    text.split(',').filter_map(|g| GroupId::parse(g.trim())).collect()
 }
 
 /// Why this coordinator's group is known to be replaced.
@@ -244,17 +248,6 @@ impl Group {
         self.lock().id.clone()
     }
 
-    /// The group this node's group replaced, if a force-new-group formed it here.
-    pub fn previous(&self) -> Option<GroupId> {
-        let id = self.id()?;
-        let audit = self.audit().ok()?;
-        audit
-            .into_iter()
-            .rev()
-            .find(|r| r.group == id)
-            .map(|r| r.previous_group)
-    }
-
     /// Why this coordinator's group is known to be replaced, if it is.
     pub fn superseded(&self) -> Option<Superseded> {
         self.lock().superseded.clone()
@@ -344,15 +337,14 @@ mod tests {
         assert_eq!(compare(&g0, &g1), Some(Mismatch::SenderSuperseded));
         assert_eq!(compare(&g1, &g0), Some(Mismatch::Foreign));
         // Superseded only by the group that replaced this one.
-        assert!(superseded_by(&g0, &g1, Some(&g0)));
-        assert!(!superseded_by(&g0, &g1, None));
+        assert!(superseded_by(&g0, &g1, std::slice::from_ref(&g0)));
+        assert!(!superseded_by(&g0, &g1, &[]));
         let elsewhere = GroupId::founding().next(9, 9).next(9, 10);
-        assert!(!superseded_by(
-            &g1,
-            &elsewhere,
-            Some(&GroupId::founding().next(9, 9))
-        ));
-        assert!(!superseded_by(&g1, &g0, Some(&g1)));
+        assert!(!superseded_by(&g1, &elsewhere, &[GroupId::founding().next(9, 9)]));
+        assert!(!superseded_by(&g1, &g0, std::slice::from_ref(&g1)));
+        // Two re-formings: a g0 coordinator learns from a g2 one.
+        let g2 = g1.next(4, 8);
+        assert!(superseded_by(&g0, &g2, &parse_replaced(&format!("{g0},{g1}"))));
         // Two re-formings of the same generation (two survivors each forced one):
         // neither supersedes the other; both refuse.
         let other = g0.next(5, 1_700_000_000_001);

@@ -34,7 +34,9 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::codec::{decode, encode};
-use super::group::{superseded_by, Group, GroupId, Superseded, GROUP_METADATA, PREVIOUS_GROUP_METADATA};
+use super::group::{
+    parse_replaced, superseded_by, Group, GroupId, Superseded, GROUP_METADATA, REPLACED_METADATA,
+};
 use super::{CoordinatorNode, NodeId, TypeConfig};
 
 /// How long to wait before retrying an unreachable peer. Short, because a restarted
@@ -190,7 +192,13 @@ impl Connection {
         let (Some(theirs), Some(ours)) = (group_of(GROUP_METADATA), self.group.id()) else {
             return;
         };
-        if superseded_by(&ours, &theirs, group_of(PREVIOUS_GROUP_METADATA).as_ref()) {
+        let replaced = status
+            .metadata()
+            .get(REPLACED_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(parse_replaced)
+            .unwrap_or_default();
+        if superseded_by(&ours, &theirs, &replaced) {
             let superseded = Superseded {
                 why: format!(
                     "coordinator {} refused it: it belongs to group {theirs}, formed by force-new-group \

@@ -125,6 +125,13 @@ pub struct Cluster {
     /// promoted, until an operator readmits them (`pgquorum cluster readmit`).
     #[serde(default)]
     pub held: std::collections::BTreeSet<String>,
+    /// The members the primary is known to ask for failsafe promises (it reported them
+    /// after a grant; at a promotion, every member then: its first grant names them
+    /// all). A member outside it joined after, may never have been asked, and is not
+    /// promoted while this primary may write on promises. None: not recorded (state
+    /// from before; every member counts).
+    #[serde(default)]
+    pub primary_roster: Option<std::collections::BTreeSet<String>>,
 }
 
 /// A longer lease that may still run after a lowering, and the log index of the last
@@ -153,6 +160,7 @@ impl Cluster {
             replica_routes: BTreeMap::new(),
             drained: Default::default(),
             held: Default::default(),
+            primary_roster: None,
             history: VecDeque::new(),
             created_at_ms,
         }
@@ -167,6 +175,21 @@ impl Cluster {
             });
         }
         Ok(())
+    }
+
+    /// Whether `member` is on the roster the primary asks for failsafe promises (see
+    /// [`Cluster::primary_roster`]): only such a member may be promoted.
+    pub fn on_primary_roster(&self, member: &str) -> bool {
+        self.primary_roster.as_ref().is_none_or(|r| r.contains(member))
+    }
+
+    /// Every member but `primary`: the roster of `primary`'s first grant.
+    pub fn roster_without(&self, primary: &str) -> std::collections::BTreeSet<String> {
+        self.members
+            .keys()
+            .filter(|m| m.as_str() != primary)
+            .cloned()
+            .collect()
     }
 
     /// Appends to the bounded history.

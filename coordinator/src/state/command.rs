@@ -137,10 +137,21 @@ pub enum Command {
     /// once per group; a repeat changes nothing.
     RecordGroup {
         group: String,
+        /// The group it replaced (the one the state named until now).
+        #[serde(default)]
+        previous: String,
         formed_by: u64,
         reason: String,
         actor: String,
         at_ms: u64,
+    },
+    /// The primary of `epoch` reported the members it asks for failsafe promises: add
+    /// them to the recorded roster (it only grows: a grant names every member).
+    AckRoster {
+        cluster: String,
+        epoch: u64,
+        primary: String,
+        roster: Vec<String>,
     },
     /// An operator readmits a held member: its heartbeats are answered again.
     Readmit {

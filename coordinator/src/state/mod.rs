@@ -29,6 +29,10 @@ pub struct ClusterState {
     /// `raft::group`); empty: the founding group.
     #[serde(default)]
     pub group: String,
+    /// Every group that `group` replaced, oldest first: a refusal names them, so a
+    /// returning coordinator of any of them learns it was replaced, and nobody else.
+    #[serde(default)]
+    pub replaced: Vec<String>,
 }
 
 fn settings_iter(settings: &BTreeMap<String, String>) -> impl Iterator<Item = (&str, &str)> {
@@ -178,6 +182,7 @@ impl ClusterState {
                     });
                 }
                 c.primary = Some(node.clone());
+                c.primary_roster = Some(c.roster_without(node));
                 c.epoch += 1;
                 c.endpoint_version += 1;
                 c.record(HistoryEvent {
@@ -387,6 +392,7 @@ impl ClusterState {
             }
             Command::RecordGroup {
                 group,
+                previous,
                 formed_by,
                 reason,
                 actor,
@@ -396,13 +402,20 @@ impl ClusterState {
                     return Ok(CommandOutput::None);
                 }
                 self.group = group.clone();
+                if !previous.is_empty() && !self.replaced.contains(previous) {
+                    self.replaced.push(previous.clone());
+                }
                 for c in self.clusters.values_mut() {
                     // Above anything the old group can have reached: agents and routers
                     // that heard its last leader (further along than this survivor)
                     // take the new group's epochs and maps as the newer ones, and the
                     // old group's, should it come back, as stale.
-                    c.epoch += GROUP_EPOCH_JUMP;
+                    // A cluster never bootstrapped stays at 0, bootstrappable.
+                    if c.epoch > 0 {
+                        c.epoch += GROUP_EPOCH_JUMP;
+                    }
                     if let Some(f) = &mut c.failover {
+                        f.from_epoch += GROUP_EPOCH_JUMP;
                         f.to_epoch += GROUP_EPOCH_JUMP;
                     }
                     c.endpoint_version += GROUP_EPOCH_JUMP;
@@ -420,6 +433,28 @@ impl ClusterState {
                         log_index,
                     });
                 }
+                Ok(CommandOutput::None)
+            }
+            Command::AckRoster {
+                cluster,
+                epoch,
+                primary,
+                roster,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                if c.epoch != *epoch || c.primary.as_ref() != Some(primary) {
+                    return Err(CommandError::FailoverStep(format!(
+                        "{primary} is not the primary of epoch {epoch}"
+                    )));
+                }
+                let members: Vec<String> = roster
+                    .iter()
+                    .filter(|m| *m != primary && c.members.contains_key(*m))
+                    .cloned()
+                    .collect();
+                c.primary_roster
+                    .get_or_insert_with(Default::default)
+                    .extend(members);
                 Ok(CommandOutput::None)
             }
             Command::Readmit {
@@ -550,6 +585,7 @@ impl ClusterState {
                     }
                 };
                 c.primary = Some(primary.clone());
+                c.primary_roster = Some(c.roster_without(primary));
                 c.sync_set.retain(|s| s != primary);
                 c.endpoint_version += 1;
                 c.failover = None;
@@ -1035,10 +1071,37 @@ mod tests {
     }
 
     #[test]
+    fn the_primarys_roster_starts_with_every_member_and_grows_by_its_reports() {
+        let mut s = primary_node1();
+        let roster = |s: &ClusterState| s.clusters["main"].primary_roster.clone();
+        assert_eq!(
+            roster(&s),
+            Some(["node2".to_string(), "node3".to_string()].into())
+        );
+        s.apply(&register("node4"), 6).unwrap();
+        assert!(!s.clusters["main"].on_primary_roster("node4"), "joined after");
+        let ack = |primary: &str, epoch: u64| Command::AckRoster {
+            cluster: "main".into(),
+            epoch,
+            primary: primary.into(),
+            roster: vec!["node2".into(), "node4".into(), "node9".into()],
+        };
+        assert!(s.apply(&ack("node2", 1), 7).is_err(), "only from the primary");
+        assert!(s.apply(&ack("node1", 2), 7).is_err(), "only in its epoch");
+        s.apply(&ack("node1", 1), 7).unwrap();
+        assert_eq!(
+            roster(&s),
+            Some(["node2", "node3", "node4"].map(String::from).into()),
+            "grows; non-members are not recorded"
+        );
+    }
+
+    #[test]
     fn a_re_formed_group_holds_every_member_until_readmitted() {
         let mut s = primary_node1();
         let record = Command::RecordGroup {
             group: "g1-c3-1".into(),
+            previous: "g0".into(),
             formed_by: 3,
             reason: "us-west-2 lost".into(),
             actor: "ops".into(),
@@ -1047,6 +1110,7 @@ mod tests {
         let (epoch, version) = (s.clusters["main"].epoch, s.clusters["main"].endpoint_version);
         s.apply(&record, 10).unwrap();
         assert_eq!(s.group, "g1-c3-1");
+        assert_eq!(s.replaced, vec!["g0".to_string()]);
         let c = &s.clusters["main"];
         assert_eq!(
             c.epoch,
