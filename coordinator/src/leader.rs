@@ -93,6 +93,11 @@ pub fn next_command(
         .map(|f| f.old_primary.clone())
         .or_else(|| cluster.primary.clone());
     let expired = old.is_some_and(|o| lease_expired(cluster, reports, &o));
+    // Before anything else: a failover stuck on a member the primary has not named yet
+    // gets going once it has (see `ack_roster`).
+    if let Some(ack) = ack_roster(cluster, reports) {
+        return (Some(ack), None);
+    }
     let step = decide(cluster, reports, expired);
     let command = match step {
         Step::Stuck(why) => return (None, Some(why)),
@@ -137,7 +142,6 @@ pub fn next_command(
         }),
     };
     let command = command
-        .or_else(|| ack_roster(cluster, reports))
         .or_else(|| {
             plan(cluster, reports)
                 .commit
@@ -337,6 +341,10 @@ mod tests {
                 primary: "node1".into(),
                 roster: vec!["node2".into(), "node3".into()],
             })
+        );
+        assert!(
+            matches!(next_command(&c, &r, 0).0, Some(Command::AckRoster { .. })),
+            "recorded before any other step is decided"
         );
         c.primary_roster = Some(["node2".to_string(), "node3".to_string()].into());
         assert_eq!(ack_roster(&c, &r), None, "nothing new");

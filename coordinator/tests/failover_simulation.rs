@@ -550,6 +550,7 @@ impl Sim {
             primary: name.into(),
             epoch: n.epoch,
             for_ms: n.granted_ms,
+            member: String::new(),
         };
         let asker_cut = t < n.peers_cut_until;
         let mut granted = Vec::new();
@@ -567,6 +568,10 @@ impl Sim {
                 being_promoted: p.promoting || p.told_promote,
                 leader_answered_at: p.leader_answered_at.map(|a| self.base + Duration::from_millis(a)),
                 reach_window: Duration::from_millis(200),
+            };
+            let request = pb::PromiseRequest {
+                member: peer.name.clone(),
+                ..request.clone()
             };
             match failsafe::judge(&standing, &request, now) {
                 Ok(length) => {

@@ -631,6 +631,8 @@ impl Agent {
             primary: self.config.name.clone(),
             epoch: self.state.epoch,
             for_ms: self.granted_ms,
+            // Each peer's own name, filled in per peer (`Peers::ask_all`).
+            member: String::new(),
         };
         let peers = self.failsafe_peers.clone();
         // Asked once more at once after an answer that did not come (a slow disk, a

@@ -74,6 +74,12 @@ pub fn judge(standing: &Standing, request: &pb::PromiseRequest, now: Instant) ->
             standing.cluster, request.cluster
         ));
     }
+    if !request.member.is_empty() && request.member != standing.me {
+        return Err(format!(
+            "this is {}, not {} (the primary's roster has another address for it)",
+            standing.me, request.member
+        ));
+    }
     if request.epoch != standing.epoch {
         return Err(format!(
             "asked for epoch {}, this node has seen epoch {}",
@@ -196,6 +202,7 @@ mod tests {
             primary: "node1".into(),
             epoch: 3,
             for_ms: 1000,
+            member: "node2".into(),
         }
     }
 
@@ -227,6 +234,14 @@ mod tests {
                 ..ask()
             },
             "cluster",
+        );
+        refused(
+            &s,
+            &pb::PromiseRequest {
+                member: "node9".into(),
+                ..ask()
+            },
+            "not node9",
         );
         refused(
             &s,

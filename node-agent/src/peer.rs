@@ -192,7 +192,10 @@ impl Peers {
     ) -> Answers {
         let asks = peers.iter().map(|peer| {
             let channel = self.channel(&peer.agent_addr);
-            let request = request.clone();
+            let request = pb::PromiseRequest {
+                member: peer.name.clone(),
+                ..request.clone()
+            };
             // Err((said no, why)).
             async move {
                 let channel = channel.map_err(|e| (false, format!("{}: {e}", peer.name)))?;

@@ -244,7 +244,8 @@ pub fn choose_after_fence(
             lsn: best,
         }),
         None => Err(format!(
-            "the most caught-up standby ({}) may not be promoted automatically (nofailover or region)",
+            "the most caught-up standby ({}) may not be promoted automatically (nofailover, region, or \
+             not yet named by the primary's failsafe roster)",
             heard_lsns
                 .iter()
                 .filter(|(_, l)| *l == best)
