@@ -231,11 +231,7 @@ pub fn record_group(
     at_ms: u64,
 ) -> Option<Command> {
     let local = local?;
-    let recorded = if state_group.is_empty() {
-        GroupId::founding()
-    } else {
-        GroupId::parse(state_group)?
-    };
+    let recorded = recorded_group(state_group)?;
     if &recorded == local {
         return None;
     }
@@ -248,6 +244,22 @@ pub fn record_group(
         actor: reform.map_or_else(|| "coordinator".into(), |r| r.actor.clone()),
         at_ms,
     })
+}
+
+/// The group the replicated state names (empty: the founding group); None if
+/// unreadable.
+fn recorded_group(state_group: &str) -> Option<GroupId> {
+    if state_group.is_empty() {
+        Some(GroupId::founding())
+    } else {
+        GroupId::parse(state_group)
+    }
+}
+
+/// Whether this coordinator's group (`local`) is not the one the replicated state
+/// names yet: a force-new-group whose record the leader has still to commit.
+pub fn group_unrecorded(state_group: &str, local: Option<&GroupId>) -> bool {
+    local.is_some_and(|l| recorded_group(state_group).is_some_and(|r| &r != l))
 }
 
 pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports, group: Group) {

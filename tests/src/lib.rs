@@ -22,16 +22,20 @@ pub fn cli(args: &[&str]) -> Output {
         .expect("run pgquorum")
 }
 
-/// Runs the CLI with `--json` and parses its output; panics with stderr if it failed.
-pub fn cli_json(args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = cli(&all);
+/// Runs the CLI with `args`; panics with its stderr unless it succeeded.
+pub fn cli_ok(args: &[&str]) -> Output {
+    let out = cli(args);
     assert!(
         out.status.success(),
         "pgquorum {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// Runs the CLI with `--json` and parses its output; panics with stderr if it failed.
+pub fn cli_json(args: &[&str]) -> serde_json::Value {
+    let out = cli_ok(&[&["--json"][..], args].concat());
     serde_json::from_slice(&out.stdout).expect("JSON output")
 }
 

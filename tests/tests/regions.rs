@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use pgquorum::launch::Sandbox;
 use pgquorum_tests::{
-    cli, eventually, node_status as node, pg, set_policy, start_sandbox, WritersOnEveryNode,
+    cli, cli_ok, eventually, node_status as node, pg, set_policy, start_sandbox, WritersOnEveryNode,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -29,16 +29,8 @@ async fn rows(sandbox: &Sandbox, node: &str) -> (i64, i64) {
 }
 
 /// Runs the CLI against `addrs`; panics with its stderr unless it succeeds.
-fn run(addrs: &str, args: &[&str]) -> String {
-    let mut all = vec!["--coordinators", addrs];
-    all.extend_from_slice(args);
-    let out = cli(&all);
-    assert!(
-        out.status.success(),
-        "pgquorum {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn run(addrs: &str, args: &[&str]) {
+    cli_ok(&[&["--coordinators", addrs][..], args].concat());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -168,7 +168,7 @@ impl AgentServiceImpl {
         let known = {
             let applied = self.proposer.state.read();
             let local = self.proposer.group.id();
-            if crate::leader::record_group(&applied.state.group, local.as_ref(), None, 0).is_some() {
+            if crate::leader::group_unrecorded(&applied.state.group, local.as_ref()) {
                 return Err(Error::GroupReforming);
             }
             let cluster = applied.state.cluster(&cluster_name);
