@@ -17,6 +17,8 @@ struct Args {
     /// Path to the TOML config file.
     #[arg(long, short = 'c', env = "PGQUORUM_COORDINATOR_CONFIG")]
     config: PathBuf,
+    #[command(flatten)]
+    log: daemon::LogOptions,
 }
 
 fn main() -> ExitCode {
@@ -24,6 +26,7 @@ fn main() -> ExitCode {
     daemon::run(
         "pgquorum-coordinator",
         "info,openraft=warn",
+        &args.log,
         || Config::load(&args.config),
         |config| async {
             match server::run(config, shutdown_signal()).await {

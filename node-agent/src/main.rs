@@ -20,6 +20,8 @@ struct Args {
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    log: daemon::LogOptions,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
     daemon::run(
         "pgquorum-agent",
         "info",
+        &args.log,
         || AgentConfig::load(&config),
         |config| async {
             let agent = Agent::new(config).map_err(Failure::usage)?;

@@ -16,6 +16,8 @@ use pgquorum_router::config::RouterConfig;
 struct Args {
     #[arg(long, short = 'c', env = "PGQUORUM_ROUTER_CONFIG")]
     config: PathBuf,
+    #[command(flatten)]
+    log: daemon::LogOptions,
 }
 
 fn main() -> ExitCode {
@@ -23,6 +25,7 @@ fn main() -> ExitCode {
     daemon::run(
         "pgquorum-router",
         "info",
+        &args.log,
         || RouterConfig::load(&args.config),
         |config| async {
             tokio::select! {

@@ -1,0 +1,97 @@
+//! Day-two operations as an on-call engineer meets them: signals and log format,
+//! alerts and their exit code, a group without quorum, pause and resume. Each test has
+//! its own ports (29700-29990) and directory.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgquorum::launch::{find_binary, COORDINATOR_BIN};
+use pgquorum_coordinator::config::MemberConfig;
+use pgquorum_coordinator::Config;
+
+/// `--log-format json` gives one JSON object a line; a SIGHUP is logged, not fatal
+/// (its default action ends a process, and a router died of one).
+#[test]
+fn a_daemon_logs_json_on_request_and_outlives_a_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = "127.0.0.1:29701".to_string();
+    let config = Config {
+        id: 1,
+        region: "r1".into(),
+        listen: addr.clone(),
+        advertise: None,
+        data_dir: dir.path().join("raft"),
+        initial_members: vec![MemberConfig {
+            id: 1,
+            addr,
+            region: "r1".into(),
+        }],
+        raft: Default::default(),
+    };
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let mut child = Command::new(find_binary(COORDINATOR_BIN).unwrap())
+        .args(["--log-format", "json", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(child.id() as i32);
+    struct KillOnDrop(Pid);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGKILL);
+        }
+    }
+    let _guard = KillOnDrop(pid);
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let next_where = |what: &str, matches: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line {what} within 30 s"));
+            let value: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            for key in ["timestamp", "level", "target", "fields"] {
+                assert!(!value[key].is_null(), "{key} in {line}");
+            }
+            if matches(&value) {
+                return value;
+            }
+        }
+    };
+    next_where("saying it serves", &|v| {
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("listening") || m.contains("serving"))
+    });
+
+    kill(pid, Signal::SIGHUP).unwrap();
+    let logged = next_where("about the SIGHUP", &|v| {
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("SIGHUP"))
+    });
+    assert_eq!(logged["level"], "WARN", "{logged}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the coordinator died of a SIGHUP"
+    );
+
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM ends it cleanly");
+}
