@@ -17,6 +17,9 @@ pub enum Error {
     /// Something did not happen within its time limit.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// `alerts` found something CRITICAL or worse (printed already; exit 1).
+    #[error("{0}")]
+    Alerting(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -28,6 +28,14 @@ pub enum Error {
     })]
     NotLeader { leader: Option<(NodeId, String)> },
 
+    /// This node takes itself for the leader but could not confirm it with a quorum
+    /// (its followers unreachable, or a newer leader it has not heard of).
+    #[error("this coordinator is the Raft leader of its term but cannot reach a quorum of the coordinator group ({}); nothing can be committed until a majority of coordinators answers", match .since_ms {
+        Some(ms) => format!("last quorum contact {ms} ms ago"),
+        None => "no quorum contact in this term".to_string(),
+    })]
+    LeaderWithoutQuorum { since_ms: Option<u64> },
+
     /// This node leads, but no quorum confirmed its leadership in time: it may have
     /// been replaced without knowing, so it grants no lease.
     #[error("this coordinator leads but no quorum confirmed it within {window_ms} ms (last quorum contact {since_ms} ms ago); it grants no lease")]
@@ -83,7 +91,9 @@ impl From<Error> for tonic::Status {
                 }
                 status
             }
-            Error::NoQuorumContact { .. } => tonic::Status::unavailable(message),
+            Error::NoQuorumContact { .. } | Error::LeaderWithoutQuorum { .. } => {
+                tonic::Status::unavailable(message)
+            }
             Error::Membership(_) => tonic::Status::failed_precondition(message),
             Error::Command(CommandError::UnknownCluster(_)) => tonic::Status::not_found(message),
             Error::Command(CommandError::ClusterExists(_)) => tonic::Status::already_exists(message),

@@ -92,9 +92,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     bootstrap(&config, &raft).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<AdminServiceServer<AdminServiceImpl>>()
-        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pgquorum_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -115,6 +112,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let leadership = Leadership::watch(config.id, &raft);
     let endpoints = EndpointServiceServer::new(EndpointServiceImpl::new(
         state.clone(),
+        leadership.clone(),
+        group.clone(),
+    ));
+    let health = tokio::spawn(crate::grpc::health::keep_current(
+        health_reporter,
+        raft.clone(),
         leadership.clone(),
         group.clone(),
     ));
@@ -160,6 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
 
     info!(?exit, "shutting down");
     leader_loop.abort();
+    health.abort();
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }

@@ -11,6 +11,9 @@ use nix::unistd::Pid;
 use pgquorum::launch::{find_binary, COORDINATOR_BIN};
 use pgquorum_coordinator::config::MemberConfig;
 use pgquorum_coordinator::Config;
+use pgquorum_tests::{cli, create_cluster, eventually, start_group};
+
+const WAIT: Duration = Duration::from_secs(30);
 
 /// `--log-format json` gives one JSON object a line; a SIGHUP is logged, not fatal
 /// (its default action ends a process, and a router died of one).
@@ -94,4 +97,89 @@ fn a_daemon_logs_json_on_request_and_outlives_a_sighup() {
     kill(pid, Signal::SIGTERM).unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM ends it cleanly");
+}
+
+/// gRPC health status of the coordinator at `addr` (`""`: the whole server).
+async fn health_of(addr: &str) -> Option<i32> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = pgquorum_client::endpoint(addr).ok()?.connect().await.ok()?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(reply.into_inner().status)
+}
+
+/// A leader whose followers are gone stays leader in openraft: health said SERVING,
+/// `alerts` said "no alerts" (exit 0), and a refused read told the operator "the leader
+/// is node N" on node N itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_quorum_is_not_serving_and_alerts_critical() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut group = start_group(29710, |_| {}).await;
+    create_cluster(&group.client(), "main").await;
+    let leader = group.wait_for_leader(WAIT).await.unwrap();
+    let addr = group.addr_of(leader);
+    eventually("every coordinator SERVING", WAIT, || async {
+        let mut all = true;
+        for a in group.addrs() {
+            all &= health_of(&a).await == Some(ServingStatus::Serving as i32);
+        }
+        all
+    })
+    .await;
+    let out = cli(&["--coordinators", &addr, "alerts", "--cluster", "main"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a cluster without a primary is CRITICAL"
+    );
+
+    for id in group.ids().into_iter().filter(|id| *id != leader) {
+        group.kill(id).unwrap();
+    }
+    eventually("the lone leader NOT_SERVING", WAIT, || async {
+        health_of(&addr).await == Some(ServingStatus::NotServing as i32)
+    })
+    .await;
+    assert_eq!(
+        group.status_of(leader).await.unwrap().leader_id,
+        Some(leader),
+        "openraft keeps it leader (the case under test)"
+    );
+
+    let all = group.addrs().join(",");
+    let out = cli(&["--json", "--coordinators", &all, "--timeout", "8", "alerts"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alerts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &alerts["alerts"][0];
+    assert_eq!(first["severity"], "CRITICAL", "{alerts}");
+    assert!(
+        first["message"].as_str().unwrap().contains("without quorum"),
+        "{alerts}"
+    );
+
+    let out = cli(&[
+        "--coordinators",
+        &addr,
+        "--timeout",
+        "5",
+        "status",
+        "--cluster",
+        "main",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        !err.contains(&format!("the leader is node {leader}")),
+        "node {leader} named itself as the leader to go to: {err}"
+    );
+    assert!(err.contains("cannot reach a quorum"), "{err}");
 }

@@ -4,7 +4,7 @@ use pgquorum_client::pb;
 use serde_json::{json, Value};
 
 use super::Ctx;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::output::{emit, table};
 
 pub async fn status(ctx: &Ctx, cluster: &str) -> Result<()> {
@@ -227,6 +227,19 @@ pub async fn alerts(ctx: &Ctx, cluster: &str) -> Result<()> {
             .collect();
         table(&["SEVERITY", "NODE", "MESSAGE"], rows)
     });
+    // Exit 1 when anything is CRITICAL or worse, so a cron job or a check script can
+    // page on the exit code alone (WARNING alone exits 0).
+    let serious = reply
+        .alerts
+        .iter()
+        .filter(|a| matches!(a.severity.as_str(), "CRITICAL" | "EMERGENCY"))
+        .count();
+    if serious > 0 {
+        return Err(Error::Alerting(format!(
+            "{serious} alert(s) CRITICAL or worse in cluster {}",
+            reply.cluster
+        )));
+    }
     Ok(())
 }
 

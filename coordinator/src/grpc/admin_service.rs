@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::proposer::Proposer;
 use crate::config::check_host_port;
 use crate::failover::{decide, lease_expired, manual, Step};
-use crate::observe::alerts::alerts;
+use crate::observe::alerts::{self, alerts};
 use crate::observe::health::node_statuses;
 use crate::observe::Reports;
 use crate::raft::group::{self, GroupId, Reform};
@@ -34,6 +34,9 @@ pub struct AdminServiceImpl {
     /// Held while a force-new-group is checked and recorded.
     reforming: tokio::sync::Mutex<()>,
 }
+
+/// How long `alerts` waits for a quorum to confirm this leader.
+const QUORUM_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long force-new-group waits for each other voter's answer.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
@@ -623,6 +626,23 @@ impl AdminService for AdminServiceImpl {
 
     async fn alerts(&self, request: Request<pb::AlertsRequest>) -> Result<Response<pb::AlertsReply>, Status> {
         self.require_leader().await?;
+        // A leader that lost its quorum stays leader in openraft; its view is then
+        // frozen and nothing it decides can be committed: the first thing to say.
+        let check = tokio::time::timeout(
+            QUORUM_CHECK,
+            self.p.ready_to_read(pb::ReadConsistency::Linearizable as i32),
+        )
+        .await;
+        let no_quorum = match check {
+            Ok(Ok(())) => None,
+            Ok(Err(e @ Error::NotLeader { .. })) => return Err(e.into()),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "this coordinator leads but no quorum of the coordinator group answered within {} ms; \
+                 nothing can be committed (no failover, no switchover) until a majority answers",
+                QUORUM_CHECK.as_millis()
+            )),
+        };
         let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
         let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
         let statuses = node_statuses(&cluster, &reports);
@@ -636,8 +656,10 @@ impl AdminService for AdminServiceImpl {
             Step::Stuck(why) => Some(why),
             _ => None,
         };
-        let alerts = alerts(&cluster, &statuses, stuck)
+        let alerts = no_quorum
+            .map(alerts::no_quorum)
             .into_iter()
+            .chain(alerts(&cluster, &statuses, stuck))
             .map(|a| pb::Alert {
                 severity: a.severity.as_str().into(),
                 node: a.node,

@@ -17,15 +17,12 @@ use tonic::{Request, Response, Status};
 
 use crate::observe::routes::endpoint_map;
 use crate::raft::group::Group;
-use crate::raft::leadership::Leadership;
+use crate::raft::leadership::{Leadership, QUORUM_RECENT};
 use crate::raft::state_machine::StateHandle;
 use crate::Error;
 
 /// How often a watch stream repeats the current map while it is known current.
 const CONFIRM_EVERY: Duration = Duration::from_secs(1);
-/// How recently a quorum must have acknowledged this leader for it to vouch for its
-/// map (several Raft heartbeats: `raft.heartbeat_interval_ms` is well under it).
-const VOUCH_WITHIN: Duration = Duration::from_secs(2);
 
 pub struct EndpointServiceImpl {
     state: StateHandle,
@@ -33,7 +30,7 @@ pub struct EndpointServiceImpl {
 }
 
 /// Whether this coordinator's applied state is the group's: it leads with a quorum
-/// heard from within [`VOUCH_WITHIN`]. Only a leader can know that: a follower that
+/// heard from within [`QUORUM_RECENT`]. Only a leader can know that: a follower that
 /// still hears a leader which lost its quorum (openraft keeps it leader) would vouch
 /// for an outdated map forever.
 /// A coordinator whose group was replaced (force-new-group) vouches for nothing.
@@ -46,10 +43,10 @@ struct Currency {
 impl Currency {
     fn known(&self) -> bool {
         self.group.superseded().is_none()
-            && self
-                .leadership
-                .current()
-                .is_some_and(|lead| lead.quorum_acked_at.is_some_and(|at| at.elapsed() < VOUCH_WITHIN))
+            && self.leadership.current().is_some_and(|lead| {
+                lead.quorum_acked_at
+                    .is_some_and(|at| at.elapsed() < QUORUM_RECENT)
+            })
     }
 }
 

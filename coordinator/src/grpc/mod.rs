@@ -6,5 +6,6 @@ pub mod admin_service;
 pub mod agent_service;
 mod convert;
 pub mod endpoint_service;
+pub mod health;
 pub mod proposer;
 pub mod raft_service;

@@ -26,9 +26,16 @@ impl Proposer {
         Some((leader, node.addr.clone()))
     }
 
+    /// Why this node cannot serve a leader's request. When it still takes itself for
+    /// the leader (openraft keeps a leader that lost its followers), "the leader is
+    /// this node" would send the client back here: it says it has no quorum instead.
     pub fn not_leader(&self) -> Error {
-        Error::NotLeader {
-            leader: self.leader_hint(),
+        match self.leader_hint() {
+            Some((id, _)) if id == self.id => {
+                let since = self.raft.metrics().borrow().millis_since_quorum_ack;
+                Error::LeaderWithoutQuorum { since_ms: since }
+            }
+            leader => Error::NotLeader { leader },
         }
     }
 

@@ -54,6 +54,15 @@ fn why_down(cluster: &Cluster, s: &NodeStatus) -> String {
     }
 }
 
+/// The coordinator group itself cannot commit (`why`): CRITICAL, for the group.
+pub fn no_quorum(why: String) -> Alert {
+    Alert {
+        severity: Severity::Critical,
+        node: String::new(),
+        message: format!("coordinator group without quorum: {why}"),
+    }
+}
+
 /// `stuck`: why a needed failover cannot proceed on its own (from the decision).
 pub fn alerts(cluster: &Cluster, statuses: &[NodeStatus], stuck: Option<String>) -> Vec<Alert> {
     let mut out = Vec::new();

@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 
 use super::{NodeId, Raft};
 
+/// How recently a quorum must have acknowledged a leader for it to count as leading a
+/// working group (vouching for its endpoint map, gRPC health, alerts): several Raft
+/// heartbeats (`raft.heartbeat_interval_ms` is well under it).
+pub const QUORUM_RECENT: Duration = Duration::from_secs(2);
+
 /// This node leads in `term`; a quorum acknowledged it at `quorum_acked_at` (None: not
 /// yet in this term).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
