@@ -137,6 +137,33 @@ async fn a_leader_without_quorum_is_not_serving_and_alerts_critical() {
         "a cluster without a primary is CRITICAL"
     );
 
+    // --- `raft add` of an address where nothing listens, or where another coordinator
+    // answers, is refused (it printed "added as a learner and caught up").
+    let other = group.ids().into_iter().find(|id| *id != leader).unwrap();
+    let cases = [
+        ("127.0.0.1:29799".to_string(), "4", "nothing answers"),
+        (group.addr_of(other), "9", "not 9"),
+    ];
+    for (target, id, why) in cases {
+        let out = cli(&[
+            "--coordinators",
+            &addr,
+            "raft",
+            "add",
+            "--id",
+            id,
+            "--addr",
+            &target,
+            "--region",
+            "r9",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
+    let members = group.status_of(leader).await.unwrap().members;
+    assert_eq!(members.len(), 3, "nothing added: {members:?}");
+
     for id in group.ids().into_iter().filter(|id| *id != leader) {
         group.kill(id).unwrap();
     }

@@ -43,20 +43,21 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500
 
 /// Coordinator `id`'s own status at `addr`, if it answers in time as `id`.
 async fn probe(id: NodeId, addr: String) -> Option<pb::RaftStatusReply> {
+    probe_any(&addr).await.filter(|s| s.id == id)
+}
+
+/// The own status of whichever coordinator answers at `addr` in time.
+async fn probe_any(addr: &str) -> Option<pb::RaftStatusReply> {
     use pgquorum_proto::v1::admin_service_client::AdminServiceClient;
     let ask = async {
-        let channel = pgquorum_client::endpoint(&addr).ok()?.connect().await.ok()?;
+        let channel = pgquorum_client::endpoint(addr).ok()?.connect().await.ok()?;
         let reply = AdminServiceClient::new(channel)
             .raft_status(pb::RaftStatusRequest {})
             .await
             .ok()?;
         Some(reply.into_inner())
     };
-    tokio::time::timeout(PROBE_TIMEOUT, ask)
-        .await
-        .ok()
-        .flatten()
-        .filter(|s| s.id == id)
+    tokio::time::timeout(PROBE_TIMEOUT, ask).await.ok().flatten()
 }
 
 fn now_ms() -> u64 {
@@ -420,6 +421,26 @@ impl AdminService for AdminServiceImpl {
             return Err(invalid("id", format!("coordinator {} is already a voter", req.id)).into());
         }
         self.require_leader().await?;
+        // openraft adds an address where nothing listens and reports it caught up:
+        // the operator learns of the typo only when the group cannot reach a quorum.
+        let Some(answer) = probe_any(&req.addr).await else {
+            return Err(Error::Membership(format!(
+                "nothing answers as a coordinator at {} (is it started, without initial_members, \
+                 listening there?); not added",
+                req.addr
+            ))
+            .into());
+        };
+        if answer.id != req.id {
+            return Err(invalid(
+                "id",
+                format!(
+                    "the coordinator at {} is node {}, not {}; not added",
+                    req.addr, answer.id, req.id
+                ),
+            )
+            .into());
+        }
         let node = CoordinatorNode {
             addr: req.addr,
             region: req.region,
