@@ -323,6 +323,9 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
         let addrs = parse_addrs(coordinators.as_deref().unwrap_or_default())?;
         let timeouts = Timeouts {
             overall: Duration::from_secs(timeout),
+            // An operator with wrong addresses, or a group that is down, hears so
+            // in seconds; a restarting coordinator is back within them.
+            unreachable: Some(Duration::from_secs(3).min(Duration::from_secs(timeout))),
             ..Timeouts::default()
         };
         Ok(Ctx {

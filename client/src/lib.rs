@@ -123,6 +123,45 @@ impl ClientError {
     }
 }
 
+/// How a failed connection's reason starts (tells "nothing there" from "it refused").
+const CANNOT_CONNECT: &str = "cannot connect";
+
+/// An error with every cause under it ("transport error" alone says nothing; its
+/// source says "Connection refused").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = cause.source();
+    }
+    text
+}
+
+/// The latest reason each coordinator gave (or failed with), one entry per address.
+#[derive(Default)]
+struct Attempts(Vec<(String, String)>);
+
+impl Attempts {
+    fn record(&mut self, addr: &str, why: impl Into<String>) {
+        let why = why.into();
+        match self.0.iter_mut().find(|(a, _)| a == addr) {
+            Some(entry) => entry.1 = why,
+            None => self.0.push((addr.to_string(), why)),
+        }
+    }
+
+    fn error(self) -> ClientError {
+        ClientError::Unavailable {
+            attempts: self.0.into_iter().map(|(a, why)| format!("{a}: {why}")).collect(),
+        }
+    }
+}
+
 /// Timeouts of a [`Coordinators`] client.
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -132,6 +171,10 @@ pub struct Timeouts {
     pub request: Duration,
     /// For the whole call, retries included (elections, redirects).
     pub overall: Duration,
+    /// Give up sooner when for this long no coordinator could even be connected to
+    /// (nothing listens: stopped, or wrong addresses); `overall` when None. An
+    /// election is waited out to `overall`: its coordinators answer.
+    pub unreachable: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -140,6 +183,7 @@ impl Default for Timeouts {
             connect: Duration::from_millis(500),
             request: Duration::from_secs(10),
             overall: Duration::from_secs(15),
+            unreachable: None,
         }
     }
 }
@@ -218,7 +262,7 @@ impl Coordinators {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
+            .map_err(|e| format!("{CANNOT_CONNECT}: {}", with_causes(&e)))?;
         self.channels
             .lock()
             .expect("lock")
@@ -364,7 +408,8 @@ impl Coordinators {
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let deadline = Instant::now() + self.timeouts.overall;
-        let mut attempts = Vec::new();
+        let mut attempts = Attempts::default();
+        let mut unreachable_since: Option<Instant> = None;
         loop {
             let preferred = self.preferred.lock().expect("lock").clone();
             let mut queue: Vec<String> = preferred.iter().cloned().collect();
@@ -375,17 +420,19 @@ impl Coordinators {
                     .cloned(),
             );
             let mut redirects = 0;
+            let mut connected = false;
             while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
                 if Instant::now() >= deadline {
-                    return Err(ClientError::Unavailable { attempts });
+                    return Err(attempts.error());
                 }
                 let client = match self.channel(&addr).await {
                     Ok(c) => c,
                     Err(e) => {
-                        attempts.push(format!("{addr}: {e}"));
+                        attempts.record(&addr, e);
                         continue;
                     }
                 };
+                connected = true;
                 match op(client).await {
                     Ok(r) => {
                         *self.preferred.lock().expect("lock") = Some(addr);
@@ -402,7 +449,7 @@ impl Coordinators {
                         }
                         match status.code() {
                             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                                attempts.push(format!("{addr}: {}", status.message()));
+                                attempts.record(&addr, status.message());
                             }
                             code => {
                                 return Err(ClientError::Rejected {
@@ -414,16 +461,21 @@ impl Coordinators {
                     }
                 }
             }
-            // Nobody could serve it (election in progress, or all down): keep only the
-            // latest round of reasons and retry until the deadline.
-            if Instant::now() + Duration::from_millis(100) >= deadline {
-                return Err(ClientError::Unavailable { attempts });
+            // Nobody could serve it (election in progress, or all down): retry until
+            // the deadline, or sooner when nothing listens anywhere.
+            let now = Instant::now();
+            unreachable_since = if connected {
+                None
+            } else {
+                unreachable_since.or(Some(now))
+            };
+            let gave_up = unreachable_since
+                .zip(self.timeouts.unreachable)
+                .is_some_and(|(since, limit)| now.duration_since(since) >= limit);
+            if gave_up || now + Duration::from_millis(100) >= deadline {
+                return Err(attempts.error());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let keep = self.addrs.len();
-            if attempts.len() > keep {
-                attempts.drain(..attempts.len() - keep);
-            }
         }
     }
 }

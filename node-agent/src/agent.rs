@@ -193,6 +193,7 @@ impl Agent {
             connect: Duration::from_millis(300),
             request: Duration::from_secs(2),
             overall: Duration::from_secs(2),
+            unreachable: None,
         };
         let coordinators =
             Coordinators::new(config.coordinators.clone(), timeouts).map_err(|e| Error::Config {

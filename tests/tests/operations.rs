@@ -210,3 +210,16 @@ async fn a_leader_without_quorum_is_not_serving_and_alerts_critical() {
     );
     assert!(err.contains("cannot reach a quorum"), "{err}");
 }
+
+/// Nothing listening at any coordinator address: the error names each address once,
+/// with the cause ("transport error", twice each, said nothing).
+#[test]
+fn an_unreachable_group_is_reported_once_per_address_with_the_cause() {
+    let out = cli(&["--coordinators", "127.0.0.1:29798,127.0.0.1:29797", "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for addr in ["127.0.0.1:29798", "127.0.0.1:29797"] {
+        assert_eq!(err.matches(addr).count(), 1, "{err}");
+    }
+    assert!(err.contains("Connection refused"), "{err}");
+}

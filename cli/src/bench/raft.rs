@@ -126,6 +126,7 @@ pub async fn run(opts: Options) -> Result<()> {
             connect: Duration::from_millis(100),
             request: Duration::from_millis(500),
             overall: Duration::from_secs(1),
+            unreachable: None,
         },
     )?;
     for round in 1..=opts.rounds {

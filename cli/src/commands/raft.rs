@@ -30,6 +30,7 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             connect: Duration::from_millis(300),
             request: Duration::from_secs(1),
             overall: Duration::from_secs(1),
+            unreachable: None,
         },
     )?;
     let view = if first.state != "leader" && !first.leader_addr.is_empty() {

@@ -284,6 +284,7 @@ impl CoordinatorGroup {
                 connect: Duration::from_millis(300),
                 request: Duration::from_secs(2),
                 overall: Duration::from_secs(2),
+                unreachable: None,
             },
         )?;
         Ok(client
