@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pgquorum::bench;
-use pgquorum::commands::{cluster, policy, raft, sandbox, status, watch, Ctx};
+use pgquorum::commands::{cluster, pause, policy, raft, sandbox, status, watch, Ctx};
 use pgquorum_client::{parse_addrs, Coordinators, Timeouts, COORDINATORS_ENV};
 
 #[derive(Parser)]
@@ -63,6 +63,18 @@ enum Command {
         /// The node to promote (default: the best candidate).
         #[arg(long, default_value = "")]
         to: String,
+    },
+    /// No automatic failover until `resume` (whole cluster): for work on the hosts,
+    /// Postgres restarts by hand, network maintenance. Switchover and failover by hand
+    /// still work.
+    Pause {
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
+    /// Automatic failover on again after `pause`.
+    Resume {
+        #[arg(long, default_value = "")]
+        cluster: String,
     },
     /// Take a node out of read routing (routers stop sending new read-only
     /// connections to it; open ones stay), e.g. before maintenance or a long query.
@@ -344,6 +356,8 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             accept_data_loss,
         } => status::failover(&ctx()?, &cluster, &to, accept_data_loss).await,
         Command::Switchover { cluster, to } => status::switchover(&ctx()?, &cluster, &to).await,
+        Command::Pause { cluster } => pause::pause(&ctx()?, &cluster, true).await,
+        Command::Resume { cluster } => pause::pause(&ctx()?, &cluster, false).await,
         Command::Drain { node, cluster } => status::drain(&ctx()?, &cluster, &node, true).await,
         Command::Undrain { node, cluster } => status::drain(&ctx()?, &cluster, &node, false).await,
         Command::Sandbox(c) => match c {

@@ -11,7 +11,10 @@ use nix::unistd::Pid;
 use pgquorum::launch::{find_binary, COORDINATOR_BIN};
 use pgquorum_coordinator::config::MemberConfig;
 use pgquorum_coordinator::Config;
-use pgquorum_tests::{cli, create_cluster, eventually, start_group};
+use pgquorum_tests::{
+    cli, cli_json, create_cluster, eventually, node_status as node, start_group, start_sandbox,
+    wait_new_primary,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -222,4 +225,55 @@ fn an_unreachable_group_is_reported_once_per_address_with_the_cause() {
         assert_eq!(err.matches(addr).count(), 1, "{err}");
     }
     assert!(err.contains("Connection refused"), "{err}");
+}
+
+/// `pause` stops automatic failover (the primary's host dies and nothing happens, shown
+/// in `status` and `alerts`); `resume` lets it run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_stops_a_failover_and_resume_lets_it_run() {
+    let mut sandbox = start_sandbox(29800, 29810).await;
+    let addrs = sandbox.client_addrs().join(",");
+    let paused = cli_json(&["--coordinators", &addrs, "pause"]);
+    assert_eq!(paused, serde_json::json!({"cluster": "main", "paused": true}));
+    let status = cli_json(&["--coordinators", &addrs, "status"]);
+    assert_eq!(status["paused"], true, "{status}");
+    let epoch = status["epoch"].as_u64().unwrap();
+
+    sandbox.kill_host("node1").unwrap();
+    sandbox
+        .wait_for("node1 seen down", WAIT, |s| node(s, "node1").health != "HEALTHY")
+        .await
+        .unwrap();
+    // Well past the failure timeout and the lease: a failover would have started.
+    let policy = cli_json(&["--coordinators", &addrs, "policy", "get", "main"]);
+    let failure_timeout = policy["policy"]["failure_timeout_ms"].as_u64().unwrap();
+    let lease = policy["policy"]["lease_ms"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(3 * (failure_timeout + lease))).await;
+    let s = sandbox.status().await.unwrap();
+    assert_eq!((s.epoch, s.primary.as_str()), (epoch, "node1"), "{s:?}");
+    assert!(s.failover.is_none(), "{:?}", s.failover);
+    let out = cli(&["--json", "--coordinators", &addrs, "alerts"]);
+    assert_eq!(out.status.code(), Some(1), "the primary is down: CRITICAL");
+    let alerts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let messages: Vec<&str> = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["message"].as_str())
+        .collect();
+    assert!(messages.iter().any(|m| m.contains("paused")), "{messages:?}");
+
+    let resumed = cli_json(&["--coordinators", &addrs, "resume", "--cluster", "main"]);
+    assert_eq!(resumed["paused"], false);
+    let new = wait_new_primary(&sandbox, "node1", epoch + 1, WAIT).await;
+    assert_eq!(new, "node2", "the synchronous standby");
+    let history = cli_json(&["--coordinators", &addrs, "history"]);
+    let details: Vec<String> = history["events"]
+        .as_array()
+        .map(|e| e.iter().map(|e| e["detail"].to_string()).collect())
+        .unwrap_or_default();
+    assert!(
+        details.iter().any(|d| d.contains("maintenance: false -> true")),
+        "pause is in the history: {history}"
+    );
 }

@@ -35,6 +35,7 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
         "epoch": s.epoch,
         "primary": if s.primary.is_empty() { Value::Null } else { Value::from(s.primary.clone()) },
         "maintenance": s.maintenance,
+        "paused": s.maintenance,
         "failsafe": s.failsafe,
         "sync_mode": s.sync_mode,
         "sync_set": s.sync_set,
@@ -169,7 +170,11 @@ fn status_table(s: &pb::StatusReply) -> String {
         if s.primary.is_empty() { "-" } else { &s.primary },
         s.sync_mode,
         s.sync_set,
-        if s.maintenance { "   MAINTENANCE" } else { "" },
+        if s.maintenance {
+            "   PAUSED (no automatic failover; `pgquorum resume`)"
+        } else {
+            ""
+        },
         if s.failsafe {
             "   FAILSAFE (the primary wrote on its standbys' promises)"
         } else {

@@ -81,6 +81,16 @@ pub fn alerts(cluster: &Cluster, statuses: &[NodeStatus], stuck: Option<String>)
             message,
         })
     };
+    if p.maintenance {
+        push(
+            Severity::Warning,
+            "",
+            format!(
+                "cluster {} is paused: no automatic failover (`pgquorum resume`)",
+                cluster.name
+            ),
+        );
+    }
     let Some(primary) = cluster.primary.as_deref() else {
         push(
             Severity::Critical,
@@ -211,5 +221,15 @@ mod tests {
         );
         let a = alerts(&c, &node_statuses(&c, &mk(30_001)), None);
         assert_eq!(a[0].severity, Severity::Emergency);
+
+        // Paused: a warning for the cluster, nothing else changes.
+        let mut paused = c.clone();
+        paused.policy.maintenance = true;
+        let a = alerts(&paused, &node_statuses(&paused, &mk(0)), None);
+        assert_eq!(
+            (a.len(), a[0].severity, a[0].node.as_str()),
+            (1, Severity::Warning, "")
+        );
+        assert!(a[0].message.contains("paused"), "{}", a[0].message);
     }
 }
