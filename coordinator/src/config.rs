@@ -6,6 +6,7 @@
 //! listen = "0.0.0.0:7101"        # where to accept gRPC (Raft, admin, agents, routers)
 //! advertise = "10.0.1.11:7101"   # how others reach this node; defaults to `listen`
 //! data_dir = "/var/lib/pgquorum/coordinator"
+//! http = "0.0.0.0:7161"           # optional: Prometheus /metrics
 //!
 //! # Only read on the very first start of a brand-new group, by each founding member.
 //! # A node that joins a running group leaves this out and is added with
@@ -45,6 +46,9 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
     pub data_dir: PathBuf,
+    /// `ip:port` serving `/metrics` (Prometheus text). None: not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
     #[serde(default)]
     pub initial_members: Vec<MemberConfig>,
     #[serde(default)]
@@ -164,6 +168,14 @@ impl Config {
         }
         if let Some(a) = &self.advertise {
             check_host_port("advertise", a)?;
+        }
+        if let Some(h) = &self.http {
+            if h.parse::<std::net::SocketAddr>().is_err() {
+                return bad(
+                    "http",
+                    format!("expected ip:port such as 0.0.0.0:7161, got {h:?}"),
+                );
+            }
         }
         if self.data_dir.as_os_str().is_empty() {
             return bad("data_dir", "must not be empty".into());

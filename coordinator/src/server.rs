@@ -121,6 +121,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         leadership.clone(),
         group.clone(),
     ));
+    let metrics = match &config.http {
+        Some(addr) => Some(serve_metrics(addr, &raft, &leadership, &state, &reports, config.id).await?),
+        None => None,
+    };
     let leader_loop = tokio::spawn(crate::leader::run(
         raft.clone(),
         leadership.clone(),
@@ -164,6 +168,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     info!(?exit, "shutting down");
     leader_loop.abort();
     health.abort();
+    for task in metrics.into_iter().flatten() {
+        task.abort();
+    }
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }
@@ -254,4 +261,46 @@ async fn bootstrap(config: &Config, raft: &Raft) -> Result<()> {
         Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
         Err(e) => Err(Error::Raft(format!("initialize: {e}"))),
     }
+}
+
+/// Listens on `addr` and serves `/metrics`; counts handovers applied from now on.
+async fn serve_metrics(
+    addr: &str,
+    raft: &Raft,
+    leadership: &Leadership,
+    state: &crate::raft::state_machine::StateHandle,
+    reports: &Reports,
+    id: crate::raft::NodeId,
+) -> Result<[tokio::task::JoinHandle<()>; 2]> {
+    use crate::observe::metrics;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let handle = metrics::install().unwrap_or_else(|| {
+        // Another recorder in this process (tests): an empty page rather than none.
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle()
+    });
+    let sources = metrics::Sources {
+        id,
+        raft: raft.clone(),
+        leadership: leadership.clone(),
+        state: state.clone(),
+        reports: reports.clone(),
+    };
+    // Entries already in the log were applied before this process counted.
+    let since = raft.metrics().borrow().last_log_index.unwrap_or(0);
+    info!(%addr, "serving /metrics");
+    Ok([
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, handle, sources).await {
+                tracing::warn!("/metrics stopped: {e}");
+            }
+        }),
+        tokio::spawn(metrics::count_handovers(state.clone(), since)),
+    ])
 }

@@ -94,6 +94,8 @@ pub struct Agent {
     failsafe: bool,
     /// When a coordinator leader last answered.
     leader_answered_at: Option<Instant>,
+    /// What the HTTP endpoints answer from, current as of the last round.
+    view: crate::http::SharedView,
 }
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
@@ -252,6 +254,7 @@ impl Agent {
             granted_ms: 0,
             failsafe: false,
             leader_answered_at: None,
+            view: Default::default(),
         })
     }
 
@@ -283,6 +286,10 @@ impl Agent {
             }
             None => None,
         };
+        let http_server = match &self.config.http {
+            Some(addr) => Some(self.serve_http(addr).await?),
+            None => None,
+        };
         // Until a coordinator answers, promises are judged by what was persisted.
         self.book().set_standing(Standing {
             cluster: self.config.cluster.clone(),
@@ -302,6 +309,7 @@ impl Agent {
             self.round().await;
             // After the round: a first start gets its lease before the guard looks.
             self.ensure_guard();
+            self.publish_view();
             // A new epoch means a failover in flight: report again at once, since the
             // choice of a candidate waits for observations made after this reply.
             let pause = if self.state.epoch > epoch {
@@ -315,11 +323,47 @@ impl Agent {
             }
         }
         timer.abort();
-        if let Some(server) = peer_server {
+        for server in [peer_server, http_server].into_iter().flatten() {
             server.abort();
         }
         info!("agent stopped; postgres left as it is");
         Ok(())
+    }
+
+    /// Listens on `addr` and serves the health endpoints and metrics from [`Self::view`].
+    async fn serve_http(&self, addr: &str) -> Result<tokio::task::JoinHandle<()>> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Config {
+                path: "http".into(),
+                message: format!("cannot listen on {addr}: {e}"),
+            })?;
+        let metrics = crate::metrics::install().unwrap_or_else(|| {
+            // Another recorder in this process: serve an empty page rather than fail.
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle()
+        });
+        let view = self.view.clone();
+        info!(%addr, "serving health endpoints and /metrics");
+        Ok(tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(listener, view, metrics).await {
+                warn!("the HTTP endpoints stopped: {e}");
+            }
+        }))
+    }
+
+    /// Hands the HTTP endpoints and metrics what this round left.
+    fn publish_view(&mut self) {
+        let mut view = self.view.lock().expect("view lock poisoned");
+        view.name.clone_from(&self.config.name);
+        view.cluster.clone_from(&self.config.cluster);
+        view.epoch = self.state.epoch;
+        view.is_epoch_primary = self.state.primary == self.config.name;
+        view.lease_until = self.lease.map(|l| l.until);
+        view.failsafe = self.failsafe;
+        view.leader_answered_at = self.leader_answered_at;
+        crate::metrics::after_round(&view);
     }
 
     /// Whether this node holds a primary lease that has not run out.
@@ -373,6 +417,7 @@ impl Agent {
             return false;
         }
         warn!("primary lease ran out without renewal: stopping postgres (fence)");
+        crate::metrics::fenced("lease_expired");
         self.set_lease(None);
         match self.ctl.fence().await {
             Ok(()) => true,
@@ -460,6 +505,11 @@ impl Agent {
             observed_at,
         );
         report.observed_ago_ms = sent_at.duration_since(observed_at).as_millis() as u64;
+        {
+            let mut view = self.view.lock().expect("view lock poisoned");
+            view.postgres_up = report.postgres_up;
+            view.role.clone_from(&report.role);
+        }
         self.seq += 1;
         report.incarnation = self.incarnation;
         report.seq = self.seq;
@@ -520,6 +570,7 @@ impl Agent {
                 return;
             }
             Err(e) => {
+                crate::metrics::heartbeat_failed();
                 self.problem(format!("cannot reach the coordinators: {e}"));
                 self.keep_writing_on_promises().await;
                 return;
@@ -527,6 +578,12 @@ impl Agent {
         };
         self.leader_answered_at = Some(Instant::now());
         self.reply_mark = reply.reply_mark;
+        {
+            let mut view = self.view.lock().expect("view lock poisoned");
+            view.sync_state.clone_from(&reply.sync_state);
+            view.lag_ms = reply.lag_ms;
+            view.drained = reply.drained;
+        }
         let lease = match plan::receive(&self.config.name, self.state.epoch, &reply) {
             Reception::Stale {
                 reply_epoch,
@@ -738,6 +795,7 @@ impl Agent {
                         )
                     }
                 }
+                crate::metrics::fenced(reason.as_str());
                 self.ctl.fence().await
             }
             Action::ClearPromoting => Ok(std::fs::remove_file(&self.guard.promoting)?),
@@ -750,6 +808,7 @@ impl Agent {
                     Ok(Err(e)) => warn!("switchover: the clean stop failed ({e}); fencing"),
                     Err(_) => warn!("switchover: the clean stop takes over 5 s; fencing"),
                 }
+                crate::metrics::fenced("clean_stop_failed");
                 self.ctl.fence().await
             }
             Action::Rejoin(up) => {

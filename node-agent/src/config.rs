@@ -15,6 +15,9 @@
 //!                                  # primary that no coordinator leader answers asks
 //!                                  # its standbys' agents here for promises); listened
 //!                                  # on and advertised; absent: no failsafe with it
+//! http = "10.0.1.21:8008"          # health endpoints for load balancers (/primary,
+//!                                  # /replica?lag=MS, /sync, /async, /health) and
+//!                                  # /metrics; absent: none
 //!
 //! [postgres]
 //! bin_dir = "/usr/lib/postgresql/15/bin"
@@ -90,6 +93,9 @@ pub struct AgentConfig {
     /// node is a member. Set it on every member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_address: Option<String>,
+    /// `ip:port` of the HTTP health endpoints and `/metrics`. None: not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
     pub postgres: PostgresConfig,
 }
 
@@ -202,6 +208,14 @@ impl AgentConfig {
         }
         if let Err(e) = pgquorum_client::parse_addrs(&self.coordinators.join(",")) {
             return bad("coordinators", e.to_string());
+        }
+        if let Some(addr) = &self.http {
+            if let Err(e) = addr.parse::<std::net::SocketAddr>() {
+                return bad(
+                    "http",
+                    format!("{addr:?} is not an IP address and port (e.g. \"10.0.1.21:8008\"): {e}"),
+                );
+            }
         }
         if let Some(addr) = &self.peer_address {
             if let Err(e) = addr.parse::<std::net::SocketAddr>() {

@@ -13,12 +13,15 @@
 //! - [`failsafe`]: when a standby may promise a primary that no coordinator leader
 //!   answers not to be promoted, and how long the primary may write on the promises;
 //!   [`peer`]: the agent's own gRPC service that carries them.
+//! - [`http`]: health endpoints for load balancers and probes, and [`metrics`].
 
 pub mod agent;
 pub mod config;
 mod error;
 pub mod failsafe;
 pub mod guard;
+pub mod http;
+pub mod metrics;
 pub mod peer;
 pub mod plan;
 pub mod postgres;

@@ -185,6 +185,16 @@ pub enum FenceReason {
     NotThePrimary,
 }
 
+impl FenceReason {
+    /// As a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FenceReason::NoLongerCandidate => "no_longer_candidate",
+            FenceReason::NotThePrimary => "not_the_primary",
+        }
+    }
+}
+
 /// Where the standby's WAL ends, to compare with the new primary's fork point. The
 /// timeline is the one it reports, which without a WAL receiver is its last
 /// restartpoint's: the executor takes the newest it holds WAL of, if newer.

@@ -44,6 +44,41 @@ fn note_freshness(was: route::Freshness, now: route::Freshness, unconfirmed_for:
     }
 }
 
+/// HELP lines (and units) for every series the router exports.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, Unit};
+    describe_counter!(
+        "pgquorum_router_connections_total",
+        "Client connections accepted, by listening port"
+    );
+    describe_gauge!(
+        "pgquorum_router_connections_active",
+        "Client connections open now, by listening port"
+    );
+    describe_counter!(
+        "pgquorum_router_routes_total",
+        "Connections sent to a backend, by port and backend node"
+    );
+    describe_counter!(
+        "pgquorum_router_rejected_total",
+        "Connections refused, by port and reason (no_primary, stale_map, unreachable)"
+    );
+    describe_gauge!("pgquorum_router_epoch", "Epoch of the endpoint map in use");
+    describe_gauge!(
+        "pgquorum_router_map_version",
+        "Version of the endpoint map in use"
+    );
+    describe_gauge!(
+        "pgquorum_router_map_stale",
+        "1 while no coordinator has confirmed the map lately"
+    );
+    describe_gauge!(
+        "pgquorum_router_map_unconfirmed_seconds",
+        Unit::Seconds,
+        "Time since a coordinator last confirmed the map"
+    );
+}
+
 /// Binds every port, follows the map and serves until the process ends.
 pub async fn run(config: RouterConfig) -> Result<(), String> {
     if let Some(addr) = &config.metrics {
@@ -52,6 +87,7 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
             .with_http_listener(addr)
             .install()
             .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+        describe_metrics();
     }
     let (tx, maps) = watch::channel(None);
     let mut ports = vec![(config.rw.clone(), Port::ReadWrite)];

@@ -499,3 +499,62 @@ impl Drop for ThawOnDrop {
 
 pub use pgquorum::check::{overlap, Ack, TimedWriter};
 pub use pgquorum::launch::KillOnDrop;
+
+/// `GET path` over HTTP/1.1 at `addr`: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer)).await??;
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:?}")))?;
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((code, body))
+}
+
+/// Prometheus text, checked: every sample's family has `# HELP` and `# TYPE`, every
+/// sample line is `name{labels} value` with a number. Returns the samples as
+/// (`name{labels}`, value).
+pub fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    let mut helped = std::collections::BTreeSet::new();
+    let mut typed = std::collections::BTreeSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.insert(rest.split_whitespace().next().unwrap_or_default().to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split_whitespace().next().unwrap_or_default().to_string());
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment: {line}");
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+        let name = series.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(helped.contains(family), "no # HELP for {family}");
+        assert!(typed.contains(family), "no # TYPE for {family}");
+        samples.push((series.to_string(), value));
+    }
+    samples
+}
+
+/// The value of the sample `name` whose labels include every one of `labels`.
+pub fn metric(samples: &[(String, f64)], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples.iter().find_map(|(series, value)| {
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))).then_some(*value)
+    })
+}

@@ -1,5 +1,6 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
-//! alerts and their exit code, a group without quorum, pause and resume. Each test has
+//! alerts and their exit code, a group without quorum, pause and resume, the agents'
+//! health endpoints and every daemon's metrics. Each test has
 //! its own ports (29700-29990) and directory.
 
 use std::io::{BufRead, BufReader};
@@ -12,8 +13,8 @@ use pgquorum::launch::{find_binary, COORDINATOR_BIN};
 use pgquorum_coordinator::config::MemberConfig;
 use pgquorum_coordinator::Config;
 use pgquorum_tests::{
-    cli, cli_json, create_cluster, eventually, node_status as node, start_group, start_sandbox,
-    wait_new_primary,
+    cli, cli_json, create_cluster, eventually, http_get, metric, node_status as node, parse_metrics,
+    start_group, start_sandbox, wait_new_primary,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -30,6 +31,7 @@ fn a_daemon_logs_json_on_request_and_outlives_a_sighup() {
         listen: addr.clone(),
         advertise: None,
         data_dir: dir.path().join("raft"),
+        http: None,
         initial_members: vec![MemberConfig {
             id: 1,
             addr,
@@ -276,4 +278,185 @@ async fn pause_stops_a_failover_and_resume_lets_it_run() {
         details.iter().any(|d| d.contains("maintenance: false -> true")),
         "pause is in the history: {history}"
     );
+}
+
+/// The agents' HTTP endpoints answer 200/503 as their names say, per role, and follow
+/// a failover; every daemon's `/metrics` parses (HELP and TYPE for every series) and
+/// the coordinator's agree with `status --json`; a SIGHUP ends no daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_per_role_and_metrics_that_agree_with_status() {
+    let mut sandbox = start_sandbox(29900, 29910).await;
+    let file = sandbox.file();
+    let http: std::collections::BTreeMap<String, String> = file
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.http.clone()))
+        .collect();
+    let paths = [
+        "/primary",
+        "/replica",
+        "/sync",
+        "/async",
+        "/health",
+        "/replica?lag=60000",
+    ];
+    let codes = |node: &str| {
+        let addr = http[node].clone();
+        async move {
+            let mut out = Vec::new();
+            for p in paths {
+                out.push(http_get(&addr, p).await.map(|(c, _)| c).unwrap_or(0));
+            }
+            out
+        }
+    };
+    let expected = [
+        ("node1", [200, 503, 503, 503, 200, 503]),
+        ("node2", [503, 200, 200, 503, 200, 200]),
+        ("node3", [503, 200, 503, 200, 200, 200]),
+    ];
+    eventually("every node's endpoints as its role says", WAIT, || async {
+        let mut all = true;
+        for (node, want) in expected {
+            all &= codes(node).await == want;
+        }
+        all
+    })
+    .await;
+    let (code, body) = http_get(&http["node2"], "/replica?lag=soon").await.unwrap();
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("lag"), "{body}");
+    let (code, body) = http_get(&http["node1"], "/primary").await.unwrap();
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((code, view["role"].as_str()), (200, Some("primary")), "{body}");
+    assert!(view["lease_remaining_ms"].as_u64().unwrap() > 0, "{body}");
+
+    // --- Metrics: the coordinator leader's agree with `status --json`.
+    let addrs = sandbox.client_addrs().join(",");
+    let status = cli_json(&["--coordinators", &addrs, "status"]);
+    let leader = status["raft"]["leader"].as_u64().unwrap();
+    let leader_http = file
+        .coordinators
+        .iter()
+        .find(|c| c.id == leader)
+        .unwrap()
+        .http
+        .clone();
+    let (code, text) = http_get(&leader_http, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    let m = parse_metrics(&text);
+    let main = [("cluster", "main")];
+    assert_eq!(metric(&m, "pgquorum_raft_is_leader", &[]), Some(1.0), "{text}");
+    assert_eq!(metric(&m, "pgquorum_raft_leader", &[]), Some(leader as f64));
+    assert_eq!(
+        metric(&m, "pgquorum_raft_term", &[]),
+        status["raft"]["term"].as_f64()
+    );
+    assert_eq!(
+        metric(&m, "pgquorum_cluster_epoch", &main),
+        status["epoch"].as_f64()
+    );
+    assert_eq!(metric(&m, "pgquorum_cluster_paused", &main), Some(0.0));
+    for n in status["nodes"].as_array().unwrap() {
+        let name = n["name"].as_str().unwrap();
+        let l = [("cluster", "main"), ("node", name)];
+        let is = |v: bool| Some(if v { 1.0 } else { 0.0 });
+        assert_eq!(
+            metric(&m, "pgquorum_node_primary", &l),
+            is(n["role"] == "primary"),
+            "{name}"
+        );
+        assert_eq!(
+            metric(&m, "pgquorum_node_healthy", &l),
+            is(n["health"] == "HEALTHY"),
+            "{name}"
+        );
+        assert_eq!(
+            metric(&m, "pgquorum_node_synchronous", &l),
+            is(n["sync_state"] == "sync"),
+            "{name}"
+        );
+        assert_eq!(
+            metric(&m, "pgquorum_node_timeline", &l),
+            n["timeline"].as_f64(),
+            "{name}"
+        );
+    }
+    let follower = file.coordinators.iter().find(|c| c.id != leader).unwrap();
+    let (_, text) = http_get(&follower.http, "/metrics").await.unwrap();
+    let f = parse_metrics(&text);
+    assert_eq!(metric(&f, "pgquorum_raft_is_leader", &[]), Some(0.0));
+    assert_eq!(
+        metric(&f, "pgquorum_cluster_epoch", &main),
+        status["epoch"].as_f64()
+    );
+    assert_eq!(
+        metric(&f, "pgquorum_node_primary", &[]),
+        None,
+        "only the leader has reports"
+    );
+
+    for (node, primary) in [("node1", 1.0), ("node2", 0.0)] {
+        let (_, text) = http_get(&http[node], "/metrics").await.unwrap();
+        let a = parse_metrics(&text);
+        assert_eq!(
+            metric(&a, "pgquorum_agent_primary", &[]),
+            Some(primary),
+            "{node}: {text}"
+        );
+        assert_eq!(metric(&a, "pgquorum_agent_postgres_up", &[]), Some(1.0), "{node}");
+        let lease = metric(&a, "pgquorum_agent_lease_remaining_seconds", &[]).unwrap();
+        assert_eq!(lease > 0.0, primary == 1.0, "{node}: lease {lease}");
+    }
+    let router = file.router.clone().unwrap();
+    let (_, text) = http_get(&router.http, "/metrics").await.unwrap();
+    let r = parse_metrics(&text);
+    assert!(metric(&r, "pgquorum_router_map_version", &[]).is_some(), "{text}");
+
+    // --- SIGHUP: every daemon logs it and goes on.
+    let pids: Vec<i32> = [sandbox.router_pid().map(|p| p as i32), sandbox.agent_pid("node3")]
+        .into_iter()
+        .flatten()
+        .chain(file.coordinators.iter().map(|c| c.pid as i32))
+        .collect();
+    for pid in &pids {
+        kill(Pid::from_raw(*pid), Signal::SIGHUP).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for pid in &pids {
+        assert!(
+            kill(Pid::from_raw(*pid), None).is_ok(),
+            "pid {pid} died of a SIGHUP"
+        );
+    }
+    let rw = router.rw.clone();
+    assert!(
+        tokio::net::TcpStream::connect(&rw).await.is_ok(),
+        "the router still listens"
+    );
+
+    // --- A failover: the endpoints follow, the handover is counted with its duration.
+    let epoch = status["epoch"].as_u64().unwrap();
+    sandbox.kill_host("node1").unwrap();
+    let new = wait_new_primary(&sandbox, "node1", epoch + 1, WAIT).await;
+    eventually(&format!("{new} answers /primary"), WAIT, || async {
+        http_get(&http[&new], "/primary")
+            .await
+            .map(|(c, _)| c)
+            .unwrap_or(0)
+            == 200
+    })
+    .await;
+    let (code, _) = http_get(&http[&new], "/replica").await.unwrap();
+    assert_eq!(code, 503, "a primary is no replica");
+    eventually("the failover counted", WAIT, || async {
+        let (_, text) = http_get(&leader_http, "/metrics").await.unwrap();
+        let m = parse_metrics(&text);
+        metric(
+            &m,
+            "pgquorum_handover_duration_seconds_count",
+            &[("cluster", "main"), ("kind", "failover")],
+        ) == Some(1.0)
+    })
+    .await;
 }

@@ -35,7 +35,7 @@ pub fn sandbox_region(id: u64) -> &'static str {
 pub struct GroupSpec {
     /// Parent directory for every node's files.
     pub dir: PathBuf,
-    /// Node N listens on 127.0.0.1:(base_port + N).
+    /// Node N listens on 127.0.0.1:(base_port + N), serves /metrics on base_port + 60 + N.
     pub base_port: u16,
     /// Number of founding voters (ids 1..=size).
     pub size: u64,
@@ -116,6 +116,13 @@ impl CoordinatorGroup {
         format!("{ip}:{}", self.spec.base_port as u64 + id)
     }
 
+    /// Where node `id` serves `/metrics`: its address, port `base_port + 60 + id`.
+    pub fn http_of(&self, id: u64) -> String {
+        let addr = self.addr_of(id);
+        let ip = addr.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip);
+        format!("{ip}:{}", self.spec.base_port as u64 + 60 + id)
+    }
+
     pub fn node_dir(&self, id: u64) -> PathBuf {
         self.spec.dir.join(format!("coord-{id}"))
     }
@@ -194,6 +201,7 @@ impl CoordinatorGroup {
             listen: addr.clone(),
             advertise: None,
             data_dir,
+            http: Some(self.http_of(id)),
             initial_members: founders,
             raft: self.spec.raft.clone(),
         };

@@ -51,7 +51,8 @@ pub struct SandboxSpec {
     /// Coordinator N listens on 127.0.0.1:(coordinator_base + N).
     pub coordinator_base: u16,
     /// nodeN's Postgres listens on 127.0.0.1:(postgres_base + N), its agent's
-    /// PeerService on postgres_base + 20 + N, the router from postgres_base + 30.
+    /// PeerService on postgres_base + 20 + N, the router from postgres_base + 30, the
+    /// agent's HTTP endpoints on postgres_base + 40 + N.
     pub postgres_base: u16,
     pub cluster: String,
     /// Policy settings for the cluster, if it is created.
@@ -79,6 +80,11 @@ impl SandboxSpec {
     /// nodeN's agent serves its PeerService (the failsafe) on `postgres_base + 20 + N`.
     pub fn peer_port(&self, index: u16) -> u16 {
         self.postgres_base + 20 + index
+    }
+
+    /// nodeN's agent serves its HTTP endpoints (health, metrics) on `postgres_base + 40 + N`.
+    pub fn agent_http_port(&self, index: u16) -> u16 {
+        self.postgres_base + 40 + index
     }
 
     pub fn new(dir: impl Into<PathBuf>, coordinator_base: u16, postgres_base: u16) -> SandboxSpec {
@@ -137,12 +143,18 @@ pub struct RouterEntry {
     pub pid: u32,
     pub rw: String,
     pub ro: BTreeMap<String, String>,
+    /// Its `/metrics`.
+    #[serde(default)]
+    pub http: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CoordinatorEntry {
     pub id: u64,
     pub grpc: String,
+    /// Its `/metrics`.
+    #[serde(default)]
+    pub http: String,
     pub pid: u32,
 }
 
@@ -153,6 +165,9 @@ pub struct NodeEntry {
     pub port: u16,
     pub data_dir: PathBuf,
     pub agent_pid: u32,
+    /// The agent's HTTP endpoints (`/primary`, `/replica`, …, `/metrics`).
+    #[serde(default)]
+    pub http: String,
     pub os_user: String,
     pub superuser: String,
     pub database: String,
@@ -372,6 +387,7 @@ impl Sandbox {
             coordinators: self.group.addrs(),
             heartbeat_interval_ms: 100,
             peer_address: Some(format!("{advertise_host}:{}", self.spec.peer_port(index))),
+            http: Some(format!("{advertise_host}:{}", self.spec.agent_http_port(index))),
             postgres: PostgresConfig {
                 bin_dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
                 data_dir: dir.join("pg").join("data"),
@@ -679,6 +695,7 @@ impl Sandbox {
                 .map(|(id, pid)| CoordinatorEntry {
                     id: *id,
                     grpc: self.group.addr_of(*id),
+                    http: self.group.http_of(*id),
                     pid: *pid,
                 })
                 .collect(),
@@ -693,6 +710,7 @@ impl Sandbox {
                         port: pg.port,
                         data_dir: std::path::absolute(&pg.data_dir).unwrap_or_else(|_| pg.data_dir.clone()),
                         agent_pid: a.child.as_ref().map(Child::id).unwrap_or(0),
+                        http: a.config.http.clone().unwrap_or_default(),
                         os_user: pg.os_user.clone(),
                         superuser: pg.superuser.clone(),
                         database: pg.database.clone(),
@@ -703,6 +721,7 @@ impl Sandbox {
                 pid: r.child.as_ref().map(Child::id).unwrap_or(0),
                 rw: r.config.rw.clone(),
                 ro: r.config.ro.clone(),
+                http: r.config.metrics.clone().unwrap_or_default(),
             }),
         }
     }

@@ -5,6 +5,7 @@
 use pgquorum_client::pb;
 
 use super::decide::choose;
+use crate::observe::health::node_statuses;
 use crate::observe::ClusterReports;
 use crate::state::Cluster;
 use crate::sync::plan;
@@ -80,7 +81,13 @@ pub fn heartbeat_reply(
     } else {
         Vec::new()
     };
+    let seen = node_statuses(cluster, reports)
+        .into_iter()
+        .find(|s| s.name == name);
     pb::HeartbeatReply {
+        sync_state: seen.as_ref().map_or("none", |s| s.sync_state).to_string(),
+        lag_ms: seen.as_ref().filter(|s| s.lag_source.exact()).map(|s| s.lag_ms),
+        drained: cluster.drained.contains(name),
         epoch: cluster.epoch,
         primary: primary.map(|p| pb::PostgresEndpoint {
             name: p.name.clone(),

@@ -8,6 +8,7 @@
 pub mod alerts;
 pub mod health;
 pub mod lag;
+pub mod metrics;
 pub mod reports;
 pub mod routes;
 

@@ -79,6 +79,10 @@ pub struct HistoryEvent {
     pub actor: String,
     /// Raft log index of the entry that recorded it.
     pub log_index: u64,
+    /// How long it took, for what has a duration (a completed failover or switchover:
+    /// from its start to the new primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -79,6 +79,7 @@ impl ClusterState {
                     detail: describe_settings(settings),
                     actor: actor.clone(),
                     log_index,
+                    duration_ms: None,
                 });
                 self.clusters.insert(name.clone(), cluster.clone());
                 Ok(CommandOutput::Cluster(Box::new(cluster)))
@@ -124,6 +125,7 @@ impl ClusterState {
                         detail: changes.join(", "),
                         actor: actor.clone(),
                         log_index,
+                        duration_ms: None,
                     });
                 }
                 Ok(CommandOutput::Policy(Box::new(c.policy.clone())))
@@ -163,6 +165,7 @@ impl ClusterState {
                     ),
                     actor: format!("agent {}", member.name),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::None)
             }
@@ -192,6 +195,7 @@ impl ClusterState {
                     detail: format!("{node} initializes the cluster as its first primary"),
                     actor: format!("agent {node}"),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::None)
             }
@@ -219,6 +223,7 @@ impl ClusterState {
                     ),
                     actor: "coordinator".into(),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::None)
             }
@@ -255,6 +260,7 @@ impl ClusterState {
                     detail: format!("{node}'s database {system_identifier} is the cluster's"),
                     actor: format!("agent {node}"),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::None)
             }
@@ -289,6 +295,7 @@ impl ClusterState {
                     detail: format!("[{}] -> [{}]: {reason}", before.join(", "), sync_set.join(", ")),
                     actor: "coordinator".into(),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::None)
             }
@@ -332,6 +339,7 @@ impl ClusterState {
                     detail: format!("operator chose {candidate}, accepting data loss"),
                     actor: actor.clone(),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::None)
             }
@@ -387,6 +395,7 @@ impl ClusterState {
                     ),
                     actor: "coordinator".into(),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::None)
             }
@@ -431,6 +440,7 @@ impl ClusterState {
                         ),
                         actor: actor.clone(),
                         log_index,
+                        duration_ms: None,
                     });
                 }
                 Ok(CommandOutput::None)
@@ -477,6 +487,7 @@ impl ClusterState {
                     detail: format!("{member} readmitted after the coordinator group was re-formed"),
                     actor: actor.clone(),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::Cluster(Box::new(c.clone())))
             }
@@ -505,6 +516,7 @@ impl ClusterState {
                         ),
                         actor: actor.clone(),
                         log_index,
+                        duration_ms: None,
                     });
                 }
                 Ok(CommandOutput::Cluster(Box::new(c.clone())))
@@ -559,6 +571,7 @@ impl ClusterState {
                     detail,
                     actor: "coordinator".into(),
                     log_index,
+                    duration_ms: None,
                 });
                 Ok(CommandOutput::None)
             }
@@ -609,6 +622,7 @@ impl ClusterState {
                     detail,
                     actor: "coordinator".into(),
                     log_index,
+                    duration_ms: Some(total),
                 });
                 Ok(CommandOutput::None)
             }
@@ -680,6 +694,7 @@ impl ClusterState {
             detail: format!("{old_primary} -> epoch {}{to}: {reason}", c.epoch),
             actor: actor.clone(),
             log_index,
+            duration_ms: None,
         });
         Ok(CommandOutput::None)
     }
