@@ -41,6 +41,11 @@ pub enum Error {
     #[error("this coordinator leads but no quorum confirmed it within {window_ms} ms (last quorum contact {since_ms} ms ago); it grants no lease")]
     NoQuorumContact { since_ms: u64, window_ms: u64 },
 
+    /// An agent is not the node it names (another live agent has the name, or its
+    /// database is another cluster's); says which and what to do.
+    #[error("{0}")]
+    Identity(String),
+
     /// A membership change openraft refused, e.g. promoting a node that is not a learner.
     #[error("membership change refused: {0}")]
     Membership(String),
@@ -94,7 +99,7 @@ impl From<Error> for tonic::Status {
             Error::NoQuorumContact { .. } | Error::LeaderWithoutQuorum { .. } => {
                 tonic::Status::unavailable(message)
             }
-            Error::Membership(_) => tonic::Status::failed_precondition(message),
+            Error::Membership(_) | Error::Identity(_) => tonic::Status::failed_precondition(message),
             Error::Command(CommandError::UnknownCluster(_)) => tonic::Status::not_found(message),
             Error::Command(CommandError::ClusterExists(_)) => tonic::Status::already_exists(message),
             Error::Command(CommandError::UnknownMember(_)) => tonic::Status::not_found(message),

@@ -1,7 +1,7 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
 //! alerts and their exit code, a group without quorum, pause and resume, the agents'
-//! health endpoints and every daemon's metrics. Each test has
-//! its own ports (29700-29990) and directory.
+//! health endpoints and every daemon's metrics, agent identity. Each test has its own
+//! ports (29600-29670, 29700-29990) and directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use pgquorum::launch::{find_binary, COORDINATOR_BIN};
+use pgquorum::launch::{find_binary, AGENT_BIN, COORDINATOR_BIN};
 use pgquorum_coordinator::config::MemberConfig;
 use pgquorum_coordinator::Config;
 use pgquorum_tests::{
@@ -459,4 +459,68 @@ async fn health_endpoints_per_role_and_metrics_that_agree_with_status() {
         ) == Some(1.0)
     })
     .await;
+}
+
+/// A second agent started with an existing node's name (a copied config, another
+/// port) was accepted: the member's address flapped between the two. It is refused,
+/// saying why, and the registered node keeps its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_with_a_taken_name_is_refused() {
+    let sandbox = start_sandbox(29600, 29610).await;
+    let file = sandbox.file();
+    let node3 = file.nodes.iter().find(|n| n.name == "node3").unwrap().clone();
+    let node_dir = node3.data_dir.parent().unwrap().parent().unwrap().to_path_buf();
+    let mut config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(node_dir.join("agent.toml")).unwrap()).unwrap();
+    let copy = tempfile::Builder::new()
+        .prefix("pgquorum-impostor-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(copy.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    config.remove("http");
+    config.insert("peer_address".into(), "127.0.0.1:29659".into());
+    let pg = config["postgres"].as_table_mut().unwrap();
+    pg.insert("port".into(), 29619.into());
+    pg.insert(
+        "data_dir".into(),
+        copy.path().join("data").display().to_string().into(),
+    );
+    let path = copy.path().join("agent.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let log = copy.path().join("agent.log");
+    let child = Command::new(find_binary(AGENT_BIN).unwrap())
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _impostor = KillOnDrop(child);
+
+    eventually("the impostor told why", WAIT, || async {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("claims the same name"))
+    })
+    .await;
+    // Many heartbeats later, node3 is where it was and nothing changed hands.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = sandbox.status().await.unwrap();
+    let n3 = node(&s, "node3");
+    assert_eq!(
+        (n3.port, n3.health.as_str()),
+        (u32::from(node3.port), "HEALTHY"),
+        "{s:?}"
+    );
+    let addrs = sandbox.client_addrs().join(",");
+    let history = cli_json(&["--coordinators", &addrs, "history"]);
+    assert!(
+        !history.to_string().contains("member_changed"),
+        "the name changed hands: {history}"
+    );
 }

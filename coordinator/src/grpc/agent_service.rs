@@ -174,6 +174,10 @@ impl AgentServiceImpl {
             let cluster = applied.state.cluster(&cluster_name);
             if let Ok(c) = cluster {
                 c.admits(&name)?;
+                let reports = self.reports.cluster(&c.name, Instant::now());
+                if let Some(why) = crate::observe::identity::conflict(c, &reports, &member, &report) {
+                    return Err(Error::Identity(why));
+                }
             }
             cluster.map(|c| c.members.get(&name).cloned())
         };

@@ -7,6 +7,7 @@
 
 pub mod alerts;
 pub mod health;
+pub mod identity;
 pub mod lag;
 pub mod metrics;
 pub mod reports;
