@@ -231,6 +231,13 @@ enum SandboxCommand {
         #[arg(long)]
         postgres_only: bool,
     },
+    /// Bring back a node that `sandbox kill` took down: starts its agent (which starts
+    /// its Postgres), tracked by `sandbox status` and `sandbox down`.
+    Start {
+        node: String,
+        #[arg(long, default_value = sandbox::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
     /// Which sandbox processes run, and the cluster's status.
     Status {
         #[arg(long, default_value = sandbox::DEFAULT_DIR)]
@@ -368,6 +375,7 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             } => sandbox::up(&dir, coordinator_base, postgres_base, json).await,
             SandboxCommand::Down { dir, clean } => sandbox::down(&dir, clean),
             SandboxCommand::Status { dir } => sandbox::status(&dir, json).await,
+            SandboxCommand::Start { node, dir } => sandbox::start(&dir, &node, json),
             SandboxCommand::Kill {
                 node,
                 dir,

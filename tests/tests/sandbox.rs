@@ -398,6 +398,41 @@ fn sandbox_up_and_down_from_the_cli_leave_nothing_running() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node \"nodeX\""));
 
+    // --- Back: `sandbox start` brings node1 back as node2's standby, tracked by the file.
+    let out = cli(&["sandbox", "start", "node1", "--dir", d]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("sandbox.json")).unwrap()).unwrap();
+    let node1 = file["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node1")
+        .unwrap();
+    let agent = node1["agent_pid"].as_u64().unwrap();
+    assert!(running(&agent) && !pids.contains(&agent), "a new agent: {file}");
+    pids.push(agent);
+    loop {
+        let out = cli(&["--coordinators", &addrs.join(","), "--json", "status"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let n1 = status["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == "node1").cloned());
+        if n1.is_some_and(|n| n["role"] == "standby" && n["health"] == "HEALTHY") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(60),
+            "node1 not back: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = cli(&["sandbox", "start", "node1", "--dir", d]);
+    assert_eq!(out.status.code(), Some(2), "already runs");
+    let pidfile =
+        std::fs::read_to_string(format!("{}/postmaster.pid", node1["data_dir"].as_str().unwrap())).unwrap();
+    pids.push(pidfile.lines().next().unwrap().parse().unwrap());
+
     let out = cli(&["sandbox", "down", "--dir", d]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let left: Vec<&u64> = pids.iter().filter(|p| running(p)).collect();

@@ -1,4 +1,4 @@
-//! `pgquorum sandbox up|down|status`: a whole pgquorum cluster on this machine.
+//! `pgquorum sandbox up|down|status|kill|start`: a whole pgquorum cluster on this machine.
 
 use std::path::Path;
 
@@ -8,8 +8,8 @@ use super::status::status_json;
 use super::Ctx;
 use crate::error::{Error, Result};
 use crate::launch::{
-    children, postmaster_pid, runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec, AGENT_BIN,
-    COORDINATOR_BIN, SANDBOX_FILE,
+    children, postmaster_pid, runs, start_recorded_agent, stop_recorded, Sandbox, SandboxFile, SandboxSpec,
+    AGENT_BIN, COORDINATOR_BIN, SANDBOX_FILE,
 };
 
 pub const DEFAULT_DIR: &str = "/tmp/pgquorum-sandbox";
@@ -174,10 +174,24 @@ pub fn kill(dir: &Path, node: &str, postgres_only: bool) -> Result<()> {
     }
     println!("killed (-9) {}: {}", node, killed.join(", "));
     if !postgres_only {
-        println!("its agent is not restarted by the sandbox; bring the node back with:");
         println!(
-            "  pgquorum-agent --config {} &",
-            dir.join(node).join("agent.toml").display()
+            "bring the node back with: pgquorum sandbox start {node} --dir {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `pgquorum sandbox start NODE`.
+pub fn start(dir: &Path, node: &str, json: bool) -> Result<()> {
+    let pid = start_recorded_agent(dir, node)?;
+    if json {
+        println!("{}", serde_json::json!({ "node": node, "agent_pid": pid }));
+    } else {
+        println!(
+            "started the agent of {node} (pid {pid}); it starts its Postgres (as a standby if another node \
+             took over); follow it with `pgquorum sandbox status --dir {}`",
+            dir.display()
         );
     }
     Ok(())

@@ -22,8 +22,8 @@ use nix::unistd::Pid;
 pub use coordinators::{sandbox_region, CoordinatorGroup, GroupSpec};
 pub use net::{Host, Network};
 pub use sandbox::{
-    children, coordinator_host, postmaster_pid, runs, stop_recorded, Sandbox, SandboxFile, SandboxSpec,
-    AGENT_BIN, SANDBOX_FILE,
+    children, coordinator_host, postmaster_pid, runs, start_recorded_agent, stop_recorded, Sandbox,
+    SandboxFile, SandboxSpec, AGENT_BIN, SANDBOX_FILE,
 };
 
 use crate::error::{Error, Result};

@@ -844,6 +844,45 @@ fn terminate_pid(pid: u32, name: &str) {
     }
 }
 
+/// `sandbox start NODE`: starts the agent of a node that `sandbox kill` took down, from
+/// its config in `dir`, appending to its log (the agent then starts its Postgres, as a
+/// standby if another node took over); records the new pid in `sandbox.json`, so
+/// `sandbox status` and `sandbox down` keep tracking it. Returns the pid.
+pub fn start_recorded_agent(dir: &Path, node: &str) -> Result<u32> {
+    let path = dir.join(SANDBOX_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::Usage(format!(
+            "no sandbox in {}: cannot read {}: {e}",
+            dir.display(),
+            path.display()
+        ))
+    })?;
+    let mut file: SandboxFile = serde_json::from_str(&text)
+        .map_err(|e| Error::Launch(format!("{} is not a sandbox file: {e}", path.display())))?;
+    let names: Vec<String> = file.nodes.iter().map(|n| n.name.clone()).collect();
+    let entry = file.nodes.iter_mut().find(|n| n.name == node).ok_or_else(|| {
+        Error::Usage(format!(
+            "no node {node:?} in the sandbox; nodes: {}",
+            names.join(", ")
+        ))
+    })?;
+    if entry.agent_pid != 0 && runs(entry.agent_pid, AGENT_BIN) {
+        return Err(Error::Usage(format!(
+            "the agent of {node} already runs (pid {})",
+            entry.agent_pid
+        )));
+    }
+    let node_dir = dir.join(node);
+    let config = node_dir.join("agent.toml");
+    let args = [std::ffi::OsStr::new("--config"), config.as_os_str()];
+    let child = spawn_logged(&find_binary(AGENT_BIN)?, &args, &node_dir.join("agent.log"), None)?;
+    entry.agent_pid = child.id();
+    let text =
+        serde_json::to_string_pretty(&file).map_err(|e| Error::Launch(format!("sandbox file: {e}")))?;
+    std::fs::write(&path, text + "\n")?;
+    Ok(child.id())
+}
+
 /// `sandbox down`: stops what `sandbox.json` in `dir` records — agents, then Postgres,
 /// then coordinators — by pid, never by name.
 pub fn stop_recorded(dir: &Path) -> Result<SandboxFile> {
