@@ -425,18 +425,53 @@ pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) 
                 return Step::Wait;
             };
             if !f.candidate.is_empty() {
-                // The operator's choice (manual failover): checked when it was made;
-                // its WAL position is read from an observation made after the fence.
+                // The operator's choice: checked when it was made; its WAL position is
+                // read from an observation made after the fence.
                 let Some(o) =
                     fresh(cluster, reports, &f.candidate).filter(|o| after_fence(o, Some(fenced_ago)))
                 else {
                     return Step::Wait;
                 };
+                // Unless data loss was accepted, it must hold what the safe choice
+                // holds (every acknowledged commit): an asynchronous standby chosen for
+                // a switchover receives the old primary's last WAL as it stops, so it
+                // is waited for, for a failure timeout; if it is still behind (it was
+                // not streaming), the safe choice is promoted instead.
+                let patience = Duration::from_millis(cluster.policy.failure_timeout_ms);
+                let safe = match f.accept_data_loss {
+                    true => None,
+                    false => match choose_after_fence(cluster, reports, &f.old_primary, Some(fenced_ago)) {
+                        Ok(best) => Some(best),
+                        // Nothing to compare with (yet): only a member of the sync set
+                        // is known to hold every acknowledged commit.
+                        Err(_) if cluster.sync_set.contains(&f.candidate) => None,
+                        Err(_) if fenced_ago < patience => return Step::Wait,
+                        Err(why) => {
+                            return Step::Stuck(format!(
+                                "{} may lack acknowledged commits and no synchronous standby can be \
+                                 compared with it ({why}); promote one with `pgquorum failover --to NODE`",
+                                f.candidate
+                            ))
+                        }
+                    },
+                };
+                let behind = safe
+                    .as_ref()
+                    .filter(|best| Lsn::parse(&o.report.receive_lsn).is_none_or(|lsn| lsn < best.lsn));
+                let candidate = match behind {
+                    None => f.candidate.clone(),
+                    Some(_) if fenced_ago < patience => return Step::Wait,
+                    Some(best) => best.name.clone(),
+                };
+                let lsn = match behind {
+                    None => o.report.receive_lsn.clone(),
+                    Some(best) => best.lsn.to_string(),
+                };
                 return Step::Choose {
-                    candidate: f.candidate.clone(),
-                    lsn: o.report.receive_lsn.clone(),
+                    sync_set: sync_set_after(cluster, reports, &candidate, &f.old_primary, fenced_ago),
+                    candidate,
+                    lsn,
                     fenced_by,
-                    sync_set: sync_set_after(cluster, reports, &f.candidate, &f.old_primary, fenced_ago),
                 };
             }
             match choose_after_fence(cluster, reports, &f.old_primary, Some(fenced_ago)) {
@@ -655,6 +690,46 @@ mod tests {
                 primary: "node2".into()
             }
         );
+    }
+
+    #[test]
+    fn an_operators_candidate_behind_the_safe_choice_is_waited_for_then_replaced() {
+        let mut c = strict();
+        let mut f = started_from_node1();
+        f.kind = "switchover".into();
+        f.candidate = "node3".into();
+        c.failover = Some(f);
+        let behind = |age_ms| {
+            reports(vec![
+                ("node1", stopped(), 10),
+                ("node2", standby("0/5000000", 0), age_ms),
+                ("node3", standby("0/4000000", 0), age_ms),
+            ])
+        };
+        // Just fenced (the clean stop): the async candidate may still receive the rest.
+        assert_eq!(decide(&c, &behind(10), true), Step::Wait);
+        let caught_up = reports(vec![
+            ("node1", stopped(), 10),
+            ("node2", standby("0/5000000", 0), 10),
+            ("node3", standby("0/5000000", 0), 10),
+        ]);
+        assert!(matches!(
+            decide(&c, &caught_up, true),
+            Step::Choose { ref candidate, .. } if candidate == "node3"
+        ));
+        // Still behind a failure timeout after the fence: the sync standby instead.
+        let mut late = behind(10);
+        late.nodes.get_mut("node1").unwrap().role_for = Duration::from_secs(60);
+        assert!(matches!(
+            decide(&c, &late, true),
+            Step::Choose { ref candidate, ref lsn, .. } if candidate == "node2" && lsn == "0/5000000"
+        ));
+        // Data loss accepted: the operator's choice stands.
+        c.failover.as_mut().unwrap().accept_data_loss = true;
+        assert!(matches!(
+            decide(&c, &behind(10), true),
+            Step::Choose { ref candidate, .. } if candidate == "node3"
+        ));
     }
 
     #[test]

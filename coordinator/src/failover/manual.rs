@@ -95,8 +95,22 @@ pub fn hand_over(
     if !accept_data_loss {
         let safe = choose(cluster, reports, &old_primary);
         let to_lsn = fresh(cluster, reports, &to).and_then(|o| Lsn::parse(&o.report.receive_lsn));
+        // A switchover stops the primary cleanly, and a streaming standby receives all
+        // of its WAL as it stops (the choice after the stop checks it): any standby
+        // caught up within `max_lag_on_failover_bytes` will do. A failover fences, so
+        // only one that holds every acknowledged commit now.
+        let streaming =
+            fresh(cluster, reports, &to).is_some_and(|o| o.report.wal_receiver_status == "streaming");
+        let slack = cluster.policy.max_lag_on_failover_bytes;
         let why = match safe {
             Ok(best) if Some(best.lsn) == to_lsn && (cluster.sync_set.contains(&to) || best.name == to) => {
+                None
+            }
+            Ok(best)
+                if kind == Kind::Switchover
+                    && streaming
+                    && to_lsn.is_some_and(|lsn| lsn.0.saturating_add(slack) >= best.lsn.0) =>
+            {
                 None
             }
             Ok(best) => Some(format!("{} is more caught up or in the sync set", best.name)),
@@ -104,7 +118,9 @@ pub fn hand_over(
         };
         if let Some(why) = why {
             let hint = match kind {
-                Kind::Switchover => "; switch over to a synchronous standby, or wait for it to catch up",
+                Kind::Switchover => {
+                    "; switch over to a synchronous standby, or to a streaming one within max_lag_on_failover_bytes"
+                }
                 Kind::Manual => "; to promote it anyway, add --accept-data-loss",
             };
             return Err(Error::Command(CommandError::FailoverStep(format!(
