@@ -17,9 +17,10 @@ pub enum Error {
     /// Something did not happen within its time limit.
     #[error("timed out: {0}")]
     Timeout(String),
-    /// `alerts` found something CRITICAL or worse (printed already; exit 1).
+    /// The command ran, and what it found or caused is bad (printed already; exit 1):
+    /// `alerts` with something CRITICAL, `--wait` ending with another primary.
     #[error("{0}")]
-    Alerting(String),
+    Outcome(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

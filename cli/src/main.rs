@@ -53,6 +53,12 @@ enum Command {
         /// Promote it even if it may lack acknowledged commits.
         #[arg(long)]
         accept_data_loss: bool,
+        /// Follow it step by step and say how it ended (exit 1 if another node was
+        /// promoted, or it did not end within --wait-timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        wait_timeout: u64,
     },
     /// Planned handover: the primary stops cleanly (its standbys receive all of its
     /// WAL first), then --to (or the most caught-up synchronous standby) is promoted
@@ -63,6 +69,12 @@ enum Command {
         /// The node to promote (default: the best candidate).
         #[arg(long, default_value = "")]
         to: String,
+        /// Follow it step by step and say how it ended (exit 1 if another node was
+        /// promoted, or it did not end within --wait-timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        wait_timeout: u64,
     },
     /// No automatic failover until `resume` (whole cluster): for work on the hosts,
     /// Postgres restarts by hand, network maintenance. Switchover and failover by hand
@@ -361,8 +373,21 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             cluster,
             to,
             accept_data_loss,
-        } => status::failover(&ctx()?, &cluster, &to, accept_data_loss).await,
-        Command::Switchover { cluster, to } => status::switchover(&ctx()?, &cluster, &to).await,
+            wait,
+            wait_timeout,
+        } => {
+            let wait = wait.then(|| Duration::from_secs(wait_timeout));
+            status::failover(&ctx()?, &cluster, &to, accept_data_loss, wait).await
+        }
+        Command::Switchover {
+            cluster,
+            to,
+            wait,
+            wait_timeout,
+        } => {
+            let wait = wait.then(|| Duration::from_secs(wait_timeout));
+            status::switchover(&ctx()?, &cluster, &to, wait).await
+        }
         Command::Pause { cluster } => pause::pause(&ctx()?, &cluster, true).await,
         Command::Resume { cluster } => pause::pause(&ctx()?, &cluster, false).await,
         Command::Drain { node, cluster } => status::drain(&ctx()?, &cluster, &node, true).await,

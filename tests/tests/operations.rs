@@ -1,7 +1,7 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
 //! alerts and their exit code, a group without quorum, pause and resume, the agents'
 //! health endpoints and every daemon's metrics, agent identity. Each test has its own
-//! ports (29600-29670, 29700-29990) and directory.
+//! ports (27800-27870, 29600-29670, 29700-29990) and directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -13,8 +13,8 @@ use pgquorum::launch::{find_binary, AGENT_BIN, COORDINATOR_BIN};
 use pgquorum_coordinator::config::MemberConfig;
 use pgquorum_coordinator::Config;
 use pgquorum_tests::{
-    cli, cli_json, create_cluster, eventually, http_get, metric, node_status as node, parse_metrics,
-    start_group, start_sandbox, wait_new_primary,
+    cli, cli_json, create_cluster, eventually, http_get, metric, node_status as node, parse_metrics, pg,
+    start_group, start_sandbox, wait_new_primary, WritersOnEveryNode,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -523,4 +523,45 @@ async fn a_second_agent_with_a_taken_name_is_refused() {
         !history.to_string().contains("member_changed"),
         "the name changed hands: {history}"
     );
+}
+
+/// `switchover --to` an asynchronous standby (refused "wait for it to catch up" even at
+/// lag 0) goes through with `--wait`, which follows it to the end; every write node1
+/// acknowledged, on a writer with `synchronous_commit = local` too, is on node3, and
+/// the two primaries took turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_to_an_async_standby_with_wait_loses_nothing() {
+    let sandbox = start_sandbox(27800, 27810).await;
+    let addrs = sandbox.client_addrs().join(",");
+    sandbox
+        .wait_for("node3 async", WAIT, |s| node(s, "node3").sync_state == "async")
+        .await
+        .unwrap();
+    let writers = WritersOnEveryNode::start(&sandbox, "node1", Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let out = cli(&[
+        "--json",
+        "--coordinators",
+        &addrs,
+        "switchover",
+        "--to",
+        "node3",
+        "--wait",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["primary"], "node3", "{done}");
+    assert!(stderr.contains("candidate_chosen"), "steps shown: {stderr}");
+    writers.wait_writing("node3").await;
+    writers.assert_one_primary_at_a_time("node1", "node3");
+
+    let acked: Vec<i64> = writers.on("node1").all().iter().map(|a| a.id).collect();
+    let new = pg(&sandbox, "node3").await;
+    let rows = new
+        .query("SELECT id FROM w WHERE id = ANY($1)", &[&acked])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), acked.len(), "acknowledged by node1, missing on node3");
 }

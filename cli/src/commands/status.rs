@@ -240,7 +240,7 @@ pub async fn alerts(ctx: &Ctx, cluster: &str) -> Result<()> {
         .filter(|a| matches!(a.severity.as_str(), "CRITICAL" | "EMERGENCY"))
         .count();
     if serious > 0 {
-        return Err(Error::Alerting(format!(
+        return Err(Error::Outcome(format!(
             "{serious} alert(s) CRITICAL or worse in cluster {}",
             reply.cluster
         )));
@@ -248,7 +248,13 @@ pub async fn alerts(ctx: &Ctx, cluster: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn failover(ctx: &Ctx, cluster: &str, to: &str, accept_data_loss: bool) -> Result<()> {
+pub async fn failover(
+    ctx: &Ctx,
+    cluster: &str,
+    to: &str,
+    accept_data_loss: bool,
+    wait: Option<std::time::Duration>,
+) -> Result<()> {
     let request = pb::FailoverRequest {
         cluster: cluster.to_string(),
         to: to.to_string(),
@@ -262,12 +268,17 @@ pub async fn failover(ctx: &Ctx, cluster: &str, to: &str, accept_data_loss: bool
             async move { c.failover(request).await }
         })
         .await?;
-    started(ctx, &reply, "the old primary {old} is fenced first");
-    Ok(())
+    if wait.is_none() || !ctx.json {
+        started(ctx, &reply, "the old primary {old} is fenced first");
+    }
+    match wait {
+        Some(within) => wait_for_outcome(ctx, &reply, within).await,
+        None => Ok(()),
+    }
 }
 
 /// `pgquorum switchover`.
-pub async fn switchover(ctx: &Ctx, cluster: &str, to: &str) -> Result<()> {
+pub async fn switchover(ctx: &Ctx, cluster: &str, to: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let request = pb::SwitchoverRequest {
         cluster: cluster.to_string(),
         to: to.to_string(),
@@ -280,12 +291,80 @@ pub async fn switchover(ctx: &Ctx, cluster: &str, to: &str) -> Result<()> {
             async move { c.switchover(request).await }
         })
         .await?;
-    started(
-        ctx,
-        &reply,
-        "the old primary {old} stops cleanly first, then follows",
-    );
-    Ok(())
+    if wait.is_none() || !ctx.json {
+        started(
+            ctx,
+            &reply,
+            "the old primary {old} stops cleanly first, then follows",
+        );
+    }
+    match wait {
+        Some(within) => wait_for_outcome(ctx, &reply, within).await,
+        None => Ok(()),
+    }
+}
+
+/// `--wait`: follows a started failover or switchover step by step (a line per step,
+/// on stderr with `--json`) until its epoch has a running primary, and says how it
+/// ended; an error when it ended with another primary than asked for, or not within
+/// `within`.
+pub async fn wait_for_outcome(
+    ctx: &Ctx,
+    reply: &pb::FailoverReply,
+    within: std::time::Duration,
+) -> Result<()> {
+    let f = reply.failover.clone().unwrap_or_default();
+    let started = std::time::Instant::now();
+    let deadline = started + within;
+    let mut last_step = String::new();
+    loop {
+        let s = fetch(ctx, &reply.cluster).await?;
+        let step = match &s.failover {
+            Some(now) if now.to_epoch >= f.to_epoch => format!("{} (candidate {})", now.step, now.candidate),
+            _ if s.epoch >= f.to_epoch
+                && s.nodes.iter().any(|n| n.name == s.primary && n.role == "primary") =>
+            {
+                let ms = started.elapsed().as_millis() as u64;
+                let value = json!({
+                    "cluster": s.cluster, "epoch": s.epoch, "primary": s.primary,
+                    "asked_for": f.candidate, "waited_ms": ms,
+                });
+                emit(ctx.json, &value, || {
+                    format!(
+                        "done: {} is the primary of epoch {} ({ms} ms)",
+                        s.primary, s.epoch
+                    )
+                });
+                if !f.candidate.is_empty() && s.primary != f.candidate {
+                    return Err(Error::Outcome(format!(
+                        "{} was promoted instead of {} (see `pgquorum history` for why)",
+                        s.primary, f.candidate
+                    )));
+                }
+                return Ok(());
+            }
+            _ => "completing".to_string(),
+        };
+        if step != last_step {
+            let line = format!("{} ms: {step}", started.elapsed().as_millis());
+            if ctx.json {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+            last_step = step;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Timeout(format!(
+                "the {} to epoch {} did not finish within {} s (last step: {last_step}); it goes on: \
+                 follow it with `pgquorum status`",
+                f.kind,
+                f.to_epoch,
+                within.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Prints a started failover or switchover; `how` may name the old primary as `{old}`.
