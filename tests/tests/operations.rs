@@ -335,6 +335,11 @@ async fn health_endpoints_per_role_and_metrics_that_agree_with_status() {
     let addrs = sandbox.client_addrs().join(",");
     let status = cli_json(&["--coordinators", &addrs, "status"]);
     let leader = status["raft"]["leader"].as_u64().unwrap();
+    // The lease holder and what its lease has left, in `status` too.
+    for n in status["nodes"].as_array().unwrap() {
+        let holds = n["lease_left_ms"].as_u64().is_some_and(|ms| ms > 0);
+        assert_eq!(holds, n["name"] == "node1", "{n}");
+    }
     let leader_http = file
         .coordinators
         .iter()

@@ -74,6 +74,7 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "in_sync_set": n.in_sync_set,
             "drained": n.drained,
             "held": n.held,
+            "lease_left_ms": n.lease_left_ms,
             "error": n.error,
         })).collect::<Vec<_>>(),
     })
@@ -120,6 +121,9 @@ fn status_table(s: &pb::StatusReply) -> String {
             }
             if n.drained {
                 health.push_str(" (drained)");
+            }
+            if let Some(left) = n.lease_left_ms {
+                health.push_str(&format!(" (lease {left} ms)"));
             }
             vec![
                 n.name.clone(),
