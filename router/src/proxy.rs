@@ -1,8 +1,9 @@
 //! Accepting client connections, routing them and connecting their backend.
 //!
-//! A connection is routed once, from the newest endpoint map: while there is no
-//! primary (a failover in flight) a read-write connection waits for the next map up
-//! to `hold_ms`, then gets a proper Postgres error. Once its backend is connected
+//! A connection is routed from the newest endpoint map: while there is no primary (a
+//! failover in flight), or the backend it names does not answer (a primary that died
+//! before the coordinators noticed), it waits for the next map or retries, up to
+//! `hold_ms`, then gets a proper Postgres error. Once its backend is connected
 //! the pair goes to a worker thread ([`crate::workers`]) that copies bytes both ways
 //! with no parsing (one buffer per direction, no allocation per message) and closes
 //! read-write pairs the moment the epoch moves: nothing may keep talking to a
@@ -91,12 +92,25 @@ pub async fn serve(
     }
 }
 
-fn pick(port: &Port, maps: &Maps, load: &Load) -> Option<(Backend, u64)> {
+/// How long one connect to a backend may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How soon a held connection tries again when no new map came.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
+
+/// The backend for a new connection on `port`; a read-only port avoids `avoid` (just
+/// found unreachable) when it has another choice.
+fn pick(port: &Port, maps: &Maps, load: &Load, avoid: Option<&str>) -> Option<(Backend, u64)> {
     let map = maps.borrow();
     let map = map.as_ref()?;
     let backend = match port {
         Port::ReadWrite => route::primary(map)?,
-        Port::ReadOnly(class) => route::replica(map, class, &load.snapshot())?,
+        Port::ReadOnly(class) => {
+            let mut load = load.snapshot();
+            if let Some(name) = avoid {
+                load.insert(name.to_string(), usize::MAX / 2);
+            }
+            route::replica(map, class, &load)?
+        }
     };
     Some((backend, map.epoch))
 }
@@ -135,34 +149,49 @@ async fn handle(
         reject(&mut client, &format!("pgquorum-router: {why}")).await;
         return;
     }
+    // Held until a backend answers, for up to `hold`: during a failover the map names
+    // no primary, and before the failure is detected it names one that is gone (its
+    // connect fails); either way the next map, or a retry, may bring one that works.
     let deadline = tokio::time::Instant::now() + hold;
-    let (backend, epoch) = loop {
-        if let Some(choice) = pick(&port, &maps, &load) {
-            break choice;
+    let mut unreachable: Option<Backend> = None;
+    let (backend, epoch, server) = loop {
+        let avoid = unreachable.as_ref().map(|b| b.name.as_str());
+        if let Some((backend, epoch)) = pick(&port, &maps, &load, avoid) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let connect = TcpStream::connect(&backend.addr);
+            if let Ok(Ok(server)) = tokio::time::timeout(CONNECT_TIMEOUT.min(left), connect).await {
+                break (backend, epoch, server);
+            }
+            unreachable = Some(backend);
         }
-        // No primary (failover in flight) or no map yet: wait for the next map.
-        if tokio::time::timeout_at(deadline, maps.changed()).await.is_err() {
-            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => "no_primary").increment(1);
-            let why = format!(
-                "pgquorum-router: no primary available after {} ms (failover in progress?)",
-                hold.as_millis()
-            );
-            reject(&mut client, &why).await;
-            return;
+        // Wait for the next map, or retry shortly (a restarting backend, a dropped SYN).
+        let retry = (tokio::time::Instant::now() + RETRY_EVERY).min(deadline);
+        tokio::select! {
+            _ = maps.changed() => {}
+            _ = tokio::time::sleep_until(retry) => {}
         }
-    };
-    let server = match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&backend.addr)).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => "unreachable").increment(1);
-            reject(
-                &mut client,
-                &format!(
-                    "pgquorum-router: cannot reach {} at {}",
-                    backend.name, backend.addr
+        if tokio::time::Instant::now() >= deadline {
+            let (reason, why) = match &unreachable {
+                Some(b) => (
+                    "unreachable",
+                    format!(
+                        "pgquorum-router: cannot reach {} at {} (held {} ms)",
+                        b.name,
+                        b.addr,
+                        hold.as_millis()
+                    ),
                 ),
-            )
-            .await;
+                None => (
+                    "no_primary",
+                    format!(
+                        "pgquorum-router: no primary available after {} ms (failover in progress?)",
+                        hold.as_millis()
+                    ),
+                ),
+            };
+            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => reason)
+                .increment(1);
+            reject(&mut client, &why).await;
             return;
         }
     };

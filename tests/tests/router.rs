@@ -324,3 +324,32 @@ async fn pgbench_through_the_read_write_port_follows_a_host_failover() {
         "every write landed on node2"
     );
 }
+
+/// A primary that died before the coordinators noticed: a new read-write connection
+/// was answered at once with "FATAL: cannot reach node1". It is held, and reaches the
+/// new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_during_failure_detection_is_held_until_the_new_primary() {
+    let mut sandbox = start_sandbox(23900, 23910).await;
+    let (rw, _) = sandbox.router_addrs().unwrap();
+    eventually("the router routes to node1", WAIT, || async {
+        via(&rw)
+            .await
+            .is_some_and(|(_, p)| p == port_of(&sandbox, "node1"))
+    })
+    .await;
+    sandbox.kill_host("node1").unwrap();
+    // At once, before any coordinator can have noticed (failure timeout).
+    let (host, port) = rw.rsplit_once(':').unwrap();
+    let conninfo = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=10");
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("held, not refused");
+    tokio::spawn(conn);
+    let reached: i32 = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reached, port_of(&sandbox, "node2"), "the new primary");
+}
