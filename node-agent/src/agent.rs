@@ -96,6 +96,9 @@ pub struct Agent {
     leader_answered_at: Option<Instant>,
     /// What the HTTP endpoints answer from, current as of the last round.
     view: crate::http::SharedView,
+    /// The round changed what Postgres is (a clean stop, a promotion): report it at
+    /// once rather than after the interval, the next step of a handover waits for it.
+    report_now: bool,
 }
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
@@ -259,6 +262,7 @@ impl Agent {
             failsafe: false,
             leader_answered_at: None,
             view: Default::default(),
+            report_now: false,
         })
     }
 
@@ -315,8 +319,9 @@ impl Agent {
             self.ensure_guard();
             self.publish_view();
             // A new epoch means a failover in flight: report again at once, since the
-            // choice of a candidate waits for observations made after this reply.
-            let pause = if self.state.epoch > epoch {
+            // choice of a candidate waits for observations made after this reply; so
+            // does a clean stop or a promotion (the handover's next step waits for it).
+            let pause = if self.state.epoch > epoch || std::mem::take(&mut self.report_now) {
                 Duration::ZERO
             } else {
                 self.interval.saturating_sub(started.elapsed())
@@ -815,6 +820,7 @@ impl Agent {
                 );
                 // Bounded: a shutdown stuck on a standby that never confirms must not
                 // hold up the handover (the coordinators fence by lease meanwhile).
+                self.report_now = true;
                 match tokio::time::timeout(Duration::from_secs(5), self.ctl.stop()).await {
                     Ok(Ok(())) => return Ok(()),
                     Ok(Err(e)) => warn!("switchover: the clean stop failed ({e}); fencing"),
@@ -844,6 +850,7 @@ impl Agent {
                 self.observer.promote(&synchronous_standby_names).await?;
                 self.observer.ensure_slots(&slots).await?;
                 self.following = None;
+                self.report_now = true;
                 info!(epoch, "promoted");
                 Ok(())
             }

@@ -274,7 +274,35 @@ impl Sandbox {
             }
         }
         sandbox.start_router()?;
+        sandbox.wait_router_listening(Duration::from_secs(20)).await?;
         Ok(sandbox)
+    }
+
+    /// Waits until every port of the router (read-write, read-only, metrics) accepts
+    /// connections: the sandbox is ready only then.
+    async fn wait_router_listening(&self, timeout: Duration) -> Result<()> {
+        let Some(r) = &self.router else {
+            return Ok(());
+        };
+        let addrs: Vec<String> = std::iter::once(r.config.rw.clone())
+            .chain(r.config.ro.values().cloned())
+            .chain(r.config.metrics.clone())
+            .collect();
+        let deadline = Instant::now() + timeout;
+        for addr in addrs {
+            while tokio::net::TcpStream::connect(&addr).await.is_err() {
+                if Instant::now() >= deadline {
+                    print_log_tail("router", &r.log_path);
+                    return Err(Error::Launch(format!(
+                        "the router does not listen on {addr} after {} s (log: {})",
+                        timeout.as_secs(),
+                        r.log_path.display()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Starts the router: read-write on `postgres_base + 30`, then one read-only port

@@ -18,6 +18,10 @@ pub struct Observer {
 }
 
 /// Runs a query whose single row is read as text columns (NULL as empty).
+/// How long a promotion waits for the end of recovery before the agent goes on (the
+/// next rounds see it end, if it takes longer).
+const PROMOTE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn row(client: &Client, sql: &str) -> std::result::Result<Vec<String>, String> {
     let messages = tokio::time::timeout(QUERY_TIMEOUT, client.simple_query(sql))
         .await
@@ -258,7 +262,19 @@ impl Observer {
         self.exec(&[names.as_str(), "SELECT pg_reload_conf()"], QUERY_TIMEOUT)
             .await?;
         self.exec(&["SELECT pg_promote(wait => false)"], QUERY_TIMEOUT)
-            .await
+            .await?;
+        // A short wait for the end of recovery (usually tens of milliseconds), so the
+        // report that follows says "primary" a heartbeat sooner; bounded, as above.
+        let until = std::time::Instant::now() + PROMOTE_WAIT;
+        while std::time::Instant::now() < until {
+            let client = self.client().await?;
+            let in_recovery = row(client, "SELECT pg_is_in_recovery()").await;
+            if in_recovery.is_ok_and(|r| r.first().is_some_and(|v| v == "f")) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 
     /// Makes sure a physical replication slot exists for each standby.
