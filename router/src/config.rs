@@ -17,6 +17,9 @@
 //! reporting = "0.0.0.0:6545"
 //! analytics = "0.0.0.0:6546"
 //! general = "0.0.0.0:6547"
+//! [fallback]                           # no readable replica of the class: primary,
+//! analytics = "refuse"                 # any_replica or refuse (defaults: analytics
+//! reporting = "any_replica"            # refuse, the others primary)
 //! ```
 
 use std::collections::BTreeMap;
@@ -24,6 +27,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::route::Fallback;
 
 /// Workload classes with a read-only port (backup replicas are never routed; `dr`
 /// replicas take reads through the other classes' fallbacks).
@@ -70,6 +75,21 @@ pub struct RouterConfig {
     /// have been replaced); 0: never. Read-only ports keep routing.
     #[serde(default = "default_stop_writes_after")]
     pub stop_writes_after_ms: u64,
+    /// Per read-only class, where its connections go when none of its replicas is
+    /// readable: `primary`, `any_replica` or `refuse` (see [`Fallback`]). Unset:
+    /// `refuse` for analytics, `primary` for the others.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fallback: BTreeMap<String, Fallback>,
+}
+
+impl RouterConfig {
+    /// The fallback of a read-only class.
+    pub fn fallback_for(&self, class: &str) -> Fallback {
+        self.fallback
+            .get(class)
+            .copied()
+            .unwrap_or_else(|| Fallback::default_for(class))
+    }
 }
 
 /// PgBouncer mode: on every map change the router rewrites a `[databases]` file that
@@ -120,6 +140,14 @@ impl RouterConfig {
                 .map_err(|_| format!("field `{field}`: expected ip:port, got {v:?}"))
         };
         addr("rw", &c.rw)?;
+        for class in c.fallback.keys() {
+            if !READ_CLASSES.contains(&class.as_str()) {
+                return Err(format!(
+                    "field `fallback.{class}`: unknown workload class {class:?}; read-only ports exist for {}",
+                    READ_CLASSES.join(", ")
+                ));
+            }
+        }
         for (class, listen) in &c.ro {
             if !READ_CLASSES.contains(&class.as_str()) {
                 return Err(format!(
@@ -196,6 +224,14 @@ mod tests {
         let e = RouterConfig::parse(&format!("stop_writes_after_ms = 2000\n{good}")).unwrap_err();
         assert!(e.contains("`stop_writes_after_ms`"), "{e}");
         RouterConfig::parse(&format!("stop_writes_after_ms = 0\n{good}")).unwrap();
+        let c = RouterConfig::parse(&format!("{good}[fallback]\nreporting = \"refuse\"\n")).unwrap();
+        assert_eq!(c.fallback_for("reporting"), Fallback::Refuse);
+        assert_eq!(c.fallback_for("analytics"), Fallback::Refuse, "the default");
+        assert_eq!(c.fallback_for("realtime"), Fallback::Primary, "the default");
+        let e = RouterConfig::parse(&format!("{good}[fallback]\nbatch = \"refuse\"\n")).unwrap_err();
+        assert!(e.contains("fallback.batch"), "{e}");
+        let e = RouterConfig::parse(&format!("{good}[fallback]\nreporting = \"sometimes\"\n")).unwrap_err();
+        assert!(e.contains("sometimes") && e.contains("any_replica"), "{e}");
         assert_eq!(
             RouterConfig::parse(&format!("workers = 3\n{good}"))
                 .unwrap()

@@ -61,7 +61,11 @@ fn describe_metrics() {
     );
     describe_counter!(
         "pgquorum_router_rejected_total",
-        "Connections refused, by port and reason (no_primary, stale_map, unreachable)"
+        "Connections refused, by port and reason (no_primary, no_replica, stale_map, unreachable)"
+    );
+    describe_counter!(
+        "pgquorum_router_fallbacks_total",
+        "Read-only connections sent outside their class (to another replica or the primary), by port"
     );
     describe_gauge!("pgquorum_router_epoch", "Epoch of the endpoint map in use");
     describe_gauge!(
@@ -91,12 +95,13 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
     }
     let (tx, maps) = watch::channel(None);
     let mut ports = vec![(config.rw.clone(), Port::ReadWrite)];
-    ports.extend(
-        config
-            .ro
-            .iter()
-            .map(|(class, addr)| (addr.clone(), Port::ReadOnly(class.clone()))),
-    );
+    ports.extend(config.ro.iter().map(|(class, addr)| {
+        let port = Port::ReadOnly {
+            class: class.clone(),
+            fallback: config.fallback_for(class),
+        };
+        (addr.clone(), port)
+    }));
     let load = Load::default();
     let hold = Duration::from_millis(config.hold_ms);
     let (gate_tx, gate) = watch::channel(None);
@@ -154,7 +159,7 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
                 metrics::gauge!("pgquorum_router_map_version").set(map.version as f64);
                 metrics::gauge!("pgquorum_router_epoch").set(map.epoch as f64);
                 if let Some(b) = &config.pgbouncer {
-                    if let Err(e) = pgbouncer::apply(b, &map) {
+                    if let Err(e) = pgbouncer::apply(b, &map, |class| config.fallback_for(class)) {
                         warn!("pgbouncer: {e}");
                     }
                 }

@@ -6,10 +6,15 @@ use std::collections::HashMap;
 use pgquorum_client::pb;
 
 use crate::config::{PgBouncerConfig, READ_CLASSES};
-use crate::route;
+use crate::route::{self, Fallback};
 
-/// The `[databases]` section for a map.
-pub fn databases(cfg: &PgBouncerConfig, map: &pb::EndpointMap) -> String {
+/// The `[databases]` section for a map; `fallback` says where each read-only class
+/// goes without a readable replica of its own (a refused class has no alias then).
+pub fn databases(
+    cfg: &PgBouncerConfig,
+    map: &pb::EndpointMap,
+    fallback: impl Fn(&str) -> Fallback,
+) -> String {
     let mut entries = BTreeMap::new();
     let line = |b: &route::Backend| {
         let (host, port) = b.addr.rsplit_once(':').unwrap_or((&b.addr, "5432"));
@@ -19,7 +24,7 @@ pub fn databases(cfg: &PgBouncerConfig, map: &pb::EndpointMap) -> String {
         entries.insert(cfg.database.clone(), line(&p));
     }
     for class in READ_CLASSES {
-        if let Some(r) = route::replica(map, class, &HashMap::new()) {
+        if let Some((r, _)) = route::replica(map, class, fallback(class), &HashMap::new()) {
             entries.insert(format!("{}_{class}", cfg.database), line(&r));
         }
     }
@@ -34,8 +39,12 @@ pub fn databases(cfg: &PgBouncerConfig, map: &pb::EndpointMap) -> String {
 }
 
 /// Writes the file (atomically) and asks PgBouncer to reload it.
-pub fn apply(cfg: &PgBouncerConfig, map: &pb::EndpointMap) -> Result<(), String> {
-    let text = databases(cfg, map);
+pub fn apply(
+    cfg: &PgBouncerConfig,
+    map: &pb::EndpointMap,
+    fallback: impl Fn(&str) -> Fallback,
+) -> Result<(), String> {
+    let text = databases(cfg, map, fallback);
     let tmp = cfg.databases_file.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &cfg.databases_file)
@@ -83,7 +92,7 @@ mod tests {
             replicas: vec![ep("node3", 5003, "reporting")],
             ..Default::default()
         };
-        let text = databases(&cfg, &map);
+        let text = databases(&cfg, &map, Fallback::default_for);
         assert!(
             text.contains("main = host=127.0.0.1 port=5002 dbname=postgres"),
             "{text}"
@@ -94,7 +103,7 @@ mod tests {
         );
         map.primary = None;
         assert!(
-            !databases(&cfg, &map).contains("main = "),
+            !databases(&cfg, &map, Fallback::default_for).contains("main = "),
             "no primary alias during a failover"
         );
     }

@@ -19,21 +19,21 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::pgwire::reject;
-use crate::route::{self, Backend};
+use crate::route::{self, Backend, Fallback, Via};
 use crate::workers::Workers;
 
 /// What a listener serves.
 #[derive(Clone, Debug)]
 pub enum Port {
     ReadWrite,
-    ReadOnly(String),
+    ReadOnly { class: String, fallback: Fallback },
 }
 
 impl Port {
     fn label(&self) -> String {
         match self {
             Port::ReadWrite => "rw".into(),
-            Port::ReadOnly(class) => format!("ro_{class}"),
+            Port::ReadOnly { class, .. } => format!("ro_{class}"),
         }
     }
 }
@@ -104,12 +104,25 @@ fn pick(port: &Port, maps: &Maps, load: &Load, avoid: Option<&str>) -> Option<(B
     let map = map.as_ref()?;
     let backend = match port {
         Port::ReadWrite => route::primary(map)?,
-        Port::ReadOnly(class) => {
+        Port::ReadOnly { class, fallback } => {
             let mut load = load.snapshot();
             if let Some(name) = avoid {
                 load.insert(name.to_string(), usize::MAX / 2);
             }
-            route::replica(map, class, &load)?
+            let (backend, via) = route::replica(map, class, *fallback, &load)?;
+            if via != Via::Own {
+                // Not silent: reads of a class landing elsewhere (on the primary, say)
+                // is what an operator wants to see.
+                let to = if via == Via::Primary {
+                    "primary"
+                } else {
+                    "other_replica"
+                };
+                metrics::counter!("pgquorum_router_fallbacks_total", "port" => port.label(), "to" => to)
+                    .increment(1);
+                debug!(port = %port.label(), backend = %backend.name, to, "no readable replica of the class: fallback");
+            }
+            backend
         }
     };
     Some((backend, map.epoch))
@@ -181,13 +194,23 @@ async fn handle(
                         hold.as_millis()
                     ),
                 ),
-                None => (
-                    "no_primary",
-                    format!(
-                        "pgquorum-router: no primary available after {} ms (failover in progress?)",
-                        hold.as_millis()
+                None => match &port {
+                    Port::ReadWrite => (
+                        "no_primary",
+                        format!(
+                            "pgquorum-router: no primary available after {} ms (failover in progress?)",
+                            hold.as_millis()
+                        ),
                     ),
-                ),
+                    Port::ReadOnly { class, fallback } => (
+                        "no_replica",
+                        format!(
+                            "pgquorum-router: no readable {class} replica after {} ms, and its fallback is \
+                             {fallback:?} (all lagging, drained or down?)",
+                            hold.as_millis()
+                        ),
+                    ),
+                },
             };
             metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => reason)
                 .increment(1);

@@ -2,9 +2,10 @@
 //!
 //! - read-write: the primary, if the map names one (during a failover it does not,
 //!   and the connection waits);
-//! - read-only for a class: the least-loaded readable replica of that class; else
-//!   the least-loaded readable replica of any class (never a backup replica); else the
-//!   primary. `general` takes the least-loaded readable replica of any class.
+//! - read-only for a class: the least-loaded readable replica of that class; then, as
+//!   the class's [`Fallback`] allows, the least-loaded readable replica of any class
+//!   (never a backup replica), then the primary. `general` takes the least-loaded
+//!   readable replica of any class.
 
 use std::collections::HashMap;
 
@@ -28,8 +29,50 @@ pub fn primary(map: &pb::EndpointMap) -> Option<Backend> {
     map.primary.as_ref().map(backend)
 }
 
+/// Where a read-only class's connections go when no replica of the class is readable
+/// (lagging past its threshold, drained, down).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// Another class's readable replica, then the primary (reads may load the primary).
+    #[default]
+    Primary,
+    /// Another class's readable replica, never the primary.
+    AnyReplica,
+    /// Nowhere: the connection waits for a replica of its class, then is refused
+    /// (analytics' long scans must not land on the primary).
+    Refuse,
+}
+
+impl Fallback {
+    /// The default of a class: `refuse` for analytics, `primary` for the others.
+    pub fn default_for(class: &str) -> Fallback {
+        if class == "analytics" {
+            Fallback::Refuse
+        } else {
+            Fallback::Primary
+        }
+    }
+}
+
+/// Where a read-only connection went, against its class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// A replica of its class (for `general`: any replica).
+    Own,
+    /// Another class's replica.
+    OtherReplica,
+    /// The primary.
+    Primary,
+}
+
 /// `load`: open connections per backend name, to spread reads.
-pub fn replica(map: &pb::EndpointMap, class: &str, load: &HashMap<String, usize>) -> Option<Backend> {
+pub fn replica(
+    map: &pb::EndpointMap,
+    class: &str,
+    fallback: Fallback,
+    load: &HashMap<String, usize>,
+) -> Option<(Backend, Via)> {
     let readable = || {
         map.replicas
             .iter()
@@ -43,9 +86,14 @@ pub fn replica(map: &pb::EndpointMap, class: &str, load: &HashMap<String, usize>
     let own: Vec<&pb::Endpoint> = readable()
         .filter(|r| class == "general" || r.workload == class)
         .collect();
-    least(own)
-        .or_else(|| least(readable().collect()))
-        .or_else(|| primary(map))
+    let own = least(own).map(|b| (b, Via::Own));
+    match fallback {
+        Fallback::Refuse => own,
+        Fallback::AnyReplica => own.or_else(|| least(readable().collect()).map(|b| (b, Via::OtherReplica))),
+        Fallback::Primary => own
+            .or_else(|| least(readable().collect()).map(|b| (b, Via::OtherReplica)))
+            .or_else(|| primary(map).map(|b| (b, Via::Primary))),
+    }
 }
 
 /// How far the router trusts its map, by how long ago a coordinator last vouched for
@@ -113,28 +161,48 @@ mod tests {
             ..Default::default()
         };
         let none = HashMap::new();
-        assert_eq!(replica(&map, "reporting", &none).unwrap().name, "rep");
+        let name = |map: &pb::EndpointMap, class: &str, load: &HashMap<String, usize>| {
+            replica(map, class, Fallback::Primary, load).map(|(b, _)| b.name)
+        };
+        assert_eq!(name(&map, "reporting", &none).unwrap(), "rep");
         map.replicas[1].readable = false;
         assert_eq!(
-            replica(&map, "reporting", &none).unwrap().name,
+            name(&map, "reporting", &none).unwrap(),
             "rt",
             "another readable replica"
         );
         map.replicas[0].readable = false;
         assert_eq!(
-            replica(&map, "reporting", &none).unwrap().name,
+            name(&map, "reporting", &none).unwrap(),
             "p",
             "never the backup; then the primary"
         );
         map.replicas[0].readable = true;
         map.replicas[1].readable = true;
         let load = HashMap::from([("rt".to_string(), 3)]);
-        assert_eq!(
-            replica(&map, "general", &load).unwrap().name,
-            "rep",
-            "least loaded"
-        );
+        assert_eq!(name(&map, "general", &load).unwrap(), "rep", "least loaded");
         map.primary = None;
         assert_eq!(primary(&map), None);
+    }
+
+    #[test]
+    fn each_fallback_goes_no_further_than_it_says() {
+        let map = pb::EndpointMap {
+            primary: Some(ep("p", "general", true)),
+            replicas: vec![ep("rt", "realtime", true), ep("an", "analytics", false)],
+            ..Default::default()
+        };
+        let none = HashMap::new();
+        let via = |fallback| replica(&map, "analytics", fallback, &none).map(|(b, v)| (b.name, v));
+        assert_eq!(via(Fallback::Refuse), None);
+        assert_eq!(via(Fallback::AnyReplica), Some(("rt".into(), Via::OtherReplica)));
+        assert_eq!(via(Fallback::Primary), Some(("rt".into(), Via::OtherReplica)));
+        let mut drained = map.clone();
+        drained.replicas[0].readable = false;
+        let via = |fallback| replica(&drained, "analytics", fallback, &none).map(|(b, v)| (b.name, v));
+        assert_eq!(via(Fallback::AnyReplica), None);
+        assert_eq!(via(Fallback::Primary), Some(("p".into(), Via::Primary)));
+        assert_eq!(Fallback::default_for("analytics"), Fallback::Refuse);
+        assert_eq!(Fallback::default_for("reporting"), Fallback::Primary);
     }
 }

@@ -48,6 +48,7 @@ async fn pgbouncer_follows_the_primary_through_a_failover() {
         workers: None,
         stale_after_ms: 3000,
         stop_writes_after_ms: 30_000,
+        fallback: Default::default(),
         pgbouncer: Some(PgBouncerConfig {
             databases_file: databases.clone(),
             pidfile: d.join("pgbouncer.pid"),

@@ -353,3 +353,44 @@ async fn a_connection_during_failure_detection_is_held_until_the_new_primary() {
         .get(0);
     assert_eq!(reached, port_of(&sandbox, "node2"), "the new primary");
 }
+
+/// With every replica drained, every read-only port sent reads to the primary, the
+/// analytics port included. Analytics now refuses (its default fallback), saying why;
+/// the general port still falls back to the primary, counted in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_replica_drained_analytics_refuses_and_general_falls_back_to_the_primary() {
+    let sandbox = start_sandbox(24800, 24810).await;
+    let (_, ro) = sandbox.router_addrs().unwrap();
+    let addrs = sandbox.client().addrs().join(",");
+    for node in ["node2", "node3"] {
+        pgquorum_tests::cli_ok(&["--coordinators", &addrs, "drain", node]);
+    }
+    let primary = port_of(&sandbox, "node1");
+    eventually("general reads on the primary", WAIT, || async {
+        via(&ro["general"]).await.is_some_and(|(_, p)| p == primary)
+    })
+    .await;
+    let (host, port) = ro["analytics"].rsplit_once(':').unwrap();
+    let conninfo = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=30");
+    let err = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("analytics refused, not sent to the primary");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("no readable analytics replica"), "{err:?}");
+    let metrics = sandbox.file().router.unwrap().http;
+    let (_, text) = pgquorum_tests::http_get(&metrics, "/metrics").await.unwrap();
+    let m = pgquorum_tests::parse_metrics(&text);
+    assert!(
+        pgquorum_tests::metric(
+            &m,
+            "pgquorum_router_fallbacks_total",
+            &[("port", "ro_general"), ("to", "primary")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+}

@@ -325,6 +325,7 @@ impl Sandbox {
             pgbouncer: None,
             stale_after_ms: 3000,
             stop_writes_after_ms: self.spec.router_stop_writes_after.as_millis() as u64,
+            fallback: Default::default(),
         };
         for offset in 0..=5 {
             ensure_port_free(base + offset)?;
