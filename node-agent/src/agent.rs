@@ -189,10 +189,6 @@ const PROMISE_TRIES: u32 = 2;
 /// Between two asks for promises when one was missing.
 const PROMISE_RETRY: Duration = Duration::from_millis(20);
 
-/// How long a switchover's checkpoint before the clean stop may take; past it the
-/// stop goes ahead (its shutdown checkpoint then does the rest).
-const PRE_STOP_CHECKPOINT: Duration = Duration::from_secs(3);
-
 /// A heartbeat's whole budget when nothing is at stake.
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -809,15 +805,7 @@ impl Agent {
             }
             Action::ClearPromoting => Ok(std::fs::remove_file(&self.guard.promoting)?),
             Action::StopCleanly => {
-                let started = Instant::now();
-                if let Err(e) = self.observer.checkpoint(PRE_STOP_CHECKPOINT).await {
-                    warn!("switchover: the checkpoint before the stop failed ({e}); stopping anyway");
-                }
-                info!(
-                    epoch,
-                    checkpoint_ms = started.elapsed().as_millis() as u64,
-                    "switchover: stopping postgres cleanly"
-                );
+                info!(epoch, "switchover: stopping postgres cleanly");
                 // Bounded: a shutdown stuck on a standby that never confirms must not
                 // hold up the handover (the coordinators fence by lease meanwhile).
                 self.report_now = true;

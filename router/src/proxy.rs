@@ -153,21 +153,25 @@ async fn handle(
 ) {
     let label = port.label();
     metrics::counter!("pgquorum_router_connections_total", "port" => label.clone()).increment(1);
-    let refused = matches!(port, Port::ReadWrite)
-        .then(|| gate.borrow().clone())
-        .flatten();
-    if let Some(why) = refused {
-        metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => "stale_map")
-            .increment(1);
-        reject(&mut client, &format!("pgquorum-router: {why}")).await;
-        return;
-    }
+    // Read-write only: refused while the map is stale past stop_writes_after_ms (asked
+    // again before every attempt: a connection may be held a while).
+    let refused = || {
+        matches!(port, Port::ReadWrite)
+            .then(|| gate.borrow().clone())
+            .flatten()
+    };
     // Held until a backend answers, for up to `hold`: during a failover the map names
     // no primary, and before the failure is detected it names one that is gone (its
     // connect fails); either way the next map, or a retry, may bring one that works.
     let deadline = tokio::time::Instant::now() + hold;
     let mut unreachable: Option<Backend> = None;
     let (backend, epoch, server) = loop {
+        if let Some(why) = refused() {
+            metrics::counter!("pgquorum_router_rejected_total", "port" => label.clone(), "reason" => "stale_map")
+                .increment(1);
+            reject(&mut client, &format!("pgquorum-router: {why}")).await;
+            return;
+        }
         let avoid = unreachable.as_ref().map(|b| b.name.as_str());
         if let Some((backend, epoch)) = pick(&port, &maps, &load, avoid) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

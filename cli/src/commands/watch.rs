@@ -40,7 +40,7 @@ fn map_line(m: &pb::EndpointMap) -> String {
         .iter()
         .map(|r| {
             format!(
-                "{}[{} {} {}ms{}]",
+                "{}[{} {} lag {}ms when published{}]",
                 r.name,
                 r.workload,
                 r.health,
@@ -70,9 +70,58 @@ pub async fn watch(ctx: &Ctx, cluster: &str) -> Result<()> {
         cluster.to_string()
     };
     let mut maps = watch_endpoints(ctx.coordinators.addrs().to_vec(), cluster);
+    let mut last = None;
     while let Some(map) = maps.next().await {
         let map = map?;
-        emit_line(ctx.json, &map_json(&map), || map_line(&map));
+        // The stream repeats the current map every second as a confirmation; printed
+        // again, its lag (taken when the map was published, which happens on a change
+        // of readability, not on every lag sample) looked like a live value that froze.
+        if should_print(&mut last, &map) {
+            emit_line(ctx.json, &map_json(&map), || map_line(&map));
+        }
     }
     Ok(())
+}
+
+/// Whether `map` is news after `last` (its version and epoch, updated).
+fn should_print(last: &mut Option<(u64, u64)>, map: &pb::EndpointMap) -> bool {
+    let key = (map.epoch, map.version);
+    if *last == Some(key) {
+        return false;
+    }
+    *last = Some(key);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_map_is_printed_once_and_its_lag_says_when_it_was_taken() {
+        let map = pb::EndpointMap {
+            version: 7,
+            epoch: 2,
+            replicas: vec![pb::Endpoint {
+                name: "node3".into(),
+                lag_ms: 40,
+                readable: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut last = None;
+        assert!(should_print(&mut last, &map));
+        assert!(!should_print(&mut last, &map), "a confirmation, not news");
+        let next = pb::EndpointMap {
+            version: 8,
+            ..map.clone()
+        };
+        assert!(should_print(&mut last, &next));
+        assert!(
+            map_line(&map).contains("lag 40ms when published"),
+            "{}",
+            map_line(&map)
+        );
+    }
 }

@@ -73,6 +73,13 @@ pub struct Candidate {
     pub lsn: Lsn,
 }
 
+/// Whether `node` acknowledges every commit: it is in the committed sync set, and the
+/// primary waits for all of the set's members (k of k).
+fn acks_every_commit(cluster: &Cluster, node: &str) -> bool {
+    let n = cluster.sync_set.len();
+    cluster.sync_set.iter().any(|s| s == node) && (cluster.policy.sync_standbys as usize) >= n
+}
+
 fn standby_up(o: &Observed) -> bool {
     o.report.postgres_up && o.report.role == "standby"
 }
@@ -442,14 +449,18 @@ pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) 
                     true => None,
                     false => match choose_after_fence(cluster, reports, &f.old_primary, Some(fenced_ago)) {
                         Ok(best) => Some(best),
-                        // Nothing to compare with (yet): only a member of the sync set
-                        // is known to hold every acknowledged commit.
-                        Err(_) if cluster.sync_set.contains(&f.candidate) => None,
+                        // Nothing to compare with (yet): only a member of a sync set
+                        // whose every member acknowledges each commit (k of k) is
+                        // known to hold them all; with ANY k of n (k < n, e.g. while
+                        // the set grows before it shrinks) another member may hold
+                        // commits it lacks.
+                        Err(_) if acks_every_commit(cluster, &f.candidate) => None,
                         Err(_) if fenced_ago < patience => return Step::Wait,
                         Err(why) => {
                             return Step::Stuck(format!(
                                 "{} may lack acknowledged commits and no synchronous standby can be \
-                                 compared with it ({why}); promote one with `pgquorum failover --to NODE`",
+                                 compared with it ({why}); promote one with `pgquorum failover --to NODE \
+                                 --accept-data-loss` after checking what it holds",
                                 f.candidate
                             ))
                         }
@@ -724,6 +735,29 @@ mod tests {
             decide(&c, &late, true),
             Step::Choose { ref candidate, ref lsn, .. } if candidate == "node2" && lsn == "0/5000000"
         ));
+        // ANY 1 of [node2, node3] and only node2 heard after the fence: node2 may lack
+        // what node3 acknowledged; it is not promoted on its sync-set membership.
+        let mut quorum = strict();
+        quorum.sync_set = vec!["node2".into(), "node3".into()];
+        let mut f = started_from_node1();
+        f.candidate = "node2".into();
+        f.kind = "manual".into();
+        quorum.failover = Some(f);
+        let node2_only = reports(vec![
+            ("node1", stopped(), 10),
+            ("node2", standby("0/5000000", 0), 10),
+        ]);
+        assert_eq!(decide(&quorum, &node2_only, true), Step::Wait);
+        let mut later = node2_only.clone();
+        later.nodes.get_mut("node1").unwrap().role_for = Duration::from_secs(60);
+        assert!(
+            matches!(decide(&quorum, &later, true), Step::Stuck(ref why) if why.contains("accept-data-loss"))
+        );
+        quorum.sync_set = vec!["node2".into()];
+        assert!(
+            matches!(decide(&quorum, &node2_only, true), Step::Choose { ref candidate, .. } if candidate == "node2"),
+            "1 of 1: node2 acknowledged every commit"
+        );
         // Data loss accepted: the operator's choice stands.
         c.failover.as_mut().unwrap().accept_data_loss = true;
         assert!(matches!(

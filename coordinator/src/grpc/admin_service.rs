@@ -658,20 +658,29 @@ impl AdminService for AdminServiceImpl {
         self.require_leader().await?;
         // A leader that lost its quorum stays leader in openraft; its view is then
         // frozen and nothing it decides can be committed: the first thing to say.
-        let check = tokio::time::timeout(
-            QUORUM_CHECK,
-            self.p.ready_to_read(pb::ReadConsistency::Linearizable as i32),
-        )
-        .await;
-        let no_quorum = match check {
-            Ok(Ok(())) => None,
-            Ok(Err(e @ Error::NotLeader { .. })) => return Err(e.into()),
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!(
-                "this coordinator leads but no quorum of the coordinator group answered within {} ms; \
-                 nothing can be committed (no failover, no switchover) until a majority answers",
-                QUORUM_CHECK.as_millis()
-            )),
+        // openraft gives a round up when one follower's answer is slow (an fsync
+        // stall): rounds are retried until QUORUM_CHECK, and only then is it said.
+        let deadline = tokio::time::Instant::now() + QUORUM_CHECK;
+        let no_quorum = loop {
+            let round = tokio::time::timeout_at(
+                deadline,
+                self.p.ready_to_read(pb::ReadConsistency::Linearizable as i32),
+            )
+            .await;
+            let why = match round {
+                Ok(Ok(())) => break None,
+                Ok(Err(e @ Error::NotLeader { .. })) => return Err(e.into()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!(
+                    "this coordinator leads but no quorum of the coordinator group answered within {} ms; \
+                     nothing can be committed (no failover, no switchover) until a majority answers",
+                    QUORUM_CHECK.as_millis()
+                ),
+            };
+            if tokio::time::Instant::now() + std::time::Duration::from_millis(50) >= deadline {
+                break Some(why);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         };
         let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
         let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());

@@ -236,13 +236,6 @@ impl Observer {
         Ok(())
     }
 
-    /// Writes every dirty buffer now, while the server still takes writes, so that
-    /// the shutdown checkpoint of a clean stop that follows has little left to do
-    /// (that one runs while nothing can be written: the switchover's write gap).
-    pub async fn checkpoint(&mut self, within: std::time::Duration) -> Result<()> {
-        self.exec(&["CHECKPOINT"], within).await
-    }
-
     /// Re-reads the configuration files (a changed primary_conninfo restarts the WAL
     /// receiver; no restart of Postgres needed).
     pub async fn reload(&mut self) -> Result<()> {
