@@ -52,6 +52,11 @@ pub fn install() -> Option<PrometheusHandle> {
         "pgquorum_agent_heartbeat_failures_total",
         "Heartbeat rounds no coordinator answered"
     );
+    // Counters exist from the start, at 0: an alert on their increase sees the first.
+    for reason in FENCE_REASONS {
+        counter!("pgquorum_agent_fences_total", "reason" => reason).absolute(0);
+    }
+    counter!("pgquorum_agent_heartbeat_failures_total").absolute(0);
     Some(handle)
 }
 
@@ -85,6 +90,14 @@ pub fn at_scrape(view: &View, now: Instant) {
         gauge!("pgquorum_agent_leader_answered_seconds").set(now.saturating_duration_since(at).as_secs_f64());
     }
 }
+
+/// Every `reason` label of `pgquorum_agent_fences_total`.
+const FENCE_REASONS: [&str; 4] = [
+    "lease_expired",
+    "no_longer_candidate",
+    "not_the_primary",
+    "clean_stop_failed",
+];
 
 /// This agent stopped its Postgres to fence it.
 pub fn fenced(reason: &'static str) {

@@ -92,6 +92,13 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
             .install()
             .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
         describe_metrics();
+        // Counters exist from the start, at 0: an alert on their increase sees the first.
+        for class in config.ro.keys() {
+            for to in ["primary", "other_replica"] {
+                metrics::counter!("pgquorum_router_fallbacks_total", "port" => format!("ro_{class}"), "to" => to)
+                    .absolute(0);
+            }
+        }
     }
     let (tx, maps) = watch::channel(None);
     let mut ports = vec![(config.rw.clone(), Port::ReadWrite)];

@@ -464,6 +464,53 @@ async fn health_endpoints_per_role_and_metrics_that_agree_with_status() {
         ) == Some(1.0)
     })
     .await;
+
+    // --- The dashboard and the alert rules in deploy/ parse, and every metric they use
+    // is one these daemons export.
+    let mut exported = std::collections::BTreeSet::new();
+    for addr in [
+        leader_http.clone(),
+        http["node2"].clone(),
+        http["node3"].clone(),
+        router.http.clone(),
+    ] {
+        let (_, text) = http_get(&addr, "/metrics").await.unwrap();
+        for (series, _) in parse_metrics(&text) {
+            exported.insert(series.split('{').next().unwrap().to_string());
+        }
+    }
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring");
+    let rules: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(deploy.join("pgquorum-alerts.yml")).unwrap())
+            .unwrap();
+    let mut exprs: Vec<String> = Vec::new();
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            assert!(rule["alert"].as_str().is_some(), "{rule:?}");
+            assert!(rule["labels"]["severity"].as_str().is_some(), "{rule:?}");
+            exprs.push(rule["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy.join("grafana-dashboard.json")).unwrap())
+            .unwrap();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            exprs.push(target["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    assert!(exprs.len() > 20, "{exprs:?}");
+    for expr in &exprs {
+        let used = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("pgquorum_"));
+        for name in used {
+            assert!(
+                exported.contains(name),
+                "{name} (in {expr}) is not exported: {exported:?}"
+            );
+        }
+    }
 }
 
 /// A second agent started with an existing node's name (a copied config, another
