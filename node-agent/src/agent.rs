@@ -99,6 +99,8 @@ pub struct Agent {
     /// The round changed what Postgres is (a clean stop, a promotion): report it at
     /// once rather than after the interval, the next step of a handover waits for it.
     report_now: bool,
+    /// What Postgres was at the last round, for the hooks (None: not looked yet).
+    seen: Option<crate::hooks::Seen>,
 }
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
@@ -259,6 +261,7 @@ impl Agent {
             leader_answered_at: None,
             view: Default::default(),
             report_now: false,
+            seen: None,
         })
     }
 
@@ -369,6 +372,22 @@ impl Agent {
         view.failsafe = self.failsafe;
         view.leader_answered_at = self.leader_answered_at;
         crate::metrics::after_round(&view);
+        let now = crate::hooks::Seen {
+            up: view.postgres_up,
+            role: view.role.clone(),
+        };
+        drop(view);
+        for (event, role) in crate::hooks::events(self.seen.as_ref(), &now) {
+            info!(event = event.as_str(), %role, epoch = self.state.epoch, "node event");
+            self.config.hooks.fire(
+                event,
+                &role,
+                &self.config.name,
+                &self.config.cluster,
+                self.state.epoch,
+            );
+        }
+        self.seen = Some(now);
     }
 
     /// Whether this node holds a primary lease that has not run out.

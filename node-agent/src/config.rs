@@ -19,6 +19,12 @@
 //!                                  # /replica?lag=MS, /sync, /async, /health) and
 //!                                  # /metrics; absent: none
 //!
+//! [hooks]                          # optional; each run with EVENT ROLE CLUSTER EPOCH appended
+//! on_role_change = ["/usr/local/bin/move-vip", "eth0"]
+//! on_start = ["/usr/local/bin/notify"]
+//! on_stop = ["/usr/local/bin/notify"]
+//! timeout_ms = 10000
+//!
 //! [postgres]
 //! bin_dir = "/usr/lib/postgresql/15/bin"
 //! data_dir = "/var/lib/pgquorum/node1/data"   # absolute
@@ -96,6 +102,9 @@ pub struct AgentConfig {
     /// `ip:port` of the HTTP health endpoints and `/metrics`. None: not served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
+    /// Commands run on start, stop and role change (see [`crate::hooks`]).
+    #[serde(default, skip_serializing_if = "crate::hooks::HooksConfig::is_empty")]
+    pub hooks: crate::hooks::HooksConfig,
     pub postgres: PostgresConfig,
 }
 

@@ -14,12 +14,14 @@
 //!   answers not to be promoted, and how long the primary may write on the promises;
 //!   [`peer`]: the agent's own gRPC service that carries them.
 //! - [`http`]: health endpoints for load balancers and probes, and [`metrics`].
+//! - [`hooks`]: the operator's commands on start, stop and role change.
 
 pub mod agent;
 pub mod config;
 mod error;
 pub mod failsafe;
 pub mod guard;
+pub mod hooks;
 pub mod http;
 pub mod metrics;
 pub mod peer;

@@ -617,3 +617,39 @@ async fn a_switchover_to_an_async_standby_with_wait_loses_nothing() {
         .unwrap();
     assert_eq!(rows.len(), acked.len(), "acknowledged by node1, missing on node3");
 }
+
+/// Hooks run with the event, role, cluster and epoch: every node's `on_start` at
+/// first, and on a failover the new primary's `on_role_change` to primary (the
+/// command Patroni users move a virtual IP with), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_run_on_start_and_on_a_role_change_with_their_arguments() {
+    let log = tempfile::Builder::new()
+        .prefix("pgquorum-hooks-")
+        .tempdir()
+        .unwrap();
+    let path = log.path().join("hooks.log");
+    let script = format!("echo \"$PGQUORUM_NODE $*\" >> {}", path.display());
+    let mut sandbox = pgquorum_tests::start_sandbox_with(27900, 27910, |s| {
+        let hook = vec!["/bin/sh".to_string(), "-c".into(), script.clone(), "hook".into()];
+        s.agent_hooks.on_start = hook.clone();
+        s.agent_hooks.on_role_change = hook;
+    })
+    .await;
+    let lines = || std::fs::read_to_string(&path).unwrap_or_default();
+    eventually("every node's on_start", WAIT, || async {
+        [
+            "node1 on_start primary main 1",
+            "node2 on_start standby main",
+            "node3 on_start standby main",
+        ]
+        .iter()
+        .all(|l| lines().contains(l))
+    })
+    .await;
+
+    sandbox.kill_host("node1").unwrap();
+    let new = wait_new_primary(&sandbox, "node1", 2, WAIT).await;
+    let expected = format!("{new} on_role_change primary main 2");
+    eventually(&expected, WAIT, || async { lines().contains(&expected) }).await;
+    assert_eq!(lines().matches("on_role_change").count(), 1, "{}", lines());
+}

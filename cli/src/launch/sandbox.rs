@@ -74,6 +74,8 @@ pub struct SandboxSpec {
     /// The router refuses new read-write connections once no coordinator has vouched
     /// for its map this long (`stop_writes_after_ms`; 30 s by default).
     pub router_stop_writes_after: Duration,
+    /// The agents' hooks (every node the same; `PGQUORUM_NODE` tells them apart).
+    pub agent_hooks: pgquorum_agent::hooks::HooksConfig,
 }
 
 impl SandboxSpec {
@@ -99,6 +101,7 @@ impl SandboxSpec {
             raft_store_root: None,
             coordinators: 3,
             router_stop_writes_after: Duration::from_secs(30),
+            agent_hooks: Default::default(),
         }
     }
 }
@@ -417,6 +420,7 @@ impl Sandbox {
             heartbeat_interval_ms: 100,
             peer_address: Some(format!("{advertise_host}:{}", self.spec.peer_port(index))),
             http: Some(format!("{advertise_host}:{}", self.spec.agent_http_port(index))),
+            hooks: self.spec.agent_hooks.clone(),
             postgres: PostgresConfig {
                 bin_dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
                 data_dir: dir.join("pg").join("data"),
