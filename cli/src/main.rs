@@ -88,6 +88,14 @@ enum Command {
         #[arg(long, default_value = "")]
         cluster: String,
     },
+    /// Forget a member for good (its host retired or lost): its alerts end, its
+    /// replication slot is dropped on the primary. Refused for the primary, a sync
+    /// standby, a node in a failover, and while its agent reports (stop it first).
+    Remove {
+        node: String,
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
     /// Take a node out of read routing (routers stop sending new read-only
     /// connections to it; open ones stay), e.g. before maintenance or a long query.
     Drain {
@@ -390,6 +398,7 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
         }
         Command::Pause { cluster } => pause::pause(&ctx()?, &cluster, true).await,
         Command::Resume { cluster } => pause::pause(&ctx()?, &cluster, false).await,
+        Command::Remove { node, cluster } => cluster::remove(&ctx()?, &cluster, &node).await,
         Command::Drain { node, cluster } => status::drain(&ctx()?, &cluster, &node, true).await,
         Command::Undrain { node, cluster } => status::drain(&ctx()?, &cluster, &node, false).await,
         Command::Sandbox(c) => match c {

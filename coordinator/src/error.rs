@@ -109,7 +109,10 @@ impl From<Error> for tonic::Status {
             Error::Command(CommandError::SyncSetChanged { .. }) => tonic::Status::aborted(message),
             Error::Command(CommandError::FailoverStep(_))
             | Error::Command(CommandError::Held { .. })
-            | Error::Command(CommandError::NotHeld { .. }) => tonic::Status::failed_precondition(message),
+            | Error::Command(CommandError::NotHeld { .. })
+            | Error::Command(CommandError::NotRemovable { .. }) => {
+                tonic::Status::failed_precondition(message)
+            }
             // Unavailable, not a final refusal: the agent must go on to the other
             // coordinators (the new group) rather than give up the heartbeat.
             Error::GroupReplaced { .. } | Error::GroupReforming => tonic::Status::unavailable(message),

@@ -744,7 +744,7 @@ impl Sim {
                 n.waits_for = sync_names::parse(&names);
                 n.wait_k = wait_k(&names);
             }
-            Action::EnsureSlots(_) => {}
+            Action::EnsureSlots(_) | Action::DropSlots(_) => {}
             Action::Follow {
                 primary,
                 check_divergence,

@@ -101,6 +101,8 @@ pub struct Agent {
     report_now: bool,
     /// What Postgres was at the last round, for the hooks (None: not looked yet).
     seen: Option<crate::hooks::Seen>,
+    /// Slots of removed members this agent has dropped.
+    slots_dropped: std::collections::BTreeSet<String>,
 }
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
@@ -262,6 +264,7 @@ impl Agent {
             view: Default::default(),
             report_now: false,
             seen: None,
+            slots_dropped: Default::default(),
         })
     }
 
@@ -865,7 +868,26 @@ impl Agent {
                 info!(to = %names, "applying synchronous_standby_names");
                 self.observer.set_synchronous_standby_names(&names).await
             }
-            Action::EnsureSlots(slots) => self.observer.ensure_slots(&slots).await,
+            Action::EnsureSlots(slots) => {
+                for s in &slots {
+                    self.slots_dropped.remove(s);
+                }
+                self.observer.ensure_slots(&slots).await
+            }
+            Action::DropSlots(slots) => {
+                // Once per slot and agent: the order repeats in every reply.
+                let new: Vec<String> = slots
+                    .into_iter()
+                    .filter(|s| !self.slots_dropped.contains(s))
+                    .collect();
+                if new.is_empty() {
+                    return Ok(());
+                }
+                info!(slots = ?new, "dropping the replication slots of removed members");
+                self.observer.drop_slots(&new).await?;
+                self.slots_dropped.extend(new);
+                Ok(())
+            }
             Action::Follow {
                 primary,
                 check_divergence,

@@ -154,6 +154,8 @@ pub enum Action {
     SetSyncNames(String),
     /// The primary creates missing replication slots.
     EnsureSlots(Vec<String>),
+    /// The primary drops the slots of removed members (those no standby streams from).
+    DropSlots(Vec<String>),
     /// Point this standby at the primary (slot, primary_conninfo, reload when it
     /// runs); a running standby first checks whether it went past the primary's fork
     /// point and rewinds if so.
@@ -268,6 +270,15 @@ pub fn plan(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) 
                 .collect();
             if !missing.is_empty() {
                 actions.push(Action::EnsureSlots(missing));
+            }
+            let removed: Vec<String> = reply
+                .drop_slots
+                .iter()
+                .map(|s| slot_name(s))
+                .filter(|s| !report_has_slot(report, s))
+                .collect();
+            if !removed.is_empty() {
+                actions.push(Action::DropSlots(removed));
             }
         }
     } else if let Some(up) = other_primary {

@@ -653,3 +653,65 @@ async fn hooks_run_on_start_and_on_a_role_change_with_their_arguments() {
     eventually(&expected, WAIT, || async { lines().contains(&expected) }).await;
     assert_eq!(lines().matches("on_role_change").count(), 1, "{}", lines());
 }
+
+/// `remove NODE`: a dead node raised CRITICAL forever and its slot kept WAL. Refused
+/// for the primary, a sync standby, and a node whose agent reports; once its host is
+/// gone it is forgotten: no alert, no member, its slot dropped on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_forgets_a_dead_node_and_drops_its_slot() {
+    let mut sandbox = start_sandbox(28500, 28510).await;
+    let addrs = sandbox.client_addrs().join(",");
+    let refused = |node: &str, why: &str| {
+        let out = cli(&["--coordinators", &addrs, "remove", node]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{node}: {err}");
+        assert!(err.contains(why), "{node}: {err}");
+    };
+    refused("node1", "primary");
+    refused("node2", "synchronous");
+    refused("node3", "stop it");
+    let primary = pg(&sandbox, "node1").await;
+    async fn slots(p: &tokio_postgres::Client) -> i64 {
+        p.query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'node3'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+    assert_eq!(slots(&primary).await, 1, "node3's slot");
+
+    sandbox.stop_node("node3").unwrap();
+    sandbox
+        .wait_for("node3 DISCONNECTED", WAIT, |s| {
+            node(s, "node3").health == "DISCONNECTED"
+        })
+        .await
+        .unwrap();
+    // Its last report must first be older than the failure timeout.
+    eventually("node3 removed", WAIT, || async {
+        cli(&["--coordinators", &addrs, "remove", "node3"])
+            .status
+            .success()
+    })
+    .await;
+    let status = cli_json(&["--coordinators", &addrs, "status"]);
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status}");
+    eventually("no alert about node3", WAIT, || async {
+        !sandbox
+            .alerts()
+            .await
+            .unwrap()
+            .alerts
+            .iter()
+            .any(|a| a.node == "node3")
+    })
+    .await;
+    eventually("node3's slot dropped", WAIT, || async {
+        slots(&primary).await == 0
+    })
+    .await;
+    let history = cli_json(&["--coordinators", &addrs, "history"]);
+    assert!(history.to_string().contains("member_removed"), "{history}");
+}

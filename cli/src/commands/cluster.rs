@@ -96,6 +96,32 @@ pub async fn fetch(ctx: &Ctx, name: &str, local: bool) -> Result<pb::Cluster> {
     Ok(reply.cluster.unwrap_or_default())
 }
 
+/// `pgquorum remove NODE`: forget a member whose host is retired or lost for good.
+pub async fn remove(ctx: &Ctx, cluster: &str, node: &str) -> Result<()> {
+    let request = pb::RemoveMemberRequest {
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+        actor: actor(),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.remove_member(request).await }
+        })
+        .await?;
+    let cluster = reply.cluster.unwrap_or_default();
+    emit(ctx.json, &cluster_json(&cluster), || {
+        format!(
+            "{node} removed from {} (its replication slot is dropped on the primary; an agent started \
+             again under that name registers as a new member)\n{}",
+            cluster.name,
+            cluster_table(&cluster)
+        )
+    });
+    Ok(())
+}
+
 pub async fn readmit(ctx: &Ctx, cluster: &str, node: &str) -> Result<()> {
     let request = pb::ReadmitNodeRequest {
         cluster: cluster.to_string(),

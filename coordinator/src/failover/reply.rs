@@ -88,6 +88,11 @@ pub fn heartbeat_reply(
         sync_state: seen.as_ref().map_or("none", |s| s.sync_state).to_string(),
         lag_ms: seen.as_ref().filter(|s| s.lag_source.exact()).map(|s| s.lag_ms),
         drained: cluster.drained.contains(name),
+        drop_slots: if is_primary || promote {
+            cluster.removed.clone()
+        } else {
+            Vec::new()
+        },
         epoch: cluster.epoch,
         primary: primary.map(|p| pb::PostgresEndpoint {
             name: p.name.clone(),

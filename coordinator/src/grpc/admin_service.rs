@@ -382,6 +382,55 @@ impl AdminService for AdminServiceImpl {
         }))
     }
 
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let member = req.node.trim().to_string();
+        if member.is_empty() {
+            return Err(invalid("node", "name the node to remove").into());
+        }
+        self.require_leader().await?;
+        let cluster = self.resolve_cluster(&req.cluster)?;
+        if !cluster.members.contains_key(&member) {
+            return Err(Error::Command(crate::state::CommandError::UnknownMember(member)).into());
+        }
+        if let Err(why) = cluster.removable(&member) {
+            return Err(Error::Command(crate::state::CommandError::NotRemovable {
+                cluster: cluster.name,
+                member,
+                why,
+            })
+            .into());
+        }
+        // A member whose agent still reports would register again at its next
+        // heartbeat: it must be stopped first (its host retired or lost).
+        let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
+        if let Some(o) = crate::observe::health::fresh(&cluster, &reports, &member) {
+            return Err(Error::Command(crate::state::CommandError::NotRemovable {
+                cluster: cluster.name,
+                member,
+                why: format!(
+                    "its agent reported {} ms ago; stop it (and its Postgres) first",
+                    o.age.as_millis()
+                ),
+            })
+            .into());
+        }
+        let command = Command::RemoveMember {
+            cluster: cluster.name,
+            member,
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of remove: {other:?}")).into()),
+        }
+    }
+
     async fn readmit_node(
         &self,
         request: Request<pb::ReadmitNodeRequest>,

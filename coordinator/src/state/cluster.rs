@@ -136,7 +136,14 @@ pub struct Cluster {
     /// from before; every member counts).
     #[serde(default)]
     pub primary_roster: Option<std::collections::BTreeSet<String>>,
+    /// Members an operator removed, newest last (at most [`REMOVED_KEPT`]): the
+    /// primary drops their replication slots. One that registers again leaves it.
+    #[serde(default)]
+    pub removed: Vec<String>,
 }
+
+/// How many removed members a cluster remembers (for dropping their slots).
+pub const REMOVED_KEPT: usize = 16;
 
 /// A longer lease that may still run after a lowering, and the log index of the last
 /// lease_ms change since (what a settlement must name: a lowering, raising and
@@ -165,9 +172,30 @@ impl Cluster {
             drained: Default::default(),
             held: Default::default(),
             primary_roster: None,
+            removed: Vec::new(),
             history: VecDeque::new(),
             created_at_ms,
         }
+    }
+
+    /// Why `member` may not be removed now, if it may not: the primary, a member of
+    /// the sync set (it may hold commits no other standby has; the coordinators
+    /// replace a lost sync standby first), or one a failover involves.
+    pub fn removable(&self, member: &str) -> Result<(), String> {
+        if self.primary.as_deref() == Some(member) {
+            return Err("it is the primary; switch over first".into());
+        }
+        if self.sync_set.iter().any(|s| s == member) {
+            return Err(
+                "it is in the synchronous standby set; wait until the coordinators replace it".into(),
+            );
+        }
+        if let Some(f) = &self.failover {
+            if f.old_primary == member || f.candidate == member {
+                return Err(format!("the {} in flight involves it", f.kind));
+            }
+        }
+        Ok(())
     }
 
     /// Whether `member`'s agent may be answered: refused while it is held.

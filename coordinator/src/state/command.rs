@@ -153,6 +153,13 @@ pub enum Command {
         primary: String,
         roster: Vec<String>,
     },
+    /// An operator forgets a member (see [`crate::state::Cluster::removable`]).
+    RemoveMember {
+        cluster: String,
+        member: String,
+        actor: String,
+        at_ms: u64,
+    },
     /// An operator readmits a held member: its heartbeats are answered again.
     Readmit {
         cluster: String,
@@ -225,6 +232,13 @@ pub enum CommandError {
     Held { cluster: String, member: String },
     #[error("{member:?} of cluster {cluster:?} is not held; nothing to readmit")]
     NotHeld { cluster: String, member: String },
+    /// A member that may not be removed now; says why.
+    #[error("{member:?} of cluster {cluster:?} cannot be removed: {why}")]
+    NotRemovable {
+        cluster: String,
+        member: String,
+        why: String,
+    },
 }
 
 /// What applying one log entry returned; travels back to the proposer.

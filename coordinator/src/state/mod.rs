@@ -142,6 +142,7 @@ impl ClusterState {
                     Some(_) => "member_changed",
                     None => "member_registered",
                 };
+                c.removed.retain(|r| r != &member.name);
                 c.members.insert(member.name.clone(), member.clone());
                 c.endpoint_version += 1;
                 c.record(HistoryEvent {
@@ -466,6 +467,44 @@ impl ClusterState {
                     .get_or_insert_with(Default::default)
                     .extend(members);
                 Ok(CommandOutput::None)
+            }
+            Command::RemoveMember {
+                cluster,
+                member,
+                actor,
+                at_ms,
+            } => {
+                let c = self.member_cluster_mut(cluster, member)?;
+                c.removable(member).map_err(|why| CommandError::NotRemovable {
+                    cluster: cluster.clone(),
+                    member: member.clone(),
+                    why,
+                })?;
+                let m = c.members.remove(member).expect("member_cluster_mut checked it");
+                c.drained.remove(member);
+                c.held.remove(member);
+                c.replica_routes.remove(member);
+                if let Some(roster) = c.primary_roster.as_mut() {
+                    roster.remove(member);
+                }
+                c.removed.retain(|r| r != member);
+                c.removed.push(member.clone());
+                let excess = c.removed.len().saturating_sub(cluster::REMOVED_KEPT);
+                c.removed.drain(..excess);
+                c.endpoint_version += 1;
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "member_removed".into(),
+                    detail: format!(
+                        "{member} at {}:{} removed; its replication slot is dropped",
+                        m.host, m.port
+                    ),
+                    actor: actor.clone(),
+                    log_index,
+                    duration_ms: None,
+                });
+                Ok(CommandOutput::Cluster(Box::new(c.clone())))
             }
             Command::Readmit {
                 cluster,
@@ -1083,6 +1122,49 @@ mod tests {
         };
         s.apply(&claim, 5).unwrap();
         s
+    }
+
+    #[test]
+    fn a_removed_member_is_forgotten_its_slot_remembered_until_it_registers_again() {
+        let mut s = primary_node1();
+        let remove = |member: &str| Command::RemoveMember {
+            cluster: "main".into(),
+            member: member.into(),
+            actor: "ops".into(),
+            at_ms: 9,
+        };
+        assert!(
+            matches!(
+                s.apply(&remove("node1"), 6),
+                Err(CommandError::NotRemovable { .. })
+            ),
+            "the primary"
+        );
+        s.clusters.get_mut("main").unwrap().sync_set = vec!["node2".into()];
+        assert!(
+            matches!(
+                s.apply(&remove("node2"), 6),
+                Err(CommandError::NotRemovable { .. })
+            ),
+            "sync"
+        );
+        assert!(matches!(
+            s.apply(&remove("node9"), 6),
+            Err(CommandError::UnknownMember(_))
+        ));
+        let version = s.clusters["main"].endpoint_version;
+        s.apply(&remove("node3"), 7).unwrap();
+        let c = &s.clusters["main"];
+        assert!(!c.members.contains_key("node3"));
+        assert_eq!(c.removed, ["node3"]);
+        assert!(!c.primary_roster.as_ref().unwrap().contains("node3"));
+        assert_eq!(c.endpoint_version, version + 1, "routers learn of it");
+        assert_eq!(c.history.back().unwrap().kind, "member_removed");
+        s.apply(&register("node3"), 8).unwrap();
+        assert!(
+            s.clusters["main"].removed.is_empty(),
+            "back as a new member: its slot is kept"
+        );
     }
 
     #[test]

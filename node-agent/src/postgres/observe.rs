@@ -270,6 +270,22 @@ impl Observer {
         Ok(())
     }
 
+    /// Drops these replication slots where they exist and no one streams from them.
+    pub async fn drop_slots(&mut self, slots: &[String]) -> Result<()> {
+        let statements: Vec<String> = slots
+            .iter()
+            .map(|s| {
+                format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE slot_name = {} AND NOT active",
+                    quote(s)
+                )
+            })
+            .collect();
+        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+        self.exec(&refs, QUERY_TIMEOUT).await
+    }
+
     /// Makes sure a physical replication slot exists for each standby.
     pub async fn ensure_slots(&mut self, slots: &[String]) -> Result<()> {
         let statements: Vec<String> = slots
