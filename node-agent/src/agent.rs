@@ -103,6 +103,8 @@ pub struct Agent {
     seen: Option<crate::hooks::Seen>,
     /// Slots of removed members this agent has dropped.
     slots_dropped: std::collections::BTreeSet<String>,
+    /// Runs the operator's hooks, in order.
+    hooks: crate::hooks::Runner,
 }
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
@@ -232,6 +234,7 @@ impl Agent {
         let interval = Duration::from_millis(config.heartbeat_interval_ms);
         let guard = GuardFiles::next_to(&config.postgres.data_dir);
         let book = Book::open(&config.postgres.data_dir)?;
+        let config_hooks = config.hooks.clone();
         Ok(Agent {
             config,
             coordinators,
@@ -265,6 +268,7 @@ impl Agent {
             report_now: false,
             seen: None,
             slots_dropped: Default::default(),
+            hooks: crate::hooks::Runner::new(config_hooks),
         })
     }
 
@@ -380,9 +384,12 @@ impl Agent {
             role: view.role.clone(),
         };
         drop(view);
+        if !crate::hooks::tells(&now) {
+            return;
+        }
         for (event, role) in crate::hooks::events(self.seen.as_ref(), &now) {
             info!(event = event.as_str(), %role, epoch = self.state.epoch, "node event");
-            self.config.hooks.fire(
+            self.hooks.fire(
                 event,
                 &role,
                 &self.config.name,
@@ -883,9 +890,11 @@ impl Agent {
                 if new.is_empty() {
                     return Ok(());
                 }
-                info!(slots = ?new, "dropping the replication slots of removed members");
-                self.observer.drop_slots(&new).await?;
-                self.slots_dropped.extend(new);
+                let gone = self.observer.drop_slots(&new).await?;
+                if !gone.is_empty() {
+                    info!(slots = ?gone, "dropped the replication slots of removed members");
+                }
+                self.slots_dropped.extend(gone);
                 Ok(())
             }
             Action::Follow {

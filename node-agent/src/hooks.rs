@@ -3,9 +3,10 @@
 //! Postgres comes up, `on_stop` when it goes down, `on_role_change` when it runs as a
 //! primary after a standby or the other way round. Each runs as the command given
 //! followed by `EVENT ROLE CLUSTER EPOCH` (also in `PGQUORUM_EVENT`, `PGQUORUM_ROLE`,
-//! `PGQUORUM_CLUSTER`, `PGQUORUM_EPOCH`, `PGQUORUM_NODE`), in the background: a slow
-//! hook never holds up a heartbeat (the lease); past `timeout_ms` it is killed. Every
-//! outcome is logged. Which events fire is [`events`], pure.
+//! `PGQUORUM_CLUSTER`, `PGQUORUM_EPOCH`, `PGQUORUM_NODE`), one at a time in order, in
+//! the background: a slow hook never holds up a heartbeat (the lease); past
+//! `timeout_ms` it is killed. Every outcome is logged. Which events fire is
+//! [`events`], pure.
 
 use std::time::Duration;
 
@@ -67,9 +68,20 @@ pub struct Seen {
     pub role: String,
 }
 
+/// Whether an observation says anything: a server that did not answer in time (role
+/// "unknown": busy, or hung) is not known to have stopped, and changes nothing.
+pub fn tells(seen: &Seen) -> bool {
+    seen.role != "unknown"
+}
+
 /// The events between two observations, each with the role it is reported with.
 /// The first observation (`before` None) fires `on_start` if Postgres is up.
+/// Demotion goes through a stop: `on_stop` with the role it had, then `on_start`
+/// with the new one.
 pub fn events(before: Option<&Seen>, now: &Seen) -> Vec<(Event, String)> {
+    if !tells(now) {
+        return Vec::new();
+    }
     let Some(before) = before else {
         return if now.up {
             vec![(Event::Start, now.role.clone())]
@@ -99,11 +111,10 @@ impl HooksConfig {
         }
     }
 
-    /// Runs the hook of `event`, if one is configured, in the background.
-    pub fn fire(&self, event: Event, role: &str, node: &str, cluster: &str, epoch: u64) {
-        let Some((program, first)) = self.command(event).split_first() else {
-            return;
-        };
+    /// The command line of `event`'s hook with its arguments and variables, if one is
+    /// configured.
+    fn command_for(&self, event: Event, role: &str, node: &str, cluster: &str, epoch: u64) -> Option<Run> {
+        let (program, first) = self.command(event).split_first()?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(first)
             .args([event.as_str(), role, cluster, &epoch.to_string()])
@@ -114,26 +125,69 @@ impl HooksConfig {
             .env("PGQUORUM_NODE", node)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
-        let timeout = Duration::from_millis(self.timeout_ms);
-        let (program, event, role) = (program.clone(), event.as_str(), role.to_string());
-        tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let outcome = match tokio::time::timeout(timeout, cmd.output()).await {
-                Err(_) => Err(format!("killed after {} ms", timeout.as_millis())),
-                Ok(Err(e)) => Err(format!("cannot run: {e}")),
-                Ok(Ok(out)) if out.status.success() => Ok(()),
-                Ok(Ok(out)) => Err(format!(
-                    "{}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )),
-            };
-            let ms = started.elapsed().as_millis() as u64;
-            match outcome {
-                Ok(()) => info!(hook = event, %role, %program, ms, "hook ran"),
-                Err(why) => warn!(hook = event, %role, %program, ms, "hook failed: {why}"),
-            }
+        Some(Run {
+            cmd,
+            program: program.clone(),
+            event,
+            role: role.to_string(),
+            timeout: Duration::from_millis(self.timeout_ms),
+        })
+    }
+}
+
+/// One hook to run.
+pub struct Run {
+    cmd: tokio::process::Command,
+    program: String,
+    event: Event,
+    role: String,
+    timeout: Duration,
+}
+
+/// Runs hooks one at a time, in the order they were fired, on a task of its own.
+pub struct Runner {
+    config: HooksConfig,
+    queue: Option<tokio::sync::mpsc::UnboundedSender<Run>>,
+}
+
+impl Runner {
+    pub fn new(config: HooksConfig) -> Runner {
+        Runner { config, queue: None }
+    }
+
+    /// Queues the hook of `event`, if one is configured.
+    pub fn fire(&mut self, event: Event, role: &str, node: &str, cluster: &str, epoch: u64) {
+        let Some(run) = self.config.command_for(event, role, node, cluster, epoch) else {
+            return;
+        };
+        let queue = self.queue.get_or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(run_in_order(rx));
+            tx
         });
+        let _ = queue.send(run);
+    }
+}
+
+async fn run_in_order(mut queue: tokio::sync::mpsc::UnboundedReceiver<Run>) {
+    while let Some(mut run) = queue.recv().await {
+        let started = std::time::Instant::now();
+        let outcome = match tokio::time::timeout(run.timeout, run.cmd.output()).await {
+            Err(_) => Err(format!("killed after {} ms", run.timeout.as_millis())),
+            Ok(Err(e)) => Err(format!("cannot run: {e}")),
+            Ok(Ok(out)) if out.status.success() => Ok(()),
+            Ok(Ok(out)) => Err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        };
+        let (hook, role, program) = (run.event.as_str(), &run.role, &run.program);
+        let ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok(()) => info!(hook, %role, %program, ms, "hook ran"),
+            Err(why) => warn!(hook, %role, %program, ms, "hook failed: {why}"),
+        }
     }
 }
 
@@ -172,5 +226,12 @@ mod tests {
             [(Event::Start, "standby".into())],
             "rejoined"
         );
+        let busy = seen(false, "unknown");
+        assert_eq!(
+            events(Some(&seen(true, "primary")), &busy),
+            [],
+            "too slow to answer is not a stop"
+        );
+        assert!(!tells(&busy));
     }
 }

@@ -271,11 +271,14 @@ pub fn plan(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) 
             if !missing.is_empty() {
                 actions.push(Action::EnsureSlots(missing));
             }
+            // Never a slot a member still needs: names that differ may share a slot
+            // name ("pg-3" and "pg_3").
+            let kept: Vec<String> = reply.standby_slots.iter().map(|s| slot_name(s)).collect();
             let removed: Vec<String> = reply
                 .drop_slots
                 .iter()
                 .map(|s| slot_name(s))
-                .filter(|s| !report_has_slot(report, s))
+                .filter(|s| !report_has_slot(report, s) && !kept.contains(s))
                 .collect();
             if !removed.is_empty() {
                 actions.push(Action::DropSlots(removed));

@@ -99,33 +99,20 @@ const RETRY_EVERY: Duration = Duration::from_millis(200);
 
 /// The backend for a new connection on `port`; a read-only port avoids `avoid` (just
 /// found unreachable) when it has another choice.
-fn pick(port: &Port, maps: &Maps, load: &Load, avoid: Option<&str>) -> Option<(Backend, u64)> {
+fn pick(port: &Port, maps: &Maps, load: &Load, avoid: Option<&str>) -> Option<(Backend, u64, Via)> {
     let map = maps.borrow();
     let map = map.as_ref()?;
-    let backend = match port {
-        Port::ReadWrite => route::primary(map)?,
+    let (backend, via) = match port {
+        Port::ReadWrite => (route::primary(map)?, Via::Own),
         Port::ReadOnly { class, fallback } => {
             let mut load = load.snapshot();
             if let Some(name) = avoid {
                 load.insert(name.to_string(), usize::MAX / 2);
             }
-            let (backend, via) = route::replica(map, class, *fallback, &load)?;
-            if via != Via::Own {
-                // Not silent: reads of a class landing elsewhere (on the primary, say)
-                // is what an operator wants to see.
-                let to = if via == Via::Primary {
-                    "primary"
-                } else {
-                    "other_replica"
-                };
-                metrics::counter!("pgquorum_router_fallbacks_total", "port" => port.label(), "to" => to)
-                    .increment(1);
-                debug!(port = %port.label(), backend = %backend.name, to, "no readable replica of the class: fallback");
-            }
-            backend
+            route::replica(map, class, *fallback, &load)?
         }
     };
-    Some((backend, map.epoch))
+    Some((backend, map.epoch, via))
 }
 
 /// Closes the books on a carried connection when its pipe ends.
@@ -173,10 +160,22 @@ async fn handle(
             return;
         }
         let avoid = unreachable.as_ref().map(|b| b.name.as_str());
-        if let Some((backend, epoch)) = pick(&port, &maps, &load, avoid) {
+        if let Some((backend, epoch, via)) = pick(&port, &maps, &load, avoid) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let connect = TcpStream::connect(&backend.addr);
             if let Ok(Ok(server)) = tokio::time::timeout(CONNECT_TIMEOUT.min(left), connect).await {
+                if via != Via::Own {
+                    // Not silent: reads of a class landing elsewhere (on the primary,
+                    // say) is what an operator wants to see.
+                    let to = if via == Via::Primary {
+                        "primary"
+                    } else {
+                        "other_replica"
+                    };
+                    metrics::counter!("pgquorum_router_fallbacks_total", "port" => label.clone(), "to" => to)
+                        .increment(1);
+                    debug!(port = %label, backend = %backend.name, to, "no readable replica of the class: fallback");
+                }
                 break (backend, epoch, server);
             }
             unreachable = Some(backend);

@@ -406,8 +406,34 @@ impl AdminService for AdminServiceImpl {
             .into());
         }
         // A member whose agent still reports would register again at its next
-        // heartbeat: it must be stopped first (its host retired or lost).
+        // heartbeat: it must be stopped first (its host retired or lost). A held
+        // member's heartbeats are refused before they count, and a new leader has
+        // heard nobody yet: neither can tell a live agent from a dead one.
         let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
+        let not_yet = |why: String| {
+            Error::Command(crate::state::CommandError::NotRemovable {
+                cluster: cluster.name.clone(),
+                member: member.clone(),
+                why,
+            })
+        };
+        if cluster.held.contains(&member) {
+            return Err(not_yet(
+                "it is held since force-new-group, so whether its agent runs is unknown; readmit it or \
+                 stop its agent, readmit, then remove"
+                    .into(),
+            )
+            .into());
+        }
+        let listening = std::time::Duration::from_millis(cluster.policy.failure_timeout_ms);
+        if reports.leader_for < listening {
+            return Err(not_yet(format!(
+                "this leader has listened to the agents for {} ms only; ask again after {} ms",
+                reports.leader_for.as_millis(),
+                listening.as_millis()
+            ))
+            .into());
+        }
         if let Some(o) = crate::observe::health::fresh(&cluster, &reports, &member) {
             return Err(Error::Command(crate::state::CommandError::NotRemovable {
                 cluster: cluster.name,

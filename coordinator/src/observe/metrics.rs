@@ -79,6 +79,10 @@ pub fn install() -> Option<PrometheusHandle> {
             "1 while the node is HEALTHY (leader only)",
         ),
         (
+            "pgquorum_node_disconnected",
+            "1 while the node is DISCONNECTED: not streaming, or its agent silent (leader only)",
+        ),
+        (
             "pgquorum_node_synchronous",
             "1 for a synchronous standby (leader only)",
         ),
@@ -168,6 +172,7 @@ pub fn scrape(s: &Sources, now: Instant) {
             let l = [("cluster", c.name.clone()), ("node", n.name.clone())];
             gauge!("pgquorum_node_primary", &l).set(flag(c.primary.as_deref() == Some(n.name.as_str())));
             gauge!("pgquorum_node_healthy", &l).set(flag(n.health == super::health::HEALTHY));
+            gauge!("pgquorum_node_disconnected", &l).set(flag(n.health == super::health::DISCONNECTED));
             gauge!("pgquorum_node_synchronous", &l).set(flag(n.sync_state == "sync"));
             gauge!("pgquorum_node_timeline", &l).set(f64::from(n.timeline));
             gauge!("pgquorum_node_lag_seconds", &l).set(n.lag_ms as f64 / 1000.0);

@@ -270,8 +270,9 @@ impl Observer {
         Ok(())
     }
 
-    /// Drops these replication slots where they exist and no one streams from them.
-    pub async fn drop_slots(&mut self, slots: &[String]) -> Result<()> {
+    /// Drops these replication slots where they exist and no one streams from them;
+    /// returns those that are gone now (a slot in use stays, and is asked again).
+    pub async fn drop_slots(&mut self, slots: &[String]) -> Result<Vec<String>> {
         let statements: Vec<String> = slots
             .iter()
             .map(|s| {
@@ -283,7 +284,21 @@ impl Observer {
             })
             .collect();
         let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
-        self.exec(&refs, QUERY_TIMEOUT).await
+        self.exec(&refs, QUERY_TIMEOUT).await?;
+        let target = format!("local postgres port {}", self.cfg.port);
+        let client = self.client().await?;
+        let left = all_rows(client, "SELECT slot_name FROM pg_replication_slots")
+            .await
+            .map_err(|detail| Error::Postgres { target, detail })?;
+        let left: Vec<&str> = left
+            .iter()
+            .filter_map(|r| r.first().map(String::as_str))
+            .collect();
+        Ok(slots
+            .iter()
+            .filter(|s| !left.contains(&s.as_str()))
+            .cloned()
+            .collect())
     }
 
     /// Makes sure a physical replication slot exists for each standby.
