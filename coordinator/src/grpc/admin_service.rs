@@ -35,6 +35,9 @@ pub struct AdminServiceImpl {
     reforming: tokio::sync::Mutex<()>,
 }
 
+/// How long `raft add` keeps asking the new coordinator's address before refusing.
+const ADD_PROBE_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long `alerts` waits for a quorum to confirm this leader.
 const QUORUM_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -498,7 +501,20 @@ impl AdminService for AdminServiceImpl {
         self.require_leader().await?;
         // openraft adds an address where nothing listens and reports it caught up:
         // the operator learns of the typo only when the group cannot reach a quorum.
-        let Some(answer) = probe_any(&req.addr).await else {
+        // Asked for a few seconds: a coordinator started a moment ago may not listen yet.
+        let answer = async {
+            let deadline = tokio::time::Instant::now() + ADD_PROBE_FOR;
+            loop {
+                if let Some(answer) = probe_any(&req.addr).await {
+                    return Some(answer);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        };
+        let Some(answer) = answer.await else {
             return Err(Error::Membership(format!(
                 "nothing answers as a coordinator at {} (is it started, without initial_members, \
                  listening there?); not added",
