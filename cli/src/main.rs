@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use pgquorum::bench;
-use pgquorum::commands::{cluster, pause, policy, raft, sandbox, status, watch, Ctx};
+use pgquorum::commands::{cluster, maintenance, pause, policy, raft, sandbox, status, watch, Ctx};
 use pgquorum_client::{parse_addrs, Coordinators, Timeouts, COORDINATORS_ENV};
 
 #[derive(Parser)]
@@ -88,6 +88,24 @@ enum Command {
         #[arg(long, default_value = "")]
         cluster: String,
     },
+    /// One node out of the cluster's plans while you work on its host: never
+    /// promoted, out of the sync set and read routing, its Postgres left as you leave
+    /// it (a stopped server is not started again). Refused for the primary unless
+    /// --allow-switchover, which switches over first.
+    Maintenance {
+        #[arg(value_enum)]
+        state: OnOff,
+        node: String,
+        #[arg(long, default_value = "")]
+        cluster: String,
+        /// For the primary: switch over first (to the best candidate), then put it into
+        /// maintenance.
+        #[arg(long)]
+        allow_switchover: bool,
+        /// How long the switchover may take.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        wait_timeout: u64,
+    },
     /// Forget a member for good (its host retired or lost): its alerts end, its
     /// replication slot is dropped on the primary. Refused for the primary, a sync
     /// standby, a node in a failover, and while its agent reports (stop it first).
@@ -139,6 +157,12 @@ enum Command {
     /// Benchmarks on local processes; the last output line is JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -398,6 +422,16 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
         }
         Command::Pause { cluster } => pause::pause(&ctx()?, &cluster, true).await,
         Command::Resume { cluster } => pause::pause(&ctx()?, &cluster, false).await,
+        Command::Maintenance {
+            state,
+            node,
+            cluster,
+            allow_switchover,
+            wait_timeout,
+        } => {
+            let switchover = allow_switchover.then(|| Duration::from_secs(wait_timeout));
+            maintenance::maintenance(&ctx()?, &cluster, &node, state == OnOff::On, switchover).await
+        }
         Command::Remove { node, cluster } => cluster::remove(&ctx()?, &cluster, &node).await,
         Command::Drain { node, cluster } => status::drain(&ctx()?, &cluster, &node, true).await,
         Command::Undrain { node, cluster } => status::drain(&ctx()?, &cluster, &node, false).await,

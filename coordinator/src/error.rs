@@ -110,7 +110,8 @@ impl From<Error> for tonic::Status {
             Error::Command(CommandError::FailoverStep(_))
             | Error::Command(CommandError::Held { .. })
             | Error::Command(CommandError::NotHeld { .. })
-            | Error::Command(CommandError::NotRemovable { .. }) => {
+            | Error::Command(CommandError::NotRemovable { .. })
+            | Error::Command(CommandError::NoMaintenance { .. }) => {
                 tonic::Status::failed_precondition(message)
             }
             // Unavailable, not a final refusal: the agent must go on to the other

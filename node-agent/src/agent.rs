@@ -617,6 +617,7 @@ impl Agent {
             view.sync_state.clone_from(&reply.sync_state);
             view.lag_ms = reply.lag_ms;
             view.drained = reply.drained;
+            view.maintenance = reply.maintenance;
         }
         let lease = match plan::receive(&self.config.name, self.state.epoch, &reply) {
             Reception::Stale {

@@ -4,7 +4,7 @@
 //! | path | 200 when |
 //! |---|---|
 //! | `/primary` | Postgres runs as a primary, this node is the epoch's primary and its lease (or failsafe extension) has not run out |
-//! | `/replica` | Postgres runs as a standby and the node is not drained; `?lag=MS`: its measured replay lag is at most MS |
+//! | `/replica` | Postgres runs as a standby and the node is neither drained nor in maintenance; `?lag=MS`: its measured replay lag is at most MS |
 //! | `/sync` | a standby the leader counts as synchronous |
 //! | `/async` | a standby the leader counts as asynchronous |
 //! | `/health` | Postgres runs (any role) |
@@ -43,6 +43,8 @@ pub struct View {
     pub sync_state: String,
     pub lag_ms: Option<u64>,
     pub drained: bool,
+    /// In maintenance (`pgquorum maintenance on`): out of read routing like drained.
+    pub maintenance: bool,
     pub leader_answered_at: Option<Instant>,
 }
 
@@ -105,6 +107,7 @@ pub fn judge(check: Check, view: &View, now: Instant) -> bool {
         Check::Replica { max_lag_ms } => {
             standby
                 && !view.drained
+                && !view.maintenance
                 && max_lag_ms.is_none_or(|max| seen_lately && view.lag_ms.is_some_and(|lag| lag <= max))
         }
         Check::Sync => standby && seen_lately && view.sync_state == "sync",
@@ -123,6 +126,7 @@ fn body(view: &View, now: Instant) -> serde_json::Value {
         "sync_state": view.sync_state,
         "lag_ms": view.lag_ms,
         "drained": view.drained,
+        "maintenance": view.maintenance,
         "failsafe": view.failsafe,
         "lease_remaining_ms": view.lease_until.map(|u| u.saturating_duration_since(now).as_millis() as u64),
         "leader_answered_ms_ago": view.leader_answered_at.map(|at| now.saturating_duration_since(at).as_millis() as u64),
@@ -294,6 +298,9 @@ mod tests {
         let (mut drained, now) = view("standby");
         drained.drained = true;
         assert!(!judge(Check::Replica { max_lag_ms: None }, &drained, now));
+        let (mut maintenance, now) = view("standby");
+        maintenance.maintenance = true;
+        assert!(!judge(Check::Replica { max_lag_ms: None }, &maintenance, now));
     }
 
     #[test]

@@ -207,8 +207,27 @@ pub struct DivergenceCheck {
 }
 
 /// The actions that carry out `reply`, given the report the heartbeat carried and
-/// the local state.
+/// the local state. A node in maintenance keeps to what protects the data (fence,
+/// follow, stop cleanly) and leaves Postgres's running or not to the operator: no
+/// start, clone or rejoin.
 pub fn plan(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) -> Vec<Action> {
+    let actions = orders(local, report, reply);
+    if !reply.maintenance {
+        return actions;
+    }
+    actions
+        .into_iter()
+        .map(|a| match a {
+            Action::InitPrimary | Action::Clone(_) | Action::Rejoin(_) | Action::StartStandby => wait(
+                "maintenance",
+                "in maintenance: postgres is left as the operator left it (`pgquorum maintenance off`)",
+            ),
+            other => other,
+        })
+        .collect()
+}
+
+fn orders(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) -> Vec<Action> {
     let me = local.me.as_str();
     let is_primary = is_primary(me, reply);
     let other_primary = reply.primary.as_ref().filter(|p| p.name != me).map(upstream);
@@ -734,6 +753,40 @@ mod tests {
             [Action::StartUnderLease("start the promotion candidate")]
         );
         assert_eq!(plan(&granted, &report("primary"), &r), []);
+    }
+
+    #[test]
+    fn in_maintenance_a_stopped_node_is_left_stopped_but_a_rogue_primary_is_still_fenced() {
+        let mut r = reply(Some("node2"));
+        r.maintenance = true;
+        let stopped = Local {
+            running: false,
+            ..running_standby()
+        };
+        assert!(matches!(
+            plan(&stopped, &report("stopped"), &r)[..],
+            [Action::Wait {
+                what: "maintenance",
+                ..
+            }]
+        ));
+        let old_primary = Local {
+            running: false,
+            ..running_primary()
+        };
+        assert!(matches!(
+            plan(&old_primary, &report("stopped"), &r)[..],
+            [Action::Wait {
+                what: "maintenance",
+                ..
+            }]
+        ));
+        assert_eq!(
+            plan(&running_primary(), &report("primary"), &r),
+            [Action::Fence(FenceReason::NotThePrimary)]
+        );
+        r.maintenance = false;
+        assert_eq!(plan(&stopped, &report("stopped"), &r), [Action::StartStandby]);
     }
 
     #[test]

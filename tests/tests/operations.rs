@@ -1,7 +1,7 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
 //! alerts and their exit code, a group without quorum, pause and resume, the agents'
 //! health endpoints and every daemon's metrics, agent identity. Each test has its own
-//! ports (27800-27870, 29600-29670, 29700-29990) and directory.
+//! ports (27800-27870, 29600-29670, 29700-29990, 30400-30470) and directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -714,4 +714,95 @@ async fn remove_forgets_a_dead_node_and_drops_its_slot() {
     .await;
     let history = cli_json(&["--coordinators", &addrs, "history"]);
     assert!(history.to_string().contains("member_removed"), "{history}");
+}
+
+/// `maintenance on|off NODE`: refused for the primary without --allow-switchover; a
+/// standby in maintenance is one WARNING, never a switchover target, out of reads and
+/// metrics say so, and its agent leaves its stopped Postgres stopped until maintenance
+/// ends; with --allow-switchover the primary is switched over first, then leaves the
+/// sync set to a standby not in maintenance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_leaves_a_node_to_the_operator_and_switches_a_primary_over_first() {
+    let sandbox = start_sandbox(30400, 30410).await;
+    let addrs = sandbox.client_addrs().join(",");
+    let out = cli(&["--coordinators", &addrs, "maintenance", "on", "node1"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("primary") && err.contains("--allow-switchover"),
+        "{err}"
+    );
+
+    let on = cli_json(&["--coordinators", &addrs, "maintenance", "on", "node3"]);
+    assert_eq!(on["in_maintenance"], serde_json::json!(["node3"]), "{on}");
+    let status = cli_json(&["--coordinators", &addrs, "status"]);
+    let node3 = &status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node3")
+        .unwrap();
+    assert_eq!(node3["maintenance"], true, "{status}");
+    let alerts = sandbox.alerts().await.unwrap().alerts;
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.node == "node3" && a.severity == "WARNING" && a.message.contains("maintenance")),
+        "{alerts:?}"
+    );
+    let http = sandbox.file().coordinators[0].http.clone();
+    let (_, text) = http_get(&http, "/metrics").await.unwrap();
+    let samples = parse_metrics(&text);
+    let flag = |node: &str| metric(&samples, "pgquorum_node_maintenance", &[("node", node)]);
+    assert_eq!((flag("node3"), flag("node2")), (Some(1.0), Some(0.0)), "{text}");
+    let map = sandbox.cluster_state().await.unwrap();
+    assert!(map.maintenance.contains(&"node3".to_string()));
+    let out = cli(&["--coordinators", &addrs, "switchover", "--to", "node3"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("maintenance"), "{err}");
+
+    // The operator stops its Postgres: left stopped over many heartbeats.
+    sandbox.stop_postgres("node3").unwrap();
+    sandbox
+        .wait_for("node3 stopped", WAIT, |s| node(s, "node3").role == "stopped")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        sandbox.postmaster_pid("node3"),
+        None,
+        "the agent started it in maintenance"
+    );
+    assert_eq!(node(&sandbox.status().await.unwrap(), "node3").role, "stopped");
+    cli_json(&["--coordinators", &addrs, "maintenance", "off", "node3"]);
+    sandbox
+        .wait_for("node3 streams again", WAIT, |s| {
+            let n = node(s, "node3");
+            n.role == "standby" && n.health == "HEALTHY" && !n.maintenance
+        })
+        .await
+        .unwrap();
+
+    let on = cli_json(&[
+        "--coordinators",
+        &addrs,
+        "maintenance",
+        "on",
+        "node1",
+        "--allow-switchover",
+    ]);
+    assert_eq!(on["switched_over_to"], "node2", "the sync standby: {on}");
+    assert_eq!(on["in_maintenance"], serde_json::json!(["node1"]), "{on}");
+    let s = sandbox
+        .wait_for("node3 replaces node1 in the sync set", WAIT, |s| {
+            s.sync_set == ["node3"] && node(s, "node1").role == "standby"
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.primary, "node2");
+    let history = cli_json(&["--coordinators", &addrs, "history"]).to_string();
+    assert!(
+        history.contains("maintenance_on") && history.contains("maintenance_off"),
+        "{history}"
+    );
 }

@@ -2,6 +2,7 @@
 //! [`pgquorum_client::Coordinators`] and prints through [`crate::output`].
 
 pub mod cluster;
+pub mod maintenance;
 pub mod pause;
 pub mod policy;
 pub mod raft;

@@ -74,6 +74,7 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "in_sync_set": n.in_sync_set,
             "drained": n.drained,
             "held": n.held,
+            "maintenance": n.maintenance,
             "lease_left_ms": n.lease_left_ms,
             "error": n.error,
         })).collect::<Vec<_>>(),
@@ -121,6 +122,9 @@ fn status_table(s: &pb::StatusReply) -> String {
             }
             if n.drained {
                 health.push_str(" (drained)");
+            }
+            if n.maintenance {
+                health.push_str(" (MAINTENANCE)");
             }
             if let Some(left) = n.lease_left_ms {
                 health.push_str(&format!(" (lease {left} ms)"));
@@ -283,18 +287,7 @@ pub async fn failover(
 
 /// `pgquorum switchover`.
 pub async fn switchover(ctx: &Ctx, cluster: &str, to: &str, wait: Option<std::time::Duration>) -> Result<()> {
-    let request = pb::SwitchoverRequest {
-        cluster: cluster.to_string(),
-        to: to.to_string(),
-        actor: super::actor(),
-    };
-    let reply = ctx
-        .coordinators
-        .call(|mut c| {
-            let request = request.clone();
-            async move { c.switchover(request).await }
-        })
-        .await?;
+    let reply = start_switchover(ctx, cluster, to).await?;
     if wait.is_none() || !ctx.json {
         started(
             ctx,
@@ -308,15 +301,59 @@ pub async fn switchover(ctx: &Ctx, cluster: &str, to: &str, wait: Option<std::ti
     }
 }
 
-/// `--wait`: follows a started failover or switchover step by step (a line per step,
-/// on stderr with `--json`) until its epoch has a running primary, and says how it
-/// ended; an error when it ended with another primary than asked for, or not within
-/// `within`.
+/// Asks for a switchover (to the best candidate when `to` is empty).
+pub async fn start_switchover(ctx: &Ctx, cluster: &str, to: &str) -> Result<pb::FailoverReply> {
+    let request = pb::SwitchoverRequest {
+        cluster: cluster.to_string(),
+        to: to.to_string(),
+        actor: super::actor(),
+    };
+    Ok(ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.switchover(request).await }
+        })
+        .await?)
+}
+
+/// `--wait`: follows a started failover or switchover step by step (see [`follow`])
+/// and says how it ended; an error when it ended with another primary than asked for,
+/// or not within `within`.
 pub async fn wait_for_outcome(
     ctx: &Ctx,
     reply: &pb::FailoverReply,
     within: std::time::Duration,
 ) -> Result<()> {
+    let f = reply.failover.clone().unwrap_or_default();
+    let (s, ms) = follow(ctx, reply, within).await?;
+    let value = json!({
+        "cluster": s.cluster, "epoch": s.epoch, "primary": s.primary,
+        "asked_for": f.candidate, "waited_ms": ms,
+    });
+    emit(ctx.json, &value, || {
+        format!(
+            "done: {} is the primary of epoch {} ({ms} ms)",
+            s.primary, s.epoch
+        )
+    });
+    if !f.candidate.is_empty() && s.primary != f.candidate {
+        return Err(Error::Outcome(format!(
+            "{} was promoted instead of {} (see `pgquorum history` for why)",
+            s.primary, f.candidate
+        )));
+    }
+    Ok(())
+}
+
+/// Follows a started failover or switchover, a line per step (on stderr with
+/// `--json`), until its epoch has a running primary: the status then and how long it
+/// took in ms. An error when that takes longer than `within`.
+pub async fn follow(
+    ctx: &Ctx,
+    reply: &pb::FailoverReply,
+    within: std::time::Duration,
+) -> Result<(pb::StatusReply, u64)> {
     let f = reply.failover.clone().unwrap_or_default();
     let started = std::time::Instant::now();
     let deadline = started + within;
@@ -328,24 +365,7 @@ pub async fn wait_for_outcome(
             _ if s.epoch >= f.to_epoch
                 && s.nodes.iter().any(|n| n.name == s.primary && n.role == "primary") =>
             {
-                let ms = started.elapsed().as_millis() as u64;
-                let value = json!({
-                    "cluster": s.cluster, "epoch": s.epoch, "primary": s.primary,
-                    "asked_for": f.candidate, "waited_ms": ms,
-                });
-                emit(ctx.json, &value, || {
-                    format!(
-                        "done: {} is the primary of epoch {} ({ms} ms)",
-                        s.primary, s.epoch
-                    )
-                });
-                if !f.candidate.is_empty() && s.primary != f.candidate {
-                    return Err(Error::Outcome(format!(
-                        "{} was promoted instead of {} (see `pgquorum history` for why)",
-                        s.primary, f.candidate
-                    )));
-                }
-                return Ok(());
+                return Ok((s, started.elapsed().as_millis() as u64));
             }
             _ => "completing".to_string(),
         };

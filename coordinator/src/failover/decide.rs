@@ -241,7 +241,8 @@ pub fn choose_after_fence(
         .iter()
         .filter(|(_, lsn)| *lsn == best)
         .filter_map(|(name, _)| cluster.members.get(*name))
-        .filter(|m| !m.nofailover && region_allowed(cluster, m, old_primary))
+        .filter(|m| !m.nofailover && !cluster.in_maintenance(&m.name))
+        .filter(|m| region_allowed(cluster, m, old_primary))
         .filter(|m| cluster.on_primary_roster(&m.name))
         .collect();
     eligible.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
@@ -251,8 +252,8 @@ pub fn choose_after_fence(
             lsn: best,
         }),
         None => Err(format!(
-            "the most caught-up standby ({}) may not be promoted automatically (nofailover, region, or \
-             not yet named by the primary's failsafe roster)",
+            "the most caught-up standby ({}) may not be promoted automatically (nofailover, maintenance, \
+             region, or not yet named by the primary's failsafe roster)",
             heard_lsns
                 .iter()
                 .filter(|(_, l)| *l == best)

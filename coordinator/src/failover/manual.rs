@@ -189,9 +189,15 @@ fn override_in_flight(
 }
 
 /// A target must be a standby whose Postgres runs and whose agent reports.
-/// `to` may be promoted: not held (force-new-group), running as a standby that reports.
+/// `to` may be promoted: not held (force-new-group), not in maintenance, running as a
+/// standby that reports.
 fn running_standby(cluster: &Cluster, reports: &ClusterReports, to: &str) -> Result<(), Error> {
     cluster.admits(to)?;
+    if cluster.in_maintenance(to) {
+        return Err(Error::Command(CommandError::FailoverStep(format!(
+            "{to} is in maintenance; end it first (pgquorum maintenance off {to})"
+        ))));
+    }
     if !cluster.on_primary_roster(to) {
         return Err(Error::Command(CommandError::FailoverStep(format!(
             "{to} joined after the primary's last reported failsafe roster: the primary may be writing on \

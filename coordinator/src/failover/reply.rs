@@ -88,6 +88,7 @@ pub fn heartbeat_reply(
         sync_state: seen.as_ref().map_or("none", |s| s.sync_state).to_string(),
         lag_ms: seen.as_ref().filter(|s| s.lag_source.exact()).map(|s| s.lag_ms),
         drained: cluster.drained.contains(name),
+        maintenance: cluster.in_maintenance(name),
         drop_slots: if is_primary || promote {
             cluster.removed.clone()
         } else {

@@ -728,6 +728,7 @@ impl AdminService for AdminServiceImpl {
                     drained,
                     held,
                     lease_left_ms: lease_left.get(&m.name).copied(),
+                    maintenance: cluster.in_maintenance(&m.name),
                 }
             })
             .collect();
@@ -834,6 +835,43 @@ impl AdminService for AdminServiceImpl {
         };
         let reply = self.hand_over(&req.cluster, request).await?;
         Ok(Response::new(reply))
+    }
+
+    async fn set_maintenance(
+        &self,
+        request: Request<pb::MaintenanceRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let member = req.node.trim().to_string();
+        if member.is_empty() {
+            return Err(invalid("node", "name the node").into());
+        }
+        let cluster = self.resolve_cluster(&req.cluster)?;
+        if req.on {
+            // Only the leader holds the reports the stall check needs.
+            self.require_leader().await?;
+            let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
+            if let Some(why) = crate::sync::plan::maintenance_stalls(&cluster, &reports, &member) {
+                return Err(Error::Command(crate::state::CommandError::NoMaintenance {
+                    cluster: cluster.name,
+                    member,
+                    why,
+                })
+                .into());
+            }
+        }
+        let command = Command::SetMaintenance {
+            cluster: cluster.name,
+            member,
+            on: req.on,
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of maintenance: {other:?}")).into()),
+        }
     }
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {

@@ -86,6 +86,7 @@ impl From<&Cluster> for pb::Cluster {
             created_at_ms: c.created_at_ms,
             drained: c.drained.iter().cloned().collect(),
             held: c.held.iter().cloned().collect(),
+            maintenance: c.maintenance.iter().cloned().collect(),
         }
     }
 }

@@ -110,6 +110,19 @@ pub fn alerts(cluster: &Cluster, statuses: &[NodeStatus], stuck: Option<String>)
             }
             continue;
         }
+        if cluster.in_maintenance(&s.name) {
+            // The operator is working on it: stopped or lagging is expected.
+            push(
+                Severity::Warning,
+                &s.name,
+                format!(
+                    "{} is in maintenance: never promoted, out of the sync set and read routing \
+                     (`pgquorum maintenance off {}`)",
+                    s.name, s.name
+                ),
+            );
+            continue;
+        }
         if s.health == DISCONNECTED {
             push(
                 Severity::Critical,
@@ -190,6 +203,25 @@ mod tests {
             a[1].message
         );
         assert!(a[2].message.contains("silent for 60000 ms"));
+    }
+
+    #[test]
+    fn a_node_in_maintenance_is_one_warning_whatever_its_state() {
+        let mut c = cluster();
+        c.maintenance.insert("node3".into());
+        let r = reports(vec![
+            ("node1", primary("0/3000100", "", vec![]), 10),
+            ("node3", standby("0/3000000", 60_000), 60_000),
+        ]);
+        let a = alerts(&c, &node_statuses(&c, &r), None);
+        let node3: Vec<(&str, &str)> = a
+            .iter()
+            .filter(|a| a.node == "node3")
+            .map(|a| (a.severity.as_str(), a.message.as_str()))
+            .collect();
+        assert_eq!(node3.len(), 1, "{a:#?}");
+        assert_eq!(node3[0].0, "WARNING");
+        assert!(node3[0].1.contains("maintenance"), "{}", node3[0].1);
     }
 
     #[test]

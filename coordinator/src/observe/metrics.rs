@@ -95,6 +95,10 @@ pub fn install() -> Option<PrometheusHandle> {
             "pgquorum_node_held",
             "1 while the node is held after force-new-group",
         ),
+        (
+            "pgquorum_node_maintenance",
+            "1 while an operator keeps the node in maintenance (never promoted, out of sync set and reads)",
+        ),
     ] {
         describe_gauge!(name, help);
     }
@@ -164,6 +168,7 @@ pub fn scrape(s: &Sources, now: Instant) {
             let l = [("cluster", c.name.clone()), ("node", name.clone())];
             gauge!("pgquorum_node_drained", &l).set(flag(c.drained.contains(name)));
             gauge!("pgquorum_node_held", &l).set(flag(c.held.contains(name)));
+            gauge!("pgquorum_node_maintenance", &l).set(flag(c.in_maintenance(name)));
         }
         if !leads {
             continue;

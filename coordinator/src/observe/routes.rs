@@ -69,7 +69,7 @@ fn endpoint(cluster: &Cluster, name: &str) -> Option<pb::Endpoint> {
         health: route.map(|r| r.health.clone()).unwrap_or_default(),
         lag_ms: route.map(|r| r.lag_ms).unwrap_or(0),
         lag_bytes: route.map(|r| r.lag_bytes).unwrap_or(0),
-        readable: route.is_some_and(|r| r.readable) && !cluster.drained.contains(name),
+        readable: route.is_some_and(|r| r.readable) && !cluster.out_of_reads(name),
         drained: cluster.drained.contains(name),
     })
 }

@@ -140,6 +140,11 @@ pub struct Cluster {
     /// primary drops their replication slots. One that registers again leaves it.
     #[serde(default)]
     pub removed: Vec<String>,
+    /// Members an operator put into maintenance (`pgquorum maintenance on`): never
+    /// promoted, out of the sync set and of read routing, and their agents leave
+    /// Postgres as the operator leaves it. Never the primary.
+    #[serde(default)]
+    pub maintenance: std::collections::BTreeSet<String>,
 }
 
 /// How many removed members a cluster remembers (for dropping their slots).
@@ -173,6 +178,7 @@ impl Cluster {
             held: Default::default(),
             primary_roster: None,
             removed: Vec::new(),
+            maintenance: Default::default(),
             history: VecDeque::new(),
             created_at_ms,
         }
@@ -196,6 +202,35 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Why `member` may not go into maintenance now, if it may not: the primary (switch
+    /// over first), or a node the failover in flight involves.
+    pub fn may_enter_maintenance(&self, member: &str) -> Result<(), String> {
+        if self.primary.as_deref() == Some(member) {
+            return Err(
+                "it is the primary; switch over first (pgquorum maintenance on --allow-switchover does)"
+                    .into(),
+            );
+        }
+        if let Some(f) = &self.failover {
+            if f.old_primary == member || f.candidate == member {
+                return Err(format!("the {} in flight involves it", f.kind));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `member` may be promoted or join the sync set as far as the operator is
+    /// concerned: not in maintenance.
+    pub fn in_maintenance(&self, member: &str) -> bool {
+        self.maintenance.contains(member)
+    }
+
+    /// Whether an operator took `member` out of read routing: drained, or in
+    /// maintenance.
+    pub fn out_of_reads(&self, member: &str) -> bool {
+        self.drained.contains(member) || self.maintenance.contains(member)
     }
 
     /// Whether `member`'s agent may be answered: refused while it is held.

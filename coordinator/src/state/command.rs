@@ -160,6 +160,15 @@ pub enum Command {
         actor: String,
         at_ms: u64,
     },
+    /// An operator puts a member into maintenance (`on`), or ends it (see
+    /// [`crate::state::Cluster::maintenance`]). Publishes a new endpoint map version.
+    SetMaintenance {
+        cluster: String,
+        member: String,
+        on: bool,
+        actor: String,
+        at_ms: u64,
+    },
     /// An operator readmits a held member: its heartbeats are answered again.
     Readmit {
         cluster: String,
@@ -232,6 +241,13 @@ pub enum CommandError {
     Held { cluster: String, member: String },
     #[error("{member:?} of cluster {cluster:?} is not held; nothing to readmit")]
     NotHeld { cluster: String, member: String },
+    /// A member that may not go into maintenance now; says why.
+    #[error("{member:?} of cluster {cluster:?} cannot go into maintenance: {why}")]
+    NoMaintenance {
+        cluster: String,
+        member: String,
+        why: String,
+    },
     /// A member that may not be removed now; says why.
     #[error("{member:?} of cluster {cluster:?} cannot be removed: {why}")]
     NotRemovable {

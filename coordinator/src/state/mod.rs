@@ -483,6 +483,7 @@ impl ClusterState {
                 let m = c.members.remove(member).expect("member_cluster_mut checked it");
                 c.drained.remove(member);
                 c.held.remove(member);
+                c.maintenance.remove(member);
                 c.replica_routes.remove(member);
                 if let Some(roster) = c.primary_roster.as_mut() {
                     roster.remove(member);
@@ -560,6 +561,13 @@ impl ClusterState {
                 }
                 Ok(CommandOutput::Cluster(Box::new(c.clone())))
             }
+            Command::SetMaintenance {
+                cluster,
+                member,
+                on,
+                actor,
+                at_ms,
+            } => self.set_maintenance(cluster, member, *on, actor, *at_ms, log_index),
             Command::ChooseCandidate {
                 cluster,
                 to_epoch,
@@ -736,6 +744,51 @@ impl ClusterState {
             duration_ms: None,
         });
         Ok(CommandOutput::None)
+    }
+
+    /// [`Command::SetMaintenance`]. A member going in is never the primary nor in a
+    /// failover in flight (refused); one already in (or already out) changes nothing
+    /// but still publishes, like a drain, so the caller has a version to wait for.
+    fn set_maintenance(
+        &mut self,
+        cluster: &str,
+        member: &str,
+        on: bool,
+        actor: &str,
+        at_ms: u64,
+        log_index: u64,
+    ) -> CommandResult {
+        let c = self.member_cluster_mut(cluster, member)?;
+        if on {
+            c.may_enter_maintenance(member)
+                .map_err(|why| CommandError::NoMaintenance {
+                    cluster: cluster.to_string(),
+                    member: member.to_string(),
+                    why,
+                })?;
+        }
+        let changed = if on {
+            c.maintenance.insert(member.to_string())
+        } else {
+            c.maintenance.remove(member)
+        };
+        c.endpoint_version += 1;
+        if changed {
+            c.record(HistoryEvent {
+                at_ms,
+                epoch: 0,
+                kind: if on { "maintenance_on" } else { "maintenance_off" }.into(),
+                detail: if on {
+                    format!("{member} in maintenance: never promoted, out of the sync set and read routing")
+                } else {
+                    format!("{member} out of maintenance")
+                },
+                actor: actor.to_string(),
+                log_index,
+                duration_ms: None,
+            });
+        }
+        Ok(CommandOutput::Cluster(Box::new(c.clone())))
     }
 
     /// `name`'s cluster, if `member` is one of its members.

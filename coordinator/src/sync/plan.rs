@@ -11,7 +11,8 @@
 //!    flushed all WAL up to where the primary was when it switched ([`AppliedSync`]):
 //!    commits acknowledged by the leaving standby alone are then held by the others.
 //!
-//! Who is wanted: eligible standbys (`sync_eligible`, not the primary) that the primary
+//! Who is wanted: eligible standbys (`sync_eligible`, not the primary, not in
+//! maintenance) that the primary
 //! lists as streaming, whose agents report fresh, and — for a standby not yet in the
 //! set — that have flushed past the last promotion's LSN (`sync_floor_lsn`: a failover
 //! must never find a set member lacking a write acknowledged before it), preferring those already in the
@@ -37,51 +38,9 @@ pub struct SyncPlan {
 
 pub fn plan(cluster: &Cluster, reports: &ClusterReports) -> SyncPlan {
     let committed = &cluster.sync_set;
-    let policy = &cluster.policy;
-    let strict = policy.sync_mode == SyncMode::Strict;
-    let k = if policy.sync_mode == SyncMode::Off {
-        0
-    } else {
-        policy.sync_standbys as usize
-    };
-    let primary = primary_report(cluster, reports);
-
-    let mut desired: Vec<String> = Vec::new();
-    if let (Some(primary_name), Some(primary)) = (cluster.primary.as_deref(), primary) {
-        let mut candidates: Vec<_> = cluster
-            .members
-            .values()
-            .filter(|m| m.sync_eligible && m.name != primary_name)
-            .filter(|m| replication_of(Some(primary), &m.name).is_some_and(|r| r.state == "streaming"))
-            // A newcomer must hold every write acknowledged before the last promotion.
-            .filter(|m| {
-                committed.contains(&m.name)
-                    || replication_of(Some(primary), &m.name)
-                        .and_then(|r| Lsn::parse(&r.flush_lsn))
-                        .is_some_and(|flushed| flushed.0 >= cluster.sync_floor_lsn)
-            })
-            .filter(|m| fresh(cluster, reports, &m.name).is_some_and(|o| o.report.postgres_up))
-            .collect();
-        candidates.sort_by(|a, b| {
-            let rank = |name: &String| committed.iter().position(|c| c == name).unwrap_or(usize::MAX);
-            rank(&a.name)
-                .cmp(&rank(&b.name))
-                .then(b.priority.cmp(&a.priority))
-                .then(a.name.cmp(&b.name))
-        });
-        desired = candidates.into_iter().take(k).map(|m| m.name.clone()).collect();
-    }
-    if strict {
-        // Keep waiting for committed standbys rather than for fewer than k.
-        for name in committed {
-            if desired.len() >= k {
-                break;
-            }
-            if !desired.contains(name) {
-                desired.push(name.clone());
-            }
-        }
-    }
+    let strict = cluster.policy.sync_mode == SyncMode::Strict;
+    let k = wanted(cluster);
+    let desired = desired(cluster, reports);
 
     let additions: Vec<&String> = desired.iter().filter(|d| !committed.contains(d)).collect();
     let names = |wait_for: &[String]| sync_names::format(k as u32, wait_for, strict);
@@ -133,6 +92,76 @@ pub fn plan(cluster: &Cluster, reports: &ClusterReports) -> SyncPlan {
         commit,
         synchronous_standby_names: names(&desired),
     }
+}
+
+/// How many standbys the primary should wait for.
+fn wanted(cluster: &Cluster) -> usize {
+    if cluster.policy.sync_mode == SyncMode::Off {
+        0
+    } else {
+        cluster.policy.sync_standbys as usize
+    }
+}
+
+/// The standbys the primary should wait for (see the module docs).
+fn desired(cluster: &Cluster, reports: &ClusterReports) -> Vec<String> {
+    let committed = &cluster.sync_set;
+    let k = wanted(cluster);
+    let primary = primary_report(cluster, reports);
+    let mut desired: Vec<String> = Vec::new();
+    if let (Some(primary_name), Some(primary)) = (cluster.primary.as_deref(), primary) {
+        let mut candidates: Vec<_> = cluster
+            .members
+            .values()
+            .filter(|m| m.sync_eligible && m.name != primary_name && !cluster.in_maintenance(&m.name))
+            .filter(|m| replication_of(Some(primary), &m.name).is_some_and(|r| r.state == "streaming"))
+            // A newcomer must hold every write acknowledged before the last promotion.
+            .filter(|m| {
+                committed.contains(&m.name)
+                    || replication_of(Some(primary), &m.name)
+                        .and_then(|r| Lsn::parse(&r.flush_lsn))
+                        .is_some_and(|flushed| flushed.0 >= cluster.sync_floor_lsn)
+            })
+            .filter(|m| fresh(cluster, reports, &m.name).is_some_and(|o| o.report.postgres_up))
+            .collect();
+        candidates.sort_by(|a, b| {
+            let rank = |name: &String| committed.iter().position(|c| c == name).unwrap_or(usize::MAX);
+            rank(&a.name)
+                .cmp(&rank(&b.name))
+                .then(b.priority.cmp(&a.priority))
+                .then(a.name.cmp(&b.name))
+        });
+        desired = candidates.into_iter().take(k).map(|m| m.name.clone()).collect();
+    }
+    if cluster.policy.sync_mode == SyncMode::Strict {
+        // Keep waiting for committed standbys rather than for fewer than k.
+        for name in committed {
+            if desired.len() >= k {
+                break;
+            }
+            if !desired.contains(name) {
+                desired.push(name.clone());
+            }
+        }
+    }
+    desired
+}
+
+/// Why putting `member` into maintenance would stall the primary's commits, if it
+/// would: in strict mode a sync standby leaves the set only for a replacement, so with
+/// none the primary would keep waiting for it while the operator works on it.
+pub fn maintenance_stalls(cluster: &Cluster, reports: &ClusterReports, member: &str) -> Option<String> {
+    if cluster.policy.sync_mode != SyncMode::Strict || !cluster.sync_set.iter().any(|s| s == member) {
+        return None;
+    }
+    let mut after = cluster.clone();
+    after.maintenance.insert(member.to_string());
+    desired(&after, reports).iter().any(|n| n == member).then(|| {
+        format!(
+            "strict sync mode and no other streaming standby can replace {member} in the sync set: the \
+             primary's commits would wait for it; add a standby or lower sync_standbys first"
+        )
+    })
 }
 
 /// Whether the primary has stopped waiting for `removals` and the standbys it waits
@@ -318,5 +347,58 @@ mod tests {
         assert_eq!(plan(&c, &r).commit.unwrap().0, s(&["node3"]), "higher priority");
         c.sync_set = s(&["node2"]);
         assert_eq!(plan(&c, &r).commit, None, "the committed one stays");
+    }
+
+    #[test]
+    fn a_sync_standby_in_maintenance_is_replaced_and_alone_would_stall() {
+        let mut c = cluster();
+        c.sync_set = s(&["node2"]);
+        let both = reports(vec![
+            (
+                "node1",
+                primary(
+                    "0/3000000",
+                    "ANY 1 (\"node2\")",
+                    vec![
+                        replica("node2", "streaming", "sync", "0/3000000"),
+                        replica("node3", "streaming", "async", "0/3000000"),
+                    ],
+                ),
+                10,
+            ),
+            ("node2", standby("0/3000000", 0), 10),
+            ("node3", standby("0/3000000", 0), 10),
+        ]);
+        assert_eq!(
+            maintenance_stalls(&c, &both, "node2"),
+            None,
+            "node3 can replace it"
+        );
+        assert_eq!(maintenance_stalls(&c, &both, "node3"), None, "not in the set");
+        c.maintenance.insert("node2".into());
+        assert_eq!(
+            plan(&c, &both).commit.unwrap().0,
+            s(&["node2", "node3"]),
+            "replaced, add first"
+        );
+        c.maintenance.clear();
+        let alone = reports(vec![
+            (
+                "node1",
+                primary(
+                    "0/3000000",
+                    "ANY 1 (\"node2\")",
+                    vec![replica("node2", "streaming", "sync", "0/3000000")],
+                ),
+                10,
+            ),
+            ("node2", standby("0/3000000", 0), 10),
+        ]);
+        let why = maintenance_stalls(&c, &alone, "node2").expect("no replacement: the primary would wait");
+        assert!(why.contains("strict"), "{why}");
+        c.policy = Policy::default()
+            .with_settings([("sync_mode", "prefer")])
+            .unwrap();
+        assert_eq!(maintenance_stalls(&c, &alone, "node2"), None, "prefer falls back");
     }
 }
