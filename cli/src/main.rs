@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use pgquorum::bench;
-use pgquorum::commands::{cluster, maintenance, pause, policy, raft, sandbox, status, watch, Ctx};
+use pgquorum::commands::{cluster, maintenance, pause, policy, raft, reinit, sandbox, status, watch, Ctx};
 use pgquorum_client::{parse_addrs, Coordinators, Timeouts, COORDINATORS_ENV};
 
 #[derive(Parser)]
@@ -104,6 +104,20 @@ enum Command {
         allow_switchover: bool,
         /// How long the switchover may take.
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        wait_timeout: u64,
+    },
+    /// Rebuild a standby from a fresh base backup of the primary: its agent stops
+    /// Postgres, replaces the data directory and starts it again. Refused for the
+    /// primary.
+    Reinit {
+        node: String,
+        #[arg(long, default_value = "")]
+        cluster: String,
+        /// Follow it until the node streams again (exit 1 if not within
+        /// --wait-timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 300, value_name = "SECONDS")]
         wait_timeout: u64,
     },
     /// Forget a member for good (its host retired or lost): its alerts end, its
@@ -431,6 +445,15 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
         } => {
             let switchover = allow_switchover.then(|| Duration::from_secs(wait_timeout));
             maintenance::maintenance(&ctx()?, &cluster, &node, state == OnOff::On, switchover).await
+        }
+        Command::Reinit {
+            node,
+            cluster,
+            wait,
+            wait_timeout,
+        } => {
+            let wait = wait.then(|| Duration::from_secs(wait_timeout));
+            reinit::reinit(&ctx()?, &cluster, &node, wait).await
         }
         Command::Remove { node, cluster } => cluster::remove(&ctx()?, &cluster, &node).await,
         Command::Drain { node, cluster } => status::drain(&ctx()?, &cluster, &node, true).await,

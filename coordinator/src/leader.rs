@@ -154,6 +154,7 @@ pub fn next_command(
                 })
         })
         .or_else(|| settle_lease(cluster, reports, at_ms))
+        .or_else(|| reinit_done(cluster, reports, at_ms))
         .or_else(|| {
             // A new leader first collects reports for a failure timeout; until then
             // every replica would look disconnected.
@@ -184,6 +185,19 @@ fn ack_roster(cluster: &Cluster, reports: &ClusterReports) -> Option<Command> {
         epoch: cluster.epoch,
         primary: primary.clone(),
         roster: report.failsafe_roster.clone(),
+    })
+}
+
+/// Clears a rebuild request once the member's agent reports it done. Pure.
+fn reinit_done(cluster: &Cluster, reports: &ClusterReports, at_ms: u64) -> Option<Command> {
+    cluster.reinit.iter().find_map(|(member, asked)| {
+        let o = crate::observe::health::fresh(cluster, reports, member)?;
+        (o.report.reinit_done >= asked.token).then(|| Command::ReinitDone {
+            cluster: cluster.name.clone(),
+            member: member.clone(),
+            token: asked.token,
+            at_ms,
+        })
     })
 }
 

@@ -689,6 +689,7 @@ impl Sim {
                 .not_streaming_for(self.base + Duration::from_millis(t)),
             divergence_checked_ago: n.divergence_checked_at.map(|at| Duration::from_millis(t - at)),
             promised_for: n.promise.as_ref().and_then(|p| p.left(now)),
+            reinit_done: 0,
         };
         for action in plan::plan(&local, &report, &reply) {
             if !self.execute(name, action, &reply) {
@@ -704,6 +705,7 @@ impl Sim {
         let lease_valid = self.nodes[name].lease_until.is_some_and(|u| t < u);
         match action {
             Action::InitPrimary | Action::Clone(_) => panic!("{name}: {action:?} on an initialized node"),
+            Action::Reinit { .. } => panic!("{name}: {action:?}, which no simulated operator asks for"),
             Action::Fence(reason) => {
                 self.nodes.get_mut(name).unwrap().up = false;
                 self.note(format!("{name} fenced ({reason:?}, epoch {})", reply.epoch));

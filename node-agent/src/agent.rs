@@ -522,6 +522,7 @@ impl Agent {
         report.epoch = self.state.epoch;
         report.data_is_standby = self.ctl.is_standby_data();
         report.reply_mark_seen = reply_mark_seen;
+        report.reinit_done = self.state.reinit_done;
         report
     }
 
@@ -794,6 +795,7 @@ impl Agent {
             not_streaming_for: self.streaming.not_streaming_for(Instant::now()),
             divergence_checked_ago: self.divergence_checked_at.map(|t| t.elapsed()),
             promised_for: self.book().held(Instant::now()).map(|(_, left)| left),
+            reinit_done: self.state.reinit_done,
         }
     }
 
@@ -846,6 +848,24 @@ impl Agent {
                 }
                 crate::metrics::fenced("clean_stop_failed");
                 self.ctl.fence().await
+            }
+            Action::Reinit { primary, token } => {
+                warn!(primary = ?primary, token, "rebuilding this standby from a fresh base backup (pgquorum reinit)");
+                if self.ctl.running_pid().is_some() {
+                    self.ctl.stop().await?;
+                }
+                self.ctl.reinit_from(&primary).await?;
+                self.following = Some(primary);
+                self.ctl.start().await?;
+                let next = AgentState {
+                    reinit_done: token,
+                    ..self.state.clone()
+                };
+                self.state_file.save(&next)?;
+                self.state = next;
+                self.report_now = true;
+                info!(token, "rebuilt");
+                Ok(())
             }
             Action::Rejoin(up) => {
                 info!(primary = ?up, "rejoining as a standby of the new primary");

@@ -116,6 +116,8 @@ pub struct Local {
     /// A failsafe promise this node gave still runs, this much longer: it must not be
     /// promoted before it ends ([`crate::failsafe`]).
     pub promised_for: Option<Duration>,
+    /// The newest rebuild request carried out (its token).
+    pub reinit_done: u64,
 }
 
 /// How long a standby pointed at the primary may go without streaming before it is
@@ -172,6 +174,9 @@ pub enum Action {
     },
     /// Start a stopped standby.
     StartStandby,
+    /// An operator asked to rebuild this standby (token): stop Postgres, a fresh base
+    /// backup from the primary, start it as its standby.
+    Reinit { primary: Upstream, token: u64 },
     /// Nothing can be done yet; the reason is reported to the log (and the next
     /// report tells the coordinators what they need to know).
     Wait { what: &'static str, why: String },
@@ -247,6 +252,17 @@ fn orders(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) ->
             ];
         }
         actions.push(Action::ClearPromoting);
+    }
+    // A rebuild asked for: not the primary nor a candidate, and never of a server
+    // running with a primary's data (fenced first, above all).
+    if reply.reinit > local.reinit_done && !is_primary && !reply.promote && (local.standby_data || !running) {
+        if let Some(up) = other_primary {
+            actions.push(Action::Reinit {
+                primary: up,
+                token: reply.reinit,
+            });
+            return actions;
+        }
     }
     if !local.standby_data && !is_primary && !reply.promote {
         actions.push(if running && reply.stop_cleanly {
@@ -787,6 +803,34 @@ mod tests {
         );
         r.maintenance = false;
         assert_eq!(plan(&stopped, &report("stopped"), &r), [Action::StartStandby]);
+    }
+
+    #[test]
+    fn a_rebuild_is_done_once_and_never_of_the_primary_or_a_running_primarys_data() {
+        let mut r = reply(Some("node2"));
+        r.reinit = 7;
+        assert_eq!(
+            plan(&running_standby(), &report("standby"), &r),
+            [Action::Reinit {
+                primary: up(5433),
+                token: 7
+            }]
+        );
+        let done = Local {
+            reinit_done: 7,
+            ..running_standby()
+        };
+        assert_eq!(plan(&done, &report("standby"), &r), []);
+        assert_eq!(
+            plan(&running_primary(), &report("primary"), &r),
+            [Action::Fence(FenceReason::NotThePrimary)],
+            "a running old primary is fenced first"
+        );
+        let mut mine = reply(Some("node1"));
+        mine.reinit = 7;
+        assert!(!plan(&running_primary(), &report("primary"), &mine)
+            .iter()
+            .any(|a| matches!(a, Action::Reinit { .. })));
     }
 
     #[test]

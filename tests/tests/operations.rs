@@ -1,7 +1,7 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
 //! alerts and their exit code, a group without quorum, pause and resume, the agents'
 //! health endpoints and every daemon's metrics, agent identity. Each test has its own
-//! ports (27800-27870, 29600-29670, 29700-29990, 30400-30470) and directory.
+//! ports (27800-27870, 29600-29670, 29700-29990, 30400-30670) and directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -805,4 +805,68 @@ async fn maintenance_leaves_a_node_to_the_operator_and_switches_a_primary_over_f
         history.contains("maintenance_on") && history.contains("maintenance_off"),
         "{history}"
     );
+}
+
+/// `reinit NODE`: refused for the primary; a standby is stopped, its data directory
+/// replaced by a fresh base backup (a file only its old directory had is gone), and it
+/// streams again with every row; the history dates the request and the rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinit_rebuilds_a_standby_from_a_fresh_base_backup() {
+    let sandbox = start_sandbox(30600, 30610).await;
+    let addrs = sandbox.client_addrs().join(",");
+    let out = cli(&["--coordinators", &addrs, "reinit", "node1"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("primary"), "{err}");
+
+    let primary = pg(&sandbox, "node1").await;
+    primary
+        .batch_execute("CREATE TABLE kept (v int); INSERT INTO kept SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
+    let marker = sandbox
+        .data_dir("node3")
+        .unwrap()
+        .join("only-in-the-old-directory");
+    std::fs::write(&marker, "x").unwrap();
+    let old_pid = sandbox.postmaster_pid("node3").unwrap();
+
+    let done = cli_json(&[
+        "--coordinators",
+        &addrs,
+        "reinit",
+        "node3",
+        "--wait",
+        "--wait-timeout",
+        "60",
+    ]);
+    assert_eq!(done["reinit_pending"], false, "{done}");
+    assert!(!marker.exists(), "the data directory was not replaced");
+    assert_ne!(sandbox.postmaster_pid("node3"), Some(old_pid), "not restarted");
+    primary
+        .execute("INSERT INTO kept VALUES (1001)", &[])
+        .await
+        .unwrap();
+    eventually("node3 has every row", WAIT, || async {
+        let Some(c) = pgquorum_tests::try_pg(&sandbox, "node3").await else {
+            return false;
+        };
+        c.query_one("SELECT count(*) FROM kept", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 1001)
+    })
+    .await;
+    let history = cli_json(&["--coordinators", &addrs, "history"]);
+    let events = history["events"].as_array().unwrap();
+    let done = events
+        .iter()
+        .find(|e| e["kind"] == "reinit_done")
+        .expect("reinit_done");
+    assert!(done["duration_ms"].as_u64().is_some(), "{done}");
+    assert!(
+        events.iter().any(|e| e["kind"] == "reinit_requested"),
+        "{history}"
+    );
+    let s = sandbox.status().await.unwrap();
+    assert!(!node(&s, "node3").reinit_pending);
 }

@@ -271,10 +271,15 @@ fn cluster_json(c: &pb::Cluster) -> Value {
             "old_primary": f.old_primary, "candidate": f.candidate, "reason": f.reason,
             "started_at_ms": f.started_at_ms,
         })),
-        "history": c.history.iter().map(|e| json!({
-            "at_ms": e.at_ms, "epoch": e.epoch, "kind": e.kind, "detail": e.detail,
-            "actor": e.actor, "log_index": e.log_index,
-        })).collect::<Vec<_>>(),
+        "history": c.history.iter().map(event_json).collect::<Vec<_>>(),
+    })
+}
+
+/// A history event in `--json`.
+fn event_json(e: &pb::HistoryEvent) -> Value {
+    json!({
+        "at_ms": e.at_ms, "epoch": e.epoch, "kind": e.kind, "detail": e.detail,
+        "actor": e.actor, "log_index": e.log_index, "duration_ms": e.duration_ms,
     })
 }
 
@@ -294,10 +299,7 @@ pub async fn history(ctx: &Ctx, name: &str, limit: usize) -> Result<()> {
         .collect();
     let value = json!({
         "cluster": cluster.name,
-        "events": events.iter().map(|e| json!({
-            "at_ms": e.at_ms, "epoch": e.epoch, "kind": e.kind, "detail": e.detail,
-            "actor": e.actor, "log_index": e.log_index,
-        })).collect::<Vec<_>>(),
+        "events": events.iter().map(|e| event_json(e)).collect::<Vec<_>>(),
     });
     emit(ctx.json, &value, || history_table(events.iter().copied()));
     Ok(())

@@ -6,6 +6,7 @@ pub mod maintenance;
 pub mod pause;
 pub mod policy;
 pub mod raft;
+pub mod reinit;
 pub mod sandbox;
 pub mod status;
 pub mod watch;

@@ -75,6 +75,7 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "drained": n.drained,
             "held": n.held,
             "maintenance": n.maintenance,
+            "reinit_pending": n.reinit_pending,
             "lease_left_ms": n.lease_left_ms,
             "error": n.error,
         })).collect::<Vec<_>>(),
@@ -125,6 +126,9 @@ fn status_table(s: &pb::StatusReply) -> String {
             }
             if n.maintenance {
                 health.push_str(" (MAINTENANCE)");
+            }
+            if n.reinit_pending {
+                health.push_str(" (REINIT)");
             }
             if let Some(left) = n.lease_left_ms {
                 health.push_str(&format!(" (lease {left} ms)"));

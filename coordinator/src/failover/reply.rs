@@ -89,6 +89,7 @@ pub fn heartbeat_reply(
         lag_ms: seen.as_ref().filter(|s| s.lag_source.exact()).map(|s| s.lag_ms),
         drained: cluster.drained.contains(name),
         maintenance: cluster.in_maintenance(name),
+        reinit: cluster.reinit.get(name).map_or(0, |r| r.token),
         drop_slots: if is_primary || promote {
             cluster.removed.clone()
         } else {

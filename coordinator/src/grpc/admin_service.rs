@@ -729,6 +729,7 @@ impl AdminService for AdminServiceImpl {
                     held,
                     lease_left_ms: lease_left.get(&m.name).copied(),
                     maintenance: cluster.in_maintenance(&m.name),
+                    reinit_pending: cluster.reinit.contains_key(&m.name),
                 }
             })
             .collect();
@@ -837,6 +838,41 @@ impl AdminService for AdminServiceImpl {
         Ok(Response::new(reply))
     }
 
+    async fn reinit(
+        &self,
+        request: Request<pb::ReinitRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let member = req.node.trim().to_string();
+        if member.is_empty() {
+            return Err(invalid("node", "name the node to rebuild").into());
+        }
+        let cluster = self.resolve_cluster(&req.cluster)?;
+        // A sync standby being rebuilt stops streaming: in strict mode the primary's
+        // commits would wait for it unless another standby can replace it.
+        self.require_leader().await?;
+        let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
+        if let Some(why) = crate::sync::plan::leaving_stalls(&cluster, &reports, &member) {
+            return Err(Error::Command(crate::state::CommandError::NoReinit {
+                cluster: cluster.name,
+                member,
+                why,
+            })
+            .into());
+        }
+        let command = Command::RequestReinit {
+            cluster: cluster.name,
+            member,
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of reinit: {other:?}")).into()),
+        }
+    }
+
     async fn set_maintenance(
         &self,
         request: Request<pb::MaintenanceRequest>,
@@ -852,7 +888,7 @@ impl AdminService for AdminServiceImpl {
             // Only the leader holds the reports the stall check needs.
             self.require_leader().await?;
             let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
-            if let Some(why) = crate::sync::plan::maintenance_stalls(&cluster, &reports, &member) {
+            if let Some(why) = crate::sync::plan::leaving_stalls(&cluster, &reports, &member) {
                 return Err(Error::Command(crate::state::CommandError::NoMaintenance {
                     cluster: cluster.name,
                     member,

@@ -67,6 +67,7 @@ impl From<&HistoryEvent> for pb::HistoryEvent {
             detail: e.detail.clone(),
             actor: e.actor.clone(),
             log_index: e.log_index,
+            duration_ms: e.duration_ms,
         }
     }
 }
@@ -87,6 +88,7 @@ impl From<&Cluster> for pb::Cluster {
             drained: c.drained.iter().cloned().collect(),
             held: c.held.iter().cloned().collect(),
             maintenance: c.maintenance.iter().cloned().collect(),
+            reinit_pending: c.reinit.keys().cloned().collect(),
         }
     }
 }

@@ -145,6 +145,18 @@ pub struct Cluster {
     /// Postgres as the operator leaves it. Never the primary.
     #[serde(default)]
     pub maintenance: std::collections::BTreeSet<String>,
+    /// Standbys an operator asked to rebuild from a fresh base backup (`pgquorum
+    /// reinit`), until their agents report it done.
+    #[serde(default)]
+    pub reinit: BTreeMap<String, ReinitAsked>,
+}
+
+/// A rebuild asked for: its token (the log index of the request, which the agent
+/// reports back once done) and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReinitAsked {
+    pub token: u64,
+    pub at_ms: u64,
 }
 
 /// How many removed members a cluster remembers (for dropping their slots).
@@ -179,6 +191,7 @@ impl Cluster {
             primary_roster: None,
             removed: Vec::new(),
             maintenance: Default::default(),
+            reinit: BTreeMap::new(),
             history: VecDeque::new(),
             created_at_ms,
         }
@@ -212,6 +225,20 @@ impl Cluster {
                 "it is the primary; switch over first (pgquorum maintenance on --allow-switchover does)"
                     .into(),
             );
+        }
+        if let Some(f) = &self.failover {
+            if f.old_primary == member || f.candidate == member {
+                return Err(format!("the {} in flight involves it", f.kind));
+            }
+        }
+        Ok(())
+    }
+
+    /// Why `member` may not be rebuilt now, if it may not: the primary, or a node the
+    /// failover in flight involves.
+    pub fn may_reinit(&self, member: &str) -> Result<(), String> {
+        if self.primary.as_deref() == Some(member) {
+            return Err("it is the primary; switch over first".into());
         }
         if let Some(f) = &self.failover {
             if f.old_primary == member || f.candidate == member {

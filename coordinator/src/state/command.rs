@@ -169,6 +169,21 @@ pub enum Command {
         actor: String,
         at_ms: u64,
     },
+    /// An operator asks to rebuild a standby from a fresh base backup (see
+    /// [`crate::state::Cluster::reinit`]).
+    RequestReinit {
+        cluster: String,
+        member: String,
+        actor: String,
+        at_ms: u64,
+    },
+    /// The agent of `member` reported the rebuild `token` done.
+    ReinitDone {
+        cluster: String,
+        member: String,
+        token: u64,
+        at_ms: u64,
+    },
     /// An operator readmits a held member: its heartbeats are answered again.
     Readmit {
         cluster: String,
@@ -244,6 +259,13 @@ pub enum CommandError {
     /// A member that may not go into maintenance now; says why.
     #[error("{member:?} of cluster {cluster:?} cannot go into maintenance: {why}")]
     NoMaintenance {
+        cluster: String,
+        member: String,
+        why: String,
+    },
+    /// A member that may not be rebuilt now; says why.
+    #[error("{member:?} of cluster {cluster:?} cannot be rebuilt: {why}")]
+    NoReinit {
         cluster: String,
         member: String,
         why: String,

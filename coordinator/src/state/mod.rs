@@ -484,6 +484,7 @@ impl ClusterState {
                 c.drained.remove(member);
                 c.held.remove(member);
                 c.maintenance.remove(member);
+                c.reinit.remove(member);
                 c.replica_routes.remove(member);
                 if let Some(roster) = c.primary_roster.as_mut() {
                     roster.remove(member);
@@ -568,6 +569,18 @@ impl ClusterState {
                 actor,
                 at_ms,
             } => self.set_maintenance(cluster, member, *on, actor, *at_ms, log_index),
+            Command::RequestReinit {
+                cluster,
+                member,
+                actor,
+                at_ms,
+            } => self.request_reinit(cluster, member, actor, *at_ms, log_index),
+            Command::ReinitDone {
+                cluster,
+                member,
+                token,
+                at_ms,
+            } => self.reinit_done(cluster, member, *token, *at_ms, log_index),
             Command::ChooseCandidate {
                 cluster,
                 to_epoch,
@@ -786,6 +799,68 @@ impl ClusterState {
                 actor: actor.to_string(),
                 log_index,
                 duration_ms: None,
+            });
+        }
+        Ok(CommandOutput::Cluster(Box::new(c.clone())))
+    }
+
+    /// [`Command::RequestReinit`]: the request's log index is its token. A repeat
+    /// replaces an earlier request not yet done (the agent does the newest once).
+    fn request_reinit(
+        &mut self,
+        cluster: &str,
+        member: &str,
+        actor: &str,
+        at_ms: u64,
+        log_index: u64,
+    ) -> CommandResult {
+        let c = self.member_cluster_mut(cluster, member)?;
+        c.may_reinit(member).map_err(|why| CommandError::NoReinit {
+            cluster: cluster.to_string(),
+            member: member.to_string(),
+            why,
+        })?;
+        c.reinit.insert(
+            member.to_string(),
+            cluster::ReinitAsked {
+                token: log_index,
+                at_ms,
+            },
+        );
+        c.record(HistoryEvent {
+            at_ms,
+            epoch: 0,
+            kind: "reinit_requested".into(),
+            detail: format!("{member} to be rebuilt from a fresh base backup of the primary"),
+            actor: actor.to_string(),
+            log_index,
+            duration_ms: None,
+        });
+        Ok(CommandOutput::Cluster(Box::new(c.clone())))
+    }
+
+    /// [`Command::ReinitDone`]: clears the request if `token` is still the one asked
+    /// (a newer request stays); otherwise changes nothing.
+    fn reinit_done(
+        &mut self,
+        cluster: &str,
+        member: &str,
+        token: u64,
+        at_ms: u64,
+        log_index: u64,
+    ) -> CommandResult {
+        let c = self.member_cluster_mut(cluster, member)?;
+        if let Some(asked) = c.reinit.get(member).copied().filter(|a| a.token == token) {
+            c.reinit.remove(member);
+            let took = at_ms.saturating_sub(asked.at_ms);
+            c.record(HistoryEvent {
+                at_ms,
+                epoch: 0,
+                kind: "reinit_done".into(),
+                detail: format!("{member} rebuilt from a fresh base backup ({took} ms after the request)"),
+                actor: "coordinator".into(),
+                log_index,
+                duration_ms: Some(took),
             });
         }
         Ok(CommandOutput::Cluster(Box::new(c.clone())))
@@ -1175,6 +1250,76 @@ mod tests {
         };
         s.apply(&claim, 5).unwrap();
         s
+    }
+
+    #[test]
+    fn a_rebuild_is_asked_of_a_standby_and_cleared_by_its_own_token_only() {
+        let mut s = primary_node1();
+        let ask = |member: &str| Command::RequestReinit {
+            cluster: "main".into(),
+            member: member.into(),
+            actor: "ops".into(),
+            at_ms: 100,
+        };
+        let done = |token| Command::ReinitDone {
+            cluster: "main".into(),
+            member: "node3".into(),
+            token,
+            at_ms: 900,
+        };
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(&ask("node1"), 6),
+            Err(CommandError::NoReinit { .. })
+        ));
+        assert_eq!(s, before, "the primary is never rebuilt");
+        s.apply(&ask("node3"), 7).unwrap();
+        s.apply(&ask("node3"), 8).unwrap();
+        assert_eq!(s.clusters["main"].reinit["node3"].token, 8, "the newest request");
+        s.apply(&done(7), 9).unwrap();
+        assert!(
+            s.clusters["main"].reinit.contains_key("node3"),
+            "an older rebuild is not this one"
+        );
+        s.apply(&done(8), 10).unwrap();
+        let c = &s.clusters["main"];
+        assert!(c.reinit.is_empty());
+        let last = c.history.back().unwrap();
+        assert_eq!((last.kind.as_str(), last.duration_ms), ("reinit_done", Some(800)));
+    }
+
+    #[test]
+    fn maintenance_is_refused_for_the_primary_and_takes_a_standby_out_of_reads() {
+        let mut s = primary_node1();
+        let set = |member: &str, on| Command::SetMaintenance {
+            cluster: "main".into(),
+            member: member.into(),
+            on,
+            actor: "ops".into(),
+            at_ms: 100,
+        };
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(&set("node1", true), 6),
+            Err(CommandError::NoMaintenance { .. })
+        ));
+        assert_eq!(s, before);
+        let v0 = s.clusters["main"].endpoint_version;
+        s.apply(&set("node2", true), 7).unwrap();
+        let c = &s.clusters["main"];
+        assert!(c.in_maintenance("node2") && c.out_of_reads("node2"));
+        assert_eq!(c.endpoint_version, v0 + 1);
+        s.apply(&set("node2", false), 8).unwrap();
+        assert!(!s.clusters["main"].out_of_reads("node2"));
+        let kinds: Vec<&str> = s.clusters["main"]
+            .history
+            .iter()
+            .map(|e| e.kind.as_str())
+            .collect();
+        assert!(
+            kinds.ends_with(&["maintenance_on", "maintenance_off"]),
+            "{kinds:?}"
+        );
     }
 
     #[test]

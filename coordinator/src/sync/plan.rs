@@ -147,10 +147,10 @@ fn desired(cluster: &Cluster, reports: &ClusterReports) -> Vec<String> {
     desired
 }
 
-/// Why putting `member` into maintenance would stall the primary's commits, if it
-/// would: in strict mode a sync standby leaves the set only for a replacement, so with
-/// none the primary would keep waiting for it while the operator works on it.
-pub fn maintenance_stalls(cluster: &Cluster, reports: &ClusterReports, member: &str) -> Option<String> {
+/// Why taking `member` out of service (maintenance, a rebuild) would stall the
+/// primary's commits, if it would: in strict mode a sync standby leaves the set only
+/// for a replacement, so with none the primary would keep waiting for it meanwhile.
+pub fn leaving_stalls(cluster: &Cluster, reports: &ClusterReports, member: &str) -> Option<String> {
     if cluster.policy.sync_mode != SyncMode::Strict || !cluster.sync_set.iter().any(|s| s == member) {
         return None;
     }
@@ -369,12 +369,8 @@ mod tests {
             ("node2", standby("0/3000000", 0), 10),
             ("node3", standby("0/3000000", 0), 10),
         ]);
-        assert_eq!(
-            maintenance_stalls(&c, &both, "node2"),
-            None,
-            "node3 can replace it"
-        );
-        assert_eq!(maintenance_stalls(&c, &both, "node3"), None, "not in the set");
+        assert_eq!(leaving_stalls(&c, &both, "node2"), None, "node3 can replace it");
+        assert_eq!(leaving_stalls(&c, &both, "node3"), None, "not in the set");
         c.maintenance.insert("node2".into());
         assert_eq!(
             plan(&c, &both).commit.unwrap().0,
@@ -394,11 +390,11 @@ mod tests {
             ),
             ("node2", standby("0/3000000", 0), 10),
         ]);
-        let why = maintenance_stalls(&c, &alone, "node2").expect("no replacement: the primary would wait");
+        let why = leaving_stalls(&c, &alone, "node2").expect("no replacement: the primary would wait");
         assert!(why.contains("strict"), "{why}");
         c.policy = Policy::default()
             .with_settings([("sync_mode", "prefer")])
             .unwrap();
-        assert_eq!(maintenance_stalls(&c, &alone, "node2"), None, "prefer falls back");
+        assert_eq!(leaving_stalls(&c, &alone, "node2"), None, "prefer falls back");
     }
 }

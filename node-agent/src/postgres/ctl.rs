@@ -425,6 +425,17 @@ impl PostgresCtl {
         Ok(())
     }
 
+    /// Replaces the data directory of the stopped server with a fresh base backup of
+    /// `upstream` (`pgquorum reinit`). The marker written first makes a rebuild cut
+    /// short (a crash, a failed backup) start over rather than run a half copy.
+    pub async fn reinit_from(&self, upstream: &Upstream) -> Result<()> {
+        std::fs::write(
+            self.incomplete_marker(),
+            "rebuilding from a base backup (reinit)\n",
+        )?;
+        self.clone_from(upstream).await
+    }
+
     pub async fn ensure_slot_on(&self, upstream: &Upstream) -> Result<()> {
         let client = super::connect(&self.cfg, &upstream.host, upstream.port, "pgquorum-agent").await?;
         let slot = slot_name(&self.name);
