@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use pgquorum::bench;
-use pgquorum::commands::{cluster, maintenance, pause, policy, raft, reinit, sandbox, status, watch, Ctx};
+use pgquorum::commands::{
+    cluster, maintenance, pause, policy, raft, reinit, sandbox, schedule, status, watch, Ctx,
+};
 use pgquorum_client::{parse_addrs, Coordinators, Timeouts, COORDINATORS_ENV};
 
 #[derive(Parser)]
@@ -75,6 +77,13 @@ enum Command {
         wait: bool,
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         wait_timeout: u64,
+        /// Schedule it instead: a UTC time (2026-12-03T06:00:00Z) or +DURATION (+10m).
+        /// The leader of the moment starts it then, with the checks of that moment.
+        #[arg(long, value_name = "TIME", conflicts_with = "cancel")]
+        at: Option<String>,
+        /// Drop the scheduled switchover.
+        #[arg(long)]
+        cancel: bool,
     },
     /// No automatic failover until `resume` (whole cluster): for work on the hosts,
     /// Postgres restarts by hand, network maintenance. Switchover and failover by hand
@@ -430,9 +439,18 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             to,
             wait,
             wait_timeout,
+            at,
+            cancel,
         } => {
             let wait = wait.then(|| Duration::from_secs(wait_timeout));
-            status::switchover(&ctx()?, &cluster, &to, wait).await
+            match (at, cancel) {
+                (_, true) => schedule::cancel(&ctx()?, &cluster).await,
+                (Some(at), false) => {
+                    let at_ms = schedule::parse_at(&at, schedule::now_ms())?;
+                    schedule::schedule(&ctx()?, &cluster, &to, at_ms, wait).await
+                }
+                (None, false) => status::switchover(&ctx()?, &cluster, &to, wait).await,
+            }
         }
         Command::Pause { cluster } => pause::pause(&ctx()?, &cluster, true).await,
         Command::Resume { cluster } => pause::pause(&ctx()?, &cluster, false).await,

@@ -142,6 +142,7 @@ pub fn next_command(
         }),
     };
     let command = command
+        .or_else(|| scheduled_switchover(cluster, reports, at_ms))
         .or_else(|| {
             plan(cluster, reports)
                 .commit
@@ -186,6 +187,55 @@ fn ack_roster(cluster: &Cluster, reports: &ClusterReports) -> Option<Command> {
         primary: primary.clone(),
         roster: report.failsafe_roster.clone(),
     })
+}
+
+/// How long past its time a scheduled switchover that cannot start yet (its target
+/// not reporting for a moment) is retried before it is dropped.
+pub const SCHEDULE_GRACE: Duration = Duration::from_secs(30);
+
+/// Starts the scheduled switchover once it is due, with the checks of a switchover
+/// asked then; drops it when the primary changed meanwhile, or when it still cannot
+/// start [`SCHEDULE_GRACE`] past its time. A new leader first listens to the agents
+/// for a failure timeout (until then nobody looks like a running standby). Pure.
+fn scheduled_switchover(cluster: &Cluster, reports: &ClusterReports, at_ms: u64) -> Option<Command> {
+    let s = cluster.scheduled_switchover.as_ref()?;
+    if at_ms < s.at_ms
+        || cluster.failover.is_some()
+        || reports.leader_for < Duration::from_millis(cluster.policy.failure_timeout_ms)
+    {
+        return None;
+    }
+    let cancel = |why: String| Command::CancelSwitchover {
+        cluster: cluster.name.clone(),
+        why,
+        actor: "coordinator".into(),
+        at_ms,
+    };
+    if cluster.primary.as_deref() != Some(s.from.as_str()) {
+        return Some(cancel(format!("{} is no longer the primary", s.from)));
+    }
+    let request = crate::failover::manual::Request {
+        to: s.to.clone(),
+        accept_data_loss: false,
+        kind: crate::failover::manual::Kind::Switchover,
+        actor: s.actor.clone(),
+    };
+    match crate::failover::manual::hand_over(cluster, reports, request, at_ms) {
+        Ok(commands) => commands.into_iter().next().map(|mut c| {
+            if let Command::StartFailover { reason, .. } = &mut c {
+                *reason = format!("{}: {reason}", crate::state::SCHEDULED);
+            }
+            c
+        }),
+        Err(e) if at_ms < s.at_ms + SCHEDULE_GRACE.as_millis() as u64 => {
+            tracing::debug!(cluster = %cluster.name, "scheduled switchover cannot start yet: {e}");
+            None
+        }
+        Err(e) => Some(cancel(format!(
+            "it could not start within {} s of its time: {e}",
+            SCHEDULE_GRACE.as_secs()
+        ))),
+    }
 }
 
 /// Clears a rebuild request once the member's agent reports it done. Pure.
@@ -379,6 +429,74 @@ mod tests {
         assert_eq!(ack_roster(&c, &r), None, "not a member");
     }
     use crate::state::Policy;
+
+    #[test]
+    fn a_scheduled_switchover_starts_at_its_time_and_is_dropped_when_it_cannot() {
+        use crate::observe::health::tests::{cluster, primary, replica, reports, standby};
+        let mut c = cluster();
+        c.sync_set = vec!["node2".into()];
+        c.scheduled_switchover = Some(crate::state::ScheduledSwitchover {
+            at_ms: 10_000,
+            to: Some("node2".into()),
+            from: "node1".into(),
+            actor: "ops".into(),
+            asked_at_ms: 1_000,
+        });
+        let mut r = reports(vec![
+            (
+                "node1",
+                primary(
+                    "0/5000000",
+                    "ANY 1 (\"node2\")",
+                    vec![replica("node2", "streaming", "sync", "0/5000000")],
+                ),
+                10,
+            ),
+            ("node2", standby("0/5000000", 0), 10),
+        ]);
+        r.leader_for = Duration::from_secs(60);
+        assert_eq!(scheduled_switchover(&c, &r, 9_999), None, "not yet");
+        match scheduled_switchover(&c, &r, 10_000) {
+            Some(Command::StartFailover {
+                kind,
+                candidate,
+                reason,
+                ..
+            }) => {
+                assert_eq!(
+                    (kind.as_str(), candidate.as_deref()),
+                    ("switchover", Some("node2"))
+                );
+                assert!(reason.starts_with(crate::state::SCHEDULED), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        r.leader_for = Duration::from_millis(100);
+        assert_eq!(
+            scheduled_switchover(&c, &r, 10_000),
+            None,
+            "a new leader listens first"
+        );
+        r.leader_for = Duration::from_secs(60);
+
+        let silent = reports(vec![("node1", primary("0/5000000", "", vec![]), 10)]);
+        let mut silent = silent;
+        silent.leader_for = Duration::from_secs(60);
+        assert_eq!(
+            scheduled_switchover(&c, &silent, 10_000),
+            None,
+            "retried for a while"
+        );
+        assert!(matches!(
+            scheduled_switchover(&c, &silent, 10_000 + SCHEDULE_GRACE.as_millis() as u64),
+            Some(Command::CancelSwitchover { .. })
+        ));
+        c.primary = Some("node3".into());
+        assert!(matches!(
+            scheduled_switchover(&c, &r, 10_000),
+            Some(Command::CancelSwitchover { why, .. }) if why.contains("no longer the primary")
+        ));
+    }
 
     #[test]
     fn a_lowered_lease_settles_only_once_no_longer_lease_can_run() {

@@ -1,7 +1,7 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
 //! alerts and their exit code, a group without quorum, pause and resume, the agents'
 //! health endpoints and every daemon's metrics, agent identity. Each test has its own
-//! ports (27800-27870, 29600-29670, 29700-29990, 30400-30670) and directory.
+//! ports (27800-27870, 29600-29670, 29700-29990, 30400-30870) and directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -869,4 +869,69 @@ async fn reinit_rebuilds_a_standby_from_a_fresh_base_backup() {
     );
     let s = sandbox.status().await.unwrap();
     assert!(!node(&s, "node3").reinit_pending);
+}
+
+/// `switchover --at`: a schedule shows in `status`, can be cancelled, and otherwise the
+/// leader starts it at its time (`--wait` follows it to the end); the history says it
+/// was scheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_switchover_runs_at_its_time_or_is_cancelled() {
+    let sandbox = start_sandbox(30800, 30810).await;
+    let addrs = sandbox.client_addrs().join(",");
+    let out = cli(&[
+        "--coordinators",
+        &addrs,
+        "switchover",
+        "--at",
+        "2020-01-01T00:00:00Z",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "a past time is refused");
+
+    cli_json(&[
+        "--coordinators",
+        &addrs,
+        "switchover",
+        "--to",
+        "node2",
+        "--at",
+        "+1h",
+    ]);
+    let status = cli_json(&["--coordinators", &addrs, "status"]);
+    assert_eq!(status["scheduled_switchover"]["to"], "node2", "{status}");
+    let again = cli(&["--coordinators", &addrs, "switchover", "--at", "+2h"]);
+    assert_eq!(again.status.code(), Some(2), "one at a time");
+    cli_json(&["--coordinators", &addrs, "switchover", "--cancel"]);
+    let status = cli_json(&["--coordinators", &addrs, "status"]);
+    assert!(status["scheduled_switchover"].is_null(), "{status}");
+
+    let asked = Instant::now();
+    let done = cli_json(&[
+        "--coordinators",
+        &addrs,
+        "switchover",
+        "--to",
+        "node2",
+        "--at",
+        "+3s",
+        "--wait",
+    ]);
+    assert_eq!(done["primary"], "node2", "{done}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(2_500),
+        "started before its time"
+    );
+    let history = cli_json(&["--coordinators", &addrs, "history"]);
+    let events = history["events"].as_array().unwrap();
+    let started = events
+        .iter()
+        .find(|e| e["kind"] == "switchover_started")
+        .expect("switchover_started");
+    assert!(
+        started["detail"].as_str().unwrap().contains("scheduled"),
+        "{started}"
+    );
+    assert!(
+        events.iter().any(|e| e["kind"] == "switchover_unscheduled"),
+        "the cancel: {history}"
+    );
 }

@@ -260,6 +260,7 @@ async fn one_round(sandbox: &mut Sandbox, kill: Kill, next_id: &mut i64) -> Resu
                 cluster: "main".into(),
                 to: String::new(),
                 actor: "pgquorum bench failover".into(),
+                at_ms: 0,
             };
             sandbox
                 .client()

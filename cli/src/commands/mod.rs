@@ -8,6 +8,7 @@ pub mod policy;
 pub mod raft;
 pub mod reinit;
 pub mod sandbox;
+pub mod schedule;
 pub mod status;
 pub mod watch;
 

@@ -43,6 +43,10 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "kind": f.kind, "step": f.step, "from_epoch": f.from_epoch, "to_epoch": f.to_epoch,
             "old_primary": f.old_primary, "candidate": f.candidate, "reason": f.reason,
         })),
+        "scheduled_switchover": s.scheduled_switchover.as_ref().map(|w| json!({
+            "at_ms": w.at_ms, "to": if w.to.is_empty() { Value::Null } else { Value::from(w.to.clone()) },
+            "from": w.from, "actor": w.actor,
+        })),
         "raft": {
             "leader": raft.leader_id,
             "term": raft.term,
@@ -175,8 +179,21 @@ fn status_table(s: &pb::StatusReply) -> String {
             )
         })
         .unwrap_or_default();
+    let scheduled =
+        s.scheduled_switchover
+            .as_ref()
+            .map(|w| {
+                format!(
+                "switchover scheduled at {} UTC: {} -> {} (asked by {}; `pgquorum switchover --cancel`)\n",
+                crate::output::timestamp(w.at_ms),
+                w.from,
+                if w.to.is_empty() { "the best candidate then" } else { &w.to },
+                w.actor
+            )
+            })
+            .unwrap_or_default();
     format!(
-        "cluster {}   epoch {}   primary {}   sync {} {:?}{}{}   raft leader {} (term {})\n{in_flight}{}",
+        "cluster {}   epoch {}   primary {}   sync {} {:?}{}{}   raft leader {} (term {})\n{in_flight}{scheduled}{}",
         s.cluster,
         s.epoch,
         if s.primary.is_empty() { "-" } else { &s.primary },
@@ -311,6 +328,7 @@ pub async fn start_switchover(ctx: &Ctx, cluster: &str, to: &str) -> Result<pb::
         cluster: cluster.to_string(),
         to: to.to_string(),
         actor: super::actor(),
+        at_ms: 0,
     };
     Ok(ctx
         .coordinators

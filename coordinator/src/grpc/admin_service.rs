@@ -206,6 +206,7 @@ impl AdminServiceImpl {
             cluster: c.name.clone(),
             epoch: c.epoch,
             failover: c.failover.as_ref().map(Into::into),
+            scheduled: c.scheduled_switchover.as_ref().map(Into::into),
         })
     }
 
@@ -744,6 +745,7 @@ impl AdminService for AdminServiceImpl {
             sync_mode: cluster.policy.sync_mode.as_str().into(),
             failover: cluster.failover.as_ref().map(Into::into),
             failsafe,
+            scheduled_switchover: cluster.scheduled_switchover.as_ref().map(Into::into),
         }))
     }
 
@@ -828,6 +830,19 @@ impl AdminService for AdminServiceImpl {
         let actor = actor(&request, &request.get_ref().actor);
         let req = request.into_inner();
         let to = Some(req.to.trim().to_string()).filter(|t| !t.is_empty());
+        if req.at_ms > now_ms() {
+            // Started by the leader at its time, with the checks of that moment.
+            let cluster = self.resolve_cluster(&req.cluster)?.name;
+            let command = Command::ScheduleSwitchover {
+                cluster: cluster.clone(),
+                due_ms: req.at_ms,
+                to,
+                actor,
+                at_ms: now_ms(),
+            };
+            self.p.propose(command).await?;
+            return Ok(Response::new(self.failover_reply(&cluster)?));
+        }
         let request = manual::Request {
             to,
             accept_data_loss: false,
@@ -836,6 +851,25 @@ impl AdminService for AdminServiceImpl {
         };
         let reply = self.hand_over(&req.cluster, request).await?;
         Ok(Response::new(reply))
+    }
+
+    async fn cancel_switchover(
+        &self,
+        request: Request<pb::CancelSwitchoverRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let cluster = self.resolve_cluster(&req.cluster)?.name;
+        let command = Command::CancelSwitchover {
+            cluster,
+            why: "cancelled by an operator".into(),
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of cancel: {other:?}")).into()),
+        }
     }
 
     async fn reinit(

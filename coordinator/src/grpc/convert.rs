@@ -2,7 +2,7 @@
 
 use pgquorum_proto::v1 as pb;
 
-use crate::state::{Cluster, FailoverRecord, HistoryEvent, Member, Policy};
+use crate::state::{Cluster, FailoverRecord, HistoryEvent, Member, Policy, ScheduledSwitchover};
 
 impl From<&Policy> for pb::Policy {
     fn from(p: &Policy) -> pb::Policy {
@@ -58,6 +58,18 @@ impl From<&FailoverRecord> for pb::FailoverRecord {
     }
 }
 
+impl From<&ScheduledSwitchover> for pb::ScheduledSwitchover {
+    fn from(s: &ScheduledSwitchover) -> pb::ScheduledSwitchover {
+        pb::ScheduledSwitchover {
+            at_ms: s.at_ms,
+            to: s.to.clone().unwrap_or_default(),
+            from: s.from.clone(),
+            actor: s.actor.clone(),
+            asked_at_ms: s.asked_at_ms,
+        }
+    }
+}
+
 impl From<&HistoryEvent> for pb::HistoryEvent {
     fn from(e: &HistoryEvent) -> pb::HistoryEvent {
         pb::HistoryEvent {
@@ -89,6 +101,7 @@ impl From<&Cluster> for pb::Cluster {
             held: c.held.iter().cloned().collect(),
             maintenance: c.maintenance.iter().cloned().collect(),
             reinit_pending: c.reinit.keys().cloned().collect(),
+            scheduled_switchover: c.scheduled_switchover.as_ref().map(Into::into),
         }
     }
 }

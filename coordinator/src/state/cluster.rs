@@ -149,7 +149,27 @@ pub struct Cluster {
     /// reinit`), until their agents report it done.
     #[serde(default)]
     pub reinit: BTreeMap<String, ReinitAsked>,
+    /// A switchover the leader starts at its time (`switchover --at`); dropped by any
+    /// failover or switchover that starts first.
+    #[serde(default)]
+    pub scheduled_switchover: Option<ScheduledSwitchover>,
 }
+
+/// See [`Cluster::scheduled_switchover`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledSwitchover {
+    /// Unix time in ms to start it at.
+    pub at_ms: u64,
+    /// None: the best candidate then.
+    pub to: Option<String>,
+    /// The primary when it was asked: another primary by then drops it.
+    pub from: String,
+    pub actor: String,
+    pub asked_at_ms: u64,
+}
+
+/// How the reason of a switchover the leader started on schedule begins.
+pub const SCHEDULED: &str = "scheduled";
 
 /// A rebuild asked for: its token (the log index of the request, which the agent
 /// reports back once done) and when.
@@ -192,6 +212,7 @@ impl Cluster {
             removed: Vec::new(),
             maintenance: Default::default(),
             reinit: BTreeMap::new(),
+            scheduled_switchover: None,
             history: VecDeque::new(),
             created_at_ms,
         }

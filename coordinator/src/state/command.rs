@@ -184,6 +184,23 @@ pub enum Command {
         token: u64,
         at_ms: u64,
     },
+    /// An operator schedules a switchover for `due_ms` (see
+    /// [`crate::state::Cluster::scheduled_switchover`]). One at a time.
+    ScheduleSwitchover {
+        cluster: String,
+        due_ms: u64,
+        to: Option<String>,
+        actor: String,
+        at_ms: u64,
+    },
+    /// Drop the scheduled switchover: an operator's `--cancel`, or the leader when it
+    /// could not be started in its time (`why`).
+    CancelSwitchover {
+        cluster: String,
+        why: String,
+        actor: String,
+        at_ms: u64,
+    },
     /// An operator readmits a held member: its heartbeats are answered again.
     Readmit {
         cluster: String,
@@ -263,6 +280,9 @@ pub enum CommandError {
         member: String,
         why: String,
     },
+    /// A switchover that cannot be scheduled (or cancelled); says why.
+    #[error("cluster {cluster:?}: {why}")]
+    Schedule { cluster: String, why: String },
     /// A member that may not be rebuilt now; says why.
     #[error("{member:?} of cluster {cluster:?} cannot be rebuilt: {why}")]
     NoReinit {

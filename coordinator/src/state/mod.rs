@@ -13,7 +13,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use cluster::{Cluster, FailoverRecord, HistoryEvent, LeaseSettling, Member, ReplicaRoute};
+pub use cluster::{
+    Cluster, FailoverRecord, HistoryEvent, LeaseSettling, Member, ReplicaRoute, ScheduledSwitchover,
+    SCHEDULED,
+};
 pub use command::{Command, CommandError, CommandOutput, CommandResult};
 pub use policy::{Policy, PolicyError, SyncMode};
 
@@ -569,6 +572,19 @@ impl ClusterState {
                 actor,
                 at_ms,
             } => self.set_maintenance(cluster, member, *on, actor, *at_ms, log_index),
+            Command::ScheduleSwitchover {
+                cluster,
+                due_ms,
+                to,
+                actor,
+                at_ms,
+            } => self.schedule_switchover(cluster, *due_ms, to.as_deref(), actor, *at_ms, log_index),
+            Command::CancelSwitchover {
+                cluster,
+                why,
+                actor,
+                at_ms,
+            } => self.cancel_switchover(cluster, why, actor, *at_ms, log_index),
             Command::RequestReinit {
                 cluster,
                 member,
@@ -725,6 +741,24 @@ impl ClusterState {
                 return Err(CommandError::UnknownMember(to.clone()));
             }
         }
+        let dropped = c
+            .scheduled_switchover
+            .take()
+            .filter(|_| !(kind == "switchover" && reason.starts_with(cluster::SCHEDULED)));
+        if let Some(s) = dropped {
+            c.record(HistoryEvent {
+                at_ms: *at_ms,
+                epoch: 0,
+                kind: "switchover_unscheduled".into(),
+                detail: format!(
+                    "the switchover scheduled for {} ms (unix) is dropped: a {kind} started first",
+                    s.at_ms
+                ),
+                actor: actor.clone(),
+                log_index,
+                duration_ms: None,
+            });
+        }
         c.epoch += 1;
         c.primary = None;
         c.endpoint_version += 1;
@@ -801,6 +835,98 @@ impl ClusterState {
                 duration_ms: None,
             });
         }
+        Ok(CommandOutput::Cluster(Box::new(c.clone())))
+    }
+
+    /// [`Command::ScheduleSwitchover`]: one at a time, in the future, from the primary
+    /// of now to another member.
+    fn schedule_switchover(
+        &mut self,
+        cluster: &str,
+        due_ms: u64,
+        to: Option<&str>,
+        actor: &str,
+        at_ms: u64,
+        log_index: u64,
+    ) -> CommandResult {
+        let c = self.cluster_mut(cluster)?;
+        let refuse = |why: String| {
+            Err(CommandError::Schedule {
+                cluster: cluster.to_string(),
+                why,
+            })
+        };
+        if let Some(s) = &c.scheduled_switchover {
+            return refuse(format!(
+                "a switchover is already scheduled for {} ms (unix) by {}; cancel it first",
+                s.at_ms, s.actor
+            ));
+        }
+        let Some(from) = c.primary.clone() else {
+            return refuse("it has no primary now".into());
+        };
+        if due_ms <= at_ms {
+            return refuse(format!("{due_ms} ms (unix) is not in the future"));
+        }
+        if let Some(to) = to {
+            if !c.members.contains_key(to) {
+                return Err(CommandError::UnknownMember(to.to_string()));
+            }
+            if to == from {
+                return refuse(format!("{to} is already the primary"));
+            }
+        }
+        c.scheduled_switchover = Some(cluster::ScheduledSwitchover {
+            at_ms: due_ms,
+            to: to.map(str::to_string),
+            from: from.clone(),
+            actor: actor.to_string(),
+            asked_at_ms: at_ms,
+        });
+        c.record(HistoryEvent {
+            at_ms,
+            epoch: 0,
+            kind: "switchover_scheduled".into(),
+            detail: format!(
+                "{from} -> {} at {due_ms} ms (unix), in {} s",
+                to.unwrap_or("the best candidate then"),
+                (due_ms - at_ms) / 1000
+            ),
+            actor: actor.to_string(),
+            log_index,
+            duration_ms: None,
+        });
+        Ok(CommandOutput::Cluster(Box::new(c.clone())))
+    }
+
+    /// [`Command::CancelSwitchover`].
+    fn cancel_switchover(
+        &mut self,
+        cluster: &str,
+        why: &str,
+        actor: &str,
+        at_ms: u64,
+        log_index: u64,
+    ) -> CommandResult {
+        let c = self.cluster_mut(cluster)?;
+        let Some(s) = c.scheduled_switchover.take() else {
+            return Err(CommandError::Schedule {
+                cluster: cluster.to_string(),
+                why: "no switchover is scheduled".into(),
+            });
+        };
+        c.record(HistoryEvent {
+            at_ms,
+            epoch: 0,
+            kind: "switchover_unscheduled".into(),
+            detail: format!(
+                "the switchover scheduled for {} ms (unix) is dropped: {why}",
+                s.at_ms
+            ),
+            actor: actor.to_string(),
+            log_index,
+            duration_ms: None,
+        });
         Ok(CommandOutput::Cluster(Box::new(c.clone())))
     }
 
@@ -1250,6 +1376,52 @@ mod tests {
         };
         s.apply(&claim, 5).unwrap();
         s
+    }
+
+    #[test]
+    fn a_switchover_is_scheduled_once_in_the_future_and_any_start_drops_it() {
+        let mut s = primary_node1();
+        let schedule = |due_ms| Command::ScheduleSwitchover {
+            cluster: "main".into(),
+            due_ms,
+            to: Some("node2".into()),
+            actor: "ops".into(),
+            at_ms: 1_000,
+        };
+        assert!(matches!(
+            s.apply(&schedule(1_000), 6),
+            Err(CommandError::Schedule { .. })
+        ));
+        s.apply(&schedule(60_000), 7).unwrap();
+        assert!(
+            matches!(s.apply(&schedule(70_000), 8), Err(CommandError::Schedule { .. })),
+            "one at a time"
+        );
+        let start = |reason: &str| Command::StartFailover {
+            cluster: "main".into(),
+            from_epoch: 1,
+            old_primary: "node1".into(),
+            candidate: None,
+            accept_data_loss: false,
+            kind: "failover".into(),
+            reason: reason.into(),
+            actor: "coordinator".into(),
+            at_ms: 2_000,
+        };
+        s.apply(&start("node1 silent"), 9).unwrap();
+        let c = &s.clusters["main"];
+        assert_eq!(c.scheduled_switchover, None);
+        assert!(c.history.iter().any(|e| e.kind == "switchover_unscheduled"));
+        let cancel = Command::CancelSwitchover {
+            cluster: "main".into(),
+            why: "ops".into(),
+            actor: "ops".into(),
+            at_ms: 3_000,
+        };
+        assert!(
+            matches!(s.apply(&cancel, 10), Err(CommandError::Schedule { .. })),
+            "none left"
+        );
     }
 
     #[test]
