@@ -17,7 +17,7 @@ pub mod proxy;
 pub mod route;
 pub mod workers;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgquorum_client::watch::watch_endpoints;
 use tokio::net::TcpListener;
@@ -66,6 +66,16 @@ fn describe_metrics() {
     describe_counter!(
         "pgquorum_router_fallbacks_total",
         "Read-only connections sent outside their class (to another replica or the primary), by port"
+    );
+    describe_counter!(
+        "pgquorum_router_bytes_total",
+        Unit::Bytes,
+        "Bytes carried, by port, backend node and direction (from_client, from_backend)"
+    );
+    describe_gauge!(
+        "pgquorum_router_map_age_seconds",
+        Unit::Seconds,
+        "Time since the endpoint map in use arrived (a new version)"
     );
     describe_gauge!("pgquorum_router_epoch", "Epoch of the endpoint map in use");
     describe_gauge!(
@@ -135,6 +145,7 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
     let stop_writes_after =
         (config.stop_writes_after_ms > 0).then(|| Duration::from_millis(config.stop_writes_after_ms));
     let mut freshness = route::Freshness::Current;
+    let mut map_arrived: Option<Instant> = None;
     let mut check = tokio::time::interval(Duration::from_millis(250));
     loop {
         let map = tokio::select! {
@@ -145,6 +156,9 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
             _ = check.tick() => {
                 let unconfirmed_for = watch.confirmed().unwrap_or(started).elapsed();
                 metrics::gauge!("pgquorum_router_map_unconfirmed_seconds").set(unconfirmed_for.as_secs_f64());
+                if let Some(at) = map_arrived {
+                    metrics::gauge!("pgquorum_router_map_age_seconds").set(at.elapsed().as_secs_f64());
+                }
                 let now = route::freshness(unconfirmed_for, stale_after, stop_writes_after);
                 if now != freshness {
                     note_freshness(freshness, now, unconfirmed_for);
@@ -163,6 +177,8 @@ pub async fn run(config: RouterConfig) -> Result<(), String> {
         match map {
             Ok(map) => {
                 info!(version = map.version, epoch = map.epoch, primary = ?map.primary.as_ref().map(|p| &p.name), "endpoint map");
+                map_arrived = Some(Instant::now());
+                metrics::gauge!("pgquorum_router_map_age_seconds").set(0.0);
                 metrics::gauge!("pgquorum_router_map_version").set(map.version as f64);
                 metrics::gauge!("pgquorum_router_epoch").set(map.epoch as f64);
                 if let Some(b) = &config.pgbouncer {

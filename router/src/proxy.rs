@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::pgwire::reject;
 use crate::route::{self, Backend, Fallback, Via};
-use crate::workers::Workers;
+use crate::workers::{Traffic, Workers};
 
 /// What a listener serves.
 #[derive(Clone, Debug)]
@@ -234,5 +234,9 @@ async fn handle(
         load,
         active,
     };
-    workers.carry(client, server, epoch, carried);
+    let traffic = Traffic {
+        from_client: metrics::counter!("pgquorum_router_bytes_total", "port" => label.clone(), "backend" => carried.backend.clone(), "direction" => "from_client"),
+        from_backend: metrics::counter!("pgquorum_router_bytes_total", "port" => label.clone(), "backend" => carried.backend.clone(), "direction" => "from_backend"),
+    };
+    workers.carry(client, server, epoch, carried, traffic);
 }

@@ -22,9 +22,13 @@
 //! arrives, instead of every pipe polling the map on each wake-up.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
+use metrics::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -40,6 +44,64 @@ struct Pipe {
     epoch: Option<u64>,
     /// Dropped when the pipe ends (counters, metrics).
     on_close: Box<dyn Send>,
+    traffic: Traffic,
+}
+
+/// Where a pipe counts the bytes it carries, each way.
+#[derive(Clone)]
+pub struct Traffic {
+    pub from_client: Counter,
+    pub from_backend: Counter,
+}
+
+impl Traffic {
+    /// Counted nowhere.
+    pub fn none() -> Traffic {
+        Traffic {
+            from_client: Counter::noop(),
+            from_backend: Counter::noop(),
+        }
+    }
+}
+
+/// A stream that counts what is read from it (an atomic add per read: nothing next
+/// to the syscall).
+struct Counted<S> {
+    inner: S,
+    read: Counter,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.read.increment((buf.filled().len() - before) as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 struct Worker {
@@ -74,13 +136,14 @@ impl Workers {
     }
 
     /// Hands a connected pair to the least-busy worker. `epoch`: see [`Pipe`];
-    /// `on_close` is dropped when the pipe ends.
+    /// `on_close` is dropped when the pipe ends; bytes are counted in `traffic`.
     pub fn carry(
         &self,
         client: TcpStream,
         server: TcpStream,
         epoch: Option<u64>,
         on_close: impl Send + 'static,
+        traffic: Traffic,
     ) {
         let (Ok(client), Ok(server)) = (client.into_std(), server.into_std()) else {
             return;
@@ -96,6 +159,7 @@ impl Workers {
             server,
             epoch,
             on_close: Box::new(on_close),
+            traffic,
         };
         if worker.pipes.send(pipe).is_err() {
             worker.open.fetch_sub(1, Ordering::Relaxed);
@@ -116,6 +180,7 @@ async fn work(mut pipes: mpsc::UnboundedReceiver<Pipe>, open: Arc<AtomicUsize>, 
             server,
             epoch,
             on_close,
+            traffic,
         } = pipe;
         let (open, epochs2) = (open.clone(), epochs.clone());
         let task = tokio::spawn(async move {
@@ -126,9 +191,16 @@ async fn work(mut pipes: mpsc::UnboundedReceiver<Pipe>, open: Arc<AtomicUsize>, 
                 _on_close: on_close,
             };
             // Registering with this thread's reactor fails only if it is shutting down.
-            let (Ok(mut client), Ok(mut server)) = (TcpStream::from_std(client), TcpStream::from_std(server))
-            else {
+            let (Ok(client), Ok(server)) = (TcpStream::from_std(client), TcpStream::from_std(server)) else {
                 return;
+            };
+            let mut client = Counted {
+                inner: client,
+                read: traffic.from_client,
+            };
+            let mut server = Counted {
+                inner: server,
+                read: traffic.from_backend,
             };
             // The pipe yields whenever a socket has nothing to read; it never needs
             // the scheduler's budget to be fair to the other pipes.
@@ -193,6 +265,8 @@ impl Drop for Done {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use pgquorum_client::pb;
@@ -200,7 +274,7 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::watch;
 
-    use super::Workers;
+    use super::{Traffic, Workers};
 
     /// A connected pair over loopback: (the end we keep, the end we hand over).
     async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
@@ -242,11 +316,16 @@ mod tests {
                 let _ = self.0.send(());
             }
         }
-        workers.carry(router_a, router_b, Some(1), Dropped(dropped_tx.clone()));
+        let (bytes_in, bytes_out) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let counted = Traffic {
+            from_client: metrics::Counter::from_arc(bytes_in.clone()),
+            from_backend: metrics::Counter::from_arc(bytes_out.clone()),
+        };
+        workers.carry(router_a, router_b, Some(1), Dropped(dropped_tx.clone()), counted);
         // A read-only pipe (no epoch) on the same worker set stays open.
         let (mut ro_client, ro_a) = pair(&listener).await;
         let (ro_b, mut ro_backend) = pair(&listener).await;
-        workers.carry(ro_a, ro_b, None, Dropped(dropped_tx));
+        workers.carry(ro_a, ro_b, None, Dropped(dropped_tx), Traffic::none());
 
         let mut buf = [0u8; 5];
         client.write_all(b"query").await.unwrap();
@@ -255,6 +334,14 @@ mod tests {
         backend.write_all(b"reply").await.unwrap();
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"reply");
+        assert_eq!(
+            (
+                bytes_in.load(Ordering::Relaxed),
+                bytes_out.load(Ordering::Relaxed)
+            ),
+            (5, 5),
+            "bytes each way"
+        );
 
         // A map of the same epoch changes nothing; a new epoch closes the rw pipe at
         // once, although the (old) backend is still there and silent.
@@ -277,7 +364,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (mut client, a) = pair(&listener).await;
         let (b, _backend) = pair(&listener).await;
-        workers.carry(a, b, Some(2), ());
+        workers.carry(a, b, Some(2), (), Traffic::none());
         assert_closed(&mut client).await;
     }
 }

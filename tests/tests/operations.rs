@@ -386,6 +386,8 @@ async fn health_endpoints_per_role_and_metrics_that_agree_with_status() {
             n["timeline"].as_f64(),
             "{name}"
         );
+        let lease = metric(&m, "pgquorum_node_lease_remaining_seconds", &l).unwrap();
+        assert_eq!(lease > 0.0, n["role"] == "primary", "{name}: lease {lease}");
     }
     let follower = file.coordinators.iter().find(|c| c.id != leader).unwrap();
     let (_, text) = http_get(&follower.http, "/metrics").await.unwrap();
@@ -417,6 +419,37 @@ async fn health_endpoints_per_role_and_metrics_that_agree_with_status() {
     let (_, text) = http_get(&router.http, "/metrics").await.unwrap();
     let r = parse_metrics(&text);
     assert!(metric(&r, "pgquorum_router_map_version", &[]).is_some(), "{text}");
+    // Bytes through the router, per port, backend and direction.
+    let (host, port) = router.rw.rsplit_once(':').unwrap();
+    let conninfo = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=3");
+    let (through, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    through.simple_query("SELECT repeat('x', 10000)").await.unwrap();
+    let rw_bytes = |direction: &'static str| {
+        let http = router.http.clone();
+        async move {
+            let (_, text) = http_get(&http, "/metrics").await.unwrap();
+            let r = parse_metrics(&text);
+            assert!(
+                metric(&r, "pgquorum_router_map_age_seconds", &[]).is_some(),
+                "{text}"
+            );
+            metric(
+                &r,
+                "pgquorum_router_bytes_total",
+                &[("port", "rw"), ("backend", "node1"), ("direction", direction)],
+            )
+            .unwrap_or(0.0)
+        }
+    };
+    assert!(
+        rw_bytes("from_backend").await > 10_000.0,
+        "the reply went through"
+    );
+    assert!(rw_bytes("from_client").await > 0.0);
+    drop(through);
 
     // --- SIGHUP: every daemon logs it and goes on.
     let pids: Vec<i32> = [sandbox.router_pid().map(|p| p as i32), sandbox.agent_pid("node3")]

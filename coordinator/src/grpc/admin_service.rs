@@ -681,14 +681,7 @@ impl AdminService for AdminServiceImpl {
         let cluster = self.resolve_cluster(&request.get_ref().cluster)?;
         let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
         let statuses = node_statuses(&cluster, &reports);
-        let lease_left: BTreeMap<String, u64> = reports
-            .nodes
-            .iter()
-            .filter_map(|(name, o)| match o.own_lease {
-                crate::observe::OwnLease::EndsIn(left) => Some((name.clone(), left.as_millis() as u64)),
-                _ => None,
-            })
-            .collect();
+        let lease_left = reports.lease_left();
         let failsafe = cluster.primary.as_ref().is_some_and(|p| {
             matches!(
                 crate::failover::decide::promised_to(&reports, p),
@@ -728,7 +721,7 @@ impl AdminService for AdminServiceImpl {
                     in_sync_set: s.in_sync_set,
                     drained,
                     held,
-                    lease_left_ms: lease_left.get(&m.name).copied(),
+                    lease_left_ms: lease_left.get(&m.name).map(|d| d.as_millis() as u64),
                     maintenance: cluster.in_maintenance(&m.name),
                     reinit_pending: cluster.reinit.contains_key(&m.name),
                 }

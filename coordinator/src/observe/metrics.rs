@@ -127,6 +127,11 @@ pub fn install() -> Option<PrometheusHandle> {
         Unit::Seconds,
         "Time since the node's agent last reported (leader only)"
     );
+    describe_gauge!(
+        "pgquorum_node_lease_remaining_seconds",
+        Unit::Seconds,
+        "How long the primary lease this leader granted the node still runs, margin included; 0: none (leader only)"
+    );
     describe_histogram!(
         "pgquorum_handover_duration_seconds",
         Unit::Seconds,
@@ -173,8 +178,12 @@ pub fn scrape(s: &Sources, now: Instant) {
         if !leads {
             continue;
         }
-        for n in node_statuses(c, &s.reports.cluster(&c.name, now)) {
+        let reports = s.reports.cluster(&c.name, now);
+        let lease_left = reports.lease_left();
+        for n in node_statuses(c, &reports) {
             let l = [("cluster", c.name.clone()), ("node", n.name.clone())];
+            let left = lease_left.get(&n.name).copied().unwrap_or_default();
+            gauge!("pgquorum_node_lease_remaining_seconds", &l).set(left.as_secs_f64());
             gauge!("pgquorum_node_primary", &l).set(flag(c.primary.as_deref() == Some(n.name.as_str())));
             gauge!("pgquorum_node_healthy", &l).set(flag(n.health == super::health::HEALTHY));
             gauge!("pgquorum_node_disconnected", &l).set(flag(n.health == super::health::DISCONNECTED));

@@ -92,6 +92,20 @@ pub struct ClusterReports {
     pub settling_seen_for: Option<(u64, Duration)>,
 }
 
+impl ClusterReports {
+    /// How long the primary lease this leader last granted each node still runs
+    /// (margin included), for the nodes whose lease runs.
+    pub fn lease_left(&self) -> BTreeMap<String, Duration> {
+        self.nodes
+            .iter()
+            .filter_map(|(name, o)| match o.own_lease {
+                OwnLease::EndsIn(left) => Some((name.clone(), left)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// How many WAL positions a [`WalClock`] keeps: under steady writes (a new position
 /// every heartbeat of 50 ms) about 100 s, longer than the EMERGENCY lag threshold.
 const WAL_CLOCK_SAMPLES: usize = 2048;
