@@ -9,6 +9,9 @@
 //! - [`check`]: writers that record what was acknowledged where and when.
 //! - [`output`]: tables for people, JSON for scripts.
 
+// `status --json` builds one object with many keys (json! recurses per key).
+#![recursion_limit = "256"]
+
 pub mod bench;
 pub mod check;
 pub mod commands;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use pgquorum::bench;
 use pgquorum::commands::{
-    cluster, maintenance, pause, policy, raft, reinit, sandbox, schedule, status, watch, Ctx,
+    cluster, config, maintenance, orders, pause, policy, raft, sandbox, schedule, status, watch, Ctx,
 };
 use pgquorum_client::{parse_addrs, Coordinators, Timeouts, COORDINATORS_ENV};
 
@@ -129,6 +129,38 @@ enum Command {
         #[arg(long, default_value_t = 300, value_name = "SECONDS")]
         wait_timeout: u64,
     },
+    /// Restart Postgres, rolling: standbys one at a time (each back before the next),
+    /// the primary last, in place under its lease (a short write outage, no failover)
+    /// or with --switchover after a switchover.
+    Restart {
+        /// The nodes (or --all).
+        nodes: Vec<String>,
+        #[arg(long)]
+        all: bool,
+        /// Only nodes whose Postgres waits for a restart (parameters changed); without
+        /// node names, every such node.
+        #[arg(long)]
+        pending: bool,
+        /// Restart the primary by switching over first (to the best candidate).
+        #[arg(long)]
+        switchover: bool,
+        #[arg(long, default_value = "")]
+        cluster: String,
+        /// How long each step may take.
+        #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+        wait_timeout: u64,
+    },
+    /// Reload Postgres's configuration on the nodes named (or --all).
+    Reload {
+        nodes: Vec<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
+    /// The cluster's Postgres parameters (in the coordinators, applied by every agent).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Forget a member for good (its host retired or lost): its alerts end, its
     /// replication slot is dropped on the primary. Refused for the primary, a sync
     /// standby, a node in a failover, and while its agent reports (stop it first).
@@ -180,6 +212,29 @@ enum Command {
     /// Benchmarks on local processes; the last output line is JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// The parameters, and per node: applied, pending restart, refused by Postgres.
+    Show {
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
+    /// Set parameters (NAME=VALUE…) and/or remove some (--unset NAME); shows the diff,
+    /// then what waits for a restart and what Postgres refused.
+    Set {
+        settings: Vec<String>,
+        #[arg(long, value_name = "NAME")]
+        unset: Vec<String>,
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
+    /// Edit the parameters in $VISUAL / $EDITOR (vi) as TOML.
+    Edit {
+        #[arg(long, default_value = "")]
+        cluster: String,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -471,8 +526,36 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             wait_timeout,
         } => {
             let wait = wait.then(|| Duration::from_secs(wait_timeout));
-            reinit::reinit(&ctx()?, &cluster, &node, wait).await
+            orders::reinit(&ctx()?, &cluster, &node, wait).await
         }
+        Command::Restart {
+            nodes,
+            all,
+            pending,
+            switchover,
+            cluster,
+            wait_timeout,
+        } => {
+            let how = if switchover {
+                orders::PrimaryRestart::Switchover
+            } else {
+                orders::PrimaryRestart::InPlace
+            };
+            let within = Duration::from_secs(wait_timeout);
+            orders::restart(&ctx()?, &cluster, &nodes, all, pending, how, within).await
+        }
+        Command::Reload { nodes, all, cluster } => {
+            orders::reload(&ctx()?, &cluster, &nodes, all, Duration::from_secs(30)).await
+        }
+        Command::Config(c) => match c {
+            ConfigCommand::Show { cluster } => config::show(&ctx()?, &cluster).await,
+            ConfigCommand::Set {
+                settings,
+                unset,
+                cluster,
+            } => config::set(&ctx()?, &cluster, &settings, &unset).await,
+            ConfigCommand::Edit { cluster } => config::edit(&ctx()?, &cluster).await,
+        },
         Command::Remove { node, cluster } => cluster::remove(&ctx()?, &cluster, &node).await,
         Command::Drain { node, cluster } => status::drain(&ctx()?, &cluster, &node, true).await,
         Command::Undrain { node, cluster } => status::drain(&ctx()?, &cluster, &node, false).await,

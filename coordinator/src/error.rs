@@ -112,7 +112,8 @@ impl From<Error> for tonic::Status {
             | Error::Command(CommandError::NotHeld { .. })
             | Error::Command(CommandError::NotRemovable { .. })
             | Error::Command(CommandError::NoMaintenance { .. })
-            | Error::Command(CommandError::NoReinit { .. }) => tonic::Status::failed_precondition(message),
+            | Error::Command(CommandError::NoOrder { .. })
+            | Error::Command(CommandError::Schedule { .. }) => tonic::Status::failed_precondition(message),
             // Unavailable, not a final refusal: the agent must go on to the other
             // coordinators (the new group) rather than give up the heartbeat.
             Error::GroupReplaced { .. } | Error::GroupReforming => tonic::Status::unavailable(message),

@@ -18,7 +18,7 @@ use crate::raft::group::{Group, GroupId, Reform};
 use crate::raft::leadership::Leadership;
 use crate::raft::state_machine::StateHandle;
 use crate::raft::Raft;
-use crate::state::{Cluster, Command, CommandError};
+use crate::state::{Cluster, Command, CommandError, Order};
 use crate::sync::plan;
 
 /// How often the leader reconsiders every cluster. Short: detection and each failover
@@ -112,6 +112,7 @@ pub fn next_command(
             reason,
             actor: "coordinator".into(),
             at_ms,
+            scheduled: None,
         }),
         Step::Choose {
             candidate,
@@ -155,7 +156,7 @@ pub fn next_command(
                 })
         })
         .or_else(|| settle_lease(cluster, reports, at_ms))
-        .or_else(|| reinit_done(cluster, reports, at_ms))
+        .or_else(|| orders_done(cluster, reports, at_ms))
         .or_else(|| {
             // A new leader first collects reports for a failure timeout; until then
             // every replica would look disconnected.
@@ -211,6 +212,9 @@ fn scheduled_switchover(cluster: &Cluster, reports: &ClusterReports, at_ms: u64)
         actor: "coordinator".into(),
         at_ms,
     };
+    if cluster.policy.maintenance {
+        return Some(cancel("the cluster is paused".into()));
+    }
     if cluster.primary.as_deref() != Some(s.from.as_str()) {
         return Some(cancel(format!("{} is no longer the primary", s.from)));
     }
@@ -222,8 +226,12 @@ fn scheduled_switchover(cluster: &Cluster, reports: &ClusterReports, at_ms: u64)
     };
     match crate::failover::manual::hand_over(cluster, reports, request, at_ms) {
         Ok(commands) => commands.into_iter().next().map(|mut c| {
-            if let Command::StartFailover { reason, .. } = &mut c {
+            if let Command::StartFailover {
+                reason, scheduled, ..
+            } = &mut c
+            {
                 *reason = format!("{}: {reason}", crate::state::SCHEDULED);
+                *scheduled = Some(s.log_index);
             }
             c
         }),
@@ -238,15 +246,23 @@ fn scheduled_switchover(cluster: &Cluster, reports: &ClusterReports, at_ms: u64)
     }
 }
 
-/// Clears a rebuild request once the member's agent reports it done. Pure.
-fn reinit_done(cluster: &Cluster, reports: &ClusterReports, at_ms: u64) -> Option<Command> {
-    cluster.reinit.iter().find_map(|(member, asked)| {
-        let o = crate::observe::health::fresh(cluster, reports, member)?;
-        (o.report.reinit_done >= asked.token).then(|| Command::ReinitDone {
-            cluster: cluster.name.clone(),
-            member: member.clone(),
-            token: asked.token,
-            at_ms,
+/// Clears an order once the member's agent reports it done. Pure.
+fn orders_done(cluster: &Cluster, reports: &ClusterReports, at_ms: u64) -> Option<Command> {
+    cluster.orders.iter().find_map(|(member, orders)| {
+        let r = &crate::observe::health::fresh(cluster, reports, member)?.report;
+        orders.iter().find_map(|(order, asked)| {
+            let done = match order {
+                Order::Reinit => r.reinit_done,
+                Order::Restart => r.restart_done,
+                Order::Reload => r.reload_done,
+            };
+            (done >= asked.token).then(|| Command::NodeDone {
+                cluster: cluster.name.clone(),
+                member: member.clone(),
+                order: *order,
+                token: asked.token,
+                at_ms,
+            })
         })
     })
 }
@@ -441,6 +457,7 @@ mod tests {
             from: "node1".into(),
             actor: "ops".into(),
             asked_at_ms: 1_000,
+            log_index: 4,
         });
         let mut r = reports(vec![
             (

@@ -690,6 +690,10 @@ impl Sim {
             divergence_checked_ago: n.divergence_checked_at.map(|at| Duration::from_millis(t - at)),
             promised_for: n.promise.as_ref().and_then(|p| p.left(now)),
             reinit_done: 0,
+            restart_done: 0,
+            reload_done: 0,
+            // The simulated cluster has no parameters (version 0).
+            parameters_version: 0,
         };
         for action in plan::plan(&local, &report, &reply) {
             if !self.execute(name, action, &reply) {
@@ -705,7 +709,12 @@ impl Sim {
         let lease_valid = self.nodes[name].lease_until.is_some_and(|u| t < u);
         match action {
             Action::InitPrimary | Action::Clone(_) => panic!("{name}: {action:?} on an initialized node"),
-            Action::Reinit { .. } => panic!("{name}: {action:?}, which no simulated operator asks for"),
+            Action::Reinit { .. }
+            | Action::Restart { .. }
+            | Action::Reload(_)
+            | Action::ApplyParameters { .. } => {
+                panic!("{name}: {action:?}, which no simulated operator asks for")
+            }
             Action::Fence(reason) => {
                 self.nodes.get_mut(name).unwrap().up = false;
                 self.note(format!("{name} fenced ({reason:?}, epoch {})", reply.epoch));

@@ -105,7 +105,26 @@ pub struct Agent {
     slots_dropped: std::collections::BTreeSet<String>,
     /// Runs the operator's hooks, in order.
     hooks: crate::hooks::Runner,
+    /// The version of the cluster's parameters written to this node's configuration
+    /// (0 at start: the first reply's are written again), and when, until the
+    /// server's settings were read once the reload had time to take effect.
+    parameters_written: u64,
+    parameters_written_at: Option<Instant>,
+    /// The version reported: written, and the settings read since it took effect.
+    parameters_version: u64,
+    /// What pg_settings / pg_file_settings last said, and when they were read.
+    settings: crate::postgres::observe::Settings,
+    settings_checked_at: Option<Instant>,
 }
+
+/// How often a running server's pending-restart parameters and refused settings are
+/// read again (and after every change).
+const SETTINGS_EVERY: Duration = Duration::from_secs(5);
+
+/// How long after a reload the server's settings are read to report it applied: the
+/// postmaster handles the reload signal, then passes it to every backend, the
+/// agent's own session included, in its own time.
+const RELOAD_SETTLES: Duration = Duration::from_millis(500);
 
 /// A primary lease's deadline (already less the margin), on this process's clock and on
 /// the guard's (`CLOCK_BOOTTIME`).
@@ -269,6 +288,11 @@ impl Agent {
             seen: None,
             slots_dropped: Default::default(),
             hooks: crate::hooks::Runner::new(config_hooks),
+            parameters_written: 0,
+            parameters_written_at: None,
+            parameters_version: 0,
+            settings: Default::default(),
+            settings_checked_at: None,
         })
     }
 
@@ -523,6 +547,34 @@ impl Agent {
         report.data_is_standby = self.ctl.is_standby_data();
         report.reply_mark_seen = reply_mark_seen;
         report.reinit_done = self.state.reinit_done;
+        report.restart_done = self.state.restart_done;
+        report.reload_done = self.state.reload_done;
+        // What waits for a restart, and what Postgres refused: re-read now and then
+        // (pg_file_settings parses the files), after a restart, and once a reload of
+        // new parameters has taken effect (which then counts as applied).
+        let settled = self
+            .parameters_written_at
+            .filter(|at| at.elapsed() >= RELOAD_SETTLES);
+        let due = self
+            .settings_checked_at
+            .is_none_or(|at| at.elapsed() >= SETTINGS_EVERY)
+            || settled.is_some();
+        if report.postgres_up && due {
+            match self.observer.settings().await {
+                Ok(seen) => {
+                    self.settings = seen;
+                    if settled.is_some() {
+                        self.parameters_version = self.parameters_written;
+                        self.parameters_written_at = None;
+                    }
+                }
+                Err(e) => warn!("reading pg_settings: {e}"),
+            }
+            self.settings_checked_at = Some(Instant::now());
+        }
+        report.parameters_version = self.parameters_version;
+        report.pending_restart = self.settings.pending_restart.clone();
+        report.parameter_errors = self.settings.errors.clone();
         report
     }
 
@@ -796,6 +848,9 @@ impl Agent {
             divergence_checked_ago: self.divergence_checked_at.map(|t| t.elapsed()),
             promised_for: self.book().held(Instant::now()).map(|(_, left)| left),
             reinit_done: self.state.reinit_done,
+            restart_done: self.state.restart_done,
+            reload_done: self.state.reload_done,
+            parameters_version: self.parameters_written,
         }
     }
 
@@ -856,16 +911,51 @@ impl Agent {
                 }
                 self.ctl.reinit_from(&primary).await?;
                 self.following = Some(primary);
-                self.ctl.start().await?;
-                let next = AgentState {
-                    reinit_done: token,
-                    ..self.state.clone()
-                };
-                self.state_file.save(&next)?;
-                self.state = next;
-                self.report_now = true;
+                // Done once the copy is complete: a start that fails is the next
+                // rounds' to retry (StartStandby), not a reason for another copy.
+                self.mark_done(|s| s.reinit_done = token)?;
                 info!(token, "rebuilt");
+                self.ctl.start().await
+            }
+            Action::ApplyParameters { parameters, version } => {
+                info!(
+                    version,
+                    count = parameters.len(),
+                    "applying the cluster's parameters"
+                );
+                self.ctl.write_cluster_parameters(&parameters)?;
+                if self.ctl.running_pid().is_some() {
+                    self.observer.reload().await?;
+                }
+                self.parameters_written = version;
+                self.parameters_written_at = Some(Instant::now());
                 Ok(())
+            }
+            Action::Reload(token) => {
+                info!(token, "reloading postgres's configuration (pgquorum reload)");
+                if self.ctl.running_pid().is_some() {
+                    self.observer.reload().await?;
+                }
+                self.mark_done(|s| s.reload_done = token)?;
+                self.settings_checked_at = None;
+                Ok(())
+            }
+            Action::Restart { token, primary } => {
+                warn!(token, primary, "restarting postgres (pgquorum restart)");
+                if self.ctl.running_pid().is_some() {
+                    self.ctl.stop().await?;
+                }
+                self.observer.reset();
+                let started = if primary {
+                    self.start_under_lease("restart the primary").await
+                } else {
+                    self.ctl.start().await
+                };
+                // Done either way: a failed start is reported (and for the primary
+                // ends the coordinators' wait, so a failover can follow).
+                self.mark_done(|s| s.restart_done = token)?;
+                self.settings_checked_at = None;
+                started
             }
             Action::Rejoin(up) => {
                 info!(primary = ?up, "rejoining as a standby of the new primary");
@@ -1072,6 +1162,16 @@ impl Agent {
     /// Starts Postgres where it may run as a primary, only under a live lease (the
     /// guard would stop it at once otherwise); and checks again once it runs, since
     /// starting can take longer than the lease.
+    /// Records an order carried out (see [`AgentState`]) and reports at once.
+    fn mark_done(&mut self, done: impl FnOnce(&mut AgentState)) -> Result<()> {
+        let mut next = self.state.clone();
+        done(&mut next);
+        self.state_file.save(&next)?;
+        self.state = next;
+        self.report_now = true;
+        Ok(())
+    }
+
     async fn start_under_lease(&mut self, what: &str) -> Result<()> {
         self.check_lease(what)?;
         self.ctl.start().await?;

@@ -116,8 +116,12 @@ pub struct Local {
     /// A failsafe promise this node gave still runs, this much longer: it must not be
     /// promoted before it ends ([`crate::failsafe`]).
     pub promised_for: Option<Duration>,
-    /// The newest rebuild request carried out (its token).
+    /// The newest orders carried out (their tokens).
     pub reinit_done: u64,
+    pub restart_done: u64,
+    pub reload_done: u64,
+    /// The version of the cluster's parameters written to this node's configuration.
+    pub parameters_version: u64,
 }
 
 /// How long a standby pointed at the primary may go without streaming before it is
@@ -177,6 +181,16 @@ pub enum Action {
     /// An operator asked to rebuild this standby (token): stop Postgres, a fresh base
     /// backup from the primary, start it as its standby.
     Reinit { primary: Upstream, token: u64 },
+    /// Write the cluster's parameters (and reload a running server).
+    ApplyParameters {
+        parameters: std::collections::BTreeMap<String, String>,
+        version: u64,
+    },
+    /// An operator asked to restart Postgres (token): stop, then start — the primary
+    /// under its lease.
+    Restart { token: u64, primary: bool },
+    /// An operator asked to reload Postgres's configuration (token).
+    Reload(u64),
     /// Nothing can be done yet; the reason is reported to the log (and the next
     /// report tells the coordinators what they need to know).
     Wait { what: &'static str, why: String },
@@ -223,7 +237,11 @@ pub fn plan(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) 
     actions
         .into_iter()
         .map(|a| match a {
-            Action::InitPrimary | Action::Clone(_) | Action::Rejoin(_) | Action::StartStandby => wait(
+            Action::InitPrimary
+            | Action::Clone(_)
+            | Action::Rejoin(_)
+            | Action::StartStandby
+            | Action::Reinit { .. } => wait(
                 "maintenance",
                 "in maintenance: postgres is left as the operator left it (`pgquorum maintenance off`)",
             ),
@@ -279,6 +297,24 @@ fn orders(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) ->
     }
     if reply.promote {
         actions.extend(promote(local, report, reply, running));
+        return actions;
+    }
+    if reply.parameters_version != local.parameters_version {
+        actions.push(Action::ApplyParameters {
+            parameters: reply.parameters.clone().into_iter().collect(),
+            version: reply.parameters_version,
+        });
+    }
+    if reply.reload > local.reload_done {
+        actions.push(Action::Reload(reply.reload));
+    }
+    // A restart of the primary or of a standby (never of a server running with a
+    // primary's data that is not the primary: fenced above).
+    if reply.restart > local.restart_done && (is_primary || local.standby_data) {
+        actions.push(Action::Restart {
+            token: reply.restart,
+            primary: is_primary,
+        });
         return actions;
     }
     if is_primary {

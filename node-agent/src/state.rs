@@ -26,10 +26,14 @@ pub struct AgentState {
     /// agent judges failsafe promises by it until a coordinator answers.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub primary: String,
-    /// The newest rebuild (`pgquorum reinit`) this node carried out: its token, so a
-    /// request is done once, also across restarts.
+    /// The newest order of each kind (`pgquorum reinit`, `restart`, `reload`) this
+    /// node carried out: its token, so an order is done once, also across restarts.
     #[serde(default)]
     pub reinit_done: u64,
+    #[serde(default)]
+    pub restart_done: u64,
+    #[serde(default)]
+    pub reload_done: u64,
 }
 
 impl AgentState {

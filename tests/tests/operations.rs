@@ -1,7 +1,7 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
 //! alerts and their exit code, a group without quorum, pause and resume, the agents'
 //! health endpoints and every daemon's metrics, agent identity. Each test has its own
-//! ports (27800-27870, 29600-29670, 29700-29990, 30400-30870) and directory.
+//! ports (27800-27870, 29600-29670, 29700-29990, 30400-31270) and directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -967,4 +967,108 @@ async fn a_scheduled_switchover_runs_at_its_time_or_is_cancelled() {
         events.iter().any(|e| e["kind"] == "switchover_unscheduled"),
         "the cancel: {history}"
     );
+}
+
+/// `config set` + pending restart + a rolling restart, `reload`: parameters reach
+/// every node (reloaded), a managed one is refused and a bad value is reported; one
+/// that needs a restart is pending on every node until `restart --pending` restarts
+/// the standbys first and the primary last, in place (no failover, a new postmaster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_set_then_a_rolling_restart_of_what_is_pending() {
+    let sandbox = start_sandbox(31200, 31210).await;
+    let addrs = sandbox.client_addrs().join(",");
+    let show = |node: &'static str, name: &'static str| {
+        let sandbox = &sandbox;
+        async move {
+            let c = pgquorum_tests::try_pg(sandbox, node).await?;
+            let row = c.query_one(&format!("SHOW {name}"), &[]).await.ok()?;
+            Some(row.get::<_, String>(0))
+        }
+    };
+    let set = cli_json(&["--coordinators", &addrs, "config", "set", "work_mem=16MB"]);
+    assert_eq!(
+        set["changed"],
+        serde_json::json!(["work_mem: (unset) -> \"16MB\""]),
+        "{set}"
+    );
+    for node in ["node1", "node2", "node3"] {
+        eventually(&format!("{node} has work_mem 16MB"), WAIT, || async {
+            show(node, "work_mem").await.as_deref() == Some("16MB")
+        })
+        .await;
+    }
+    let out = cli(&["--coordinators", &addrs, "config", "set", "port=6000"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("port is managed"), "{err}");
+    let out = cli(&[
+        "--json",
+        "--coordinators",
+        &addrs,
+        "config",
+        "set",
+        "work_mem=banana",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "Postgres refuses it: {err}");
+    assert!(err.contains("work_mem"), "{err}");
+    assert_eq!(
+        show("node1", "work_mem").await.as_deref(),
+        Some("16MB"),
+        "the old value stays"
+    );
+    cli_json(&["--coordinators", &addrs, "config", "set", "work_mem=32MB"]);
+
+    let epoch = sandbox.status().await.unwrap().epoch;
+    let primary_pid = sandbox.postmaster_pid("node1");
+    let set = cli_json(&[
+        "--coordinators",
+        &addrs,
+        "config",
+        "set",
+        "max_locks_per_transaction=128",
+    ]);
+    assert_eq!(
+        set["pending_restart"],
+        serde_json::json!(["node1", "node2", "node3"]),
+        "{set}"
+    );
+    let s = sandbox.status().await.unwrap();
+    assert!(node(&s, "node2")
+        .pending_restart_parameters
+        .contains(&"max_locks_per_transaction".to_string()));
+    let done = cli_json(&["--coordinators", &addrs, "restart", "--pending"]);
+    assert_eq!(
+        done["restarted"],
+        serde_json::json!(["node2", "node3", "node1"]),
+        "{done}"
+    );
+    for node in ["node1", "node2", "node3"] {
+        assert_eq!(
+            show(node, "max_locks_per_transaction").await.as_deref(),
+            Some("128"),
+            "{node}"
+        );
+    }
+    let s = sandbox.status().await.unwrap();
+    assert_eq!(
+        (s.epoch, s.primary.as_str()),
+        (epoch, "node1"),
+        "restarted in place: no failover"
+    );
+    assert_ne!(sandbox.postmaster_pid("node1"), primary_pid, "a new postmaster");
+    assert!(s.nodes.iter().all(|n| !n.pending_restart), "{s:?}");
+    let again = cli_json(&["--coordinators", &addrs, "restart", "--pending"]);
+    assert_eq!(
+        again["restarted"],
+        serde_json::json!([]),
+        "nothing pending any more"
+    );
+
+    let reloaded = cli_json(&["--coordinators", &addrs, "reload", "--all"]);
+    assert_eq!(reloaded["reloaded"].as_array().unwrap().len(), 3, "{reloaded}");
+    let history = cli_json(&["--coordinators", &addrs, "history", "--limit", "100"]).to_string();
+    for kind in ["config_changed", "restart_done", "reload_done"] {
+        assert!(history.contains(kind), "{kind}: {history}");
+    }
 }

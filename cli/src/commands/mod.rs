@@ -2,11 +2,12 @@
 //! [`pgquorum_client::Coordinators`] and prints through [`crate::output`].
 
 pub mod cluster;
+pub mod config;
 pub mod maintenance;
+pub mod orders;
 pub mod pause;
 pub mod policy;
 pub mod raft;
-pub mod reinit;
 pub mod sandbox;
 pub mod schedule;
 pub mod status;

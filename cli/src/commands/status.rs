@@ -80,6 +80,12 @@ pub fn status_json(s: &pb::StatusReply) -> Value {
             "held": n.held,
             "maintenance": n.maintenance,
             "reinit_pending": n.reinit_pending,
+            "restart_requested": n.restart_requested,
+            "reload_requested": n.reload_requested,
+            "pending_restart": n.pending_restart,
+            "pending_restart_parameters": n.pending_restart_parameters,
+            "parameters_version": n.parameters_version,
+            "parameter_errors": n.parameter_errors,
             "lease_left_ms": n.lease_left_ms,
             "error": n.error,
         })).collect::<Vec<_>>(),
@@ -133,6 +139,15 @@ fn status_table(s: &pb::StatusReply) -> String {
             }
             if n.reinit_pending {
                 health.push_str(" (REINIT)");
+            }
+            if n.restart_requested {
+                health.push_str(" (RESTARTING)");
+            }
+            if n.pending_restart {
+                health.push_str(" (PENDING RESTART)");
+            }
+            if !n.parameter_errors.is_empty() {
+                health.push_str(" (BAD PARAMETER)");
             }
             if let Some(left) = n.lease_left_ms {
                 health.push_str(&format!(" (lease {left} ms)"));

@@ -143,6 +143,7 @@ pub fn hand_over(
         reason,
         actor,
         at_ms: now_ms,
+        scheduled: None,
     }])
 }
 
@@ -196,6 +197,11 @@ fn running_standby(cluster: &Cluster, reports: &ClusterReports, to: &str) -> Res
     if cluster.in_maintenance(to) {
         return Err(Error::Command(CommandError::FailoverStep(format!(
             "{to} is in maintenance; end it first (pgquorum maintenance off {to})"
+        ))));
+    }
+    if cluster.out_of_service(to) {
+        return Err(Error::Command(CommandError::FailoverStep(format!(
+            "{to} is to be rebuilt (pgquorum reinit); choose another standby"
         ))));
     }
     if !cluster.on_primary_roster(to) {

@@ -7,7 +7,7 @@ use pgquorum_client::pb;
 use super::decide::choose;
 use crate::observe::health::node_statuses;
 use crate::observe::ClusterReports;
-use crate::state::Cluster;
+use crate::state::{Cluster, Order};
 use crate::sync::plan;
 
 /// The reply to `name`'s heartbeat. When `lease_ms` is non-zero the caller must note
@@ -52,8 +52,9 @@ pub fn heartbeat_reply(
     // start: its agent's next "stopped" then shows the failover it did not start,
     // without waiting for a lease it had no use for (see `decide::fenced`). Under
     // maintenance no failover starts by itself, and an operator who stopped the primary
-    // (to load a library, say) must be able to start it again: it keeps its lease.
-    let idle = initializing || (stopped && !cluster.policy.maintenance);
+    // (to load a library, say) must be able to start it again: it keeps its lease, as
+    // does a primary its agent restarts in place (`pgquorum restart`).
+    let idle = initializing || (stopped && !cluster.policy.maintenance && !cluster.restarting_primary(name));
     let lease_ms =
         if (is_primary && cluster.failover.is_none() && (!idle || start_primary || bootstrap)) || promote {
             cluster.policy.lease_ms
@@ -89,7 +90,17 @@ pub fn heartbeat_reply(
         lag_ms: seen.as_ref().filter(|s| s.lag_source.exact()).map(|s| s.lag_ms),
         drained: cluster.drained.contains(name),
         maintenance: cluster.in_maintenance(name),
-        reinit: cluster.reinit.get(name).map_or(0, |r| r.token),
+        // A rebuild gives the node's data up: only once no failover may need it and
+        // the coordinators took it out of the sync set (its commits are elsewhere).
+        reinit: if cluster.failover.is_none() && !cluster.sync_set.iter().any(|s| s == name) {
+            cluster.pending(name, Order::Reinit)
+        } else {
+            0
+        },
+        restart: cluster.pending(name, Order::Restart),
+        reload: cluster.pending(name, Order::Reload),
+        parameters: cluster.parameters.clone().into_iter().collect(),
+        parameters_version: cluster.parameters_version,
         drop_slots: if is_primary || promote {
             cluster.removed.clone()
         } else {
@@ -162,6 +173,14 @@ mod tests {
         let reply = heartbeat_reply(&paused, &r, "node1", false);
         assert!(!reply.start_primary);
         assert_eq!(reply.lease_ms, c.policy.lease_ms);
+        // So does a primary its agent restarts in place (pgquorum restart).
+        let mut restarting = c.clone();
+        restarting.orders.entry("node1".into()).or_default().insert(
+            Order::Restart,
+            crate::state::cluster::Asked { token: 7, at_ms: 0 },
+        );
+        let reply = heartbeat_reply(&restarting, &r, "node1", false);
+        assert_eq!((reply.restart, reply.lease_ms), (7, c.policy.lease_ms));
         // Nobody could take over: started again, under a lease.
         r.nodes.remove("node2");
         let reply = heartbeat_reply(&c, &r, "node1", false);
@@ -173,6 +192,40 @@ mod tests {
             heartbeat_reply(&c, &r, "node1", false).lease_ms,
             c.policy.lease_ms
         );
+    }
+
+    #[test]
+    fn a_rebuild_is_ordered_only_outside_the_sync_set_and_any_failover() {
+        let mut c = cluster();
+        c.sync_set = vec!["node2".into()];
+        for node in ["node2", "node3"] {
+            c.orders.entry(node.into()).or_default().insert(
+                Order::Reinit,
+                crate::state::cluster::Asked { token: 5, at_ms: 0 },
+            );
+        }
+        let r = reports(vec![
+            ("node2", standby("0/5000000", 0), 10),
+            ("node3", standby("0/5000000", 0), 10),
+        ]);
+        assert_eq!(heartbeat_reply(&c, &r, "node2", false).reinit, 0, "still in the sync set");
+        assert_eq!(heartbeat_reply(&c, &r, "node3", false).reinit, 5);
+        c.failover = Some(crate::state::FailoverRecord {
+            kind: "failover".into(),
+            step: "started".into(),
+            from_epoch: 1,
+            to_epoch: 2,
+            old_primary: "node1".into(),
+            candidate: String::new(),
+            reason: String::new(),
+            started_at_ms: 0,
+            fenced_by: String::new(),
+            fenced_at_ms: 0,
+            chosen_at_ms: 0,
+            candidate_lsn: String::new(),
+            accept_data_loss: false,
+        });
+        assert_eq!(heartbeat_reply(&c, &r, "node3", false).reinit, 0, "a failover may need it");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::observe::Reports;
 use crate::raft::group::{self, GroupId, Reform};
 use crate::raft::{CoordinatorNode, NodeId};
 use crate::state::policy::is_valid_name;
-use crate::state::{Cluster, ClusterState, Command, CommandOutput};
+use crate::state::{Cluster, ClusterState, Command, CommandOutput, Order};
 use crate::{Error, Result};
 
 pub struct AdminServiceImpl {
@@ -33,6 +33,9 @@ pub struct AdminServiceImpl {
     restart: std::sync::Arc<tokio::sync::Notify>,
     /// Held while a force-new-group is checked and recorded.
     reforming: tokio::sync::Mutex<()>,
+    /// Held while taking a node out of service is checked and proposed: two at once
+    /// could each leave the other as the replacement it counted on.
+    out_of_service: tokio::sync::Mutex<()>,
 }
 
 /// How long `raft add` keeps asking the new coordinator's address before refusing.
@@ -95,6 +98,7 @@ impl AdminServiceImpl {
             reports,
             restart,
             reforming: tokio::sync::Mutex::new(()),
+            out_of_service: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -723,7 +727,13 @@ impl AdminService for AdminServiceImpl {
                     held,
                     lease_left_ms: lease_left.get(&m.name).map(|d| d.as_millis() as u64),
                     maintenance: cluster.in_maintenance(&m.name),
-                    reinit_pending: cluster.reinit.contains_key(&m.name),
+                    reinit_pending: cluster.pending(&m.name, Order::Reinit) > 0,
+                    restart_requested: cluster.pending(&m.name, Order::Restart) > 0,
+                    reload_requested: cluster.pending(&m.name, Order::Reload) > 0,
+                    pending_restart: !r.pending_restart.is_empty(),
+                    pending_restart_parameters: r.pending_restart.clone(),
+                    parameters_version: r.parameters_version,
+                    parameter_errors: r.parameter_errors.clone(),
                 }
             })
             .collect();
@@ -823,7 +833,10 @@ impl AdminService for AdminServiceImpl {
         let actor = actor(&request, &request.get_ref().actor);
         let req = request.into_inner();
         let to = Some(req.to.trim().to_string()).filter(|t| !t.is_empty());
-        if req.at_ms > now_ms() {
+        if req.at_ms != 0 && req.at_ms <= now_ms() {
+            return Err(invalid("at_ms", format!("{} ms (unix) is not in the future", req.at_ms)).into());
+        }
+        if req.at_ms > 0 {
             // Started by the leader at its time, with the checks of that moment.
             let cluster = self.resolve_cluster(&req.cluster)?.name;
             let command = Command::ScheduleSwitchover {
@@ -865,38 +878,71 @@ impl AdminService for AdminServiceImpl {
         }
     }
 
-    async fn reinit(
+    async fn order_node(
         &self,
-        request: Request<pb::ReinitRequest>,
+        request: Request<pb::OrderNodeRequest>,
     ) -> Result<Response<pb::ClusterReply>, Status> {
         let actor = actor(&request, &request.get_ref().actor);
         let req = request.into_inner();
         let member = req.node.trim().to_string();
         if member.is_empty() {
-            return Err(invalid("node", "name the node to rebuild").into());
+            return Err(invalid("node", "name the node").into());
         }
+        let order = match req.order() {
+            pb::NodeOrder::Reinit => Order::Reinit,
+            pb::NodeOrder::Restart => Order::Restart,
+            pb::NodeOrder::Reload => Order::Reload,
+            pb::NodeOrder::Unspecified => {
+                return Err(invalid("order", "say what to do: reinit, restart or reload").into())
+            }
+        };
+        let _serial = self.out_of_service.lock().await;
         let cluster = self.resolve_cluster(&req.cluster)?;
-        // A sync standby being rebuilt stops streaming: in strict mode the primary's
-        // commits would wait for it unless another standby can replace it.
-        self.require_leader().await?;
-        let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
-        if let Some(why) = crate::sync::plan::leaving_stalls(&cluster, &reports, &member) {
-            return Err(Error::Command(crate::state::CommandError::NoReinit {
-                cluster: cluster.name,
-                member,
-                why,
-            })
-            .into());
+        if order == Order::Reinit {
+            // A sync standby being rebuilt stops streaming: in strict mode the
+            // primary's commits would wait for it unless another standby can replace it.
+            self.require_leader().await?;
+            let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
+            if let Some(why) = crate::sync::plan::leaving_stalls(&cluster, &reports, &member) {
+                return Err(Error::Command(crate::state::CommandError::NoOrder {
+                    cluster: cluster.name,
+                    member,
+                    order: order.as_str().into(),
+                    why,
+                })
+                .into());
+            }
         }
-        let command = Command::RequestReinit {
+        let command = Command::AskNode {
             cluster: cluster.name,
             member,
+            order,
             actor,
             at_ms: now_ms(),
         };
         match self.p.propose(command).await? {
             CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
-            other => Err(Error::Raft(format!("unexpected result of reinit: {other:?}")).into()),
+            other => Err(Error::Raft(format!("unexpected result of {}: {other:?}", order.as_str())).into()),
+        }
+    }
+
+    async fn set_parameters(
+        &self,
+        request: Request<pb::SetParametersRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        let cluster = self.resolve_cluster(&req.cluster)?.name;
+        let command = Command::SetParameters {
+            cluster,
+            set: req.set.into_iter().collect(),
+            unset: req.unset,
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of config set: {other:?}")).into()),
         }
     }
 
@@ -910,6 +956,7 @@ impl AdminService for AdminServiceImpl {
         if member.is_empty() {
             return Err(invalid("node", "name the node").into());
         }
+        let _serial = self.out_of_service.lock().await;
         let cluster = self.resolve_cluster(&req.cluster)?;
         if req.on {
             // Only the leader holds the reports the stall check needs.

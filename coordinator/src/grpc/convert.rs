@@ -2,7 +2,7 @@
 
 use pgquorum_proto::v1 as pb;
 
-use crate::state::{Cluster, FailoverRecord, HistoryEvent, Member, Policy, ScheduledSwitchover};
+use crate::state::{Cluster, FailoverRecord, HistoryEvent, Member, Order, Policy, ScheduledSwitchover};
 
 impl From<&Policy> for pb::Policy {
     fn from(p: &Policy) -> pb::Policy {
@@ -58,6 +58,15 @@ impl From<&FailoverRecord> for pb::FailoverRecord {
     }
 }
 
+/// The members with `order` asked and not done.
+fn pending(c: &Cluster, order: Order) -> Vec<String> {
+    c.members
+        .keys()
+        .filter(|m| c.pending(m, order) > 0)
+        .cloned()
+        .collect()
+}
+
 impl From<&ScheduledSwitchover> for pb::ScheduledSwitchover {
     fn from(s: &ScheduledSwitchover) -> pb::ScheduledSwitchover {
         pb::ScheduledSwitchover {
@@ -100,7 +109,11 @@ impl From<&Cluster> for pb::Cluster {
             drained: c.drained.iter().cloned().collect(),
             held: c.held.iter().cloned().collect(),
             maintenance: c.maintenance.iter().cloned().collect(),
-            reinit_pending: c.reinit.keys().cloned().collect(),
+            reinit_pending: pending(c, Order::Reinit),
+            restart_pending: pending(c, Order::Restart),
+            reload_pending: pending(c, Order::Reload),
+            parameters: c.parameters.clone().into_iter().collect(),
+            parameters_version: c.parameters_version,
             scheduled_switchover: c.scheduled_switchover.as_ref().map(Into::into),
         }
     }

@@ -110,8 +110,10 @@ pub fn alerts(cluster: &Cluster, statuses: &[NodeStatus], stuck: Option<String>)
             }
             continue;
         }
-        if cluster.in_maintenance(&s.name) {
-            // The operator is working on it: stopped or lagging is expected.
+        let waited_for = cluster.sync_set.iter().any(|m| m == &s.name);
+        if cluster.in_maintenance(&s.name) && !(waited_for && s.health == DISCONNECTED) {
+            // The operator is working on it: stopped or lagging is expected (unless
+            // the primary may still wait for it: then it is said below as ever).
             push(
                 Severity::Warning,
                 &s.name,

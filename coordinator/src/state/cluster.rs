@@ -145,10 +145,16 @@ pub struct Cluster {
     /// Postgres as the operator leaves it. Never the primary.
     #[serde(default)]
     pub maintenance: std::collections::BTreeSet<String>,
-    /// Standbys an operator asked to rebuild from a fresh base backup (`pgquorum
-    /// reinit`), until their agents report it done.
+    /// What operators asked of members' agents (`pgquorum reinit`, `restart`,
+    /// `reload`), until the agents report it done.
     #[serde(default)]
-    pub reinit: BTreeMap<String, ReinitAsked>,
+    pub orders: BTreeMap<String, BTreeMap<Order, Asked>>,
+    /// Postgres parameters for every node (`pgquorum config set`; see
+    /// [`crate::state::parameters`]), and the log index of their last change.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    #[serde(default)]
+    pub parameters_version: u64,
     /// A switchover the leader starts at its time (`switchover --at`); dropped by any
     /// failover or switchover that starts first.
     #[serde(default)]
@@ -166,15 +172,40 @@ pub struct ScheduledSwitchover {
     pub from: String,
     pub actor: String,
     pub asked_at_ms: u64,
+    /// The log index of the request: what the start names (see
+    /// [`crate::state::Command::StartFailover`]).
+    #[serde(default)]
+    pub log_index: u64,
 }
 
 /// How the reason of a switchover the leader started on schedule begins.
 pub const SCHEDULED: &str = "scheduled";
 
-/// A rebuild asked for: its token (the log index of the request, which the agent
+/// Something an operator asks of one member's agent, carried out once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Order {
+    /// Rebuild a standby from a fresh base backup of the primary.
+    Reinit,
+    /// Restart Postgres (a primary in place, under its lease).
+    Restart,
+    /// Reload Postgres's configuration.
+    Reload,
+}
+
+impl Order {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Order::Reinit => "reinit",
+            Order::Restart => "restart",
+            Order::Reload => "reload",
+        }
+    }
+}
+
+/// An order as asked: its token (the log index of the request, which the agent
 /// reports back once done) and when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReinitAsked {
+pub struct Asked {
     pub token: u64,
     pub at_ms: u64,
 }
@@ -211,7 +242,9 @@ impl Cluster {
             primary_roster: None,
             removed: Vec::new(),
             maintenance: Default::default(),
-            reinit: BTreeMap::new(),
+            orders: BTreeMap::new(),
+            parameters: BTreeMap::new(),
+            parameters_version: 0,
             scheduled_switchover: None,
             history: VecDeque::new(),
             created_at_ms,
@@ -248,18 +281,28 @@ impl Cluster {
             );
         }
         if let Some(f) = &self.failover {
-            if f.old_primary == member || f.candidate == member {
-                return Err(format!("the {} in flight involves it", f.kind));
-            }
+            return Err(format!(
+                "a {} to epoch {} is in flight; ask again once it is done",
+                f.kind, f.to_epoch
+            ));
         }
         Ok(())
     }
 
-    /// Why `member` may not be rebuilt now, if it may not: the primary, or a node the
-    /// failover in flight involves.
-    pub fn may_reinit(&self, member: &str) -> Result<(), String> {
-        if self.primary.as_deref() == Some(member) {
+    /// Why `order` may not be asked of `member` now, if it may not: a rebuild of the
+    /// primary, a rebuild or restart of a node the failover in flight involves.
+    pub fn may_order(&self, member: &str, order: Order) -> Result<(), String> {
+        if order == Order::Reload {
+            return Ok(());
+        }
+        if order == Order::Reinit && self.primary.as_deref() == Some(member) {
             return Err("it is the primary; switch over first".into());
+        }
+        if order == Order::Reinit && self.in_maintenance(member) {
+            return Err(format!(
+                "it is in maintenance (its agent leaves its data alone); end it first: pgquorum maintenance \
+                 off {member}"
+            ));
         }
         if let Some(f) = &self.failover {
             if f.old_primary == member || f.candidate == member {
@@ -269,10 +312,30 @@ impl Cluster {
         Ok(())
     }
 
-    /// Whether `member` may be promoted or join the sync set as far as the operator is
-    /// concerned: not in maintenance.
+    /// Whether `member` is in maintenance (`pgquorum maintenance on`).
     pub fn in_maintenance(&self, member: &str) -> bool {
         self.maintenance.contains(member)
+    }
+
+    /// Whether an operator took `member` out of service: in maintenance, or to be
+    /// rebuilt (its data may be about to go). Such a member is never promoted and
+    /// never joins the sync set (the coordinators replace it there first).
+    pub fn out_of_service(&self, member: &str) -> bool {
+        self.in_maintenance(member) || self.pending(member, Order::Reinit) > 0
+    }
+
+    /// The token of the `order` asked of `member` and not done yet (0: none).
+    pub fn pending(&self, member: &str, order: Order) -> u64 {
+        self.orders
+            .get(member)
+            .and_then(|o| o.get(&order))
+            .map_or(0, |a| a.token)
+    }
+
+    /// Whether `member` is the primary and was asked to restart: its agent restarts
+    /// it in place, under its lease, and its stop is no failure.
+    pub fn restarting_primary(&self, member: &str) -> bool {
+        self.primary.as_deref() == Some(member) && self.pending(member, Order::Restart) > 0
     }
 
     /// Whether an operator took `member` out of read routing: drained, or in

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::cluster::{Cluster, Member, ReplicaRoute};
+use super::cluster::{Cluster, Member, Order, ReplicaRoute};
 use super::policy::{Policy, PolicyError};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +82,10 @@ pub enum Command {
         reason: String,
         actor: String,
         at_ms: u64,
+        /// Set when the leader starts the scheduled switchover: the log index of its
+        /// schedule, which must still be the one in the state (not cancelled).
+        #[serde(default)]
+        scheduled: Option<u64>,
     },
     /// Step 2: the old primary is fenced and the candidate chosen; `sync_set` is the
     /// committed sync set from now on (without the candidate).
@@ -169,18 +173,29 @@ pub enum Command {
         actor: String,
         at_ms: u64,
     },
-    /// An operator asks to rebuild a standby from a fresh base backup (see
-    /// [`crate::state::Cluster::reinit`]).
-    RequestReinit {
+    /// Change the cluster's Postgres parameters (see
+    /// [`crate::state::parameters`]).
+    SetParameters {
         cluster: String,
-        member: String,
+        set: BTreeMap<String, String>,
+        unset: Vec<String>,
         actor: String,
         at_ms: u64,
     },
-    /// The agent of `member` reported the rebuild `token` done.
-    ReinitDone {
+    /// An operator asks `order` of `member`'s agent (see
+    /// [`crate::state::Cluster::orders`]). A repeat replaces an order not done yet.
+    AskNode {
         cluster: String,
         member: String,
+        order: Order,
+        actor: String,
+        at_ms: u64,
+    },
+    /// The agent of `member` reported `order` number `token` done.
+    NodeDone {
+        cluster: String,
+        member: String,
+        order: Order,
         token: u64,
         at_ms: u64,
     },
@@ -283,11 +298,15 @@ pub enum CommandError {
     /// A switchover that cannot be scheduled (or cancelled); says why.
     #[error("cluster {cluster:?}: {why}")]
     Schedule { cluster: String, why: String },
-    /// A member that may not be rebuilt now; says why.
-    #[error("{member:?} of cluster {cluster:?} cannot be rebuilt: {why}")]
-    NoReinit {
+    /// A parameter change refused; says why, naming the parameter.
+    #[error("cluster {cluster:?}: {why}")]
+    Parameters { cluster: String, why: String },
+    /// An order a member may not be given now; says why.
+    #[error("{member:?} of cluster {cluster:?}: no {order} now: {why}")]
+    NoOrder {
         cluster: String,
         member: String,
+        order: String,
         why: String,
     },
     /// A member that may not be removed now; says why.

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod command;
+pub mod parameters;
 pub mod policy;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use cluster::{
-    Cluster, FailoverRecord, HistoryEvent, LeaseSettling, Member, ReplicaRoute, ScheduledSwitchover,
+    Cluster, FailoverRecord, HistoryEvent, LeaseSettling, Member, Order, ReplicaRoute, ScheduledSwitchover,
     SCHEDULED,
 };
 pub use command::{Command, CommandError, CommandOutput, CommandResult};
@@ -322,6 +323,7 @@ impl ClusterState {
                 at_ms,
             } => {
                 let c = self.member_cluster_mut(cluster, candidate)?;
+                out_of_service(c, candidate)?;
                 let f = match &mut c.failover {
                     Some(f) if f.to_epoch == *to_epoch && f.step == "started" && f.old_primary != *candidate => f,
                     other => {
@@ -487,7 +489,7 @@ impl ClusterState {
                 c.drained.remove(member);
                 c.held.remove(member);
                 c.maintenance.remove(member);
-                c.reinit.remove(member);
+                c.orders.remove(member);
                 c.replica_routes.remove(member);
                 if let Some(roster) = c.primary_roster.as_mut() {
                     roster.remove(member);
@@ -585,18 +587,27 @@ impl ClusterState {
                 actor,
                 at_ms,
             } => self.cancel_switchover(cluster, why, actor, *at_ms, log_index),
-            Command::RequestReinit {
+            Command::SetParameters {
                 cluster,
-                member,
+                set,
+                unset,
                 actor,
                 at_ms,
-            } => self.request_reinit(cluster, member, actor, *at_ms, log_index),
-            Command::ReinitDone {
+            } => self.set_parameters(cluster, set, unset, actor, *at_ms, log_index),
+            Command::AskNode {
                 cluster,
                 member,
+                order,
+                actor,
+                at_ms,
+            } => self.ask_node(cluster, member, *order, actor, *at_ms, log_index),
+            Command::NodeDone {
+                cluster,
+                member,
+                order,
                 token,
                 at_ms,
-            } => self.reinit_done(cluster, member, *token, *at_ms, log_index),
+            } => self.node_done(cluster, member, *order, *token, *at_ms, log_index),
             Command::ChooseCandidate {
                 cluster,
                 to_epoch,
@@ -607,6 +618,7 @@ impl ClusterState {
                 at_ms,
             } => {
                 let c = self.cluster_mut(cluster)?;
+                out_of_service(c, candidate)?;
                 let f = match &mut c.failover {
                     Some(f) if f.to_epoch == *to_epoch && f.step == "started" => f,
                     other => {
@@ -674,6 +686,11 @@ impl ClusterState {
                     }
                 };
                 c.primary = Some(primary.clone());
+                // A rebuild asked of it before is no longer one of a standby.
+                if let Some(o) = c.orders.get_mut(primary) {
+                    o.remove(&Order::Reinit);
+                }
+                c.orders.retain(|_, o| !o.is_empty());
                 c.primary_roster = Some(c.roster_without(primary));
                 c.sync_set.retain(|s| s != primary);
                 c.endpoint_version += 1;
@@ -716,6 +733,7 @@ impl ClusterState {
             reason,
             actor,
             at_ms,
+            scheduled,
         } = command
         else {
             unreachable!("called with StartFailover only")
@@ -740,11 +758,14 @@ impl ClusterState {
             if !c.members.contains_key(to) {
                 return Err(CommandError::UnknownMember(to.clone()));
             }
+            out_of_service(c, to)?;
         }
-        let dropped = c
-            .scheduled_switchover
-            .take()
-            .filter(|_| !(kind == "switchover" && reason.starts_with(cluster::SCHEDULED)));
+        if let Some(id) = scheduled {
+            if c.scheduled_switchover.as_ref().map(|s| s.log_index) != Some(*id) {
+                return step("the scheduled switchover it starts was cancelled or replaced".into());
+            }
+        }
+        let dropped = c.scheduled_switchover.take().filter(|_| scheduled.is_none());
         if let Some(s) = dropped {
             c.record(HistoryEvent {
                 at_ms: *at_ms,
@@ -865,6 +886,9 @@ impl ClusterState {
         let Some(from) = c.primary.clone() else {
             return refuse("it has no primary now".into());
         };
+        if c.policy.maintenance {
+            return refuse("it is paused; nothing is scheduled while paused (pgquorum resume)".into());
+        }
         if due_ms <= at_ms {
             return refuse(format!("{due_ms} ms (unix) is not in the future"));
         }
@@ -882,6 +906,7 @@ impl ClusterState {
             from: from.clone(),
             actor: actor.to_string(),
             asked_at_ms: at_ms,
+            log_index,
         });
         c.record(HistoryEvent {
             at_ms,
@@ -930,34 +955,34 @@ impl ClusterState {
         Ok(CommandOutput::Cluster(Box::new(c.clone())))
     }
 
-    /// [`Command::RequestReinit`]: the request's log index is its token. A repeat
-    /// replaces an earlier request not yet done (the agent does the newest once).
-    fn request_reinit(
+    /// [`Command::SetParameters`]: checked as a whole ([`parameters::change`]); a
+    /// change that changes nothing is refused (nothing to apply, nothing to record).
+    fn set_parameters(
         &mut self,
         cluster: &str,
-        member: &str,
+        set: &BTreeMap<String, String>,
+        unset: &[String],
         actor: &str,
         at_ms: u64,
         log_index: u64,
     ) -> CommandResult {
-        let c = self.member_cluster_mut(cluster, member)?;
-        c.may_reinit(member).map_err(|why| CommandError::NoReinit {
+        let c = self.cluster_mut(cluster)?;
+        let bad = |why: String| CommandError::Parameters {
             cluster: cluster.to_string(),
-            member: member.to_string(),
             why,
-        })?;
-        c.reinit.insert(
-            member.to_string(),
-            cluster::ReinitAsked {
-                token: log_index,
-                at_ms,
-            },
-        );
+        };
+        let next = parameters::change(&c.parameters, set, unset).map_err(bad)?;
+        let diff = parameters::diff(&c.parameters, &next);
+        if diff.is_empty() {
+            return Err(bad("nothing changes".into()));
+        }
+        c.parameters = next;
+        c.parameters_version = log_index;
         c.record(HistoryEvent {
             at_ms,
             epoch: 0,
-            kind: "reinit_requested".into(),
-            detail: format!("{member} to be rebuilt from a fresh base backup of the primary"),
+            kind: "config_changed".into(),
+            detail: diff.join("; "),
             actor: actor.to_string(),
             log_index,
             duration_ms: None,
@@ -965,25 +990,74 @@ impl ClusterState {
         Ok(CommandOutput::Cluster(Box::new(c.clone())))
     }
 
-    /// [`Command::ReinitDone`]: clears the request if `token` is still the one asked
-    /// (a newer request stays); otherwise changes nothing.
-    fn reinit_done(
+    /// [`Command::AskNode`]: the request's log index is its token. A repeat replaces
+    /// an order not done yet (the agent does the newest once).
+    fn ask_node(
         &mut self,
         cluster: &str,
         member: &str,
+        order: Order,
+        actor: &str,
+        at_ms: u64,
+        log_index: u64,
+    ) -> CommandResult {
+        let c = self.member_cluster_mut(cluster, member)?;
+        c.may_order(member, order).map_err(|why| CommandError::NoOrder {
+            cluster: cluster.to_string(),
+            member: member.to_string(),
+            order: order.as_str().to_string(),
+            why,
+        })?;
+        c.orders.entry(member.to_string()).or_default().insert(
+            order,
+            cluster::Asked {
+                token: log_index,
+                at_ms,
+            },
+        );
+        let what = match order {
+            Order::Reinit => "to be rebuilt from a fresh base backup of the primary",
+            Order::Restart => "to restart Postgres",
+            Order::Reload => "to reload Postgres's configuration",
+        };
+        c.record(HistoryEvent {
+            at_ms,
+            epoch: 0,
+            kind: format!("{}_requested", order.as_str()),
+            detail: format!("{member} {what}"),
+            actor: actor.to_string(),
+            log_index,
+            duration_ms: None,
+        });
+        Ok(CommandOutput::Cluster(Box::new(c.clone())))
+    }
+
+    /// [`Command::NodeDone`]: clears the order if `token` is still the one asked (a
+    /// newer request stays); otherwise changes nothing.
+    fn node_done(
+        &mut self,
+        cluster: &str,
+        member: &str,
+        order: Order,
         token: u64,
         at_ms: u64,
         log_index: u64,
     ) -> CommandResult {
         let c = self.member_cluster_mut(cluster, member)?;
-        if let Some(asked) = c.reinit.get(member).copied().filter(|a| a.token == token) {
-            c.reinit.remove(member);
+        let asked = c.orders.get(member).and_then(|o| o.get(&order)).copied();
+        if let Some(asked) = asked.filter(|a| a.token == token) {
+            if let Some(o) = c.orders.get_mut(member) {
+                o.remove(&order);
+                if o.is_empty() {
+                    c.orders.remove(member);
+                }
+            }
             let took = at_ms.saturating_sub(asked.at_ms);
             c.record(HistoryEvent {
                 at_ms,
                 epoch: 0,
-                kind: "reinit_done".into(),
-                detail: format!("{member} rebuilt from a fresh base backup ({took} ms after the request)"),
+                kind: format!("{}_done", order.as_str()),
+                detail: format!("{member}: {} done ({took} ms after the request)", order.as_str()),
                 actor: "coordinator".into(),
                 log_index,
                 duration_ms: Some(took),
@@ -1006,6 +1080,17 @@ impl ClusterState {
             .get_mut(name)
             .ok_or_else(|| CommandError::UnknownCluster(name.to_string()))
     }
+}
+
+/// Refuses `candidate` for a promotion when an operator took it out of service
+/// (checked again as the step is applied: a maintenance or a rebuild asked meanwhile).
+fn out_of_service(c: &Cluster, candidate: &str) -> Result<(), CommandError> {
+    if c.out_of_service(candidate) {
+        return Err(CommandError::FailoverStep(format!(
+            "{candidate} is in maintenance or to be rebuilt: never promoted"
+        )));
+    }
+    Ok(())
 }
 
 fn check_member(m: &Member) -> Result<(), CommandError> {
@@ -1407,7 +1492,16 @@ mod tests {
             reason: reason.into(),
             actor: "coordinator".into(),
             at_ms: 2_000,
+            scheduled: None,
         };
+        let mut stale = start("scheduled");
+        if let Command::StartFailover { scheduled, .. } = &mut stale {
+            *scheduled = Some(6);
+        }
+        assert!(
+            s.apply(&stale, 9).is_err(),
+            "a start naming another schedule (cancelled, replaced) is refused"
+        );
         s.apply(&start("node1 silent"), 9).unwrap();
         let c = &s.clusters["main"];
         assert_eq!(c.scheduled_switchover, None);
@@ -1427,35 +1521,41 @@ mod tests {
     #[test]
     fn a_rebuild_is_asked_of_a_standby_and_cleared_by_its_own_token_only() {
         let mut s = primary_node1();
-        let ask = |member: &str| Command::RequestReinit {
+        let ask = |member: &str| Command::AskNode {
             cluster: "main".into(),
             member: member.into(),
+            order: Order::Reinit,
             actor: "ops".into(),
             at_ms: 100,
         };
-        let done = |token| Command::ReinitDone {
+        let done = |token| Command::NodeDone {
             cluster: "main".into(),
             member: "node3".into(),
+            order: Order::Reinit,
             token,
             at_ms: 900,
         };
         let before = s.clone();
         assert!(matches!(
             s.apply(&ask("node1"), 6),
-            Err(CommandError::NoReinit { .. })
+            Err(CommandError::NoOrder { .. })
         ));
         assert_eq!(s, before, "the primary is never rebuilt");
         s.apply(&ask("node3"), 7).unwrap();
         s.apply(&ask("node3"), 8).unwrap();
-        assert_eq!(s.clusters["main"].reinit["node3"].token, 8, "the newest request");
+        assert_eq!(
+            s.clusters["main"].pending("node3", Order::Reinit),
+            8,
+            "the newest request"
+        );
         s.apply(&done(7), 9).unwrap();
         assert!(
-            s.clusters["main"].reinit.contains_key("node3"),
+            s.clusters["main"].pending("node3", Order::Reinit) == 8,
             "an older rebuild is not this one"
         );
         s.apply(&done(8), 10).unwrap();
         let c = &s.clusters["main"];
-        assert!(c.reinit.is_empty());
+        assert!(c.orders.is_empty());
         let last = c.history.back().unwrap();
         assert_eq!((last.kind.as_str(), last.duration_ms), ("reinit_done", Some(800)));
     }
@@ -1481,6 +1581,22 @@ mod tests {
         let c = &s.clusters["main"];
         assert!(c.in_maintenance("node2") && c.out_of_reads("node2"));
         assert_eq!(c.endpoint_version, v0 + 1);
+        let to_node2 = Command::StartFailover {
+            cluster: "main".into(),
+            from_epoch: 1,
+            old_primary: "node1".into(),
+            candidate: Some("node2".into()),
+            accept_data_loss: false,
+            kind: "switchover".into(),
+            reason: "ops".into(),
+            actor: "ops".into(),
+            at_ms: 8,
+            scheduled: None,
+        };
+        assert!(
+            matches!(s.apply(&to_node2, 8), Err(CommandError::FailoverStep(_))),
+            "never promoted in maintenance, however the request raced it"
+        );
         s.apply(&set("node2", false), 8).unwrap();
         assert!(!s.clusters["main"].out_of_reads("node2"));
         let kinds: Vec<&str> = s.clusters["main"]
@@ -1624,6 +1740,7 @@ mod tests {
             reason: "test".into(),
             actor: "test".into(),
             at_ms: 6,
+            scheduled: None,
         }
     }
 

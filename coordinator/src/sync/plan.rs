@@ -113,7 +113,7 @@ fn desired(cluster: &Cluster, reports: &ClusterReports) -> Vec<String> {
         let mut candidates: Vec<_> = cluster
             .members
             .values()
-            .filter(|m| m.sync_eligible && m.name != primary_name && !cluster.in_maintenance(&m.name))
+            .filter(|m| m.sync_eligible && m.name != primary_name && !cluster.out_of_service(&m.name))
             .filter(|m| replication_of(Some(primary), &m.name).is_some_and(|r| r.state == "streaming"))
             // A newcomer must hold every write acknowledged before the last promotion.
             .filter(|m| {
@@ -148,18 +148,24 @@ fn desired(cluster: &Cluster, reports: &ClusterReports) -> Vec<String> {
 }
 
 /// Why taking `member` out of service (maintenance, a rebuild) would stall the
-/// primary's commits, if it would: in strict mode a sync standby leaves the set only
-/// for a replacement, so with none the primary would keep waiting for it meanwhile.
+/// primary's commits, if it would: in strict mode the primary waits for
+/// `sync_standbys` standbys, so there must be that many others it could wait for (a
+/// sync standby leaves the set only for a replacement; one that is not in the set yet
+/// may be the only one that could join it).
 pub fn leaving_stalls(cluster: &Cluster, reports: &ClusterReports, member: &str) -> Option<String> {
-    if cluster.policy.sync_mode != SyncMode::Strict || !cluster.sync_set.iter().any(|s| s == member) {
+    if cluster.policy.sync_mode != SyncMode::Strict {
         return None;
     }
+    let k = wanted(cluster);
     let mut after = cluster.clone();
     after.maintenance.insert(member.to_string());
-    desired(&after, reports).iter().any(|n| n == member).then(|| {
+    let wanted_after = desired(&after, reports);
+    let others = wanted_after.iter().filter(|n| *n != member).count();
+    (others < k).then(|| {
         format!(
-            "strict sync mode and no other streaming standby can replace {member} in the sync set: the \
-             primary's commits would wait for it; add a standby or lower sync_standbys first"
+            "strict sync mode needs {k} synchronous standby(s) and without {member} only {others} other \
+             streaming standby(s) could be one: the primary's commits would wait for it; add a standby, \
+             lower sync_standbys or use sync_mode=prefer first"
         )
     })
 }
@@ -370,7 +376,7 @@ mod tests {
             ("node3", standby("0/3000000", 0), 10),
         ]);
         assert_eq!(leaving_stalls(&c, &both, "node2"), None, "node3 can replace it");
-        assert_eq!(leaving_stalls(&c, &both, "node3"), None, "not in the set");
+        assert_eq!(leaving_stalls(&c, &both, "node3"), None, "node2 stays");
         c.maintenance.insert("node2".into());
         assert_eq!(
             plan(&c, &both).commit.unwrap().0,
@@ -392,6 +398,11 @@ mod tests {
         ]);
         let why = leaving_stalls(&c, &alone, "node2").expect("no replacement: the primary would wait");
         assert!(why.contains("strict"), "{why}");
+        // Not in the set yet, but the only one that could join it (a switchover's old
+        // primary, say): the primary would wait for nobody.
+        let mut fresh_set = c.clone();
+        fresh_set.sync_set.clear();
+        assert!(leaving_stalls(&fresh_set, &alone, "node2").is_some());
         c.policy = Policy::default()
             .with_settings([("sync_mode", "prefer")])
             .unwrap();

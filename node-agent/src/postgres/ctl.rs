@@ -27,6 +27,9 @@ use crate::guard::GuardFiles;
 
 /// The file with this node's settings, next to postgresql.conf.
 const NODE_CONF: &str = "pgquorum.conf";
+/// The cluster's parameters (`pgquorum config set`), included first from
+/// [`NODE_CONF`]: the node's own settings come after and win.
+const CLUSTER_CONF: &str = "pgquorum.cluster.conf";
 const PRELOAD: &str = "shared_preload_libraries";
 
 /// Who Postgres runs as: the agent's own user, or `os_user` when the agent is root.
@@ -425,6 +428,35 @@ impl PostgresCtl {
         Ok(())
     }
 
+    /// Writes the cluster's parameters (`pgquorum config set`) to their file, and makes
+    /// sure this node's settings include it (a data directory from before has them
+    /// without): reload to apply.
+    pub fn write_cluster_parameters(
+        &self,
+        parameters: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let mut text =
+            String::from("# The cluster's parameters, written by pgquorum-agent from `pgquorum config`.\n");
+        for (k, v) in parameters {
+            let _ = writeln!(text, "{k} = {}", quote(v));
+        }
+        let path = self.cfg.data_dir.join(CLUSTER_CONF);
+        let tmp = path.with_extension("conf.tmp");
+        std::fs::write(&tmp, text)?;
+        if let Some(r) = self.run_as {
+            chown(&tmp, Some(r.uid), Some(r.gid)).map_err(std::io::Error::from)?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        let node_conf = self.cfg.data_dir.join(NODE_CONF);
+        let include = format!("include_if_exists = '{CLUSTER_CONF}'");
+        if let Ok(current) = std::fs::read_to_string(&node_conf) {
+            if !current.contains(&include) {
+                std::fs::write(&node_conf, format!("{include}\n{current}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces the data directory of the stopped server with a fresh base backup of
     /// `upstream` (`pgquorum reinit`). The marker written first makes a rebuild cut
     /// short (a crash, a failed backup) start over rather than run a half copy.
@@ -487,7 +519,9 @@ impl PostgresCtl {
 
     fn write_settings(&self, upstream: Option<&Upstream>) -> Result<()> {
         let c = &self.cfg;
-        let mut s = String::from("# Written by pgquorum-agent; changes are overwritten.\n");
+        let mut s = format!(
+            "# Written by pgquorum-agent; changes are overwritten.\n# The cluster's parameters (pgquorum config set); this node's own below win.\ninclude_if_exists = '{CLUSTER_CONF}'\n"
+        );
         let mut set = |k: &str, v: &str| {
             let _ = writeln!(s, "{k} = {}", quote(v));
         };

@@ -209,12 +209,66 @@ impl Observer {
         })
     }
 
+    /// The parameters waiting for a restart, and the settings of the cluster's file
+    /// Postgres refused ("name: error"; a changed parameter that waits for a restart
+    /// is not refused, though pg_file_settings says it "could not be applied").
+    pub async fn settings(&mut self) -> Result<Settings> {
+        let target = format!("local postgres port {}", self.cfg.port);
+        let client = self.client().await?;
+        let fail = |e: tokio_postgres::Error| Error::Postgres {
+            target: target.clone(),
+            detail: e.to_string(),
+        };
+        let names = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        let pending = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            client.query(
+                "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name",
+                &[],
+            ),
+        )
+        .await
+        .map_err(|_| Error::Postgres {
+            target: target.clone(),
+            detail: "pg_settings: timed out".into(),
+        })?
+        .map_err(fail)?;
+        let errors = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            client.query(
+                "SELECT coalesce(name, '(line ' || sourceline || ')') || ': ' || error FROM pg_file_settings \
+                 WHERE error IS NOT NULL AND sourcefile LIKE '%/pgquorum.cluster.conf' \
+                 AND NOT (error = 'setting could not be applied' \
+                          AND name IN (SELECT name FROM pg_settings WHERE pending_restart)) \
+                 ORDER BY sourceline",
+                &[],
+            ),
+        )
+        .await
+        .map_err(|_| Error::Postgres {
+            target: target.clone(),
+            detail: "pg_file_settings: timed out".into(),
+        })?
+        .map_err(fail)?;
+        Ok(Settings {
+            pending_restart: names(pending),
+            errors: names(errors),
+        })
+    }
+
     /// Makes the primary wait for exactly these standbys: ALTER SYSTEM, then reload.
     pub async fn set_synchronous_standby_names(&mut self, value: &str) -> Result<()> {
         let sql = format!("ALTER SYSTEM SET synchronous_standby_names = {}", quote(value));
         self.exec(&[sql.as_str(), "SELECT pg_reload_conf()"], QUERY_TIMEOUT)
             .await
     }
+}
+
+/// What [`Observer::settings`] read.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    pub pending_restart: Vec<String>,
+    pub errors: Vec<String>,
 }
 
 impl Observer {
