@@ -402,7 +402,13 @@ pub async fn follow(
             _ if s.epoch >= f.to_epoch
                 && s.nodes.iter().any(|n| n.name == s.primary && n.role == "primary") =>
             {
-                return Ok((s, started.elapsed().as_millis() as u64));
+                let ms = started.elapsed().as_millis() as u64;
+                // The last step, however quickly the others went by (people get
+                // the outcome from the caller).
+                if ctx.json {
+                    eprintln!("{ms} ms: done ({} runs as primary)", s.primary);
+                }
+                return Ok((s, ms));
             }
             _ => "completing".to_string(),
         };

@@ -199,16 +199,20 @@ mod tests {
         let mut c = cluster();
         c.sync_set = vec!["node2".into()];
         for node in ["node2", "node3"] {
-            c.orders.entry(node.into()).or_default().insert(
-                Order::Reinit,
-                crate::state::cluster::Asked { token: 5, at_ms: 0 },
-            );
+            c.orders
+                .entry(node.into())
+                .or_default()
+                .insert(Order::Reinit, crate::state::cluster::Asked { token: 5, at_ms: 0 });
         }
         let r = reports(vec![
             ("node2", standby("0/5000000", 0), 10),
             ("node3", standby("0/5000000", 0), 10),
         ]);
-        assert_eq!(heartbeat_reply(&c, &r, "node2", false).reinit, 0, "still in the sync set");
+        assert_eq!(
+            heartbeat_reply(&c, &r, "node2", false).reinit,
+            0,
+            "still in the sync set"
+        );
         assert_eq!(heartbeat_reply(&c, &r, "node3", false).reinit, 5);
         c.failover = Some(crate::state::FailoverRecord {
             kind: "failover".into(),
@@ -225,7 +229,11 @@ mod tests {
             candidate_lsn: String::new(),
             accept_data_loss: false,
         });
-        assert_eq!(heartbeat_reply(&c, &r, "node3", false).reinit, 0, "a failover may need it");
+        assert_eq!(
+            heartbeat_reply(&c, &r, "node3", false).reinit,
+            0,
+            "a failover may need it"
+        );
     }
 
     #[test]
