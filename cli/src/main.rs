@@ -302,6 +302,14 @@ enum ClusterCommand {
         #[arg(long)]
         local: bool,
     },
+    /// Forget a cluster for good (its databases retired): state, history, endpoint
+    /// map. Refused while any of its agents reports: stop them first.
+    Delete {
+        name: String,
+        /// Say you mean it: nothing of the cluster is kept.
+        #[arg(long)]
+        yes_i_am_sure: bool,
+    },
     /// Answer a node held since force-new-group again (check it first: a returning old
     /// primary may hold writes the new primary never had; readmitted, it is rewound).
     Readmit { cluster: String, node: String },
@@ -641,6 +649,9 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
         },
         Command::Cluster(c) => match c {
             ClusterCommand::Create { name, settings } => cluster::create(&ctx()?, &name, &settings).await,
+            ClusterCommand::Delete { name, yes_i_am_sure } => {
+                cluster::delete(&ctx()?, &name, yes_i_am_sure).await
+            }
             ClusterCommand::List { local } => cluster::list(&ctx()?, local).await,
             ClusterCommand::Show { name, local } => cluster::show(&ctx()?, &name, local).await,
             ClusterCommand::Readmit { cluster, node } => cluster::readmit(&ctx()?, &cluster, &node).await,

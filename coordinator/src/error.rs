@@ -113,7 +113,10 @@ impl From<Error> for tonic::Status {
             | Error::Command(CommandError::NotRemovable { .. })
             | Error::Command(CommandError::NoMaintenance { .. })
             | Error::Command(CommandError::NoOrder { .. })
-            | Error::Command(CommandError::Schedule { .. }) => tonic::Status::failed_precondition(message),
+            | Error::Command(CommandError::Schedule { .. })
+            | Error::Command(CommandError::NotDeletable { .. }) => {
+                tonic::Status::failed_precondition(message)
+            }
             // Unavailable, not a final refusal: the agent must go on to the other
             // coordinators (the new group) rather than give up the heartbeat.
             Error::GroupReplaced { .. } | Error::GroupReforming => tonic::Status::unavailable(message),

@@ -1,7 +1,7 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
 //! alerts and their exit code, a group without quorum, pause and resume, the agents'
 //! health endpoints and every daemon's metrics, agent identity. Each test has its own
-//! ports (27800-27870, 29600-29670, 29700-29990, 30400-31270) and directory.
+//! ports (27800-27870, 29600-29670, 29700-29990, 30400-31670) and directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -1075,4 +1075,40 @@ async fn config_set_then_a_rolling_restart_of_what_is_pending() {
     for kind in ["config_changed", "restart_done", "reload_done"] {
         assert!(history.contains(kind), "{kind}: {history}");
     }
+}
+
+/// `cluster delete`: refused without --yes-i-am-sure and while agents report; once
+/// every node is stopped the cluster is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_is_deleted_only_once_its_agents_are_stopped() {
+    let mut sandbox = start_sandbox(31600, 31610).await;
+    let addrs = sandbox.client_addrs().join(",");
+    let refused = |args: &[&str], why: &str| {
+        let mut all = vec!["--coordinators", &addrs, "cluster", "delete", "main"];
+        all.extend_from_slice(args);
+        let out = cli(&all);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(why), "{err}");
+    };
+    refused(&[], "--yes-i-am-sure");
+    refused(&["--yes-i-am-sure"], "still report");
+    for node in ["node1", "node2", "node3"] {
+        sandbox.stop_node(node).unwrap();
+    }
+    eventually("the cluster deleted", WAIT, || async {
+        cli(&[
+            "--coordinators",
+            &addrs,
+            "cluster",
+            "delete",
+            "main",
+            "--yes-i-am-sure",
+        ])
+        .status
+        .success()
+    })
+    .await;
+    let list = cli_json(&["--coordinators", &addrs, "cluster", "list"]);
+    assert_eq!(list, serde_json::json!([]), "no cluster left");
 }

@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 use super::{actor, consistency, parse_settings, Ctx};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::output::{emit, table, timestamp};
 use pgquorum_client::pb;
 
@@ -119,6 +119,45 @@ pub async fn remove(ctx: &Ctx, cluster: &str, node: &str) -> Result<()> {
             cluster_table(&cluster)
         )
     });
+    Ok(())
+}
+
+/// `pgquorum cluster delete NAME --yes-i-am-sure`.
+pub async fn delete(ctx: &Ctx, name: &str, sure: bool) -> Result<()> {
+    if !sure {
+        return Err(Error::Usage(format!(
+            "deleting cluster {name:?} forgets its state, history and endpoint map for good; stop its \
+             agents, then add --yes-i-am-sure"
+        )));
+    }
+    let request = pb::DeleteClusterRequest {
+        name: name.to_string(),
+        actor: actor(),
+    };
+    let reply = ctx
+        .coordinators
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.delete_cluster(request).await }
+        })
+        .await?;
+    let gone = reply.cluster.unwrap_or_default();
+    emit(
+        ctx.json,
+        &json!({"deleted": gone.name, "epoch": gone.epoch}),
+        || {
+            format!(
+                "cluster {} deleted (it was at epoch {}, primary {})",
+                gone.name,
+                gone.epoch,
+                if gone.primary.is_empty() {
+                    "-"
+                } else {
+                    &gone.primary
+                }
+            )
+        },
+    );
     Ok(())
 }
 

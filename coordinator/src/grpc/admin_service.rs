@@ -616,6 +616,61 @@ impl AdminService for AdminServiceImpl {
         }
     }
 
+    async fn delete_cluster(
+        &self,
+        request: Request<pb::DeleteClusterRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        let actor = actor(&request, &request.get_ref().actor);
+        let req = request.into_inner();
+        if req.name.trim().is_empty() {
+            return Err(invalid("name", "name the cluster to delete").into());
+        }
+        self.require_leader().await?;
+        let cluster = self.resolve_cluster(req.name.trim())?;
+        // An agent that still reports would find its cluster gone mid-flight: every
+        // one must be stopped first. A new leader has heard nobody yet.
+        let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
+        let listening = std::time::Duration::from_millis(cluster.policy.failure_timeout_ms);
+        let refuse = |why: String| -> Status {
+            Error::Command(crate::state::CommandError::NotDeletable {
+                cluster: cluster.name.clone(),
+                why,
+            })
+            .into()
+        };
+        if reports.leader_for < listening {
+            return Err(refuse(format!(
+                "this leader has listened to the agents for {} ms only; ask again after {} ms",
+                reports.leader_for.as_millis(),
+                listening.as_millis()
+            )));
+        }
+        let reporting: Vec<&String> = cluster
+            .members
+            .keys()
+            .filter(|m| crate::observe::health::fresh(&cluster, &reports, m).is_some())
+            .collect();
+        if !reporting.is_empty() {
+            return Err(refuse(format!(
+                "the agents of {} still report; stop them (and their Postgres) first",
+                reporting
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let command = Command::DeleteCluster {
+            name: cluster.name.clone(),
+            actor,
+            at_ms: now_ms(),
+        };
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of delete: {other:?}")).into()),
+        }
+    }
+
     async fn list_clusters(
         &self,
         request: Request<pb::ListClustersRequest>,

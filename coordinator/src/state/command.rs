@@ -24,6 +24,8 @@ pub enum Command {
         actor: String,
         at_ms: u64,
     },
+    /// Forget a cluster for good (see `AdminService.DeleteCluster`).
+    DeleteCluster { name: String, actor: String, at_ms: u64 },
     /// Change some fields of a cluster's policy.
     SetPolicy {
         cluster: String,
@@ -298,6 +300,9 @@ pub enum CommandError {
     /// A switchover that cannot be scheduled (or cancelled); says why.
     #[error("cluster {cluster:?}: {why}")]
     Schedule { cluster: String, why: String },
+    /// A cluster that may not be deleted now; says why.
+    #[error("cluster {cluster:?} cannot be deleted: {why}")]
+    NotDeletable { cluster: String, why: String },
     /// A parameter change refused; says why, naming the parameter.
     #[error("cluster {cluster:?}: {why}")]
     Parameters { cluster: String, why: String },

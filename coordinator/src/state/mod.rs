@@ -88,6 +88,14 @@ impl ClusterState {
                 self.clusters.insert(name.clone(), cluster.clone());
                 Ok(CommandOutput::Cluster(Box::new(cluster)))
             }
+            Command::DeleteCluster { name, actor, at_ms } => {
+                let gone = self
+                    .clusters
+                    .remove(name)
+                    .ok_or_else(|| CommandError::UnknownCluster(name.clone()))?;
+                tracing::warn!(cluster = %name, %actor, at_ms, log_index, "cluster deleted");
+                Ok(CommandOutput::Cluster(Box::new(gone)))
+            }
             Command::SetPolicy {
                 cluster,
                 settings,
