@@ -53,6 +53,10 @@ pub struct Config {
     pub initial_members: Vec<MemberConfig>,
     #[serde(default)]
     pub raft: RaftTuning,
+    /// The STONITH hook the leader runs for a failed primary whose agent is
+    /// unreachable (see [`crate::failover::stonith`]). None: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stonith: Option<crate::failover::stonith::StonithConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +183,20 @@ impl Config {
         }
         if self.data_dir.as_os_str().is_empty() {
             return bad("data_dir", "must not be empty".into());
+        }
+        if let Some(s) = &self.stonith {
+            if s.command.trim().is_empty() {
+                return bad(
+                    "stonith.command",
+                    "must not be empty (leave [stonith] out for none)".into(),
+                );
+            }
+            if !(1..=600_000).contains(&s.timeout_ms) {
+                return bad(
+                    "stonith.timeout_ms",
+                    format!("must be 1-600000, got {}", s.timeout_ms),
+                );
+            }
         }
         let mut ids = BTreeSet::new();
         for (i, m) in self.initial_members.iter().enumerate() {
@@ -355,6 +373,12 @@ mod tests {
                 "raft.election_timeout_min_ms",
             ),
             (GOOD.replace("data_dir", "datadir"), "datadir"),
+            (format!("{GOOD}\n[stonith]\ncommand = \" \""), "stonith.command"),
+            (
+                format!("{GOOD}\n[stonith]\ncommand = \"/bin/true\"\ntimeout_ms = 0"),
+                "stonith.timeout_ms",
+            ),
+            (format!("{GOOD}\n[stonith]\ncmd = \"/bin/true\""), "cmd"),
             (
                 GOOD.replace("id = 1\n        region", "id = \"one\"\n        region"),
                 "id",

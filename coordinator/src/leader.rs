@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
+use crate::failover::stonith::{self, StonithConfig};
 use crate::failover::{decide, lease_expired, Step};
 use crate::observe::health::node_statuses;
 use crate::observe::routes::{routes, worth_publishing};
@@ -246,6 +247,23 @@ fn scheduled_switchover(cluster: &Cluster, reports: &ClusterReports, at_ms: u64)
     }
 }
 
+/// Runs the STONITH hook for `target` and records how it ended.
+async fn shoot_the_other_node(raft: Raft, config: StonithConfig, target: stonith::Target) {
+    warn!(cluster = %target.cluster, node = %target.node, epoch = target.epoch, "running the STONITH hook");
+    let outcome = stonith::run(&config, &target).await;
+    warn!(cluster = %target.cluster, node = %target.node, epoch = target.epoch, %outcome, "STONITH hook");
+    let record = Command::RecordStonith {
+        cluster: target.cluster,
+        node: target.node,
+        epoch: target.epoch,
+        outcome,
+        at_ms: now_ms(),
+    };
+    if let Err(e) = raft.client_write(record).await {
+        warn!("the STONITH outcome was not recorded: {e}");
+    }
+}
+
 /// Clears an order once the member's agent reports it done. Pure.
 fn orders_done(cluster: &Cluster, reports: &ClusterReports, at_ms: u64) -> Option<Command> {
     cluster.orders.iter().find_map(|(member, orders)| {
@@ -342,7 +360,14 @@ pub fn group_unrecorded(state_group: &str, local: Option<&GroupId>) -> bool {
     local.is_some_and(|l| recorded_group(state_group).is_some_and(|r| &r != l))
 }
 
-pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports: Reports, group: Group) {
+pub async fn run(
+    raft: Raft,
+    leadership: Leadership,
+    state: StateHandle,
+    reports: Reports,
+    group: Group,
+    stonith: Option<StonithConfig>,
+) {
     let mut was_leader = false;
     let mut stuck: HashMap<String, String> = HashMap::new();
     let pauses = PauseWatch::start();
@@ -396,13 +421,22 @@ pub async fn run(raft: Raft, leadership: Leadership, state: StateHandle, reports
                         stuck.remove(&c.name);
                     }
                 }
-                commands.extend(command);
+                let shoot = match (&stonith, &command) {
+                    (Some(_), Some(cmd)) => stonith::target(c, &reports.cluster(&c.name, now), cmd),
+                    _ => None,
+                };
+                commands.extend(command.map(|cmd| (cmd, shoot)));
             }
         }
-        for command in commands {
+        for (command, shoot) in commands {
             match raft.client_write(command.clone()).await {
                 Ok(r) => match r.data {
-                    Ok(_) => info!(?command, "committed"),
+                    Ok(_) => {
+                        info!(?command, "committed");
+                        if let (Some(config), Some(target)) = (stonith.clone(), shoot) {
+                            tokio::spawn(shoot_the_other_node(raft.clone(), config, target));
+                        }
+                    }
                     // Someone moved first; the next round decides again.
                     Err(CommandError::SyncSetChanged { .. } | CommandError::FailoverStep(_)) => {}
                     Err(e) => warn!(?command, "refused: {e}"),

@@ -131,6 +131,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         state.clone(),
         reports.clone(),
         group.clone(),
+        config.stonith.clone(),
     ));
 
     let server = tonic::transport::Server::builder()

@@ -1,7 +1,7 @@
 //! Day-two operations as an on-call engineer meets them: signals and log format,
 //! alerts and their exit code, a group without quorum, pause and resume, the agents'
 //! health endpoints and every daemon's metrics, agent identity. Each test has its own
-//! ports (27800-27870, 29600-29670, 29700-29990, 30400-31670) and directory.
+//! ports (27800-27870, 29600-29670, 29700-29990, 30400-31870) and directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -38,6 +38,7 @@ fn a_daemon_logs_json_on_request_and_outlives_a_sighup() {
             region: "r1".into(),
         }],
         raft: Default::default(),
+        stonith: None,
     };
     let path = dir.path().join("c.toml");
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
@@ -1111,4 +1112,44 @@ async fn a_cluster_is_deleted_only_once_its_agents_are_stopped() {
     .await;
     let list = cli_json(&["--coordinators", &addrs, "cluster", "list"]);
     assert_eq!(list, serde_json::json!([]), "no cluster left");
+}
+
+/// The STONITH hook: the leader runs it with CLUSTER NODE HOST PORT EPOCH when it
+/// fails over from a primary whose agent is unreachable (its host killed), and the
+/// history says how it ended; the failover goes on as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stonith_hook_runs_for_a_primary_whose_host_is_gone() {
+    let shot = tempfile::tempdir().unwrap();
+    let out = shot.path().join("shot");
+    let script = shot.path().join("stonith.sh");
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$@\" >> {}\n", out.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let command = script.display().to_string();
+    let mut sandbox = pgquorum_tests::start_sandbox_with(31800, 31810, |s| {
+        s.stonith = Some(pgquorum_coordinator::failover::stonith::StonithConfig {
+            command,
+            timeout_ms: 5_000,
+        });
+    })
+    .await;
+    let addrs = sandbox.client_addrs().join(",");
+    let port = sandbox.port("node1").unwrap();
+    let epoch = sandbox.status().await.unwrap().epoch;
+    sandbox.kill_host("node1").unwrap();
+    let new = wait_new_primary(&sandbox, "node1", epoch + 1, WAIT).await;
+    assert_eq!(new, "node2");
+    eventually("the hook recorded", WAIT, || async {
+        cli_json(&["--coordinators", &addrs, "history"])
+            .to_string()
+            .contains("STONITH hook for node1")
+    })
+    .await;
+    let said = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        said,
+        format!("main node1 127.0.0.1 {port} {}\n", epoch + 1),
+        "run once, with its arguments"
+    );
+    let history = cli_json(&["--coordinators", &addrs, "history"]).to_string();
+    assert!(history.contains("succeeded"), "{history}");
 }

@@ -48,6 +48,8 @@ pub struct GroupSpec {
     /// several Postgres servers, a sync can stall for hundreds of milliseconds, which a
     /// coordinator host of its own would not see (docs/faults.md, "Disks").
     pub raft_store_root: Option<PathBuf>,
+    /// Every node's STONITH hook (see `pgquorum_coordinator::failover::stonith`).
+    pub stonith: Option<pgquorum_coordinator::failover::stonith::StonithConfig>,
 }
 
 impl GroupSpec {
@@ -59,6 +61,7 @@ impl GroupSpec {
             raft: RaftTuning::default(),
             hosts: BTreeMap::new(),
             raft_store_root: None,
+            stonith: None,
         }
     }
 }
@@ -204,6 +207,7 @@ impl CoordinatorGroup {
             http: Some(self.http_of(id)),
             initial_members: founders,
             raft: self.spec.raft.clone(),
+            stonith: self.spec.stonith.clone(),
         };
         let text =
             toml::to_string(&config).map_err(|e| Error::Launch(format!("config for node {id}: {e}")))?;

@@ -76,6 +76,8 @@ pub struct SandboxSpec {
     pub router_stop_writes_after: Duration,
     /// The agents' hooks (every node the same; `PGQUORUM_NODE` tells them apart).
     pub agent_hooks: pgquorum_agent::hooks::HooksConfig,
+    /// The coordinators' STONITH hook.
+    pub stonith: Option<pgquorum_coordinator::failover::stonith::StonithConfig>,
 }
 
 impl SandboxSpec {
@@ -102,6 +104,7 @@ impl SandboxSpec {
             coordinators: 3,
             router_stop_writes_after: Duration::from_secs(30),
             agent_hooks: Default::default(),
+            stonith: None,
         }
     }
 }
@@ -224,6 +227,7 @@ impl Sandbox {
             )));
         }
         let mut group_spec = GroupSpec::new(&spec.dir, spec.coordinator_base, spec.coordinators);
+        group_spec.stonith = spec.stonith.clone();
         group_spec.raft_store_root = spec.raft_store_root.clone();
         let mut network = None;
         if spec.network {

@@ -6,6 +6,7 @@
 pub mod decide;
 pub mod manual;
 pub mod reply;
+pub mod stonith;
 
 pub use decide::{choose, decide, detect, lease_expired, sync_set_after, Candidate, Step};
 pub use reply::heartbeat_reply;

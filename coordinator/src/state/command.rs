@@ -225,6 +225,15 @@ pub enum Command {
         actor: String,
         at_ms: u64,
     },
+    /// The leader ran the STONITH hook for `node` (the failed primary before
+    /// `epoch`): how it ended, for the history.
+    RecordStonith {
+        cluster: String,
+        node: String,
+        epoch: u64,
+        outcome: String,
+        at_ms: u64,
+    },
     /// Step 3: the candidate runs as primary of `to_epoch`; publish it.
     CompletePromotion {
         cluster: String,

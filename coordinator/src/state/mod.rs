@@ -88,6 +88,25 @@ impl ClusterState {
                 self.clusters.insert(name.clone(), cluster.clone());
                 Ok(CommandOutput::Cluster(Box::new(cluster)))
             }
+            Command::RecordStonith {
+                cluster,
+                node,
+                epoch,
+                outcome,
+                at_ms,
+            } => {
+                let c = self.cluster_mut(cluster)?;
+                c.record(HistoryEvent {
+                    at_ms: *at_ms,
+                    epoch: 0,
+                    kind: "stonith".into(),
+                    detail: format!("STONITH hook for {node} (failover to epoch {epoch}): {outcome}"),
+                    actor: "coordinator".into(),
+                    log_index,
+                    duration_ms: None,
+                });
+                Ok(CommandOutput::None)
+            }
             Command::DeleteCluster { name, actor, at_ms } => {
                 let gone = self
                     .clusters
