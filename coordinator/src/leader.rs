@@ -160,8 +160,14 @@ pub fn next_command(
         .or_else(|| orders_done(cluster, reports, at_ms))
         .or_else(|| {
             // A new leader first collects reports for a failure timeout; until then
-            // every replica would look disconnected.
-            if reports.leader_for < Duration::from_millis(cluster.policy.failure_timeout_ms) {
+            // every replica would look disconnected. So would they during a handover
+            // (no primary, then one that has not reported as primary yet): the view
+            // published before stands until the new primary reports (routers and
+            // PgBouncer aliases of replicas it does not involve are left alone).
+            if reports.leader_for < Duration::from_millis(cluster.policy.failure_timeout_ms)
+                || cluster.failover.is_some()
+                || crate::observe::health::primary_report(cluster, reports).is_none()
+            {
                 return None;
             }
             let next = routes(cluster, &node_statuses(cluster, reports));
@@ -479,6 +485,61 @@ mod tests {
         assert_eq!(ack_roster(&c, &r), None, "not a member");
     }
     use crate::state::Policy;
+
+    #[test]
+    fn routes_are_published_only_while_a_primary_reports_as_such() {
+        use crate::observe::health::tests::{cluster, primary, replica, reports, standby};
+        let mut c = cluster();
+        // Neither a failover nor a sync-set change to decide first.
+        c.policy = Policy::default()
+            .with_settings([
+                ("sync_mode", "off"),
+                ("sync_standbys", "0"),
+                ("maintenance", "true"),
+            ])
+            .unwrap();
+        let with_primary = |p: bool| {
+            let mut entries = vec![("node2", standby("0/5000000", 0), 10)];
+            if p {
+                entries.push((
+                    "node1",
+                    primary(
+                        "0/5000000",
+                        "",
+                        vec![replica("node2", "streaming", "async", "0/5000000")],
+                    ),
+                    10,
+                ));
+            }
+            let mut r = reports(entries);
+            r.leader_for = Duration::from_secs(60);
+            r
+        };
+        let publishes = |c: &Cluster, r: &ClusterReports| {
+            matches!(next_command(c, r, 0).0, Some(Command::PublishRoutes { .. }))
+        };
+        assert!(publishes(&c, &with_primary(true)));
+        assert!(
+            !publishes(&c, &with_primary(false)),
+            "every replica would look disconnected"
+        );
+        c.failover = Some(crate::state::FailoverRecord {
+            kind: "switchover".into(),
+            step: "started".into(),
+            from_epoch: 1,
+            to_epoch: 2,
+            old_primary: "node1".into(),
+            candidate: "node2".into(),
+            reason: String::new(),
+            started_at_ms: 0,
+            fenced_by: String::new(),
+            fenced_at_ms: 0,
+            chosen_at_ms: 0,
+            candidate_lsn: String::new(),
+            accept_data_loss: false,
+        });
+        assert!(!publishes(&c, &with_primary(true)), "not during a handover");
+    }
 
     #[test]
     fn a_scheduled_switchover_starts_at_its_time_and_is_dropped_when_it_cannot() {

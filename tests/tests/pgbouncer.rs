@@ -104,16 +104,47 @@ async fn pgbouncer_follows_the_primary_through_a_failover() {
     })
     .await;
 
-    // --- Failover: PgBouncer's main follows to node2.
-    sandbox.kill_host("node1").unwrap();
+    // --- Switchover node1 -> node2: main follows, and a session on the read-only alias
+    // of node3, which the switchover does not involve, goes on (every alias was dropped
+    // while the map had no primary: "FATAL: database removed").
+    let node3 = sandbox.port("node3").unwrap() as i32;
+    let conninfo = "host=127.0.0.1 port=24980 user=postgres dbname=main_reporting connect_timeout=2";
+    let (reader, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let on = |r: tokio_postgres::Row| r.get::<_, i32>(0);
+    assert_eq!(
+        on(reader.query_one("SELECT inet_server_port()", &[]).await.unwrap()),
+        node3
+    );
+    let addrs = sandbox.client_addrs().join(",");
+    let out = pgquorum_tests::cli(&["--coordinators", &addrs, "switchover", "--to", "node2", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let node2 = sandbox.port("node2").unwrap() as i32;
     eventually("PgBouncer's main to reach node2", WAIT, || async {
         server_port_via_pgbouncer(24980).await == Some(node2)
     })
     .await;
+    let still = reader.query_one("SELECT inet_server_port()", &[]).await;
+    assert_eq!(
+        still.map(on).map_err(|e| e.to_string()),
+        Ok(node3),
+        "the reporting session goes on"
+    );
+
+    // --- Failover: PgBouncer's main follows to whoever is promoted.
+    let epoch = sandbox.status().await.unwrap().epoch;
+    sandbox.kill_host("node2").unwrap();
+    let new = pgquorum_tests::wait_new_primary(&sandbox, "node2", epoch + 1, WAIT).await;
+    let new_port = sandbox.port(&new).unwrap() as i32;
+    eventually("PgBouncer's main to reach the new primary", WAIT, || async {
+        server_port_via_pgbouncer(24980).await == Some(new_port)
+    })
+    .await;
     let text = std::fs::read_to_string(&databases).unwrap();
     assert!(
-        text.contains(&format!("main = host=127.0.0.1 port={node2}")),
+        text.contains(&format!("main = host=127.0.0.1 port={new_port}")),
         "{text}"
     );
 }
