@@ -130,8 +130,8 @@ enum Command {
         wait_timeout: u64,
     },
     /// Restart Postgres, rolling: standbys one at a time (each back before the next),
-    /// the primary last, in place under its lease (a short write outage, no failover)
-    /// or with --switchover after a switchover.
+    /// the primary last by switchover (--switchover; without it the primary is left
+    /// out). Nodes in maintenance are left alone.
     Restart {
         /// The nodes (or --all).
         nodes: Vec<String>,
@@ -141,7 +141,7 @@ enum Command {
         /// node names, every such node.
         #[arg(long)]
         pending: bool,
-        /// Restart the primary by switching over first (to the best candidate).
+        /// Restart the primary too, by switching over first (to the best candidate).
         #[arg(long)]
         switchover: bool,
         #[arg(long, default_value = "")]
@@ -544,13 +544,8 @@ async fn run(cli: Cli) -> pgquorum::Result<()> {
             cluster,
             wait_timeout,
         } => {
-            let how = if switchover {
-                orders::PrimaryRestart::Switchover
-            } else {
-                orders::PrimaryRestart::InPlace
-            };
             let within = Duration::from_secs(wait_timeout);
-            orders::restart(&ctx()?, &cluster, &nodes, all, pending, how, within).await
+            orders::restart(&ctx()?, &cluster, &nodes, all, pending, switchover, within).await
         }
         Command::Reload { nodes, all, cluster } => {
             orders::reload(&ctx()?, &cluster, &nodes, all, Duration::from_secs(30)).await

@@ -560,15 +560,25 @@ impl Agent {
             .is_none_or(|at| at.elapsed() >= SETTINGS_EVERY)
             || settled.is_some();
         if report.postgres_up && due {
-            match self.observer.settings().await {
-                Ok(seen) => {
+            // Within the observation's share of the round: a slow server must not
+            // hold up the heartbeat that renews the lease.
+            let budget = (self.interval * 2).clamp(Duration::from_millis(100), Duration::from_millis(500));
+            match tokio::time::timeout(budget, self.observer.settings()).await {
+                Err(_) => {
+                    self.observer.reset();
+                    warn!(
+                        "reading pg_settings took over {} ms; next round",
+                        budget.as_millis()
+                    );
+                }
+                Ok(Ok(seen)) => {
                     self.settings = seen;
                     if settled.is_some() {
                         self.parameters_version = self.parameters_written;
                         self.parameters_written_at = None;
                     }
                 }
-                Err(e) => warn!("reading pg_settings: {e}"),
+                Ok(Err(e)) => warn!("reading pg_settings: {e}"),
             }
             self.settings_checked_at = Some(Instant::now());
         }
@@ -918,14 +928,21 @@ impl Agent {
                 self.ctl.start().await
             }
             Action::ApplyParameters { parameters, version } => {
+                // Never in the way of what follows (a repoint, a start): a failure is
+                // logged and tried again next round.
                 info!(
                     version,
                     count = parameters.len(),
                     "applying the cluster's parameters"
                 );
-                self.ctl.write_cluster_parameters(&parameters)?;
+                if let Err(e) = self.ctl.write_cluster_parameters(&parameters) {
+                    warn!(version, "writing the cluster's parameters: {e}");
+                    return Ok(());
+                }
                 if self.ctl.running_pid().is_some() {
-                    self.observer.reload().await?;
+                    if let Err(e) = self.ctl.reload().await {
+                        warn!(version, "reloading postgres: {e}");
+                    }
                 }
                 self.parameters_written = version;
                 self.parameters_written_at = Some(Instant::now());
@@ -934,25 +951,22 @@ impl Agent {
             Action::Reload(token) => {
                 info!(token, "reloading postgres's configuration (pgquorum reload)");
                 if self.ctl.running_pid().is_some() {
-                    self.observer.reload().await?;
+                    self.ctl.reload().await?;
                 }
+                self.parameters_written_at = Some(Instant::now());
                 self.mark_done(|s| s.reload_done = token)?;
                 self.settings_checked_at = None;
                 Ok(())
             }
-            Action::Restart { token, primary } => {
-                warn!(token, primary, "restarting postgres (pgquorum restart)");
+            Action::Restart { token } => {
+                warn!(token, "restarting this standby's postgres (pgquorum restart)");
                 if self.ctl.running_pid().is_some() {
                     self.ctl.stop().await?;
                 }
                 self.observer.reset();
-                let started = if primary {
-                    self.start_under_lease("restart the primary").await
-                } else {
-                    self.ctl.start().await
-                };
-                // Done either way: a failed start is reported (and for the primary
-                // ends the coordinators' wait, so a failover can follow).
+                let started = self.ctl.start().await;
+                // Done either way: a failed start is reported, and the next rounds
+                // start it (StartStandby) as after any stop.
                 self.mark_done(|s| s.restart_done = token)?;
                 self.settings_checked_at = None;
                 started
@@ -1162,11 +1176,15 @@ impl Agent {
     /// Starts Postgres where it may run as a primary, only under a live lease (the
     /// guard would stop it at once otherwise); and checks again once it runs, since
     /// starting can take longer than the lease.
-    /// Records an order carried out (see [`AgentState`]) and reports at once.
+    /// Records an order carried out (see [`AgentState`]) and reports at once. Kept in
+    /// memory even when the file cannot be written (a full disk), so it is not done
+    /// again and again; only a restart of the agent then forgets it.
     fn mark_done(&mut self, done: impl FnOnce(&mut AgentState)) -> Result<()> {
         let mut next = self.state.clone();
         done(&mut next);
-        self.state_file.save(&next)?;
+        if let Err(e) = self.state_file.save(&next) {
+            warn!("cannot persist an order done: {e}");
+        }
         self.state = next;
         self.report_now = true;
         Ok(())

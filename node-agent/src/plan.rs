@@ -186,9 +186,10 @@ pub enum Action {
         parameters: std::collections::BTreeMap<String, String>,
         version: u64,
     },
-    /// An operator asked to restart Postgres (token): stop, then start — the primary
-    /// under its lease.
-    Restart { token: u64, primary: bool },
+    /// An operator asked to restart this standby's Postgres (token): stop, then start.
+    /// (The coordinators restart a primary by switchover: its agent could not renew
+    /// its lease meanwhile.)
+    Restart { token: u64 },
     /// An operator asked to reload Postgres's configuration (token).
     Reload(u64),
     /// Nothing can be done yet; the reason is reported to the log (and the next
@@ -241,7 +242,8 @@ pub fn plan(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) 
             | Action::Clone(_)
             | Action::Rejoin(_)
             | Action::StartStandby
-            | Action::Reinit { .. } => wait(
+            | Action::Reinit { .. }
+            | Action::Restart { .. } => wait(
                 "maintenance",
                 "in maintenance: postgres is left as the operator left it (`pgquorum maintenance off`)",
             ),
@@ -308,13 +310,9 @@ fn orders(local: &Local, report: &pb::NodeReport, reply: &pb::HeartbeatReply) ->
     if reply.reload > local.reload_done {
         actions.push(Action::Reload(reply.reload));
     }
-    // A restart of the primary or of a standby (never of a server running with a
-    // primary's data that is not the primary: fenced above).
-    if reply.restart > local.restart_done && (is_primary || local.standby_data) {
-        actions.push(Action::Restart {
-            token: reply.restart,
-            primary: is_primary,
-        });
+    // A restart of a standby (never of a primary, nor of a server with a primary's data).
+    if reply.restart > local.restart_done && !is_primary && local.standby_data {
+        actions.push(Action::Restart { token: reply.restart });
         return actions;
     }
     if is_primary {

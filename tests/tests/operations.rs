@@ -1017,6 +1017,9 @@ async fn config_set_then_a_rolling_restart_of_what_is_pending() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "Postgres refuses it: {err}");
     assert!(err.contains("work_mem"), "{err}");
+    assert!(err.contains("reverted"), "{err}");
+    let shown = cli_json(&["--coordinators", &addrs, "config", "show"]);
+    assert_eq!(shown["parameters"]["work_mem"], "16MB", "put back: {shown}");
     assert_eq!(
         show("node1", "work_mem").await.as_deref(),
         Some("16MB"),
@@ -1045,9 +1048,20 @@ async fn config_set_then_a_rolling_restart_of_what_is_pending() {
     let done = cli_json(&["--coordinators", &addrs, "restart", "--pending"]);
     assert_eq!(
         done["restarted"],
-        serde_json::json!(["node2", "node3", "node1"]),
-        "{done}"
+        serde_json::json!(["node2", "node3"]),
+        "standbys: {done}"
     );
+    assert_eq!(
+        done["skipped"],
+        serde_json::json!(["node1"]),
+        "the primary needs --switchover"
+    );
+    let s = sandbox.status().await.unwrap();
+    assert_eq!((s.epoch, s.primary.as_str()), (epoch, "node1"), "no failover");
+    assert!(node(&s, "node1").pending_restart && !node(&s, "node2").pending_restart);
+    let done = cli_json(&["--coordinators", &addrs, "restart", "--pending", "--switchover"]);
+    assert_eq!(done["restarted"], serde_json::json!(["node1"]), "{done}");
+    assert_eq!(done["switched_over_to"], "node2", "the sync standby");
     for node in ["node1", "node2", "node3"] {
         assert_eq!(
             show(node, "max_locks_per_transaction").await.as_deref(),
@@ -1055,14 +1069,14 @@ async fn config_set_then_a_rolling_restart_of_what_is_pending() {
             "{node}"
         );
     }
-    let s = sandbox.status().await.unwrap();
-    assert_eq!(
-        (s.epoch, s.primary.as_str()),
-        (epoch, "node1"),
-        "restarted in place: no failover"
-    );
     assert_ne!(sandbox.postmaster_pid("node1"), primary_pid, "a new postmaster");
-    assert!(s.nodes.iter().all(|n| !n.pending_restart), "{s:?}");
+    let s = sandbox
+        .wait_for("nothing pending", WAIT, |s| {
+            s.nodes.iter().all(|n| !n.pending_restart)
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.primary, "node2");
     let again = cli_json(&["--coordinators", &addrs, "restart", "--pending"]);
     assert_eq!(
         again["restarted"],

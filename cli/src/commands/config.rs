@@ -154,9 +154,36 @@ async fn apply(ctx: &Ctx, name: &str, set: HashMap<String, String>, unset: Vec<S
         out
     });
     if !refused.is_empty() {
+        // Not left in the cluster's parameters: a server restarted with them would not
+        // start. Put back what was there.
+        let mut set = HashMap::new();
+        let mut unset = Vec::new();
+        for (name, value) in &after.parameters {
+            match before.parameters.get(name) {
+                Some(old) if old != value => {
+                    set.insert(name.clone(), old.clone());
+                }
+                None => unset.push(name.clone()),
+                _ => {}
+            }
+        }
+        let revert = pb::SetParametersRequest {
+            cluster: name.to_string(),
+            set,
+            unset,
+            actor: actor(),
+        };
+        let reverted = ctx
+            .coordinators
+            .call(|mut c| {
+                let request = revert.clone();
+                async move { c.set_parameters(request).await }
+            })
+            .await
+            .map(|_| "the change is reverted".to_string())
+            .unwrap_or_else(|e| format!("reverting it failed ({e}): revert it by hand"));
         return Err(Error::Outcome(format!(
-            "Postgres refused: {}; fix it with `pgquorum config set` (the previous value stays in force \
-             where a reload was refused)",
+            "Postgres refused: {}; {reverted}",
             refused.join(" | ")
         )));
     }

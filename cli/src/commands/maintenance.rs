@@ -39,6 +39,12 @@ pub async fn maintenance(
                 );
             }
             switched_to = Some(after.primary);
+            // It rejoins as a standby first: in maintenance its agent would leave it
+            // stopped where the switchover left it.
+            super::orders::wait_for(ctx, &s.cluster, node, "rejoin as a standby", within, |n| {
+                n.role == "standby" && n.health == "HEALTHY"
+            })
+            .await?;
         }
     }
     let request = pb::MaintenanceRequest {

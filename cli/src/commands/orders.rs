@@ -45,7 +45,7 @@ fn done(n: &pb::NodeStatus, order: pb::NodeOrder, role: Option<&str>) -> bool {
 }
 
 /// Waits until `node` satisfies `ready`; its status then and the ms waited.
-async fn wait_for(
+pub(crate) async fn wait_for(
     ctx: &Ctx,
     cluster: &str,
     node: &str,
@@ -133,43 +133,64 @@ pub async fn reload(ctx: &Ctx, cluster: &str, names: &[String], all: bool, withi
     Ok(())
 }
 
-/// How a rolling restart restarts the primary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrimaryRestart {
-    /// Stop and start under its lease (a short write outage, no failover).
-    InPlace,
-    /// Switch over first; the old primary restarts as it rejoins as a standby.
-    Switchover,
-}
-
 /// `pgquorum restart`: standbys one at a time, each back and healthy before the next,
-/// the primary last. With `pending`, only nodes whose Postgres waits for a restart.
+/// the primary last, by switchover (`switchover`; without it the primary is left out,
+/// with a note: its agent could not renew its lease while Postgres stops and starts).
+/// With `pending`, only nodes whose Postgres waits for a restart. Nodes in maintenance
+/// are left alone; nothing starts while any node reports a parameter Postgres refused
+/// (it would not start again).
 pub async fn restart(
     ctx: &Ctx,
     cluster: &str,
     names: &[String],
     all: bool,
     pending: bool,
-    primary_how: PrimaryRestart,
+    switchover: bool,
     within: Duration,
 ) -> Result<()> {
     let s = status::fetch(ctx, cluster).await?;
     let cluster = s.cluster.clone();
-    let names = if pending && names.is_empty() {
-        vec![]
-    } else {
-        names.to_vec()
-    };
-    let mut nodes = targets(&s, &names, all || (pending && names.is_empty()))?;
+    let refused: Vec<String> = s
+        .nodes
+        .iter()
+        .filter(|n| !n.parameter_errors.is_empty())
+        .map(|n| format!("{}: {}", n.name, n.parameter_errors.join("; ")))
+        .collect();
+    if !refused.is_empty() {
+        return Err(Error::Outcome(format!(
+            "Postgres refuses parameters ({}); a restarted server would not start: fix them with \
+             `pgquorum config set` first",
+            refused.join(" | ")
+        )));
+    }
+    let mut nodes = targets(&s, names, all || (pending && names.is_empty()))?;
     if pending {
         nodes.retain(|name| s.nodes.iter().any(|n| &n.name == name && n.pending_restart));
     }
+    nodes.retain(|name| {
+        let kept = !s.nodes.iter().any(|n| &n.name == name && n.maintenance);
+        if !kept {
+            progress(ctx, format!("{name} is in maintenance: left alone"));
+        }
+        kept
+    });
     // Standbys first (by name), the primary last.
     nodes.sort_by_key(|n| (*n == s.primary, n.clone()));
     let mut restarted = Vec::new();
+    let mut skipped = Vec::new();
     let mut switched_to = None;
     for node in &nodes {
-        if *node == s.primary && primary_how == PrimaryRestart::Switchover {
+        // Asked again each time: a failover meanwhile makes another node the primary.
+        let primary = status::fetch(ctx, &cluster).await?.primary;
+        if *node == primary {
+            if !switchover {
+                progress(
+                    ctx,
+                    format!("{node} is the primary: not restarted (add --switchover to switch over first)"),
+                );
+                skipped.push(node.clone());
+                continue;
+            }
             progress(ctx, format!("{node} is the primary: switching over first"));
             let started = status::start_switchover(ctx, &cluster, "").await?;
             let (after, ms) = status::follow(ctx, &started, within).await?;
@@ -183,11 +204,10 @@ pub async fn restart(
             restarted.push(node.clone());
             continue;
         }
-        let role = if *node == s.primary { "primary" } else { "standby" };
-        progress(ctx, format!("restarting {node} ({role})"));
+        progress(ctx, format!("restarting {node}"));
         ask(ctx, &cluster, node, pb::NodeOrder::Restart).await?;
         let (n, ms) = wait_for(ctx, &cluster, node, "restart", within, |n| {
-            done(n, pb::NodeOrder::Restart, Some(role))
+            done(n, pb::NodeOrder::Restart, Some("standby"))
         })
         .await?;
         progress(ctx, format!("{node} is back ({ms} ms)"));
@@ -199,10 +219,12 @@ pub async fn restart(
         }
         restarted.push(node.clone());
     }
-    let value = json!({ "cluster": cluster, "restarted": restarted, "switched_over_to": switched_to });
+    let value = json!({
+        "cluster": cluster, "restarted": restarted, "skipped": skipped, "switched_over_to": switched_to,
+    });
     emit(ctx.json, &value, || {
         if restarted.is_empty() {
-            "nothing to restart".to_string()
+            "nothing restarted".to_string()
         } else {
             format!("restarted: {}", restarted.join(", "))
         }

@@ -406,23 +406,11 @@ pub fn promised_to(reports: &ClusterReports, primary: &str) -> OwnLease {
         .fold(OwnLease::Never, OwnLease::max)
 }
 
-/// Whether the primary is being restarted in place (`pgquorum restart`): its agent
-/// stops and starts it under its lease and reports the restart done, so its stop is
-/// no failure while that agent reports. A silent agent is a failure as ever (its host
-/// may be gone mid-restart), and an agent whose start failed reports the restart done
-/// too, which ends the wait.
-fn restarting_in_place(cluster: &Cluster, reports: &ClusterReports) -> bool {
-    cluster
-        .primary
-        .as_deref()
-        .is_some_and(|p| cluster.restarting_primary(p) && fresh(cluster, reports, p).is_some())
-}
-
 /// The next step for `cluster`. `lease_expired`: the old primary's lease has certainly
 /// run out by this coordinator's clock.
 pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) -> Step {
     let Some(f) = &cluster.failover else {
-        if cluster.policy.maintenance || restarting_in_place(cluster, reports) {
+        if cluster.policy.maintenance {
             return Step::Wait;
         }
         let Some(reason) = detect(cluster, reports) else {
@@ -888,32 +876,6 @@ mod tests {
         let r = reports(vec![("node1", gone, 10)]);
         assert_eq!(fenced(&c, &r, "node1", false), None);
         assert!(fenced(&c, &r, "node1", true).is_some());
-    }
-
-    #[test]
-    fn a_primary_restarted_in_place_is_no_failure_while_its_agent_reports() {
-        let mut c = strict();
-        c.orders.entry("node1".into()).or_default().insert(
-            crate::state::Order::Restart,
-            crate::state::cluster::Asked { token: 9, at_ms: 0 },
-        );
-        let mut stopped_with_agent = reports(vec![
-            ("node1", stopped(), 10),
-            ("node2", standby("0/3000000", 0), 10),
-        ]);
-        // Seen running, then stopped: the fast path's failure.
-        stopped_with_agent.nodes.get_mut("node1").unwrap().up_ago = Some(Duration::from_millis(150));
-        assert_eq!(decide(&c, &stopped_with_agent, true), Step::Wait);
-        let silent = reports(vec![("node2", standby("0/3000000", 0), 10)]);
-        assert!(
-            matches!(decide(&c, &silent, true), Step::Start { .. }),
-            "a silent agent is a failure as ever"
-        );
-        c.orders.clear();
-        assert!(matches!(
-            decide(&c, &stopped_with_agent, true),
-            Step::Start { .. }
-        ));
     }
 
     #[test]

@@ -52,9 +52,8 @@ pub fn heartbeat_reply(
     // start: its agent's next "stopped" then shows the failover it did not start,
     // without waiting for a lease it had no use for (see `decide::fenced`). Under
     // maintenance no failover starts by itself, and an operator who stopped the primary
-    // (to load a library, say) must be able to start it again: it keeps its lease, as
-    // does a primary its agent restarts in place (`pgquorum restart`).
-    let idle = initializing || (stopped && !cluster.policy.maintenance && !cluster.restarting_primary(name));
+    // (to load a library, say) must be able to start it again: it keeps its lease.
+    let idle = initializing || (stopped && !cluster.policy.maintenance);
     let lease_ms =
         if (is_primary && cluster.failover.is_none() && (!idle || start_primary || bootstrap)) || promote {
             cluster.policy.lease_ms
@@ -97,7 +96,11 @@ pub fn heartbeat_reply(
         } else {
             0
         },
-        restart: cluster.pending(name, Order::Restart),
+        restart: if cluster.failover.is_none() {
+            cluster.pending(name, Order::Restart)
+        } else {
+            0
+        },
         reload: cluster.pending(name, Order::Reload),
         parameters: cluster.parameters.clone().into_iter().collect(),
         parameters_version: cluster.parameters_version,
@@ -173,14 +176,6 @@ mod tests {
         let reply = heartbeat_reply(&paused, &r, "node1", false);
         assert!(!reply.start_primary);
         assert_eq!(reply.lease_ms, c.policy.lease_ms);
-        // So does a primary its agent restarts in place (pgquorum restart).
-        let mut restarting = c.clone();
-        restarting.orders.entry("node1".into()).or_default().insert(
-            Order::Restart,
-            crate::state::cluster::Asked { token: 7, at_ms: 0 },
-        );
-        let reply = heartbeat_reply(&restarting, &r, "node1", false);
-        assert_eq!((reply.restart, reply.lease_ms), (7, c.policy.lease_ms));
         // Nobody could take over: started again, under a lease.
         r.nodes.remove("node2");
         let reply = heartbeat_reply(&c, &r, "node1", false);

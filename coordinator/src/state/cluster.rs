@@ -289,8 +289,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Why `order` may not be asked of `member` now, if it may not: a rebuild of the
-    /// primary, a rebuild or restart of a node the failover in flight involves.
+    /// Why `order` may not be asked of `member` now, if it may not: a rebuild or a
+    /// restart of the primary, of a node in maintenance, or while a failover runs (a
+    /// reload is always fine).
     pub fn may_order(&self, member: &str, order: Order) -> Result<(), String> {
         if order == Order::Reload {
             return Ok(());
@@ -298,16 +299,24 @@ impl Cluster {
         if order == Order::Reinit && self.primary.as_deref() == Some(member) {
             return Err("it is the primary; switch over first".into());
         }
-        if order == Order::Reinit && self.in_maintenance(member) {
+        if order == Order::Restart && self.primary.as_deref() == Some(member) {
+            return Err(
+                "it is the primary; restart it by switchover (pgquorum restart --switchover): its agent \
+                 cannot renew its lease while it waits for Postgres to stop and start"
+                    .into(),
+            );
+        }
+        if self.in_maintenance(member) {
             return Err(format!(
-                "it is in maintenance (its agent leaves its data alone); end it first: pgquorum maintenance \
-                 off {member}"
+                "it is in maintenance (its agent leaves its Postgres alone); end it first: pgquorum \
+                 maintenance off {member}"
             ));
         }
         if let Some(f) = &self.failover {
-            if f.old_primary == member || f.candidate == member {
-                return Err(format!("the {} in flight involves it", f.kind));
-            }
+            return Err(format!(
+                "a {} to epoch {} is in flight; ask again once it is done",
+                f.kind, f.to_epoch
+            ));
         }
         Ok(())
     }
@@ -330,12 +339,6 @@ impl Cluster {
             .get(member)
             .and_then(|o| o.get(&order))
             .map_or(0, |a| a.token)
-    }
-
-    /// Whether `member` is the primary and was asked to restart: its agent restarts
-    /// it in place, under its lease, and its stop is no failure.
-    pub fn restarting_primary(&self, member: &str) -> bool {
-        self.primary.as_deref() == Some(member) && self.pending(member, Order::Restart) > 0
     }
 
     /// Whether an operator took `member` out of read routing: drained, or in

@@ -713,9 +713,9 @@ impl ClusterState {
                     }
                 };
                 c.primary = Some(primary.clone());
-                // A rebuild asked of it before is no longer one of a standby.
+                // A rebuild or restart asked of it as a standby is not one of a primary.
                 if let Some(o) = c.orders.get_mut(primary) {
-                    o.remove(&Order::Reinit);
+                    o.retain(|order, _| *order == Order::Reload);
                 }
                 c.orders.retain(|_, o| !o.is_empty());
                 c.primary_roster = Some(c.roster_without(primary));

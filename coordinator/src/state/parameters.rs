@@ -31,7 +31,24 @@ pub const MANAGED: &[&str] = &[
     "max_wal_senders",
     "max_replication_slots",
     "wal_log_hints",
+    "hot_standby_feedback",
+    "wal_keep_size",
+    "wal_retrieve_retry_interval",
+    // What the failover's promises rest on: every acknowledged commit durable on the
+    // sync standbys, standbys that replay at once, rewinds that work, slots kept.
+    "fsync",
+    "full_page_writes",
+    "recovery_min_apply_delay",
+    "max_slot_wal_keep_size",
+    // A file of its own would bypass every check here.
+    "include",
+    "include_if_exists",
+    "include_dir",
 ];
+
+/// Values a parameter may take cluster-wide, where others would break a promise: a
+/// commit acknowledged before its sync standbys hold it is lost by a failover.
+const ONLY: &[(&str, &[&str])] = &[("synchronous_commit", &["on", "remote_apply"])];
 
 /// Longest value accepted.
 const MAX_VALUE: usize = 4096;
@@ -60,6 +77,15 @@ pub fn change(
         if value.len() > MAX_VALUE {
             return Err(format!("{name}: value longer than {MAX_VALUE} bytes"));
         }
+        if let Some((_, allowed)) = ONLY.iter().find(|(n, _)| *n == name) {
+            if !allowed.contains(&value.trim().to_ascii_lowercase().as_str()) {
+                return Err(format!(
+                    "{name}: only {} cluster-wide (others acknowledge commits a failover can lose; a \
+                     session may still choose for itself)",
+                    allowed.join(" or ")
+                ));
+            }
+        }
         next.insert(name, value.clone());
     }
     Ok(next)
@@ -67,12 +93,14 @@ pub fn change(
 
 fn checked_name(name: &str) -> Result<String, String> {
     let name = name.trim().to_ascii_lowercase();
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+    // Postgres's grammar: an identifier, or an extension's `prefix.name`.
+    let part = |p: &str| {
+        p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    let valid = name.len() <= 63 && parts.len() <= 2 && parts.iter().all(|p| part(p));
     if !valid {
         return Err(format!(
             "{name:?} is not a Postgres parameter name (letters, digits, '_', '.' for an extension's)"
@@ -137,8 +165,15 @@ mod tests {
         );
         let err = change(&now, &map(&[("port", "5433")]), &[]).unwrap_err();
         assert!(err.contains("port is managed"), "{err}");
-        let err = change(&now, &map(&[("work mem", "1")]), &[]).unwrap_err();
-        assert!(err.contains("not a Postgres parameter name"), "{err}");
+        for bad in ["work mem", "a.b.c", "foo.", "x.1y", ""] {
+            let err = change(&now, &map(&[(bad, "1")]), &[]).unwrap_err();
+            assert!(err.contains("not a Postgres parameter name"), "{bad}: {err}");
+        }
+        let err = change(&now, &map(&[("include", "other.conf")]), &[]).unwrap_err();
+        assert!(err.contains("managed"), "{err}");
+        let err = change(&now, &map(&[("synchronous_commit", "local")]), &[]).unwrap_err();
+        assert!(err.contains("only on or remote_apply"), "{err}");
+        assert!(change(&now, &map(&[("synchronous_commit", "remote_apply")]), &[]).is_ok());
         let err = change(&now, &map(&[("work_mem", "1\nport = 1")]), &[]).unwrap_err();
         assert!(err.contains("line break"), "{err}");
         let err = change(&now, &BTreeMap::new(), &["shared_buffers".into()]).unwrap_err();

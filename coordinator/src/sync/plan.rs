@@ -153,7 +153,9 @@ fn desired(cluster: &Cluster, reports: &ClusterReports) -> Vec<String> {
 /// sync standby leaves the set only for a replacement; one that is not in the set yet
 /// may be the only one that could join it).
 pub fn leaving_stalls(cluster: &Cluster, reports: &ClusterReports, member: &str) -> Option<String> {
-    if cluster.policy.sync_mode != SyncMode::Strict {
+    // A member that may never be a sync standby (a DR or backup replica) leaves no gap.
+    let eligible = cluster.members.get(member).is_some_and(|m| m.sync_eligible);
+    if cluster.policy.sync_mode != SyncMode::Strict || !eligible {
         return None;
     }
     let k = wanted(cluster);

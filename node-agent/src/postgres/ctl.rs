@@ -198,9 +198,16 @@ pub fn slot_name(member: &str) -> String {
         .collect()
 }
 
-/// Quotes a value for postgresql.conf or a SQL literal.
+/// Quotes a value as a SQL literal (standard_conforming_strings: a backslash is
+/// itself).
 pub fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Quotes a value for a configuration file, where a backslash escapes (a value ending
+/// in one would leave the string open, and the whole file be refused).
+pub fn conf_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 impl PostgresCtl {
@@ -438,7 +445,7 @@ impl PostgresCtl {
         let mut text =
             String::from("# The cluster's parameters, written by pgquorum-agent from `pgquorum config`.\n");
         for (k, v) in parameters {
-            let _ = writeln!(text, "{k} = {}", quote(v));
+            let _ = writeln!(text, "{k} = {}", conf_quote(v));
         }
         let path = self.cfg.data_dir.join(CLUSTER_CONF);
         let tmp = path.with_extension("conf.tmp");
@@ -523,7 +530,7 @@ impl PostgresCtl {
             "# Written by pgquorum-agent; changes are overwritten.\n# The cluster's parameters (pgquorum config set); this node's own below win.\ninclude_if_exists = '{CLUSTER_CONF}'\n"
         );
         let mut set = |k: &str, v: &str| {
-            let _ = writeln!(s, "{k} = {}", quote(v));
+            let _ = writeln!(s, "{k} = {}", conf_quote(v));
         };
         set("listen_addresses", &c.listen_addresses);
         set("port", &c.port.to_string());
@@ -583,6 +590,14 @@ impl PostgresCtl {
             }
         }
         Ok(())
+    }
+
+    /// Asks the postmaster to re-read its configuration files (`pg_ctl reload`: a
+    /// signal, no connection needed).
+    pub async fn reload(&self) -> Result<()> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D").arg(&self.cfg.data_dir).arg("reload");
+        self.run("pg_ctl reload", cmd).await
     }
 
     /// Starts the postmaster, detached, and waits until it accepts connections.
@@ -775,5 +790,7 @@ mod tests {
     fn slot_names_and_quoting() {
         assert_eq!(slot_name("Node-2.a"), "node_2_a");
         assert_eq!(quote("it's"), "'it''s'");
+        assert_eq!(conf_quote("C:\\x\\"), "'C:\\\\x\\\\'");
+        assert_eq!(conf_quote("it's"), "'it''s'");
     }
 }
