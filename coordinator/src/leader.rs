@@ -525,18 +525,8 @@ mod tests {
         );
         c.failover = Some(crate::state::FailoverRecord {
             kind: "switchover".into(),
-            step: "started".into(),
-            from_epoch: 1,
-            to_epoch: 2,
-            old_primary: "node1".into(),
             candidate: "node2".into(),
-            reason: String::new(),
-            started_at_ms: 0,
-            fenced_by: String::new(),
-            fenced_at_ms: 0,
-            chosen_at_ms: 0,
-            candidate_lsn: String::new(),
-            accept_data_loss: false,
+            ..crate::observe::health::tests::started_from_node1()
         });
         assert!(!publishes(&c, &with_primary(true)), "not during a handover");
     }

@@ -127,12 +127,7 @@ async fn apply(ctx: &Ctx, name: &str, set: HashMap<String, String>, unset: Vec<S
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let refused: Vec<String> = s
-        .nodes
-        .iter()
-        .filter(|n| !n.parameter_errors.is_empty())
-        .map(|n| format!("{}: {}", n.name, n.parameter_errors.join("; ")))
-        .collect();
+    let refused = refused(&s);
     let pending: Vec<&str> = s
         .nodes
         .iter()
@@ -188,6 +183,15 @@ async fn apply(ctx: &Ctx, name: &str, set: HashMap<String, String>, unset: Vec<S
         )));
     }
     Ok(())
+}
+
+/// What Postgres refused of the cluster's parameters, per node ("node: name: error").
+pub fn refused(s: &pb::StatusReply) -> Vec<String> {
+    s.nodes
+        .iter()
+        .filter(|n| !n.parameter_errors.is_empty())
+        .map(|n| format!("{}: {}", n.name, n.parameter_errors.join("; ")))
+        .collect()
 }
 
 /// `name: old -> new` for every parameter that differs.

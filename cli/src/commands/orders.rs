@@ -150,12 +150,7 @@ pub async fn restart(
 ) -> Result<()> {
     let s = status::fetch(ctx, cluster).await?;
     let cluster = s.cluster.clone();
-    let refused: Vec<String> = s
-        .nodes
-        .iter()
-        .filter(|n| !n.parameter_errors.is_empty())
-        .map(|n| format!("{}: {}", n.name, n.parameter_errors.join("; ")))
-        .collect();
+    let refused = super::config::refused(&s);
     if !refused.is_empty() {
         return Err(Error::Outcome(format!(
             "Postgres refuses parameters ({}); a restarted server would not start: fix them with \

@@ -531,7 +531,7 @@ pub fn decide(cluster: &Cluster, reports: &ClusterReports, lease_expired: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::health::tests::{cluster, primary, reports, standby, stopped};
+    use crate::observe::health::tests::{cluster, primary, reports, standby, started_from_node1, stopped};
     use pgquorum_client::pb;
 
     fn probing(mut r: pb::NodeReport, age_ms: u64) -> pb::NodeReport {
@@ -540,24 +540,6 @@ mod tests {
     }
 
     /// A failover from node1 (epoch 1) to epoch 2, just started.
-    fn started_from_node1() -> crate::state::FailoverRecord {
-        crate::state::FailoverRecord {
-            kind: "failover".into(),
-            step: "started".into(),
-            from_epoch: 1,
-            to_epoch: 2,
-            old_primary: "node1".into(),
-            candidate: String::new(),
-            reason: "test".into(),
-            started_at_ms: 0,
-            fenced_by: String::new(),
-            fenced_at_ms: 0,
-            chosen_at_ms: 0,
-            candidate_lsn: String::new(),
-            accept_data_loss: false,
-        }
-    }
-
     fn strict() -> Cluster {
         let mut c = cluster();
         c.sync_set = vec!["node2".into()];

@@ -209,21 +209,7 @@ mod tests {
             "still in the sync set"
         );
         assert_eq!(heartbeat_reply(&c, &r, "node3", false).reinit, 5);
-        c.failover = Some(crate::state::FailoverRecord {
-            kind: "failover".into(),
-            step: "started".into(),
-            from_epoch: 1,
-            to_epoch: 2,
-            old_primary: "node1".into(),
-            candidate: String::new(),
-            reason: String::new(),
-            started_at_ms: 0,
-            fenced_by: String::new(),
-            fenced_at_ms: 0,
-            chosen_at_ms: 0,
-            candidate_lsn: String::new(),
-            accept_data_loss: false,
-        });
+        c.failover = Some(crate::observe::health::tests::started_from_node1());
         assert_eq!(
             heartbeat_reply(&c, &r, "node3", false).reinit,
             0,

@@ -202,6 +202,19 @@ impl AdminServiceImpl {
         self.failover_reply(&cluster.name)
     }
 
+    /// Proposes `command` (`what`, for an unexpected result) and replies with the
+    /// cluster as it left it.
+    async fn propose_for_cluster(
+        &self,
+        command: Command,
+        what: &str,
+    ) -> std::result::Result<Response<pb::ClusterReply>, Status> {
+        match self.p.propose(command).await? {
+            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
+            other => Err(Error::Raft(format!("unexpected result of {what}: {other:?}")).into()),
+        }
+    }
+
     /// The reply to a failover, switchover or override: the cluster as now applied.
     fn failover_reply(&self, cluster: &str) -> Result<pb::FailoverReply> {
         let applied = self.p.state.read();
@@ -459,10 +472,7 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.p.propose(command).await? {
-            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
-            other => Err(Error::Raft(format!("unexpected result of remove: {other:?}")).into()),
-        }
+        self.propose_for_cluster(command, "remove").await
     }
 
     async fn readmit_node(
@@ -482,10 +492,7 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.p.propose(command).await? {
-            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
-            other => Err(Error::Raft(format!("unexpected result of readmit: {other:?}")).into()),
-        }
+        self.propose_for_cluster(command, "readmit").await
     }
 
     async fn add_learner(
@@ -610,10 +617,7 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.p.propose(command).await? {
-            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
-            other => Err(Error::Raft(format!("unexpected result of create: {other:?}")).into()),
-        }
+        self.propose_for_cluster(command, "create").await
     }
 
     async fn delete_cluster(
@@ -665,10 +669,7 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.p.propose(command).await? {
-            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
-            other => Err(Error::Raft(format!("unexpected result of delete: {other:?}")).into()),
-        }
+        self.propose_for_cluster(command, "delete").await
     }
 
     async fn list_clusters(
@@ -927,10 +928,7 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.p.propose(command).await? {
-            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
-            other => Err(Error::Raft(format!("unexpected result of cancel: {other:?}")).into()),
-        }
+        self.propose_for_cluster(command, "cancel").await
     }
 
     async fn order_node(
@@ -995,10 +993,7 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.p.propose(command).await? {
-            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
-            other => Err(Error::Raft(format!("unexpected result of config set: {other:?}")).into()),
-        }
+        self.propose_for_cluster(command, "config set").await
     }
 
     async fn set_maintenance(
@@ -1033,10 +1028,7 @@ impl AdminService for AdminServiceImpl {
             actor,
             at_ms: now_ms(),
         };
-        match self.p.propose(command).await? {
-            CommandOutput::Cluster(c) => Ok(Response::new(cluster_reply(&c))),
-            other => Err(Error::Raft(format!("unexpected result of maintenance: {other:?}")).into()),
-        }
+        self.propose_for_cluster(command, "maintenance").await
     }
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {

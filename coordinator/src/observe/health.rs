@@ -184,6 +184,25 @@ pub(crate) mod tests {
     }
 
     /// node1 primary, node2 and node3 standbys, all eligible.
+    /// A failover from node1 (epoch 1 -> 2) that has not chosen yet.
+    pub fn started_from_node1() -> crate::state::FailoverRecord {
+        crate::state::FailoverRecord {
+            kind: "failover".into(),
+            step: "started".into(),
+            from_epoch: 1,
+            to_epoch: 2,
+            old_primary: "node1".into(),
+            candidate: String::new(),
+            reason: "test".into(),
+            started_at_ms: 0,
+            fenced_by: String::new(),
+            fenced_at_ms: 0,
+            chosen_at_ms: 0,
+            candidate_lsn: String::new(),
+            accept_data_loss: false,
+        }
+    }
+
     pub fn cluster() -> Cluster {
         let mut c = Cluster::new("main".into(), Policy::default(), 0);
         for (n, e) in [("node1", true), ("node2", true), ("node3", true)] {
