@@ -30,7 +30,7 @@ pub async fn maintenance(
             if !ctx.json {
                 println!("{node} is the primary: switching over first");
             }
-            let started = status::start_switchover(ctx, &s.cluster, "").await?;
+            let started = status::start_switchover(ctx, &s.cluster, "", 0).await?;
             let (after, ms) = status::follow(ctx, &started, within).await?;
             if !ctx.json {
                 println!(

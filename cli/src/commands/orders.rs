@@ -187,7 +187,7 @@ pub async fn restart(
                 continue;
             }
             progress(ctx, format!("{node} is the primary: switching over first"));
-            let started = status::start_switchover(ctx, &cluster, "").await?;
+            let started = status::start_switchover(ctx, &cluster, "", 0).await?;
             let (after, ms) = status::follow(ctx, &started, within).await?;
             progress(ctx, format!("{} is the primary ({ms} ms)", after.primary));
             switched_to = Some(after.primary);

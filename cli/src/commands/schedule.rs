@@ -44,19 +44,7 @@ pub fn now_ms() -> u64 {
 /// Schedules the switchover; with `wait`, waits for its time, then follows it (see
 /// [`status::follow`]) for up to `wait` from then.
 pub async fn schedule(ctx: &Ctx, cluster: &str, to: &str, at_ms: u64, wait: Option<Duration>) -> Result<()> {
-    let request = pb::SwitchoverRequest {
-        cluster: cluster.to_string(),
-        to: to.to_string(),
-        actor: actor(),
-        at_ms,
-    };
-    let reply = ctx
-        .coordinators
-        .call(|mut c| {
-            let request = request.clone();
-            async move { c.switchover(request).await }
-        })
-        .await?;
+    let reply = status::start_switchover(ctx, cluster, to, at_ms).await?;
     let s = reply.scheduled.clone().unwrap_or_default();
     let target = if s.to.is_empty() {
         "the best candidate then".to_string()

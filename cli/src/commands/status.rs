@@ -125,29 +125,18 @@ fn status_table(s: &pb::StatusReply) -> String {
                 _ => "-".into(),
             };
             let mut health = n.health.clone();
-            if n.replay_paused {
-                health.push_str(" (replay paused)");
-            }
-            if n.held {
-                health.push_str(" (held)");
-            }
-            if n.drained {
-                health.push_str(" (drained)");
-            }
-            if n.maintenance {
-                health.push_str(" (MAINTENANCE)");
-            }
-            if n.reinit_pending {
-                health.push_str(" (REINIT)");
-            }
-            if n.restart_requested {
-                health.push_str(" (RESTARTING)");
-            }
-            if n.pending_restart {
-                health.push_str(" (PENDING RESTART)");
-            }
-            if !n.parameter_errors.is_empty() {
-                health.push_str(" (BAD PARAMETER)");
+            let flags = [
+                (n.replay_paused, " (replay paused)"),
+                (n.held, " (held)"),
+                (n.drained, " (drained)"),
+                (n.maintenance, " (MAINTENANCE)"),
+                (n.reinit_pending, " (REINIT)"),
+                (n.restart_requested, " (RESTARTING)"),
+                (n.pending_restart, " (PENDING RESTART)"),
+                (!n.parameter_errors.is_empty(), " (BAD PARAMETER)"),
+            ];
+            for (_, flag) in flags.iter().filter(|(on, _)| *on) {
+                health.push_str(flag);
             }
             if let Some(left) = n.lease_left_ms {
                 health.push_str(&format!(" (lease {left} ms)"));
@@ -323,7 +312,7 @@ pub async fn failover(
 
 /// `pgquorum switchover`.
 pub async fn switchover(ctx: &Ctx, cluster: &str, to: &str, wait: Option<std::time::Duration>) -> Result<()> {
-    let reply = start_switchover(ctx, cluster, to).await?;
+    let reply = start_switchover(ctx, cluster, to, 0).await?;
     if wait.is_none() || !ctx.json {
         started(
             ctx,
@@ -337,13 +326,14 @@ pub async fn switchover(ctx: &Ctx, cluster: &str, to: &str, wait: Option<std::ti
     }
 }
 
-/// Asks for a switchover (to the best candidate when `to` is empty).
-pub async fn start_switchover(ctx: &Ctx, cluster: &str, to: &str) -> Result<pb::FailoverReply> {
+/// Asks for a switchover (to the best candidate when `to` is empty), now or, with
+/// `at_ms` (unix ms, 0: now), at that time.
+pub async fn start_switchover(ctx: &Ctx, cluster: &str, to: &str, at_ms: u64) -> Result<pb::FailoverReply> {
     let request = pb::SwitchoverRequest {
         cluster: cluster.to_string(),
         to: to.to_string(),
         actor: super::actor(),
-        at_ms: 0,
+        at_ms,
     };
     Ok(ctx
         .coordinators

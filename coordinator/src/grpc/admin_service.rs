@@ -446,14 +446,8 @@ impl AdminService for AdminServiceImpl {
             )
             .into());
         }
-        let listening = std::time::Duration::from_millis(cluster.policy.failure_timeout_ms);
-        if reports.leader_for < listening {
-            return Err(not_yet(format!(
-                "this leader has listened to the agents for {} ms only; ask again after {} ms",
-                reports.leader_for.as_millis(),
-                listening.as_millis()
-            ))
-            .into());
+        if let Some(why) = reports.not_listened_enough(cluster.policy.failure_timeout_ms) {
+            return Err(not_yet(why).into());
         }
         if let Some(o) = crate::observe::health::fresh(&cluster, &reports, &member) {
             return Err(Error::Command(crate::state::CommandError::NotRemovable {
@@ -634,7 +628,6 @@ impl AdminService for AdminServiceImpl {
         // An agent that still reports would find its cluster gone mid-flight: every
         // one must be stopped first. A new leader has heard nobody yet.
         let reports = self.reports.cluster(&cluster.name, std::time::Instant::now());
-        let listening = std::time::Duration::from_millis(cluster.policy.failure_timeout_ms);
         let refuse = |why: String| -> Status {
             Error::Command(crate::state::CommandError::NotDeletable {
                 cluster: cluster.name.clone(),
@@ -642,12 +635,8 @@ impl AdminService for AdminServiceImpl {
             })
             .into()
         };
-        if reports.leader_for < listening {
-            return Err(refuse(format!(
-                "this leader has listened to the agents for {} ms only; ask again after {} ms",
-                reports.leader_for.as_millis(),
-                listening.as_millis()
-            )));
+        if let Some(why) = reports.not_listened_enough(cluster.policy.failure_timeout_ms) {
+            return Err(refuse(why));
         }
         let reporting: Vec<&String> = cluster
             .members

@@ -93,6 +93,19 @@ pub struct ClusterReports {
 }
 
 impl ClusterReports {
+    /// Why this leader cannot tell a dead agent from a live one yet, if it cannot: it
+    /// has listened for less than a failure timeout (a new leader has heard nobody).
+    pub fn not_listened_enough(&self, failure_timeout_ms: u64) -> Option<String> {
+        let listening = Duration::from_millis(failure_timeout_ms);
+        (self.leader_for < listening).then(|| {
+            format!(
+                "this leader has listened to the agents for {} ms only; ask again after {} ms",
+                self.leader_for.as_millis(),
+                listening.as_millis()
+            )
+        })
+    }
+
     /// How long the primary lease this leader last granted each node still runs
     /// (margin included), for the nodes whose lease runs.
     pub fn lease_left(&self) -> BTreeMap<String, Duration> {
